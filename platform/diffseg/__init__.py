@@ -1,0 +1,1 @@
+"""diffseg: segmentation with diffusion models, from a laptop to a Ray cluster."""

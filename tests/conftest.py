@@ -1,0 +1,56 @@
+"""Shared fixtures: the `../shared` folder (skipped cleanly when absent), GPU auto-skip, quiet Ray/MLflow env."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything starts Ray or MLflow: Ray workers inherit the environment.
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "1",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_AUTH_MODE": "disabled",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DIFFSEG_SHARED", REPO.parent / "shared"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def reference_dir(shared_dir) -> Path:
+    path = shared_dir / "reference"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir) -> Path:
+    path = shared_dir / "data"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
