@@ -182,9 +182,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_config(
-    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> T:
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults of `cls`, then the YAML file at `path`, then `a.b=value` overrides."""
     data: dict[str, Any] = load_yaml(path) if path else {}
     for text in overrides:
@@ -232,7 +230,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def parse_job_args(
-    cls: type[T], argv: list[str] | None = None, description: str | None = None, default_config: str | None = None
+    cls: type[T],
+    argv: list[str] | None = None,
+    description: str | None = None,
+    default_config: str | None = None,
 ) -> tuple[T, argparse.Namespace]:
     """The command line every job shares: `[--config FILE] [--dry-run] [key.path=value ...]`.
 

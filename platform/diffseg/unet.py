@@ -1,0 +1,462 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021), state-dict compatible with openai/guided-diffusion's `UNetModel`.
+
+One implementation from a 16 px, 8-channel test model to the 256 px, 552M-parameter LSUN model: size is config.
+Module names (`input_blocks.N`, `middle_block`, `output_blocks.N`, `out`, `time_embed`, `label_emb`) are
+guided-diffusion's, so its checkpoints load unchanged. Features are API, not hooks: every block's output has a name
+(`enc.N`, `mid`, `dec.N`, numbered like guided-diffusion's `input_blocks`/`output_blocks`) and `features()` returns
+the requested ones, stopping as soon as it has them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32  # input resolution in pixels (sets which levels get attention)
+    in_channels: int = 3  # image channels
+    model_channels: int = 32  # base width C; level i has C * channel_mult[i] channels
+    num_res_blocks: int = 1  # residual blocks per level in the encoder (the decoder has one more)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; len = number of resolutions
+    attention_resolutions: tuple[int, ...] = (16,)  # resolutions (in pixels) whose blocks get self-attention
+    num_heads: int = 1  # attention heads, used when num_head_channels is None
+    num_head_channels: int | None = None  # channels per head (overrides num_heads)
+    num_heads_upsample: int | None = None  # heads in the decoder; None = num_heads
+    use_scale_shift_norm: bool = True  # FiLM-like timestep conditioning (ADM) instead of adding the embedding
+    resblock_updown: bool = False  # up/downsample with residual blocks (ADM) instead of plain conv/pool
+    use_new_attention_order: bool = False  # split qkv before heads (guided-diffusion's QKVAttention)
+    conv_resample: bool = True  # convolutions in plain up/downsampling layers
+    dropout: float = 0.0  # dropout in residual blocks
+    learn_sigma: bool = False  # also predict the variance: 2 x in_channels outputs
+    num_classes: int | None = None  # class-conditional with this many classes
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def attention_ds(self) -> tuple[int, ...]:
+        """Downsampling rates (1, 2, 4, ...) whose blocks get attention, as guided-diffusion stores them."""
+        for res in self.attention_resolutions:
+            if self.image_size % res:
+                raise ValueError(f"attention_resolutions: {res} does not divide image_size {self.image_size}")
+        return tuple(self.image_size // res for res in self.attention_resolutions)
+
+
+# Named sizes: one-line factories, as DiT keeps them. Paper sizes are configs, not code paths.
+UNET_SIZES: dict[str, Callable[[], UNetConfig]] = {
+    "tiny": lambda: UNetConfig(image_size=32, model_channels=16, channel_mult=(1, 2), attention_resolutions=(16,)),
+    "small-64": lambda: UNetConfig(image_size=64, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2),
+    # openai/guided-diffusion LSUN bedroom/cat/horse and FFHQ-256 (the label-efficient paper's backbones)
+    "adm-lsun256": lambda: UNetConfig(
+        image_size=256,
+        model_channels=256,
+        num_res_blocks=2,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        learn_sigma=True,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+        dropout=0.1,
+    ),  # fmt: skip
+}
+
+
+def unet_config_from_guided_flags(flags: dict[str, Any]) -> UNetConfig:
+    """Translate guided-diffusion's `create_model` flags ("16,8" strings, -1 sentinels) into a UNetConfig."""
+    image_size = int(flags["image_size"])
+    channel_mult = flags.get("channel_mult", "")
+    if not channel_mult:
+        channel_mult = {
+            512: (0.5, 1, 1, 2, 2, 4, 4),
+            256: (1, 1, 2, 2, 4, 4),
+            128: (1, 1, 2, 3, 4),
+            64: (1, 2, 3, 4),
+        }
+        if image_size not in channel_mult:
+            raise ValueError(f"no default channel_mult for image_size {image_size}")
+        channel_mult = channel_mult[image_size]
+    elif isinstance(channel_mult, str):
+        channel_mult = tuple(int(c) for c in channel_mult.split(","))
+    attn = flags.get("attention_resolutions", "16,8")
+    attn = tuple(int(r) for r in attn.split(",")) if isinstance(attn, str) else tuple(attn)
+    head_channels = int(flags.get("num_head_channels", -1))
+    heads_up = int(flags.get("num_heads_upsample", -1))
+    return UNetConfig(
+        image_size=image_size,
+        in_channels=int(flags.get("in_channels", 3)),
+        model_channels=int(flags["num_channels"]),
+        num_res_blocks=int(flags["num_res_blocks"]),
+        channel_mult=tuple(channel_mult),
+        attention_resolutions=attn,
+        num_heads=int(flags.get("num_heads", 1)),
+        num_head_channels=None if head_channels == -1 else head_channels,
+        num_heads_upsample=None if heads_up == -1 else heads_up,
+        use_scale_shift_norm=bool(flags.get("use_scale_shift_norm", True)),
+        resblock_updown=bool(flags.get("resblock_updown", False)),
+        use_new_attention_order=bool(flags.get("use_new_attention_order", False)),
+        dropout=float(flags.get("dropout", 0.0)),
+        learn_sigma=bool(flags.get("learn_sigma", False)),
+        num_classes=int(flags["num_classes"]) if flags.get("class_cond") else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), [cos | sin] as guided-diffusion orders it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (stable under bf16/fp16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    return GroupNorm32(32 if channels % 32 == 0 else math.gcd(32, channels), channels)
+
+
+class TimestepBlock(nn.Module):
+    """A block whose forward takes the timestep embedding as a second argument."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """Sequential that hands the embedding to the children that take it."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.channels, self.out_channels, self.use_conv = channels, out_channels or channels, use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(self.channels, self.out_channels, 3, stride=2, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("a pooling Downsample cannot change the number of channels")
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """ADM residual block: GroupNorm-SiLU-conv, timestep conditioning (add, or scale-shift), optional up/down."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if self.out_channels == channels else nn.Conv2d(channels, self.out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            # Resample between the norm/activation and the conv, as ADM does.
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]  # (B, C or 2C, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention; `scaled_dot_product_attention` (flash/fused where available) does the math."""
+
+    def __init__(
+        self, channels: int, num_heads: int = 1, num_head_channels: int | None = None, new_order: bool = False
+    ):
+        super().__init__()
+        if num_head_channels is not None:
+            if channels % num_head_channels:
+                raise ValueError(f"{channels} channels are not divisible by num_head_channels {num_head_channels}")
+            num_heads = channels // num_head_channels
+        self.num_heads, self.new_order = num_heads, new_order
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)  # (B, C, L)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, L)
+        length, ch = qkv.shape[-1], c // self.num_heads
+        if self.new_order:
+            q, k, v = (z.reshape(b * self.num_heads, ch, length) for z in qkv.chunk(3, dim=1))
+        else:  # guided-diffusion's legacy order: heads first, then q|k|v within each head
+            q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, length).split(ch, dim=1)  # (B*H, ch, L) each
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B*H, L, ch)
+        h = h.transpose(1, 2).reshape(b, c, length)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+# ---------------------------------------------------------------------------------------------------- halves
+@dataclass(frozen=True)
+class EncoderLayout:
+    """What a decoder needs to know about the encoder it is wired to."""
+
+    skip_channels: tuple[int, ...]  # channels of each input block's output, in order (the skips)
+    skip_ds: tuple[int, ...]  # downsampling rate of each skip
+    channels: int  # channels at the bottom (middle block)
+    ds: int  # downsampling rate at the bottom
+
+
+def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.ModuleList, TimestepEmbedSequential, EncoderLayout]:
+    """guided-diffusion's `input_blocks` and `middle_block`."""
+    ch = int(cfg.channel_mult[0] * cfg.model_channels)
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+    chans, dss, ds = [ch], [1], 1
+    attention_ds = cfg.attention_ds
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [
+                ResBlock(ch, emb_dim, cfg.dropout, int(mult * cfg.model_channels), cfg.use_scale_shift_norm)
+            ]
+            ch = int(mult * cfg.model_channels)
+            if ds in attention_ds:
+                layers.append(AttentionBlock(ch, cfg.num_heads, cfg.num_head_channels, cfg.use_new_attention_order))
+            blocks.append(TimestepEmbedSequential(*layers))
+            chans.append(ch)
+            dss.append(ds)
+        if level != len(cfg.channel_mult) - 1:
+            down = (
+                ResBlock(ch, emb_dim, cfg.dropout, ch, cfg.use_scale_shift_norm, down=True)
+                if cfg.resblock_updown
+                else Downsample(ch, cfg.conv_resample, ch)
+            )
+            blocks.append(TimestepEmbedSequential(down))
+            ds *= 2
+            chans.append(ch)
+            dss.append(ds)
+    middle = TimestepEmbedSequential(
+        ResBlock(ch, emb_dim, cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm),
+        AttentionBlock(ch, cfg.num_heads, cfg.num_head_channels, cfg.use_new_attention_order),
+        ResBlock(ch, emb_dim, cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm),
+    )
+    return blocks, middle, EncoderLayout(tuple(chans), tuple(dss), ch, ds)
+
+
+def build_decoder(cfg: UNetConfig, emb_dim: int, layout: EncoderLayout) -> tuple[nn.ModuleList, int]:
+    """guided-diffusion's `output_blocks`: block N consumes skip number len(skips) - 1 - N. Returns (blocks, ch)."""
+    chans = list(layout.skip_channels)
+    ch, ds = layout.channels, layout.ds
+    heads_up = cfg.num_heads_upsample if cfg.num_heads_upsample is not None else cfg.num_heads
+    attention_ds = cfg.attention_ds
+    blocks = nn.ModuleList()
+    for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
+        for i in range(cfg.num_res_blocks + 1):
+            skip_ch = chans.pop()
+            layers: list[nn.Module] = [
+                ResBlock(
+                    ch + skip_ch,
+                    emb_dim,
+                    cfg.dropout,
+                    int(cfg.model_channels * mult),
+                    cfg.use_scale_shift_norm,
+                )
+            ]
+            ch = int(cfg.model_channels * mult)
+            if ds in attention_ds:
+                layers.append(AttentionBlock(ch, heads_up, cfg.num_head_channels, cfg.use_new_attention_order))
+            if level and i == cfg.num_res_blocks:
+                layers.append(
+                    ResBlock(ch, emb_dim, cfg.dropout, ch, cfg.use_scale_shift_norm, up=True)
+                    if cfg.resblock_updown
+                    else Upsample(ch, cfg.conv_resample, ch)
+                )
+                ds //= 2
+            blocks.append(TimestepEmbedSequential(*layers))
+    return blocks, ch
+
+
+def build_out(ch: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+
+
+def zero_init_residual_outputs(module: nn.Module) -> None:
+    """ADM's zero_module: every residual branch starts as the identity (out convs and attention projections)."""
+    for m in module.modules():
+        if isinstance(m, ResBlock):
+            nn.init.zeros_(m.out_layers[-1].weight)
+            nn.init.zeros_(m.out_layers[-1].bias)
+        elif isinstance(m, AttentionBlock):
+            nn.init.zeros_(m.proj_out.weight)
+            nn.init.zeros_(m.proj_out.bias)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class UNet(nn.Module):
+    """ADM U-Net: `forward(x_t, t, y=None) -> (B, out_channels, H, W)`; `features()` for named block outputs."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        emb_dim = cfg.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        self.input_blocks, self.middle_block, self.layout = build_encoder(cfg, emb_dim)
+        self.output_blocks, ch = build_decoder(cfg, emb_dim, self.layout)
+        self.out = build_out(ch, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        zero_init_residual_outputs(self)
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return (
+            [f"enc.{i}" for i in range(len(self.input_blocks))]
+            + ["mid"]
+            + [f"dec.{i}" for i in range(len(self.output_blocks))]
+            + ["out"]
+        )
+
+    def feature_channels(self, name: str) -> int:
+        """Channels of a named feature, computed from the config (no forward pass)."""
+        kind, _, idx = name.partition(".")
+        if kind == "enc":
+            return self.layout.skip_channels[int(idx)]
+        if kind == "mid":
+            return self.layout.channels
+        if kind == "dec":
+            block = self.output_blocks[int(idx)]
+            res = next(m for m in block if isinstance(m, ResBlock))
+            return res.out_channels
+        if kind == "out":
+            return self.cfg.out_channels
+        raise KeyError(f"unknown feature {name!r}; known: enc.N, mid, dec.N, out")
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))  # (B, 4C)
+        if self.cfg.num_classes is not None:
+            if y is None:
+                raise ValueError("this U-Net is class-conditional: pass class labels y")
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("y was given but the U-Net has num_classes=None")
+        return emb
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, taps: dict | None = None):
+        """Input blocks and middle block -> (h_mid, skips)."""
+        skips, h = [], x
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb)
+            skips.append(h)
+            if taps is not None:
+                taps[f"enc.{i}"] = h
+        h = self.middle_block(h, emb)
+        if taps is not None:
+            taps["mid"] = h
+        return h, skips
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y)
+        h, skips = self.encode(x, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))
+
+    def features(
+        self, x: torch.Tensor, t: torch.Tensor, names: Iterable[str], y: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named block outputs for input x_t at timesteps t; stops after the deepest decoder block asked for."""
+        names = list(names)
+        unknown = sorted(set(names) - set(self.feature_names))
+        if unknown:
+            raise KeyError(f"unknown feature name(s) {unknown}; this U-Net has {self.feature_names}")
+        taps: dict[str, torch.Tensor] = {}
+        emb = self.embed(t, y)
+        h, skips = self.encode(x, emb, taps)
+        dec_needed = [int(n.split(".")[1]) for n in names if n.startswith("dec.")]
+        last = len(self.output_blocks) - 1 if "out" in names else max(dec_needed, default=-1)
+        for i, block in enumerate(self.output_blocks[: last + 1]):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            taps[f"dec.{i}"] = h
+        if "out" in names:
+            taps["out"] = self.out(h)
+        return {n: taps[n] for n in names}
+
+
+def build_unet(cfg: UNetConfig | str) -> UNet:
+    return UNet(UNET_SIZES[cfg]() if isinstance(cfg, str) else cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
