@@ -1,0 +1,16 @@
+"""Train a DDPM (ADM U-Net) on Ray Train.
+
+python jobs/train_ddpm.py [--config FILE] [--dry-run] [key.path=value ...]
+ray job submit --working-dir . -- python jobs/train_ddpm.py --config jobs/configs/ddpm_tiny.yaml
+"""
+
+import sys
+from pathlib import Path
+
+# The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from diffseg.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(default_config=str(Path(__file__).parent / "configs" / "ddpm_tiny.yaml"))

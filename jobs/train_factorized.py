@@ -1,0 +1,16 @@
+"""Train the factorized-diffusion U-Net (K regions, one shared decoder) on Ray Train.
+
+python jobs/train_factorized.py [--config FILE] [--dry-run] [key.path=value ...]
+ray job submit --working-dir . -- python jobs/train_factorized.py --config jobs/configs/factorized_tiny.yaml
+"""
+
+import sys
+from pathlib import Path
+
+# The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from diffseg.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(default_config=str(Path(__file__).parent / "configs" / "factorized_tiny.yaml"))

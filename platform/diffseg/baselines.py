@@ -1,0 +1,237 @@
+"""Baselines that need no diffusion model of their own: GrabCut, trivial priors, k-means on pixel features.
+
+- `grabcut`: OpenCV's GrabCut (Rother et al. 2004) initialised with a centred rectangle, the classic unsupervised
+  foreground baseline of the ReDO / IEM tables.
+- `all_foreground`, `centred_box`: the trivial priors those tables also report (object-centric data sets put the object
+  in the middle, so a centred box is a strong floor).
+- `KMeans`, `kmeans_segment`: k-means over per-pixel feature vectors. On DDPM U-Net decoder features supplied by the
+  caller this is the "DatasetDDPM-unsup" baseline of Baranchuk et al. (2022), which clusters the pixels of a data set
+  and assigns each image's pixels to the nearest centre; on raw pixels it is a colour clustering baseline.
+
+Every mask is returned as NumPy, (H, W) or (..., H, W), ready for `diffseg.metrics`. The supervised U-Net baseline
+needs the model code and lives elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+Normalize = Literal["standardize", "l2", "none"]
+
+# Distances are computed this many pixels at a time, so (P, K) never has to coexist with a (P, C) copy per chunk.
+_CHUNK = 65536
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GrabCut and trivial priors
+
+
+def _box(height: int, width: int, margin: float) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the rectangle that leaves `margin` of each side free on all four sides."""
+    if not 0.0 <= margin < 0.5:
+        raise ValueError(f"margin is a fraction of each side per border and must be in [0, 0.5), got {margin}")
+    x0, y0 = round(margin * width), round(margin * height)
+    w, h = width - 2 * x0, height - 2 * y0
+    if w < 1 or h < 1:
+        raise ValueError(f"margin={margin} leaves an empty box in a {height}x{width} image")
+    return x0, y0, w, h
+
+
+def grabcut(image: ArrayLike, margin: float = 0.1, iterations: int = 5, seed: int = 0) -> np.ndarray:
+    """Foreground mask (H, W) uint8 in {0, 1} of an RGB image (H, W, 3) uint8 by GrabCut.
+
+    GrabCut is initialised with a centred rectangle: the pixels outside it (a border of `margin` x H rows at top and
+    bottom and `margin` x W columns at left and right; default 0.1, i.e. a box over the central 80% of each side) are
+    hard background, those inside probable foreground. `iterations` (default 5) rounds of GMM re-estimation and
+    graph cut follow (`cv2.grabCut(..., cv2.GC_INIT_WITH_RECT)`). Definite and probable foreground are foreground.
+    The GMMs are seeded by k-means on OpenCV's global RNG, so `cv2.setRNGSeed(seed)` makes the result deterministic.
+    Channel order (RGB or BGR) does not matter: the colour models treat the three channels alike.
+    """
+    img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"grabcut needs an (H, W, 3) image, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise ValueError(f"grabcut needs a uint8 image (0..255), got dtype {img.dtype}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    H, W = img.shape[:2]
+    rect = _box(H, W, margin)
+    mask = np.zeros((H, W), dtype=np.uint8)
+    bgd_model = np.zeros((1, 65), dtype=np.float64)  # OpenCV's GMM state: 5 components x 13 numbers
+    fgd_model = np.zeros((1, 65), dtype=np.float64)
+    cv2.setRNGSeed(seed)
+    cv2.grabCut(np.ascontiguousarray(img), mask, rect, bgd_model, fgd_model, iterations, cv2.GC_INIT_WITH_RECT)
+    return ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.uint8)
+
+
+def all_foreground(shape: tuple[int, ...]) -> np.ndarray:
+    """Every pixel foreground: ones of `shape` ((H, W) or (N, H, W)), uint8."""
+    return np.ones(shape, dtype=np.uint8)
+
+
+def centred_box(shape: tuple[int, ...], margin: float = 0.25) -> np.ndarray:
+    """A centred rectangle as foreground, uint8 of `shape` (..., H, W).
+
+    `margin` is the fraction of each side left free on each border. The default 0.25 gives a box over the central
+    half of the height and of the width, i.e. a quarter of the image area.
+    """
+    if len(shape) < 2:
+        raise ValueError(f"centred_box needs a shape (..., H, W), got {shape}")
+    H, W = shape[-2:]
+    x0, y0, w, h = _box(H, W, margin)
+    out = np.zeros(shape, dtype=np.uint8)
+    out[..., y0 : y0 + h, x0 : x0 + w] = 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# k-means on per-pixel features
+
+
+def feature_pixels(features: ArrayLike) -> torch.Tensor:
+    """Per-pixel feature vectors (P, C) float32 of (C, H, W) or (N, C, H, W) features, pixels in row-major order."""
+    x = torch.as_tensor(features)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"features must be (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()  # (N*H*W, C)
+
+
+def _sq_dists(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """(P, K) squared Euclidean distances, chunked over pixels to bound memory."""
+    c2 = (centers * centers).sum(1)  # (K,)
+    out = []
+    for chunk in x.split(_CHUNK):
+        d = (chunk * chunk).sum(1, keepdim=True) - 2 * chunk @ centers.T + c2  # (p, K)
+        out.append(d.clamp_min_(0))
+    return torch.cat(out)
+
+
+class KMeans:
+    """k-means in torch: k-means++ initialisation from an explicit generator, then Lloyd iterations.
+
+    Features are normalised before clustering, with statistics from the `fit` pixels that `predict` reuses:
+      - "standardize" (default): per channel, (x - mean) / std, so channels of very different scale (DDPM decoder
+        blocks differ by orders of magnitude) weigh alike;
+      - "l2": standardise, then scale each pixel vector to unit L2 norm (spherical k-means on directions);
+      - "none": raw features.
+    Fit on the pixels of one image or on pixels pooled over a data set (the paper clusters per data set), then
+    `predict` per image. Lloyd iterations stop early once no assignment changes; an empty cluster is re-seeded at the
+    pixel farthest from its centre, so exactly `num_clusters` centres always exist.
+    """
+
+    def __init__(self, num_clusters: int, num_iters: int = 20, seed: int = 0, normalize: Normalize = "standardize"):
+        if num_clusters < 1:
+            raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+        if normalize not in ("standardize", "l2", "none"):
+            raise ValueError(f"normalize must be 'standardize', 'l2' or 'none', got {normalize!r}")
+        self.num_clusters = num_clusters
+        self.num_iters = num_iters
+        self.seed = seed
+        self.normalize = normalize
+        self.mean: torch.Tensor | None = None  # (C,)
+        self.std: torch.Tensor | None = None  # (C,)
+        self.centers: torch.Tensor | None = None  # (K, C), in normalised feature space
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize == "none":
+            return x
+        x = (x - self.mean) / self.std
+        if self.normalize == "l2":
+            x = torch.nn.functional.normalize(x, dim=1)
+        return x
+
+    def fit(self, pixels: ArrayLike) -> KMeans:
+        """Cluster (P, C) pixel features (use `feature_pixels` for (N, C, H, W) maps). Returns self."""
+        x = torch.as_tensor(pixels).float()
+        if x.ndim != 2:
+            raise ValueError(f"fit needs (P, C) pixel features, got shape {tuple(x.shape)}")
+        P, K = x.shape[0], self.num_clusters
+        if P < K:
+            raise ValueError(f"cannot fit {K} clusters to {P} pixels")
+        self.mean = x.mean(0)
+        # A constant channel carries no information; dividing by 1 keeps it constant (0) instead of NaN.
+        std = x.std(0)
+        self.std = torch.where(std > 1e-12, std, torch.ones_like(std))
+        x = self._normalise(x)
+        # The generator lives on the CPU so the same seed gives the same centres on any device.
+        generator = torch.Generator().manual_seed(self.seed)
+        centers = self._kmeans_pp(x, generator)
+        labels = None
+        for _ in range(self.num_iters):
+            d = _sq_dists(x, centers)  # (P, K)
+            new_labels = d.argmin(1)  # (P,)
+            if labels is not None and torch.equal(new_labels, labels):
+                break
+            labels = new_labels
+            centers = self._update_centers(x, labels, d, centers)
+        self.centers = centers
+        return self
+
+    def _kmeans_pp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Arthur & Vassilvitskii (2007): each next centre drawn with probability proportional to D(x)^2."""
+        P = x.shape[0]
+        first = int(torch.randint(P, (1,), generator=generator))
+        centers = [x[first]]
+        d2 = _sq_dists(x, x[first][None])[:, 0]  # (P,)
+        for _ in range(1, self.num_clusters):
+            total = d2.sum()
+            if total <= 0:  # fewer distinct points than clusters: any pixel will do
+                idx = int(torch.randint(P, (1,), generator=generator))
+            else:
+                # Inverse-CDF sampling: unlike torch.multinomial it has no 2^24 limit on the number of pixels.
+                cdf = torch.cumsum(d2.double(), 0)  # (P,)
+                u = torch.rand((), generator=generator, dtype=torch.float64).to(cdf.device)
+                idx = min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), P - 1)
+            centers.append(x[idx])
+            d2 = torch.minimum(d2, _sq_dists(x, x[idx][None])[:, 0])
+        return torch.stack(centers)  # (K, C)
+
+    def _update_centers(
+        self, x: torch.Tensor, labels: torch.Tensor, d: torch.Tensor, centers: torch.Tensor
+    ) -> torch.Tensor:
+        K = self.num_clusters
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)  # (K, C)
+        counts = torch.bincount(labels, minlength=K).to(x.dtype)  # (K,)
+        new = sums / counts.clamp_min(1)[:, None]
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            # Re-seed each empty cluster at the pixel currently worst served (deterministic, no RNG draw).
+            worst = d.gather(1, labels[:, None])[:, 0].argsort(descending=True)
+            for k, idx in zip(empty, worst[: len(empty)].tolist()):
+                new[k] = x[idx]
+        return new
+
+    def predict(self, pixels: ArrayLike) -> torch.Tensor:
+        """(P,) int64 index of the nearest centre for each of (P, C) pixel features."""
+        if self.centers is None:
+            raise RuntimeError("KMeans.predict called before fit")
+        x = torch.as_tensor(pixels).float()
+        if x.ndim != 2 or x.shape[1] != self.centers.shape[1]:
+            raise ValueError(f"predict needs (P, {self.centers.shape[1]}) pixel features, got shape {tuple(x.shape)}")
+        return _sq_dists(self._normalise(x.to(self.centers.device)), self.centers).argmin(1)
+
+    def predict_map(self, features: ArrayLike) -> np.ndarray:
+        """(H, W) or (N, H, W) int64 cluster map of (C, H, W) or (N, C, H, W) features."""
+        x = torch.as_tensor(features)
+        single = x.ndim == 3
+        labels = self.predict(feature_pixels(x))  # (N*H*W,)
+        labels = labels.reshape(1 if single else x.shape[0], *x.shape[-2:]).cpu().numpy()
+        return labels[0] if single else labels
+
+
+def kmeans_segment(
+    features: ArrayLike, k: int, seed: int = 0, num_iters: int = 20, normalize: Normalize = "standardize"
+) -> np.ndarray:
+    """(H, W) int64 segmentation of one image's (C, H, W) pixel features into `k` clusters (see `KMeans`)."""
+    x = torch.as_tensor(features)
+    if x.ndim != 3:
+        raise ValueError(f"kmeans_segment needs (C, H, W) features of one image, got shape {tuple(x.shape)}")
+    km = KMeans(k, num_iters=num_iters, seed=seed, normalize=normalize).fit(feature_pixels(x))
+    return km.predict_map(x)

@@ -1,0 +1,262 @@
+"""Pixel features from a diffusion U-Net (Baranchuk et al. 2022), computed batch by batch and streamed to shards.
+
+For each image x_0 and each timestep t in the recipe: x_t = q_sample(x_0, t, noise) with ONE fixed noise tensor
+shared by all images and timesteps; the U-Net's named decoder blocks are read at x_t, upsampled bilinearly
+(align_corners=False) to the image size and concatenated, blocks within timesteps:
+
+    features[:, D] = concat_{t in timesteps} concat_{b in blocks} up(block_b(x_t))     # (B, D, H, W)
+
+D is derived from the backbone (sum of the blocks' channels times the number of timesteps), never configured:
+blocks dec.5,6,7,8,12 at t=50,150,250 of the LSUN-256 ADM give 8448.
+
+The math is plain PyTorch (`extract`); `FeatureExtractor` is the Ray Data callable class that runs it on an actor
+pool and writes Parquet shards (see `diffseg.shards`), so feature sets larger than memory never sit in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    backbone: str = "random"  # checkpoint path (ours or imported), "random" (random init), or "diffusers:<dir>"
+    blocks: tuple[str, ...] = ("dec.5", "dec.6", "dec.7", "dec.8", "dec.12")  # named U-Net blocks to read
+    timesteps: tuple[int, ...] = (50, 150, 250)  # diffusion steps at which the blocks are read
+    noise_seed: int = 0  # seed of the ONE noise tensor shared by every image and timestep
+    batch_size: int = 4  # images per forward pass
+    use_ema: bool = True  # EMA weights of our checkpoints
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # used when the backbone has none
+
+
+# ---------------------------------------------------------------------------------------------------- backbones
+class DiffusersBackbone(nn.Module):
+    """A diffusers `UNet2DModel` with feature taps on its up blocks (`up.N`), and `out`.
+
+    diffusers is an optional dependency, imported only here.
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.num_up = len(unet.up_blocks)
+        self.cfg = _DiffusersCfg(image_size=int(unet.config.sample_size), in_channels=int(unet.config.in_channels))
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"up.{i}" for i in range(self.num_up)] + ["out"]
+
+    def feature_channels(self, name: str) -> int:
+        if name == "out":
+            return int(self.unet.config.out_channels)
+        block = self.unet.up_blocks[int(name.split(".")[1])]
+        return int(block.resnets[-1].out_channels)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, names: Sequence[str], y=None) -> dict[str, torch.Tensor]:
+        unknown = sorted(set(names) - set(self.feature_names))
+        if unknown:
+            raise KeyError(f"unknown feature name(s) {unknown}; this backbone has {self.feature_names}")
+        taps: dict[str, torch.Tensor] = {}
+        handles = []
+        for i, block in enumerate(self.unet.up_blocks):
+            if f"up.{i}" in names:
+                handles.append(block.register_forward_hook(lambda _m, _i, out, i=i: taps.__setitem__(f"up.{i}", out)))
+        try:
+            out = self.unet(x, t).sample
+        finally:
+            for h in handles:
+                h.remove()
+        taps["out"] = out
+        return {n: taps[n] for n in names}
+
+
+@dataclass(frozen=True)
+class _DiffusersCfg:
+    image_size: int
+    in_channels: int
+
+
+def load_backbone(
+    spec: str, device: torch.device | str = "cpu", use_ema: bool = True, random_like: str | None = None
+) -> tuple[nn.Module, GaussianDiffusion | None]:
+    """(model in eval mode, its diffusion process or None) from a backbone spec.
+
+    - a path to one of our checkpoints (trained here, or converted from guided-diffusion),
+    - "random:<checkpoint>" for a randomly initialised network of that checkpoint's architecture (a baseline),
+    - "diffusers:<dir>" for a saved diffusers UNet2DModel.
+    """
+    from diffseg.checkpoint import load_checkpoint, load_model
+    from diffseg.config import from_dict
+    from diffseg.models import build_model
+
+    if spec.startswith("diffusers:"):
+        from diffusers import UNet2DModel
+
+        return DiffusersBackbone(UNet2DModel.from_pretrained(spec.split(":", 1)[1])).eval().to(device), None
+    if spec.startswith("random:"):
+        ckpt = load_checkpoint(spec.split(":", 1)[1])
+        torch.manual_seed(0)
+        model = build_model(ckpt.model_config).eval().to(device)
+    else:
+        model, ckpt = load_model(spec, use_ema=use_ema, map_location=device)
+    diffusion = None
+    if "diffusion" in ckpt.config:
+        diffusion = GaussianDiffusion.from_config(from_dict(DiffusionConfig, ckpt.config["diffusion"], "diffusion"))
+    return model, diffusion
+
+
+def feature_dim(model: nn.Module, blocks: Sequence[str], timesteps: Sequence[int]) -> int:
+    """D = (sum of the blocks' channels) x (number of timesteps), from the architecture alone."""
+    return sum(model.feature_channels(b) for b in blocks) * len(timesteps)
+
+
+def shared_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The one noise tensor (C, H, W) every image and timestep uses (the paper fixes it for the whole data set)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def extract(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    blocks: Sequence[str],
+    timesteps: Sequence[int],
+    noise: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Concatenated, upsampled block features (B, D, H, W) in float32 for images (B, C, H, W) in [-1, 1]."""
+    b, _, h, w = images.shape
+    device = images.device
+    noise = noise.to(device).expand(b, *noise.shape[-3:])  # (B, C, H, W), the same for every image
+    out = []
+    for step in timesteps:
+        t = torch.full((b,), step, device=device, dtype=torch.long)
+        x_t = diffusion.q_sample(images, t, noise)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            taps = model.features(x_t, diffusion._model_t(t), blocks)
+        for name in blocks:
+            f = taps[name].float()
+            if f.shape[-2:] != (h, w):
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(f)
+    return torch.cat(out, dim=1)  # (B, D, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------- Ray Data
+class FeatureExtractor:
+    """Ray Data callable class: a batch of images (+ masks) in, one Parquet shard of labelled pixels out.
+
+    Used as `ds.map_batches(FeatureExtractor, fn_constructor_kwargs=..., batch_size=..., compute=ActorPoolStrategy)`;
+    the model is loaded once per actor. Shards are named by the batch's first image id, so a re-run skips finished
+    work. Returns one summary row per shard (its path and pixel count), never the features themselves.
+    """
+
+    def __init__(
+        self,
+        cfg_dict: dict[str, Any],
+        out_dir: str,
+        meta_extra: dict[str, Any] | None = None,
+        keep_unlabelled: bool = False,
+    ):
+        from diffseg.config import from_dict
+
+        self.cfg = from_dict(FeatureConfig, cfg_dict)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, diffusion = load_backbone(self.cfg.backbone, self.device, self.cfg.use_ema)
+        self.diffusion = diffusion or GaussianDiffusion.from_config(self.cfg.diffusion)
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.meta_extra = meta_extra or {}
+        self.keep_unlabelled = keep_unlabelled
+        self.autocast = (
+            torch.bfloat16
+            if self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
+            else None
+        )
+        self.dim = feature_dim(self.model, self.cfg.blocks, self.cfg.timesteps)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from diffseg.shards import FeatureMeta, write_shard
+
+        ids = [str(i) for i in batch["id"]]
+        path = self.out_dir / f"shard-{ids[0]}.parquet"
+        if path.exists():  # idempotent: finished work is skipped
+            return {"shard": np.array([str(path)]), "num_pixels": np.array([-1])}
+        images = torch.from_numpy(np.stack(batch["image"])).to(self.device)  # (B, H, W, 3) uint8
+        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        size = self.model.cfg.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            raise ValueError(f"images of {tuple(images.shape[-2:])} for a {size} px backbone: resize in the reader")
+        noise = shared_noise(images.shape[1:], self.cfg.noise_seed)
+        feats = extract(self.model, self.diffusion, images, self.cfg.blocks, self.cfg.timesteps, noise, self.autocast)
+        b, d, h, w = feats.shape
+        feats = feats.permute(0, 2, 3, 1).reshape(b * h * w, d)  # (B*H*W, D)
+        if "mask" in batch:
+            labels = torch.from_numpy(np.stack(batch["mask"]).astype(np.int64)).reshape(-1)
+        else:
+            labels = torch.full((b * h * w,), -1, dtype=torch.long)
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ys, xs = ys.reshape(-1).repeat(b), xs.reshape(-1).repeat(b)
+        image_ids = np.repeat(np.array(ids), h * w)
+        ignore = self.meta_extra.get("ignore_index", 255)
+        keep = (labels != ignore) if "mask" in batch else torch.ones_like(labels, dtype=torch.bool)
+        meta = FeatureMeta(
+            blocks=list(self.cfg.blocks),
+            timesteps=list(self.cfg.timesteps),
+            feature_dim=d,
+            image_size=h,
+            num_classes=int(self.meta_extra.get("num_classes", 0)),
+            class_names=list(self.meta_extra.get("class_names", [])),
+            backbone=self.cfg.backbone,
+            extra={k: v for k, v in self.meta_extra.items() if k not in ("num_classes", "class_names")},
+        )
+        keep_np = keep.numpy()
+        write_shard(
+            path,
+            feats[keep].to(torch.float16).cpu().numpy(),
+            labels[keep].numpy(),
+            image_ids[keep_np],
+            ys[keep].numpy(),
+            xs[keep].numpy(),
+            meta,
+        )
+        return {"shard": np.array([str(path)]), "num_pixels": np.array([int(keep.sum())])}
+
+
+def extract_to_shards(
+    cfg: FeatureConfig,
+    image_ds: Any,
+    out_dir: str | os.PathLike,
+    meta_extra: dict[str, Any] | None = None,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+) -> list[str]:
+    """Run extraction over a Ray Dataset of {"id", "image" (H, W, 3) uint8, "mask"?}; returns the shard paths."""
+    import ray
+
+    from diffseg.config import to_dict
+
+    out = image_ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "out_dir": str(out_dir), "meta_extra": meta_extra or {}},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+    )
+    return sorted(str(r["shard"]) for r in out.iter_rows())

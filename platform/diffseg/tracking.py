@@ -1,0 +1,124 @@
+"""MLflow tracking: params from the resolved config, metrics under `split/name` keys, artifacts, the git SHA.
+
+MLflow is imported lazily (it costs seconds to import) and every call is a no-op when tracking is disabled. The
+store is `MLFLOW_TRACKING_URI` when set, else a SQLite file `mlflow.db` in the working directory (MLflow 3's own
+default), resolved to an absolute URI by the driver so that Ray workers on this machine write to the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow
+    experiment: str = "diffseg"  # MLflow experiment name
+    uri: str | None = None  # tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
+    """The commit of the code being run (None outside a git checkout, e.g. in a Ray job's unpacked working_dir)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config paths become MLflow param names, as overrides name them."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """One MLflow run (or nothing, when disabled). Resumes a run by id so a restarted job keeps one history."""
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_name: str,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        parent_run_id: str | None = None,
+    ):
+        self.enabled = cfg.enabled
+        self.run_id: str | None = None
+        if not self.enabled:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
+        import mlflow
+
+        self._mlflow = mlflow
+        self._client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri or cfg.uri))
+        if run_id is None:
+            exp = self._client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(cfg.experiment)
+            tags = {"mlflow.runName": run_name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            if sha := git_sha():
+                tags["mlflow.source.git.commit"] = sha
+            run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        else:
+            self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self._client.set_terminated(self.run_id, status=status)
