@@ -136,13 +136,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ema = EMA(model, cfg.optim.ema_decay)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     ckpt, source = _load_resume_state(cfg)
-    start_step, history, mlflow_run_id = 0, [], None
+    start_step, history, starts, mlflow_run_id = 0, [], [], None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema or ckpt.model, num_updates=ckpt.step)
         start_step = ckpt.step
         history = list(ckpt.extra.get("loss_history", []))
+        starts = list(ckpt.extra.get("starts", []))
         mlflow_run_id = ckpt.extra.get("mlflow_run_id")
+    starts.append(start_step)  # every (re)start of the loop, kept in the checkpoint: a resume is visible
     elif cfg.init_from:
         init = load_checkpoint(cfg.init_from)
         missing, unexpected = model.load_state_dict(init.ema or init.model, strict=False)
@@ -203,7 +205,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         ray_ckpt = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                extra = {"loss_history": history, "mlflow_run_id": tracker.run_id if tracker else None}
+                extra = {
+                    "loss_history": history,
+                    "starts": starts,
+                    "mlflow_run_id": tracker.run_id if tracker else None,
+                }
                 path = save_checkpoint(
                     Path(tmp) / CHECKPOINT_NAME,
                     config=cfg,
@@ -299,6 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "step": step,
         "loss_history": history,
+        "starts": starts,
         "checkpoint": str(local / CHECKPOINT_NAME) if local else None,
         "mlflow_run_id": tracker.run_id,
         "world_size": world,

@@ -1,0 +1,45 @@
+"""cluster.yaml validates against the cluster-launcher schema of the installed Ray, and pins our Ray version."""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster_cfg() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_launcher_schema(cluster_cfg):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster_cfg))
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    assert types[prepared["head_node_type"]]["resources"] == {"CPU": 0}
+    gpu_types = [name for name in types if name != prepared["head_node_type"]]
+    assert len(gpu_types) >= 2, "a single-GPU type for sweeps and a multi-GPU type for training"
+
+
+def test_schema_check_is_real(cluster_cfg):
+    from jsonschema.exceptions import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    bad = copy.deepcopy(cluster_cfg)
+    bad["available_node_types"]["gpu_1x"]["max_wrkers"] = 3
+    with pytest.raises(ValidationError, match="max_wrkers"):
+        validate_config(prepare_config(bad))
+
+
+def test_cluster_image_matches_pinned_ray(cluster_cfg):
+    import ray
+
+    pinned = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pinned == ray.__version__
+    assert cluster_cfg["docker"]["image"].startswith(f"rayproject/ray:{pinned}-py311")
+    assert any("pip install" in c and "diffseg" in c for c in cluster_cfg["setup_commands"])
