@@ -82,7 +82,8 @@ def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri):
 def test_non_finite_loss_stops_the_run(tmp_path, mlflow_uri):
     from diffseg.train import run
 
-    cfg = tiny_cfg(tmp_path, kind="ddpm", name="nan", **{"loop.num_steps": 10, "optim.lr": 1e30, "optim.grad_clip": 0.0})
+    changes = {"loop.num_steps": 10, "optim.lr": 1e30, "optim.grad_clip": 0.0}
+    cfg = tiny_cfg(tmp_path, kind="ddpm", name="nan", **changes)
     with pytest.raises(Exception, match="non-finite training loss"):
         run(cfg)
 
@@ -111,7 +112,7 @@ def test_one_and_two_workers_same_curve_shape(tmp_path, mlflow_uri, ray_cluster)
         cfg = tiny_cfg(
             tmp_path,
             name=f"w{n}",
-            **{"loop.num_steps": 40, "loop.checkpoint_every": 40, "scaling.num_workers": n, "scaling.cpus_per_worker": 1},
+            **{"loop.num_steps": 40, "loop.checkpoint_every": 40, "scaling.num_workers": n},
         )
         out = run(cfg).return_value
         assert out["world_size"] == n and out["step"] == 40

@@ -144,12 +144,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         history = list(ckpt.extra.get("loss_history", []))
         starts = list(ckpt.extra.get("starts", []))
         mlflow_run_id = ckpt.extra.get("mlflow_run_id")
-    starts.append(start_step)  # every (re)start of the loop, kept in the checkpoint: a resume is visible
     elif cfg.init_from:
         init = load_checkpoint(cfg.init_from)
         missing, unexpected = model.load_state_dict(init.ema or init.model, strict=False)
         ema.load_state_dict(unwrap(model).state_dict(), num_updates=0)
         source = f"weights of {cfg.init_from} ({len(missing)} tensors left at init, {len(unexpected)} unused)"
+    starts.append(start_step)  # every (re)start of the loop, kept in the checkpoint: a resume is visible
 
     use_channels_last = cfg.loop.channels_last == "on" or (cfg.loop.channels_last == "auto" and device.type == "cuda")
     memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
