@@ -322,7 +322,11 @@ def _use_gpu(cfg: ScalingSection) -> bool:
 
 
 def code_runtime_env() -> dict[str, Any]:
-    """Ship the diffseg package to the workers (`py_modules`), so a cluster needs no install of it."""
+    """Ship the diffseg package to every worker (`py_modules`), so a cluster needs no install of it.
+
+    Local directories can only be shipped at the job level (`ray.init`); inside `ray job submit` Ray merges this
+    with the job's own runtime env (its working_dir, env_vars).
+    """
     import diffseg
 
     return {"py_modules": [str(Path(diffseg.__file__).parent)]}
@@ -346,7 +350,6 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
             storage_path=storage_path(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            worker_runtime_env=code_runtime_env() if cfg.scaling.num_workers > 0 else None,
         ),
     )
 
@@ -354,7 +357,8 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
 def run(cfg: TrainConfig) -> ray.train.Result:
     """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py."""
     if cfg.scaling.num_workers > 0 and not ray.is_initialized():
-        ray.init()  # honours RAY_ADDRESS (set by `ray job submit`); else starts a local cluster
+        # Honours RAY_ADDRESS (set by `ray job submit`); else starts a local cluster.
+        ray.init(runtime_env=code_runtime_env())
     local = run_dir(cfg)
     if local is not None:
         save_config(cfg, local / "config.yaml")
