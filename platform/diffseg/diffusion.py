@@ -34,11 +34,13 @@ class DiffusionConfig:
 def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """Betas (float64, shape (T,)) of a named schedule, exactly as guided-diffusion computes them.
 
-    The linear schedule is scaled so that any T matches Ho et al.'s endpoints at T=1000 (1e-4 to 0.02).
+    The linear schedule is scaled so that any T matches Ho et al.'s endpoints at T=1000 (1e-4 to 0.02). For T <= 20
+    the scaled betas would reach 1 (alpha_bar = 0, and every 1/alpha_bar would be infinite), so they are clipped at
+    0.999 as the cosine schedule's are; for T > 20 the values are guided-diffusion's exactly.
     """
     if name == "linear":
         scale = 1000 / num_timesteps
-        return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+        return np.minimum(np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64), 0.999)
     if name == "cosine":
         return betas_for_alpha_bar(num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
@@ -151,8 +153,10 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # The posterior variance is 0 at t=0: clip the log to the t=1 value, as guided-diffusion does.
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # The posterior variance is 0 at t=0: clip the log to the t=1 value, as guided-diffusion does (a one-step
+        # process, e.g. respaced to 1 step, has no t=1 and takes beta_0).
+        first = self.posterior_variance[1] if len(betas) > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
