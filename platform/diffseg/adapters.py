@@ -63,7 +63,7 @@ class PrepareConfig:
     overwrite: bool = False  # convert again items already in dst
     split: Literal["all", "train", "val", "test"] = "all"  # CUB, Flowers 102, DAVIS: the official split to take
     threshold: float = 0.5  # Weizmann, CUB: foreground where the soft mask exceeds threshold * 255
-    bg_tolerance: int = 40  # Flowers 102: max per-channel distance of a background pixel to (0, 0, 254)
+    bg_tolerance: int = 80  # Flowers 102: max per-channel distance of a background pixel to (0, 0, 254) (JPEG)
     per_object: bool = False  # DAVIS: one class per object id (object_1, ...) instead of background/foreground
     frame_stride: int = 1  # DAVIS: take every Nth annotated frame of each sequence
     resolution: str = "480p"  # DAVIS: the resolution folder under JPEGImages/ and Annotations/
