@@ -29,3 +29,16 @@ def test_platform_stays_stdlib_with_the_repo_on_sys_path():
         env={"PYTHONPATH": str(REPO)},
     ).stdout.splitlines()
     assert out[0] and not Path(out[1]).resolve().is_relative_to(REPO)
+
+
+def test_two_command_start():
+    """The README starts with `make demo` and `make test`; both set up .venv first; CI runs `make test`."""
+    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip()]
+    assert lines[:2] == ["make demo", "make test"]
+    makefile = (REPO / "Makefile").read_text()
+    assert "\ndemo: $(STAMP)" in makefile and "\ntest: $(STAMP)" in makefile
+    assert "-m venv" in makefile and "pip install" in makefile
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1].strip() == "make test"
+    for name in ("pyproject.toml", "Makefile", "cluster.yaml", "platform/diffseg/__init__.py", "jobs/demo.py"):
+        assert (REPO / name).is_file(), name
