@@ -296,3 +296,44 @@ def test_prepare_data_job(tmp_path, capsys):
     with pytest.raises(SystemExit, match="missing mask"):
         save(photo(12, 20, 9), tmp_path / "src" / "rgb" / "horse009.jpg")
         job.main(args)
+
+
+# ---------------------------------------------------------------------------------------------------- real data
+def test_real_weizmann_round_trip(data_dir, tmp_path):
+    """The shared Weizmann pairs, put back into the public layout (grey figure-ground), convert to themselves."""
+    root = data_dir / "weizmann-horse-200"
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent")
+    ids = sorted(p.stem for p in (root / "images").iterdir())[:4]
+    for i in ids:
+        (tmp_path / "src" / "rgb").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "rgb" / f"{i}.jpg").write_bytes((root / "images" / f"{i}.jpg").read_bytes())
+        save(np.asarray(Image.open(root / "masks" / f"{i}.png")) * 255, tmp_path / "src" / "figure_ground" / f"{i}.png")
+    _, masks = load_all(run_convert("weizmann-horse", tmp_path / "src", tmp_path / "out"))
+    for i in ids:
+        assert np.array_equal(masks[i], np.asarray(Image.open(root / "masks" / f"{i}.png")))
+        assert (tmp_path / "out" / "images" / f"{i}.jpg").read_bytes() == (root / "images" / f"{i}.jpg").read_bytes()
+
+
+def test_real_celebamask_round_trip(data_dir, tmp_path):
+    """Shared CelebAMask-HQ pairs split into one file per part (images at twice the mask size, as the real 1024 px
+    images are to their 512 px parts) convert back to the same 19-class masks."""
+    root = data_dir / "celebamask-hq-800"
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent")
+    ids = sorted(p.stem for p in (root / "images").iterdir())[:3]
+    for n, i in enumerate(ids):
+        image = Image.open(root / "images" / f"{i}.jpg")
+        save(
+            np.asarray(image.resize((image.width * 2, image.height * 2))),
+            tmp_path / "src" / "CelebA-HQ-img" / f"{n}.jpg",
+        )
+        mask = np.asarray(Image.open(root / "masks" / f"{i}.png"))
+        for k in np.unique(mask):
+            if 0 < k < len(CELEBAMASK_CLASSES):
+                part = (mask == k).astype(np.uint8) * 255
+                save(part, tmp_path / "src" / "CelebAMask-HQ-mask-anno" / "0" / f"{n:05d}_{CELEBAMASK_CLASSES[k]}.png")
+    _, masks = load_all(run_convert("celebamask-hq", tmp_path / "src", tmp_path / "out"))
+    for n, i in enumerate(ids):
+        original = np.asarray(Image.open(root / "masks" / f"{i}.png"))
+        assert np.array_equal(masks[str(n)], np.where(original == 255, 0, original))
