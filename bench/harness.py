@@ -86,24 +86,30 @@ def sync(device: torch.device) -> None:
 
 def time_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int, iters: int
-) -> dict[str, float]:
-    """Median seconds per call of each fn, measured in interleaved rounds (A B A B ...) so that a machine whose speed
-    drifts (other jobs, clocks, thermal) penalises every candidate alike."""
+) -> dict[str, dict[str, float]]:
+    """Median seconds per call of each fn, measured in interleaved rounds (A B, B A, A B, ...) so that a machine whose
+    speed drifts (other jobs, clocks, thermal) penalises every candidate alike.
+
+    -> {name: {"wall": s, "cpu": s}}. "cpu" is this process's CPU time (all its threads): on a CPU shared with other
+    jobs, wall time counts the time the OS gave to them; CPU time does not, so with one thread it is the steadier
+    measure of the work a step costs. On CUDA only wall time means anything.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    rounds: dict[str, list[float]] = {name: [] for name in fns}
+    rounds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
     for r in range(repeats):
         order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
         for name, fn in order:
             sync(device)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 fn()
             sync(device)
-            rounds[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(times) for name, times in rounds.items()}
+            rounds[name]["wall"].append((time.perf_counter() - wall) / iters)
+            rounds[name]["cpu"].append((time.process_time() - cpu) / iters)
+    return {name: {k: statistics.median(v) for k, v in times.items()} for name, times in rounds.items()}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -112,12 +118,14 @@ def count_flops(fn: Callable[[], object]) -> int:
     torch registers formulas for the CUDA attention kernels only; the CPU flash kernel gets the same formula here, or
     a model whose attention runs in it would look cheaper than one whose attention falls back to bmm.
     """
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
-    cpu_sdpa = {
-        aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
+    cpu_sdpa = {  # FlopCounterMode hands these the shapes of the op's arguments
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)
+        ),
     }
     with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         fn()
