@@ -5,7 +5,7 @@ The samplers are the library's (`diffseg.sampling.sample`); only the network cal
 loop are what graphs need); on CPU it uses the default inductor mode (C++/OpenMP kernels), which takes a while to
 compile: the compile time is reported apart from the timed runs, so the images/s are steady-state.
 
-    python bench/sampling.py                            # CPU: tiny U-Net, 32 px, 8 images, T=1000 and DDIM-50
+    python bench/sampling.py                            # CPU: tiny U-Net, 32 px, 8 images, DDPM-200, DDIM-50
     python bench/sampling.py --compile                  # + torch.compile (CPU: slow to compile, see the report)
     python bench/sampling.py --model factorized         # the factorized model (masks come out with the samples)
     python bench/sampling.py --device cuda --size paper-64 --model factorized --num-images 64 --compile
@@ -46,31 +46,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", help="a named size (unet.UNET_SIZES / factorized.FACTORIZED_SIZES)")
     p.add_argument("--num-components", "-K", type=int, default=3)
     p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--num-timesteps", type=int, default=1000, help="T: DDPM samples with all T steps")
+    p.add_argument(
+        "--num-timesteps", type=int, default=None, help="T, all of whose steps DDPM takes (default: 1000 CUDA, 200 CPU)"
+    )
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd network")
     p.set_defaults(warmup=0, repeats=1)  # a sampling run is hundreds of network calls: it warms itself up
     return p.parse_args(argv)
 
 
-def time_sampler(model, diffusion, args, device, use_bf16, method: str, steps: int | None) -> float:
-    """Seconds for one batch of samples (the median of --repeats runs, after --warmup runs)."""
-    times = []
+def time_sampler(model, diffusion, args, device, use_bf16, method: str, steps: int | None) -> tuple[float, float]:
+    """(wall, process CPU) seconds for one batch of samples: the median of --repeats runs, after --warmup runs."""
+    times, cpu_times = [], []
     for i in range(args.warmup + args.repeats):
         gen = torch.Generator(device).manual_seed(args.seed)
         sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with autocast(device, use_bf16):
             sample(model, diffusion, args.num_images, method=method, steps=steps, generator=gen, device=device)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+            cpu_times.append(time.process_time() - cpu)
+    return sorted(times)[len(times) // 2], sorted(cpu_times)[len(cpu_times) // 2]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, use_bf16 = setup(args)
+    if args.num_timesteps is None:
+        args.num_timesteps = 1000 if device.type == "cuda" else 200
     if args.model == "unet":
         model: nn.Module = UNet(UNET_SIZES[args.size]())
     else:
@@ -101,15 +106,18 @@ def main(argv=None) -> None:
     )
     if compile_s is not None:
         print(f"# torch.compile: {compile_s:.1f} s to compile (not in the figures below)")
-    print(f"{'sampler':<12} {'network':<28} {'s/batch':>8} {'img/s':>8} {'ms/step':>8}")
+    print(f"{'sampler':<12} {'network':<28} {'s/batch':>8} {'img/s':>8} {'ms/step':>8} {'cpu ms/step':>11}")
     for method, steps, label in (
         ("ddpm", None, f"DDPM-{args.num_timesteps}"),
         ("ddim", args.ddim_steps, f"DDIM-{args.ddim_steps}"),
     ):
         n_steps = args.num_timesteps if steps is None else steps
         for name, net in variants.items():
-            secs = time_sampler(net, diffusion, args, device, use_bf16, method, steps)
-            print(f"{label:<12} {name:<28} {secs:>8.2f} {args.num_images / secs:>8.2f} {1e3 * secs / n_steps:>8.2f}")
+            secs, cpu = time_sampler(net, diffusion, args, device, use_bf16, method, steps)
+            print(
+                f"{label:<12} {name:<28} {secs:>8.2f} {args.num_images / secs:>8.2f} {1e3 * secs / n_steps:>8.2f} "
+                f"{1e3 * cpu / n_steps:>11.2f}"
+            )
 
 
 if __name__ == "__main__":
