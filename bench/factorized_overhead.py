@@ -9,7 +9,7 @@ ratio should land near it: what the FLOP counter does not see (mask resizing, sk
 B*K rows, the K-way sum) is overhead of the implementation, and this bench shows how much of it there is.
 
     python bench/factorized_overhead.py                 # CPU defaults: 32 px, C=32, mult 1,2,2, K=3, batch 4
-    python bench/factorized_overhead.py --device cuda --image-size 64 --model-channels 128 --batch-size 32
+    python bench/factorized_overhead.py --device cuda --size paper-64 --batch-size 32 --compile   # % of bf16 peak
 """
 
 from __future__ import annotations
@@ -18,16 +18,26 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from harness import add_common_args, autocast, command_line, count_flops, machine_line, setup, time_interleaved
+from harness import (
+    add_common_args,
+    autocast,
+    bf16_peak_tflops,
+    command_line,
+    count_flops,
+    machine_line,
+    setup,
+    time_interleaved,
+)
 from torch import nn
 
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet
 from diffseg.unet import UNet, UNetConfig, count_parameters
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
+    p.add_argument("--size", default=None, help="a named size from factorized.FACTORIZED_SIZES (e.g. paper-64)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--model-channels", type=int, default=32)
     p.add_argument("--channel-mult", default="1,2,2")
@@ -39,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tolerance", type=float, default=0.15, help="allowed |measured/FLOP ratio - 1|")
     p.add_argument("--no-loop", action="store_true", help="skip the batched-vs-loop comparison")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (slow to compile on CPU)")
     return p.parse_args(argv)
 
 
@@ -60,7 +71,7 @@ def make_step(model: nn.Module, forward, x, t, noise, device, use_bf16: bool, wi
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, use_bf16 = setup(args)
-    cfg = UNetConfig(
+    cfg = FACTORIZED_SIZES[args.size]() if args.size else UNetConfig(
         image_size=args.image_size,
         model_channels=args.model_channels,
         num_res_blocks=args.num_res_blocks,
@@ -68,7 +79,7 @@ def main(argv=None) -> None:
         attention_resolutions=tuple(int(r) for r in args.attention_resolutions.split(",")),
         num_head_channels=args.num_head_channels,
         resblock_updown=args.resblock_updown,
-    )
+    )  # fmt: skip
     k = args.num_components
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     ddpm = UNet(cfg).to(device, memory_format=memory_format).train()
@@ -80,7 +91,7 @@ def main(argv=None) -> None:
                 nn.init.normal_(m.weight, std=0.02)
 
     g = torch.Generator().manual_seed(args.seed)
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    shape = (args.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
     x = torch.randn(shape, generator=g).to(device, memory_format=memory_format)
     noise = torch.randn(shape, generator=g).to(device)
     t = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
@@ -92,23 +103,33 @@ def main(argv=None) -> None:
         name: count_flops(make_step(m, f, x, t, noise, device, use_bf16, with_optimizer=False))
         for name, (m, f) in forwards.items()
     }
+    if args.compile:
+        forwards = {name: (m, torch.compile(f)) for name, (m, f) in forwards.items()}
     steps = {name: make_step(m, f, x, t, noise, device, use_bf16) for name, (m, f) in forwards.items()}
     secs = time_interleaved(steps, device, args.warmup, args.repeats, args.iters)
 
     print(machine_line(device))
     print(command_line())
     print(
-        f"# train step (fwd+bwd+AdamW), {args.image_size} px, C={args.model_channels}, mult {args.channel_mult}, "
-        f"{args.num_res_blocks} res blocks/level, K={k}, batch {args.batch_size}, "
-        f"{'bf16 autocast, channels_last' if use_bf16 else 'fp32'}; median of {args.repeats} interleaved rounds"
+        f"# train step (fwd+bwd+AdamW), {args.size or 'custom'}: {cfg.image_size} px, C={cfg.model_channels}, "
+        f"mult {cfg.channel_mult}, {cfg.num_res_blocks} res blocks/level, attention at {cfg.attention_resolutions} px, "
+        f"K={k}, batch {args.batch_size}, {'bf16 autocast, channels_last' if use_bf16 else 'fp32'}"
+        f"{', torch.compile' if args.compile else ''}; median of {args.repeats} interleaved rounds of {args.iters}"
     )
     params = {"ddpm": count_parameters(ddpm), "factorized": count_parameters(fact)}
     params["factorized-loop"] = params["factorized"]
-    print(f"{'model':<16} {'params':>10} {'ms/step':>8} {'cpu ms/step':>11} {'GFLOP/step':>10}")
+    peak = bf16_peak_tflops(device) if use_bf16 else None
+    print(
+        f"{'model':<16} {'params':>11} {'ms/step':>8} {'img/s':>8} {'cpu ms/step':>11} {'GFLOP/step':>10} "
+        f"{'TFLOP/s':>8} {'% peak':>7}"
+    )
     for name in steps:
+        wall = secs[name]["wall"]
+        tflops = flops[name] / wall / 1e12
+        pct = f"{100 * tflops / peak:.1f}" if peak else "-"
         print(
-            f"{name:<16} {params[name]:>10,} {1e3 * secs[name]['wall']:>8.1f} {1e3 * secs[name]['cpu']:>11.1f} "
-            f"{flops[name] / 1e9:>10.2f}"
+            f"{name:<16} {params[name]:>11,} {1e3 * wall:>8.1f} {args.batch_size / wall:>8.2f} "
+            f"{1e3 * secs[name]['cpu']:>11.1f} {flops[name] / 1e9:>10.2f} {tflops:>8.3f} {pct:>7}"
         )
     flop_ratio = flops["factorized"] / flops["ddpm"]
     print(f"FLOP ratio factorized/ddpm = {flop_ratio:.3f}  (1 + K/2 = {1 + k / 2:.2f} if both halves cost alike)")
