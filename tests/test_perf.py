@@ -102,6 +102,19 @@ def test_factorized_looped_matches_batched():
         torch.testing.assert_close(model(x, t), model.forward_looped(x, t), atol=1e-5, rtol=1e-5)
 
 
+def test_factorized_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), attention_resolutions=(8,))
+    model = FactorizedUNet(cfg, FactorizedConfig(num_components=2)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    with torch.no_grad():
+        ref, ref_masks, _ = model.forward_with_masks(x, t)
+        model = model.to(memory_format=torch.channels_last)
+        got, masks, _ = model.forward_with_masks(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masks, ref_masks, atol=1e-5, rtol=1e-5)
+
+
 def test_unet_step_bench_runs(bench_modules, capsys):
     pytest.importorskip("diffusers")
     import unet_step
