@@ -170,3 +170,26 @@ def test_bf16_channels_last_close_to_fp32_on_gpu():
     assert got.dtype == torch.float32 or got.dtype == torch.bfloat16
     rel = (got.float() - ref).norm() / ref.norm()
     assert rel < 2e-2
+
+
+def test_schedule_lookups_are_cached_per_device_and_exact():
+    import gc
+
+    import numpy as np
+
+    from diffseg import diffusion
+
+    process = diffusion.build_diffusion(diffusion.DiffusionConfig(num_timesteps=100)).respace(10)
+    t = torch.tensor([0, 4, 9])
+    expected = torch.as_tensor(process.sqrt_alphas_cumprod)[t].float().reshape(-1, 1, 1, 1)
+    assert torch.equal(diffusion._extract(process.sqrt_alphas_cumprod, t, 4), expected)
+    first = diffusion._on_device(process.sqrt_alphas_cumprod, t.device)
+    assert diffusion._on_device(process.sqrt_alphas_cumprod, t.device) is first  # copied once, not per call
+    assert process._model_t(t).tolist() == [int(process.timestep_map[i]) for i in t]
+    before = len(diffusion._ON_DEVICE)
+    for shift in range(3):  # temporaries: right values, and no entry outlives its array
+        temp = np.log(process.betas) + shift
+        assert torch.equal(diffusion._extract(temp, t, 2), torch.as_tensor(temp)[t].float().reshape(-1, 1))
+        del temp
+    gc.collect()
+    assert len(diffusion._ON_DEVICE) == before
