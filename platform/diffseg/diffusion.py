@@ -11,6 +11,7 @@ sample, so that a sample depends on its own seed and not on the batch it was dra
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -99,9 +100,30 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device | str
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+# Schedule arrays already copied to a device, keyed by the array's id. A blocking host-to-device copy on every
+# lookup would stall the host on every training and sampling step on a GPU (a pageable copy synchronises the stream);
+# here each array is copied once per device. The weak reference drops the entry when its array is freed, before its
+# id can be reused.
+_ON_DEVICE: dict[int, tuple[weakref.ref, dict[torch.device, torch.Tensor]]] = {}
+
+
+def _on_device(arr: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(arr, torch.Tensor):
+        return arr.to(device)
+    key = id(arr)
+    entry = _ON_DEVICE.get(key)
+    if entry is None or entry[0]() is not arr:
+        entry = (weakref.ref(arr, lambda _ref, key=key: _ON_DEVICE.pop(key, None)), {})
+        _ON_DEVICE[key] = entry
+    copies = entry[1]
+    if device not in copies:
+        copies[device] = torch.tensor(arr, device=device)  # a copy: a tensor sharing arr would keep it alive
+    return copies[device]
+
+
 def _extract(arr: np.ndarray | torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """arr[t] as a float32 tensor broadcastable to a batch of `ndim` dims (B, 1, 1, 1)."""
-    values = torch.as_tensor(arr, device=t.device)[t].float()
+    values = _on_device(arr, t.device)[t].float()
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
@@ -204,7 +226,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ the model's p(x_{t-1} | x_t)
     def _model_t(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the model sees: the original one for a respaced process."""
-        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+        return _on_device(self.timestep_map, t.device)[t]
 
     def split_output(self, output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(eps, v) for a learned-sigma output with 2C channels, (eps, None) for C channels."""

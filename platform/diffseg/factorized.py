@@ -146,7 +146,7 @@ class FactorizedUNet(nn.Module):
         h_mid, skips = self.encode(x, emb)
         masks = self.masks(h_mid, skips, emb)  # (B, K, H, W)
         eps_k = self.decode(
-            h_mid.repeat_interleave(k, dim=0),  # (B*K, C, h, w)
+            _repeat_rows(h_mid, k),  # (B*K, C, h, w)
             self._masked_skips(skips, masks),
             emb.repeat_interleave(k, dim=0),
         ).reshape(b, k, -1, *x.shape[2:])  # (B, K, C, H, W)
@@ -168,6 +168,15 @@ class FactorizedUNet(nn.Module):
             skips_k = [s * (F.avg_pool2d(mk, ds) if ds > 1 else mk) for s, ds in zip(skips, self.layout.skip_ds)]
             eps = eps + self.decode(h_mid, skips_k, emb) * mk
         return eps
+
+
+def _repeat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*K, C, H, W), each row K times, in x's memory format: repeat_interleave returns NCHW, and
+    an NCHW h_mid concatenated with channels_last skips would cost layout conversions in the first decoder block."""
+    out = x.repeat_interleave(k, dim=0)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def build_factorized(cfg: UNetConfig | str, fcfg: FactorizedConfig = FactorizedConfig()) -> FactorizedUNet:

@@ -227,7 +227,7 @@ class ResBlock(TimestepBlock):
         emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]  # (B, C or 2C, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = torch.addcmul(shift, self.out_layers[0](h), 1 + scale)  # norm(h) * (1 + scale) + shift, one pass
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
@@ -235,7 +235,13 @@ class ResBlock(TimestepBlock):
 
 
 class AttentionBlock(nn.Module):
-    """Spatial self-attention; `scaled_dot_product_attention` (flash/fused where available) does the math."""
+    """Spatial self-attention; `scaled_dot_product_attention` (flash/fused where available) does the math.
+
+    The weights are guided-diffusion's 1x1 `Conv1d`s (`qkv`, `proj_out`; same keys and shapes), but they are applied
+    as matmuls on a (B, L, C) view: a 1x1 Conv1d falls to a slow im2col path on CPU, and token-major q/k/v in 4-D
+    (B, heads, L, ch) is the layout the flash kernels take (CPU and CUDA) without a copy. With a channels_last input
+    the (B, L, C) view is free.
+    """
 
     def __init__(
         self, channels: int, num_heads: int = 1, num_head_channels: int | None = None, new_order: bool = False
@@ -252,16 +258,18 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)  # (B, C, L)
-        qkv = self.qkv(self.norm(x))  # (B, 3C, L)
-        length, ch = qkv.shape[-1], c // self.num_heads
-        if self.new_order:
-            q, k, v = (z.reshape(b * self.num_heads, ch, length) for z in qkv.chunk(3, dim=1))
+        heads, ch = self.num_heads, c // self.num_heads
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
+        length = tokens.shape[1]
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, L, 3C)
+        if self.new_order:  # channel = which * C + head * ch + i
+            q, k, v = qkv.reshape(b, length, 3, heads, ch).permute(2, 0, 3, 1, 4)  # (B, H, L, ch) each
         else:  # guided-diffusion's legacy order: heads first, then q|k|v within each head
-            q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, length).split(ch, dim=1)  # (B*H, ch, L) each
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B*H, L, ch)
-        h = h.transpose(1, 2).reshape(b, c, length)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+            q, k, v = qkv.reshape(b, length, heads, 3, ch).permute(3, 0, 2, 1, 4)  # (B, H, L, ch) each
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, ch)
+        h = h.transpose(1, 2).reshape(b, length, c)  # (B, L, C)
+        h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # (B, L, C)
+        return x + h.transpose(1, 2).reshape(b, c, *spatial)
 
 
 # ---------------------------------------------------------------------------------------------------- halves
