@@ -130,8 +130,10 @@ class LocalCluster:
     def shutdown(self) -> None:
         for proc in reversed(self.procs):  # the worker first, then the head
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
-        deadline = time.time() + 20
+                os.killpg(proc.pid, signal.SIGTERM)
+        # A short grace: the raylets exit on SIGTERM, `ray start --block`, the GCS and the dashboard take longer
+        # than it is worth waiting for (nothing of this cluster needs to outlive the test).
+        deadline = time.time() + 3
         while time.time() < deadline and (any(p.poll() is None for p in self.procs) or _pids_using(self.temp_dir)):
             time.sleep(0.5)
         for proc in self.procs:

@@ -92,8 +92,61 @@ def storage_path(cfg: TrainConfig) -> str:
 
 
 def run_dir(cfg: TrainConfig) -> Path | None:
-    """The run's local folder (None on remote storage, where only Ray's checkpoints are kept)."""
+    """The run's local folder; None on remote storage (`run_uri` then names it)."""
     return None if is_remote_path(cfg.output_dir) else Path(storage_path(cfg)) / cfg.name
+
+
+def run_uri(cfg: TrainConfig, *parts: str) -> str:
+    """A file of the run, local path or URI: `<output_dir>/<name>/<parts...>`."""
+    local = run_dir(cfg)
+    if local is not None:
+        return str(local.joinpath(*parts))
+    return "/".join([cfg.output_dir.rstrip("/"), cfg.name, *parts])
+
+
+def put_file(src: str | os.PathLike, dst: str) -> None:
+    """Copy a local file to `dst`, a local path (atomically: temp file, then rename) or a URI (s3://, gs://, file://:
+    whatever pyarrow.fs reaches; an object store's put is atomic)."""
+    if not is_remote_path(dst):
+        dst_path = Path(dst)
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst_path.parent, prefix=f".{dst_path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(dst)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pyarrow.fs.copy_files(str(src), path, destination_filesystem=fs)
+
+
+def fetch_file(src: str, dst: str | os.PathLike) -> bool:
+    """Copy `src` (a local path or URI) to the local file `dst`; False when there is no such file."""
+    if not is_remote_path(src):
+        if not Path(src).is_file():
+            return False
+        shutil.copyfile(src, dst)
+        return True
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(src)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    pyarrow.fs.copy_files(path, str(dst), source_filesystem=fs)
+    return True
+
+
+def load_run_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
+    """The run's exported checkpoint (`<output_dir>/<name>/checkpoint.pt`, local or remote), or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / CHECKPOINT_NAME
+        return load_checkpoint(local) if fetch_file(run_uri(cfg, CHECKPOINT_NAME), local) else None
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -304,18 +357,6 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
         epoch += 1
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fit(
     cfg: TrainConfig,
     ctx: WorkerContext | None = None,
@@ -325,8 +366,9 @@ def fit(
 ) -> dict[str, Any] | None:
     """Train as `cfg` says on one worker of `ctx` (default: this process); rank 0 returns a summary, others None.
 
-    Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt`; rank 0 logs progress
-    and MLflow (`tracking_uri`; `git_commit` is tagged on new runs), writes sample grids and checkpoints.
+    Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt` (a local folder or a
+    URI); rank 0 logs progress and MLflow (`tracking_uri`; `git_commit` is tagged on new runs), writes sample grids
+    (`samples/`) and exports every checkpoint there.
     """
     if cfg.data.image_size != cfg.model.unet.image_size:
         raise ValueError(
@@ -335,10 +377,9 @@ def fit(
         )
     ctx = ctx or LocalContext()
     rank, world, device = ctx.world_rank, ctx.world_size, ctx.device
-    local = run_dir(cfg)
     resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
-    if resume is None and local is not None and (local / CHECKPOINT_NAME).is_file():
-        resume, source = load_checkpoint(local / CHECKPOINT_NAME), str(local / CHECKPOINT_NAME)
+    if resume is None:
+        resume, source = load_run_checkpoint(cfg), run_uri(cfg, CHECKPOINT_NAME)
     state, built_from = build_train_state(cfg, device, resume, prepare_model=ctx.prepare_model)
     source = f"{built_from} of {source}" if resume is not None else built_from
     state.starts.append(state.step)
@@ -370,8 +411,7 @@ def fit(
             ckpt_dir = None
             if rank == 0:
                 path = state.save(Path(tmp) / CHECKPOINT_NAME)
-                if local is not None:  # the export every other job reads; atomic, so never torn
-                    _copy_atomic(path, local / CHECKPOINT_NAME)
+                put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
                 if state.step >= cfg.loop.num_steps:  # the final checkpoint, also on remote storage
                     tracker.log_artifact(path, "checkpoint")
                 ckpt_dir = path.parent
@@ -383,10 +423,12 @@ def fit(
         images, masks = sample(
             state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
         )
-        folder = local or Path(tempfile.mkdtemp())
-        path = save_png(sample_grid(images, masks), folder / "samples" / f"step_{state.step:07d}.png")
-        tracker.log_artifact(path, "samples")
-        print(f"[train] samples -> {path}", flush=True)
+        name = f"step_{state.step:07d}.png"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_png(sample_grid(images, masks), Path(tmp) / name)
+            put_file(path, run_uri(cfg, "samples", name))
+            tracker.log_artifact(path, "samples")
+        print(f"[train] samples -> {run_uri(cfg, 'samples', name)}", flush=True)
 
     state.model.train()
     t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
@@ -432,7 +474,7 @@ def fit(
         "step": state.step,
         "loss_history": state.history,
         "starts": state.starts,
-        "checkpoint": str(local / CHECKPOINT_NAME) if local else None,
+        "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
         "mlflow_run_id": tracker.run_id,
         "world_size": world,
     }

@@ -15,6 +15,7 @@ a finished run re-run with more steps continues from its step.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from diffseg.loop import (  # noqa: F401  (the configs are part of this module's
     TrainConfig,
     fit,
     is_remote_path,
+    put_file,
     run_dir,
+    run_uri,
     storage_path,
 )
 from diffseg.tracking import git_sha, resolve_tracking_uri
@@ -121,15 +124,13 @@ def run(cfg: TrainConfig) -> ray.train.Result:
     if cfg.scaling.num_workers > 0 and not ray.is_initialized():
         # Honours RAY_ADDRESS (set by `ray job submit`); else starts a local cluster.
         ray.init(runtime_env=code_runtime_env())
-    local = run_dir(cfg)
-    if local is not None:
-        save_config(cfg, local / "config.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        put_file(save_config(cfg, Path(tmp) / "config.yaml"), run_uri(cfg, "config.yaml"))
     result = build_trainer(cfg).fit()
     out = result.return_value or {}
-    if local is not None:
-        print(f"[train] done at step {out.get('step')}: checkpoint {local / CHECKPOINT_NAME}")
-        print(f"[train] samples    {local / 'samples'}")
-        print(f"[train] config     {local / 'config.yaml'}")
+    print(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
+    print(f"[train] samples    {run_uri(cfg, 'samples')}")
+    print(f"[train] config     {run_uri(cfg, 'config.yaml')}")
     if cfg.tracking.enabled:
         print(f"[train] MLflow     {resolve_tracking_uri(cfg.tracking.uri)} (run {out.get('mlflow_run_id')})")
     return result
