@@ -158,14 +158,9 @@ def two_nodes():
     assert not _pids_using(cluster.temp_dir), "processes of the test cluster survived its shutdown"
 
 
-@pytest.mark.slow
-def test_job_submitted_to_a_two_node_cluster_trains_on_both_nodes(two_nodes, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sha = "0123456789abcdef0123456789abcdef01234567"  # what `$(git rev-parse HEAD)` gives a real submission
-    overrides = {
-        "name": "cluster",
+def _overrides(tmp_path: Path, name: str, **changes) -> dict:
+    return {
+        "name": name,
         "output_dir": str(tmp_path / "runs"),  # shared storage: both nodes are this machine (an s3:// URI on clouds)
         "scaling.num_workers": 2,  # one CPU per node and one per worker: a worker on each node
         "scaling.cpus_per_worker": 1,
@@ -180,7 +175,17 @@ def test_job_submitted_to_a_two_node_cluster_trains_on_both_nodes(two_nodes, tmp
         "loop.checkpoint_every": 3,
         "loop.num_samples": 2,
         "loop.sample_steps": 2,
+        **changes,
     }
+
+
+@pytest.mark.slow
+def test_job_submitted_to_a_two_node_cluster_trains_on_both_nodes(two_nodes, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sha = "0123456789abcdef0123456789abcdef01234567"  # what `$(git rev-parse HEAD)` gives a real submission
+    overrides = _overrides(tmp_path, "cluster")
     entrypoint = "python jobs/train_factorized.py " + " ".join(shlex.quote(f"{k}={v}") for k, v in overrides.items())
     client = JobSubmissionClient(two_nodes.dashboard)
     job_id = client.submit_job(
@@ -223,3 +228,22 @@ def test_job_submitted_to_a_two_node_cluster_trains_on_both_nodes(two_nodes, tmp
     assert found.data.tags["diffseg.world_size"] == "2" and found.data.params["scaling.num_workers"] == "2"
     assert [m.step for m in mlflow_client.get_metric_history(found.info.run_id, "train/loss")] == [3, 6]
     assert {a.path for a in mlflow_client.list_artifacts(found.info.run_id)} >= {"samples", "checkpoint"}
+
+
+@pytest.mark.slow
+def test_job_script_runs_unchanged_against_ray_address(two_nodes, tmp_path):
+    """The same script, run as a plain driver with RAY_ADDRESS: it ships diffseg to the workers itself."""
+    overrides = _overrides(tmp_path, "driver", **{"loop.num_steps": 3, "tracking.enabled": "false"})
+    env = {**two_nodes.env, "RAY_ADDRESS": two_nodes.address}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train_factorized.py"), *(f"{k}={v}" for k, v in overrides.items())],
+        cwd=tmp_path,  # not the repository: the workers can only get the code from the runtime env
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    assert "[train] step 3/3 loss" in out.stdout and "2 worker(s)" in out.stdout
+    ckpt = load_checkpoint(tmp_path / "runs" / "driver" / "checkpoint.pt")
+    assert ckpt.step == 3 and ckpt.extra["starts"] == [0]

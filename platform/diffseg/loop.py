@@ -357,6 +357,13 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
         epoch += 1
 
 
+def format_duration(seconds: float) -> str:
+    """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
 def fit(
     cfg: TrainConfig,
     ctx: WorkerContext | None = None,
@@ -430,51 +437,56 @@ def fit(
             tracker.log_artifact(path, "samples")
         print(f"[train] samples -> {run_uri(cfg, 'samples', name)}", flush=True)
 
-    state.model.train()
-    t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
-    metrics: dict[str, float] = {}
-    while state.step < cfg.loop.num_steps:
-        batch = next(batches)
-        loss_sum += train_step(state, batch, gen)
-        images_seen += batch["image"].shape[0] * world
-        loss_count += 1
-        step = state.step
+    try:
+        state.model.train()
+        t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        metrics: dict[str, float] = {}
+        while state.step < cfg.loop.num_steps:
+            batch = next(batches)
+            loss_sum += train_step(state, batch, gen)
+            images_seen += batch["image"].shape[0] * world
+            loss_count += 1
+            step = state.step
 
-        if step % cfg.loop.log_every == 0 or step == cfg.loop.num_steps:
-            if world > 1 and dist.is_available() and dist.is_initialized():
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            mean_loss = loss_sum.item() / loss_count
-            check_finite(mean_loss, step, cfg.name)
-            ips = images_seen / (time.perf_counter() - t0)
-            state.history.append([step, mean_loss])
-            metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
-            if rank == 0:
-                left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
-                print(
-                    f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
-                    f"left {time.strftime('%H:%M:%S', time.gmtime(left))}",
-                    flush=True,
-                )
-                tracker.log_metrics(metrics, step)
-            t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+            if step % cfg.loop.log_every == 0 or step == cfg.loop.num_steps:
+                if world > 1 and dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                mean_loss = loss_sum.item() / loss_count
+                check_finite(mean_loss, step, cfg.name)
+                ips = images_seen / (time.perf_counter() - t0)
+                state.history.append([step, mean_loss])
+                metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
+                if rank == 0:
+                    left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
+                    print(
+                        f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
+                        f"left {format_duration(left)}",
+                        flush=True,
+                    )
+                    tracker.log_metrics(metrics, step)
+                t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
 
-        if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and step < cfg.loop.num_steps:
-            write_samples()
-        if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.num_steps:
+            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and step < cfg.loop.num_steps:
+                write_samples()
+            if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.num_steps:
+                checkpoint_and_report(metrics)
+
+        if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
             checkpoint_and_report(metrics)
-
-    if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
-        checkpoint_and_report(metrics)
-    if rank != 0:
-        return None
-    write_samples()
-    tracker.finish()
-    return {
-        "step": state.step,
-        "loss_history": state.history,
-        "starts": state.starts,
-        "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
-        "mlflow_run_id": tracker.run_id,
-        "world_size": world,
-    }
+        if rank != 0:
+            return None
+        write_samples()
+        tracker.finish()
+        return {
+            "step": state.step,
+            "loss_history": state.history,
+            "starts": state.starts,
+            "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
+            "mlflow_run_id": tracker.run_id,
+            "world_size": world,
+        }
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")  # a restarted worker (or a re-run) sets this MLflow run RUNNING again
+        raise
