@@ -295,7 +295,14 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
     """
     cfg, device = state.cfg, state.device
     x0 = batch["image"].to(device, non_blocking=True).to(memory_format=state.memory_format)  # (B, C, H, W)
-    y = batch["label"].to(device) if cfg.model.unet.num_classes is not None else None  # (B,)
+    y = None
+    if cfg.model.unet.num_classes is not None:  # class-conditional: the data set must give a class per image
+        if "label" not in batch:
+            raise ValueError(
+                f"model.unet.num_classes={cfg.model.unet.num_classes} but data {cfg.data.name!r} gives no 'label' "
+                "per image: unset num_classes or use a data set with image labels"
+            )
+        y = batch["label"].to(device)  # (B,)
     t = sample_timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
     dtype = state.autocast_dtype
