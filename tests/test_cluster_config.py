@@ -43,3 +43,24 @@ def test_cluster_image_matches_pinned_ray(cluster_cfg):
     assert pinned == ray.__version__
     assert cluster_cfg["docker"]["image"].startswith(f"rayproject/ray:{pinned}-py311")
     assert any("pip install" in c and "diffseg" in c for c in cluster_cfg["setup_commands"])
+
+
+def test_cluster_installs_this_checkout_and_shares_storage(cluster_cfg):
+    """The checkout is synced and installed on every node; data, checkpoints and MLflow share one bucket and one
+    tracking server; the dashboard port is the one the README forwards."""
+    (repo_mount,) = [dst for dst, src in cluster_cfg["file_mounts"].items() if src == "."]
+    assert any(f"pip install -q -e {repo_mount}" in c for c in cluster_cfg["setup_commands"])
+    assert {".venv", "runs", "mlflow.db", ".git"} <= set(cluster_cfg["rsync_exclude"])
+    text = (REPO / "cluster.yaml").read_text()
+    assert len(set(re.findall(r"s3://([\w.-]+)/", text))) == 1, "one bucket for data, checkpoints and MLflow"
+    assert any("s3://" in c and "/home/ray/data" in c for c in cluster_cfg["setup_commands"])  # the data
+    assert any(
+        "mlflow server" in c and "--artifacts-destination s3://" in c for c in cluster_cfg["head_setup_commands"]
+    )
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any("export MLFLOW_TRACKING_URI=http://" in c for c in cluster_cfg[key]), key
+    assert any("--dashboard-port=8265" in c for c in cluster_cfg["head_start_ray_commands"])
+    head = cluster_cfg["head_node_type"]
+    for name, node in cluster_cfg["available_node_types"].items():
+        if name != head:  # workers reach the bucket through an instance profile
+            assert "IamInstanceProfile" in node["node_config"], name

@@ -1,92 +1,115 @@
-"""The factorized U-Net: K branches batched == a Python loop over K, one decoder, masks partition the image."""
+"""The factorized U-Net: K branches as one batched decoder call, one set of decoder weights, masks, paper sizes."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet, build_factorized
-from diffseg.unet import UNet, UNetConfig, count_parameters
+from diffseg.config import load_config
+from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet
+from diffseg.unet import UNetConfig
 
-CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: intra-op threads only contend
     yield
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
 
 
-def randomize_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def tiny(num_classes: int | None = None) -> UNetConfig:
+    return UNetConfig(
+        image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_classes=num_classes
+    )
+
+
+def _randomize_zero_inits(model: FactorizedUNet) -> None:
+    # The output convs start at zero (eps = 0 for every branch); give them weights so the comparison means something.
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize("k", [1, 3, 4])
-def test_batched_branches_equal_a_loop_over_k(k):
-    model = randomize_(FactorizedUNet(CFG, FactorizedConfig(num_components=k))).eval()
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+@pytest.mark.parametrize("num_classes", [None, 4])
+def test_batched_k_equals_looped_k(num_classes):
+    torch.manual_seed(0)
+    model = FactorizedUNet(tiny(num_classes), FactorizedConfig(num_components=3)).eval()
+    _randomize_zero_inits(model)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 700])
+    y = torch.tensor([1, 3]) if num_classes else None
     with torch.no_grad():
-        eps, masks, eps_k = model.forward_with_masks(x, t)
-        looped = model.forward_looped(x, t)
-    assert eps.shape == (2, 3, 16, 16) and masks.shape == (2, k, 16, 16) and eps_k.shape == (2, k, 3, 16, 16)
-    assert eps.abs().mean() > 1e-3  # not the trivial zero of ADM's initialisation
-    torch.testing.assert_close(eps, looped, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(masks.sum(dim=1), torch.ones(2, 16, 16))  # a partition of unity
-    assert (masks >= 0).all()
-    # branch k is the decoder applied to the skips masked by region k alone
+        eps, masks, eps_k = model.forward_with_masks(x, t, y)
+        looped = model.forward_looped(x, t, y)
+    assert eps.shape == (2, 3, 16, 16) and masks.shape == (2, 3, 16, 16) and eps_k.shape == (2, 3, 3, 16, 16)
+    assert eps.abs().max() > 1e-3, "a zero output would make the comparison vacuous"
+    torch.testing.assert_close(eps, looped, rtol=1e-5, atol=1e-5)
+    # The branches differ (each sees its own masked skips) and the masks are a partition of unity.
+    assert (eps_k[:, 0] - eps_k[:, 1]).abs().max() > 1e-4
+    torch.testing.assert_close(masks.sum(dim=1), torch.ones(2, 16, 16))
+
+
+def test_decoder_runs_once_over_b_times_k_rows():
+    """The K branches are one call of the decoder on B*K rows, not a Python loop over K."""
+    model = FactorizedUNet(tiny(), FactorizedConfig(num_components=4)).eval()
+    calls: list[int] = []
+    model.output_blocks[0].register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
     with torch.no_grad():
-        emb = model.embed(t)
-        h_mid, skips = model.encode(x, emb)
-        m1 = masks[:, -1:]
-        skips_1 = [s * (torch.nn.functional.avg_pool2d(m1, ds) if ds > 1 else m1) for s, ds in
-                   zip(skips, model.layout.skip_ds)]  # fmt: skip
-        torch.testing.assert_close(model.decode(h_mid, skips_1, emb), eps_k[:, -1], atol=1e-5, rtol=1e-5)
+        model(torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3]))
+    assert calls == [3 * 4]
 
 
-def test_one_decoder_whatever_k():
-    unet = UNet(CFG)
+def test_decoder_weights_exist_once():
+    """Weight sharing by construction: K only widens the mask head; the decoder is one module, counted once."""
     counts = {}
-    for k in (2, 5):
-        model = FactorizedUNet(CFG, FactorizedConfig(num_components=k))
-        decoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith("output_blocks."))
-        assert decoder == count_parameters(unet.output_blocks)  # exactly one decoder's parameters
-        dec_keys = {n for n in model.state_dict() if n.startswith("output_blocks.")}
-        assert dec_keys == {n for n in unet.state_dict() if n.startswith("output_blocks.")}  # not one per region
-        counts[k] = count_parameters(model)
-        # names are the ADM U-Net's, so a DDPM checkpoint initialises encoder, middle and decoder
-        shared = {n: p.shape for n, p in unet.state_dict().items()}
-        ours = {n: p.shape for n, p in model.state_dict().items()}
-        assert all(ours[n] == s for n, s in shared.items() if not n.startswith("out."))
-    # K only changes the mask head's output conv: (K2 - K1) * (C_in * 9 + 1) parameters
+    for k in (1, 2, 5):
+        model = FactorizedUNet(tiny(), FactorizedConfig(num_components=k))
+        counts[k] = sum(p.numel() for p in model.parameters())
+        decoders = [name for name, _ in model.named_children() if name == "output_blocks"]
+        assert decoders == ["output_blocks"]
+        # every parameter belongs to exactly one named module path (no copies hidden under other names)
+        assert len({id(p) for p in model.parameters()}) == len(list(model.named_parameters()))
     head_in = model.mask_out[-1].in_channels
-    assert counts[5] - counts[2] == 3 * (head_in * 9 + 1)
-
-
-def test_decoder_gets_gradient_from_every_branch():
-    model = randomize_(FactorizedUNet(CFG, FactorizedConfig(num_components=3)))
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
-    _, masks, eps_k = model.forward_with_masks(x, t)
+    per_region = head_in * 3 * 3 + 1  # one more output channel of the mask head's 3x3 conv (weights + bias)
+    assert counts[2] - counts[1] == per_region and counts[5] - counts[1] == 4 * per_region
+    # The shared decoder gets gradient from every branch: zeroing one region's mask changes the decoder's gradient.
+    model = FactorizedUNet(tiny(), FactorizedConfig(num_components=2))
+    _randomize_zero_inits(model)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    _, _, eps_k = model.forward_with_masks(x, t)
     grads = []
-    for k in range(3):
+    for k in range(2):
         model.zero_grad()
-        eps_k[:, k].square().mean().backward(retain_graph=True)
-        grads.append(model.out[-1].weight.grad.clone())
-    assert all(g.abs().sum() > 0 for g in grads)
-    assert not torch.allclose(grads[0], grads[1])
+        eps_k[:, k].square().sum().backward(retain_graph=True)
+        grads.append(model.output_blocks[0][0].in_layers[-1].weight.grad.clone())
+    assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0
 
 
-def test_sizes_and_errors():
-    for name in ("tiny", "small-64"):
-        model = build_factorized(name, FactorizedConfig(num_components=2)).eval()
-        s = FACTORIZED_SIZES[name]().image_size
-        assert model(torch.randn(1, 3, s, s), torch.tensor([3])).shape == (1, 3, s, s)
-    with pytest.raises(ValueError, match="learn_sigma"):
-        FactorizedUNet(UNetConfig(learn_sigma=True))
-    with pytest.raises(ValueError, match="num_components"):
-        FactorizedUNet(CFG, FactorizedConfig(num_components=0))
+@pytest.mark.parametrize(
+    ("config", "size", "stages", "blocks"),
+    [
+        ("factorized_paper64.yaml", "paper-64", (1, 2, 3, 4), 3),
+        ("factorized_paper128.yaml", "paper-128", (1, 1, 2, 3, 4), 2),
+    ],
+)
+def test_paper_sizes_are_named_configs(config, size, stages, blocks):
+    from diffseg.loop import TrainConfig
+
+    cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / config)
+    unet = cfg.model.unet
+    assert cfg.model.kind == "factorized" and unet.model_channels == 128
+    assert unet.channel_mult == stages and unet.num_res_blocks == blocks
+    assert unet == FACTORIZED_SIZES[size](), "the YAML config and the named size agree"
+    assert cfg.data.image_size == unet.image_size
+    assert cfg.optim.lr == 1e-4 and cfg.optim.ema_decay == 0.9999 and cfg.diffusion.num_timesteps == 1000
+    # Built on the meta device: the real network's layout without allocating its weights.
+    with torch.device("meta"):
+        model = FactorizedUNet(unet, cfg.model.factorized)
+    assert len(model.input_blocks) == 1 + len(stages) * blocks + (len(stages) - 1)
+    assert len(model.output_blocks) == len(stages) * (blocks + 1)

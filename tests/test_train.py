@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ TINY = {
     "model.unet.model_channels": 16,
     "model.unet.channel_mult": [1, 2],
     "model.unet.attention_resolutions": [8],
+    "model.unet.image_size": 16,
     "data.image_size": 16,
     "optim.batch_size": 8,
     "optim.lr": 1e-3,
@@ -38,6 +42,16 @@ def tiny_cfg(tmp_path: Path, kind: str = "factorized", **changes):
     return replace(cfg, **{**TINY, "output_dir": str(tmp_path / "runs"), **changes})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # This machine's cores are shared by many processes: intra-op threads then spin against each other, and a tiny
+    # model trains many times slower than with one thread (Ray Train's workers get OMP_NUM_THREADS=1 anyway).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -45,7 +59,15 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
-def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri):
+def _git_head() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri, capfd):
+    """Ray Train local mode: a run, its export, progress lines, resuming a finished run, and what MLflow holds."""
+    from diffseg.config import to_dict
+    from diffseg.tracking import flatten
     from diffseg.train import run
 
     cfg = tiny_cfg(tmp_path, name="resume", **{"loop.num_steps": 20})
@@ -55,6 +77,11 @@ def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri):
     assert load_checkpoint(ckpt_path).step == 20
     assert (ckpt_path.parent / "config.yaml").is_file()
     assert list((ckpt_path.parent / "samples").glob("*.png"))
+    # Progress: step, loss, images/s and time left on every log step.
+    progress = re.findall(
+        r"\[train\] step (\d+)/20 loss ([\d.]+) ([\d.]+) img/s left (\d\d:\d\d:\d\d)", capfd.readouterr().out
+    )
+    assert [int(p[0]) for p in progress] == [5, 10, 15, 20] and all(float(p[2]) > 0 for p in progress)
 
     # Resuming a finished run with more steps continues from the saved step (same optimizer/EMA/history).
     out2 = run(replace(cfg, **{"loop.num_steps": 30})).return_value
@@ -62,30 +89,97 @@ def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri):
     assert [s for s, _ in out2["loss_history"]] == [5, 10, 15, 20, 25, 30]
     assert out2["loss_history"][:4] == out["loss_history"]
     assert out2["mlflow_run_id"] == out["mlflow_run_id"]  # one MLflow history for the run
+    assert "steps 20->30 (from step 20 of" in capfd.readouterr().out
 
     model, ckpt = load_model(ckpt_path)
     assert isinstance(model, FactorizedUNet) and ckpt.step == 30
     assert ckpt.optimizer is not None and ckpt.ema is not None
 
+    # What MLflow holds, read back from the store.
     import mlflow
 
-    run_info = mlflow.MlflowClient(mlflow_uri).get_run(out["mlflow_run_id"])
-    assert run_info.data.params["model.factorized.num_components"] == "3"
-    assert run_info.data.params["optim.batch_size"] == "8"
-    assert "train/loss" in run_info.data.metrics and "train/images_per_s" in run_info.data.metrics
-    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(out["mlflow_run_id"], "train/loss")
-    assert [m.step for m in history] == [5, 10, 15, 20, 25, 30]
-    artifacts = {a.path for a in mlflow.MlflowClient(mlflow_uri).list_artifacts(out["mlflow_run_id"])}
-    assert {"samples", "checkpoint"} <= artifacts
+    client = mlflow.MlflowClient(mlflow_uri)
+    run_id = out["mlflow_run_id"]
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED"
+    params = info.data.params
+    assert set(params) == set(flatten(to_dict(cfg))), "params are the resolved config, one per key path"
+    assert params["model.factorized.num_components"] == "3" and params["optim.batch_size"] == "8"
+    assert params["loop.num_steps"] == "20"  # the config the run was started with
+    if sha := _git_head():
+        assert info.data.tags["mlflow.source.git.commit"] == sha
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    ips = client.get_metric_history(run_id, "train/images_per_s")
+    assert len(ips) == 6 and all(m.value > 0 for m in ips)
+
+    arts = tmp_path / "artifacts"
+    client.download_artifacts(run_id, "", str(arts))
+    grids = sorted((arts / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000020.png", "step_0000030.png"]
+    # Factorized samples come with their masks: each sample is image | mask | overlay (3 tiles of 16 px, pad 2).
+    from PIL import Image
+
+    assert Image.open(grids[-1]).size == (3 * 2 * (16 + 2) + 2, 16 + 2 + 2)
+    assert load_checkpoint(arts / "checkpoint" / "checkpoint.pt").step == 30  # the final checkpoint
+    assert "num_components: 3" in (arts / "config.yaml").read_text()
 
 
-def test_non_finite_loss_stops_the_run(tmp_path, mlflow_uri):
-    from diffseg.train import run
+def test_loop_runs_without_ray_on_uri_storage(tmp_path):
+    """The loop is plain PyTorch: with `import ray` made impossible it trains, checkpoints and resumes. Its storage is
+    a URI here (file://, as s3:// on a cluster): the export, samples and the resume go through pyarrow.fs."""
+    script = f"""
+import sys
+sys.modules["ray"] = None  # any import of ray now fails
+sys.path.insert(0, {str(REPO / "platform")!r})
+import torch
+torch.set_num_threads(1)
+from diffseg.config import load_config, replace
+from diffseg.loop import LocalContext, TrainConfig, fit
+cfg = replace(load_config(TrainConfig, {str(REPO / "jobs/configs/factorized_tiny.yaml")!r}), **{{
+    **{TINY!r}, "name": "noray", "output_dir": "file://{tmp_path}/store", "tracking.enabled": False,
+    "loop.num_steps": 10}})
+out = fit(cfg, LocalContext("cpu"))
+assert out["step"] == 10 and out["starts"] == [0], out
+out = fit(replace(cfg, **{{"loop.num_steps": 15}}))
+assert out["step"] == 15 and out["starts"] == [0, 10], out
+print("OK", out["checkpoint"])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"OK file://{tmp_path}/store/noray/checkpoint.pt" in res.stdout
+    run = tmp_path / "store" / "noray"
+    assert load_checkpoint(run / "checkpoint.pt").step == 15
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000010.png", "step_0000015.png"]
 
-    changes = {"loop.num_steps": 10, "optim.lr": 1e30, "optim.grad_clip": 0.0}
+
+def test_train_step_fp32_and_bf16(tmp_path):
+    """One step updates weights, EMA and the step; bf16 autocast runs on CPU too (the GPU path's precision)."""
+    from diffseg.loop import build_train_state, step_generator, train_step
+
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_cfg(tmp_path, **{"loop.precision": precision})
+        state, source = build_train_state(cfg, "cpu")
+        assert source == "fresh" and state.autocast_dtype == (torch.bfloat16 if precision == "bf16" else None)
+        before = {k: v.clone() for k, v in state.model.state_dict().items()}
+        batch = {"image": torch.rand(8, 3, 16, 16) * 2 - 1}
+        loss = train_step(state, batch, step_generator(cfg, 0, 0, state.device))
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and state.step == 1
+        changed = [k for k, v in state.model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and state.ema.num_updates == 1
+    # The same seed gives the same initial network, whatever else ran before (every rank starts identical).
+    a, _ = build_train_state(cfg, "cpu")
+    torch.randn(100)
+    b, _ = build_train_state(cfg, "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    from diffseg.loop import LocalContext, fit
+
+    changes = {"loop.num_steps": 10, "optim.lr": 1e30, "optim.grad_clip": 0.0, "tracking.enabled": False}
     cfg = tiny_cfg(tmp_path, kind="ddpm", name="nan", **changes)
-    with pytest.raises(Exception, match="non-finite training loss"):
-        run(cfg)
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 5 of run 'nan'"):
+        fit(cfg, LocalContext("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------- Ray cluster
@@ -105,36 +199,51 @@ def _falls(history, factor=0.8):
 
 @pytest.mark.slow
 def test_one_and_two_workers_same_curve_shape(tmp_path, mlflow_uri, ray_cluster):
+    """2 DDP workers on CPU train the tiny factorized model and the loss falls; 1 worker (Ray Train's local mode:
+    the same loop in this process) with the same global batch draws the same curve."""
     from diffseg.train import run
 
     curves = {}
-    for n in (1, 2):
+    for n in (0, 2):
         cfg = tiny_cfg(
             tmp_path,
             name=f"w{n}",
             **{"loop.num_steps": 40, "loop.checkpoint_every": 40, "scaling.num_workers": n},
         )
         out = run(cfg).return_value
-        assert out["world_size"] == n and out["step"] == 40
+        assert out["world_size"] == max(n, 1) and out["step"] == 40
         curves[n] = [loss for _, loss in out["loss_history"]]
         assert _falls(out["loss_history"]), f"{n} worker(s): loss did not fall: {curves[n]}"
-    # The same global batch: the curves agree in shape (a relative gap, not exact equality: the data order differs).
-    for a, b in zip(curves[1], curves[2]):
+    # The same global batch and initial weights: the curves agree in shape (a relative gap, not equality: the data
+    # order, timesteps and noise differ per rank).
+    for a, b in zip(curves[0], curves[2]):
         assert abs(a - b) / a < 0.35, curves
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
+def _descendants(root: int) -> dict[int, bytes]:
+    """{pid: cmdline} of the processes below `root`: the Ray processes this test session started, and only those
+    (other Ray clusters may run on this machine)."""
+    children: dict[int, list[int]] = {}
+    cmdlines: dict[int, bytes] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdlines[int(proc.name)] = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
             continue
-        if b"RayTrainWorker" in cmd:
-            pids.append(int(proc.name))
-    return pids
+        children.setdefault(ppid, []).append(int(proc.name))
+    out, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out[child] = cmdlines.get(child, b"")
+            todo.append(child)
+    return out
+
+
+def _train_worker_pids() -> list[int]:
+    return sorted(pid for pid, cmd in _descendants(os.getpid()).items() if b"RayTrainWorker" in cmd)
 
 
 @pytest.mark.slow
@@ -184,9 +293,6 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, mlflow_uri, ray_cl
 
 
 def test_train_job_dry_run(capsys):
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "train_factorized.py"), "--dry-run", "model.factorized.num_components=5"],
         capture_output=True,
@@ -195,45 +301,37 @@ def test_train_job_dry_run(capsys):
     )
     assert out.returncode == 0, out.stderr
     assert "num_components: 5" in out.stdout and "kind: factorized" in out.stdout
-    bad = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train_ddpm.py"), "--dry-run", "optim.lrr=1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "optim.lrr" in bad.stderr
+    from diffseg.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--dry-run", "optim.lrr=1"], default_config=str(REPO / "jobs" / "configs" / "ddpm_tiny.yaml"))
+    assert exc.value.code == 2 and "optim.lrr" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
-def test_paper64_factorized_bf16_step_on_gpu(capsys):
-    """One training step of the 64 px paper-size factorized model in bf16; prints images/s."""
-    from diffseg.diffusion import GaussianDiffusion, get_named_beta_schedule
-    from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig
+def test_paper64_factorized_bf16_step_on_gpu():
+    """Training steps of the 64 px paper-size factorized model (K=3) in bf16 through the Ray-free loop; prints
+    images/s (the figure in the README's performance table). Needs CUDA, not Ray."""
+    from diffseg.loop import TrainConfig, build_train_state, step_generator, train_step
 
-    device = torch.device("cuda")
-    model = FactorizedUNet(FACTORIZED_SIZES["paper-64"](), FactorizedConfig(num_components=3))
-    model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    diffusion = GaussianDiffusion(get_named_beta_schedule("linear", 1000))
-    batch = 32
-    x0 = torch.randn(batch, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
-
-    def step():
-        t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = diffusion.training_losses(model, x0, t, torch.randn_like(x0))["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    for _ in range(3):
-        step()
+    cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "factorized_paper64.yaml")
+    cfg = replace(cfg, **{"loop.precision": "bf16", "optim.batch_size": 32})
+    state, _ = build_train_state(cfg, "cuda")
+    assert state.autocast_dtype == torch.bfloat16 and state.memory_format == torch.channels_last
+    batch = {"image": torch.rand(cfg.optim.batch_size, 3, 64, 64, device="cuda") * 2 - 1}
+    gen = step_generator(cfg, 0, 0, state.device)
+    for _ in range(3):  # warm-up: cuDNN autotuning, allocator
+        train_step(state, batch, gen)
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 10
     for _ in range(n):
-        loss = step()
+        loss = train_step(state, batch, gen)
     torch.cuda.synchronize()
-    ips = n * batch / (time.perf_counter() - t0)
-    assert torch.isfinite(loss)
-    print(f"paper-64 factorized K=3 bf16 on {torch.cuda.get_device_name()}: {ips:.1f} images/s")
+    ips = n * cfg.optim.batch_size / (time.perf_counter() - t0)
+    assert torch.isfinite(loss) and state.step == 13
+    params = sum(p.numel() for p in state.model.parameters()) / 1e6
+    print(
+        f"\npaper-64 factorized K=3 ({params:.1f}M params) bf16 batch {cfg.optim.batch_size} on "
+        f"{torch.cuda.get_device_name()}: {ips:.1f} images/s, peak memory "
+        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )

@@ -30,7 +30,10 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
-    """The commit of the code being run (None outside a git checkout, e.g. in a Ray job's unpacked working_dir)."""
+    """The commit of the code being run: `$DIFFSEG_GIT_SHA` when set (a Ray job's unpacked working_dir has no .git,
+    so `ray job submit` passes it in the runtime env), else `git rev-parse HEAD`; None outside a git checkout."""
+    if sha := os.environ.get("DIFFSEG_GIT_SHA"):
+        return sha
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5

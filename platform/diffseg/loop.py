@@ -1,0 +1,499 @@
+"""The training loop in plain PyTorch: configs, the train state, one training step, and the loop around it.
+
+    build_train_state(cfg, device)  -> TrainState (model, EMA, optimizer, diffusion, precision, step, history)
+    train_step(state, batch, gen)   -> loss (one optimizer step: autocast forward, backward, clip, AdamW, EMA)
+    fit(cfg, ctx)                   -> the whole run: resume, data, steps, progress, MLflow, samples, checkpoints
+
+Nothing here imports Ray. What the loop needs from whatever runs it (rank, world size, device, the latest
+checkpoint the framework kept, DDP wrapping, reporting a checkpoint) is a `WorkerContext`: `LocalContext` runs the
+loop in this process (a GPU box without Ray, a benchmark, a notebook), and `diffseg.train.RayTrainContext` is the
+thin adapter that Ray Train's `train_loop_per_worker` uses. Runs resume from `<output_dir>/<name>/checkpoint.pt`,
+so a run started one way can be continued the other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
+from diffseg.config import dumps, to_dict
+from diffseg.data import DataConfig, build_dataset
+from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
+from diffseg.models import EMA, ModelConfig, build_model
+from diffseg.sampling import sample
+from diffseg.tracking import Tracker, TrackingConfig
+from diffseg.viz import sample_grid, save_png
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # Adam learning rate (the factorized paper: 1e-4)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999  # EMA of the weights used for sampling and segmentation
+    batch_size: int = 16  # GLOBAL batch size, split evenly over the workers
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    num_steps: int = 500  # total optimizer steps (a resumed run continues up to this)
+    log_every: int = 10  # steps between progress lines and metric logging
+    checkpoint_every: int = 100  # steps between checkpoints (reported to Ray Train and exported)
+    sample_every: int = 0  # steps between sample grids (0 = only at the end)
+    num_samples: int = 8  # images in each sample grid
+    sample_steps: int = 50  # DDIM steps for the sample grids
+    seed: int = 0  # global seed: the initial weights; rank r uses seed + r for its data order, timesteps and noise
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # memory format; auto = on for CUDA
+    num_data_workers: int = 0  # DataLoader worker processes per training worker
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    num_workers: int = 0  # Ray Train workers; 0 = local mode (in this process, no cluster)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto = yes when the cluster (or this machine) has GPUs
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker (fractions leave room for Ray Data)
+    max_failures: int = 0  # worker-group restarts Ray Train makes before failing the run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
+    output_dir: str = "runs"  # where runs live: a local folder or shared storage (s3://...) for clusters
+    init_from: str | None = None  # start a NEW run from these weights (e.g. a DDPM's encoder for the factorized net)
+    model: ModelConfig = field(default_factory=ModelConfig)  # which network, its size and K
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # T and the beta schedule
+    data: DataConfig = field(default_factory=DataConfig)  # training images (synthetic by default)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and EMA
+    loop: LoopConfig = field(default_factory=LoopConfig)  # steps, logging, checkpoints, samples
+    scaling: ScalingSection = field(default_factory=ScalingSection)  # workers, GPUs, fault tolerance
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+
+
+def is_remote_path(path: str) -> bool:
+    return "://" in path
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    return cfg.output_dir if is_remote_path(cfg.output_dir) else str(Path(cfg.output_dir).resolve())
+
+
+def run_dir(cfg: TrainConfig) -> Path | None:
+    """The run's local folder; None on remote storage (`run_uri` then names it)."""
+    return None if is_remote_path(cfg.output_dir) else Path(storage_path(cfg)) / cfg.name
+
+
+def run_uri(cfg: TrainConfig, *parts: str) -> str:
+    """A file of the run, local path or URI: `<output_dir>/<name>/<parts...>`."""
+    local = run_dir(cfg)
+    if local is not None:
+        return str(local.joinpath(*parts))
+    return "/".join([cfg.output_dir.rstrip("/"), cfg.name, *parts])
+
+
+def put_file(src: str | os.PathLike, dst: str) -> None:
+    """Copy a local file to `dst`, a local path (atomically: temp file, then rename) or a URI (s3://, gs://, file://:
+    whatever pyarrow.fs reaches; an object store's put is atomic)."""
+    if not is_remote_path(dst):
+        dst_path = Path(dst)
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst_path.parent, prefix=f".{dst_path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(dst)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pyarrow.fs.copy_files(str(src), path, destination_filesystem=fs)
+
+
+def fetch_file(src: str, dst: str | os.PathLike) -> bool:
+    """Copy `src` (a local path or URI) to the local file `dst`; False when there is no such file."""
+    if not is_remote_path(src):
+        if not Path(src).is_file():
+            return False
+        shutil.copyfile(src, dst)
+        return True
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(src)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    pyarrow.fs.copy_files(path, str(dst), source_filesystem=fs)
+    return True
+
+
+def load_run_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
+    """The run's exported checkpoint (`<output_dir>/<name>/checkpoint.pt`, local or remote), or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / CHECKPOINT_NAME
+        return load_checkpoint(local) if fetch_file(run_uri(cfg, CHECKPOINT_NAME), local) else None
+
+
+# ---------------------------------------------------------------------------------------------------- context
+class WorkerContext(Protocol):
+    """What the loop needs from whatever runs it."""
+
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint the framework kept for this run (a restarted worker resumes from it)."""
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Wrap for data parallelism (DDP) when there is more than one worker; the model is already on `device`."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        """Hand a checkpoint folder (rank 0; None elsewhere) to the framework; every rank calls it (a barrier)."""
+
+
+class LocalContext:
+    """One process, no Ray: the loop on this machine's GPU (or CPU). The run-folder export is the checkpoint."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything a training step touches and a checkpoint keeps."""
+
+    cfg: TrainConfig
+    model: nn.Module  # as trained: DDP-wrapped when distributed (unwrap(model) is the network)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    diffusion: GaussianDiffusion
+    device: torch.device
+    memory_format: torch.memory_format
+    autocast_dtype: torch.dtype | None  # None = fp32
+    step: int = 0
+    history: list[list[float]] = field(default_factory=list)  # [[step, mean loss], ...] at every log step
+    starts: list[int] = field(default_factory=list)  # the step of every (re)start: a resume is visible
+    mlflow_run_id: str | None = None
+
+    def extra(self) -> dict[str, Any]:
+        return {"loss_history": self.history, "starts": self.starts, "mlflow_run_id": self.mlflow_run_id}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Model, EMA, optimizer, step and history in our checkpoint format (atomic)."""
+        return save_checkpoint(
+            path,
+            config=self.cfg,
+            model=self.model,
+            ema=self.ema.model,
+            optimizer=self.optimizer,
+            step=self.step,
+            extra=self.extra(),
+        )
+
+
+def resolve_precision(cfg: LoopConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 when asked, or on CUDA with `auto`; None = fp32."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_train_state(
+    cfg: TrainConfig,
+    device: torch.device | str,
+    resume: Checkpoint | None = None,
+    prepare_model=None,
+) -> tuple[TrainState, str]:
+    """A fresh (or resumed, or `init_from`-initialised) train state on `device`; returns (state, where from).
+
+    The initial weights come from `loop.seed` alone, so every rank (and a 1-worker run) starts from the same network.
+    `prepare_model` wraps the network after it is on the device (DDP); identity by default.
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.loop.seed)
+    model = build_model(cfg.model)
+    ema = EMA(model, cfg.optim.ema_decay)
+    state_kw: dict[str, Any] = {}
+    source = "fresh"
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        ema.load_state_dict(resume.ema or resume.model, num_updates=resume.step)
+        state_kw = {
+            "step": resume.step,
+            "history": list(resume.extra.get("loss_history", [])),
+            "starts": list(resume.extra.get("starts", [])),
+            "mlflow_run_id": resume.extra.get("mlflow_run_id"),
+        }
+        source = f"step {resume.step}"
+    elif cfg.init_from:
+        init = load_checkpoint(cfg.init_from)
+        missing, unexpected = model.load_state_dict(init.ema or init.model, strict=False)
+        ema.load_state_dict(model.state_dict(), num_updates=0)
+        source = f"weights of {cfg.init_from} ({len(missing)} tensors left at init, {len(unexpected)} unused)"
+
+    use_channels_last = cfg.loop.channels_last == "on" or (cfg.loop.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    ema.model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",  # one kernel per step on GPU
+    )
+    if resume is not None and resume.optimizer is not None:
+        optimizer.load_state_dict(resume.optimizer)
+    if prepare_model is not None:
+        model = prepare_model(model)
+    state = TrainState(
+        cfg=cfg,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        diffusion=GaussianDiffusion.from_config(cfg.diffusion),
+        device=device,
+        memory_format=memory_format,
+        autocast_dtype=resolve_precision(cfg.loop, device),
+        **state_kw,
+    )
+    return state, source
+
+
+def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """One optimizer step on one (local) batch; returns the detached mean loss (no host sync: read it when logging).
+
+    Timesteps and noise come from `generator` (on the state's device), so a run is reproducible from its seeds.
+    """
+    cfg, device = state.cfg, state.device
+    x0 = batch["image"].to(device, non_blocking=True).to(memory_format=state.memory_format)  # (B, C, H, W)
+    y = None
+    if cfg.model.unet.num_classes is not None:  # class-conditional: the data set must give a class per image
+        if "label" not in batch:
+            raise ValueError(
+                f"model.unet.num_classes={cfg.model.unet.num_classes} but data {cfg.data.name!r} gives no 'label' "
+                "per image: unset num_classes or use a data set with image labels"
+            )
+        y = batch["label"].to(device)  # (B,)
+    t = sample_timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
+    dtype = state.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        losses = state.diffusion.training_losses(
+            state.model, x0, t, noise, model_kwargs={"y": y} if y is not None else None
+        )
+    loss = losses["loss"].mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.ema.update(unwrap(state.model))
+    state.step += 1
+    return loss.detach()
+
+
+def check_finite(loss: float, step: int, name: str) -> None:
+    """Stop the run on a non-finite loss, with a message that says what to try."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss ({loss}) at step {step} of run {name!r}: lower optim.lr, "
+            f"check the data for NaNs, or set loop.precision=fp32"
+        )
+
+
+def step_generator(cfg: TrainConfig, rank: int, start_step: int, device: torch.device) -> torch.Generator:
+    """Timesteps and noise: seeded by (seed, rank, start step), so a resumed run is reproducible."""
+    seed = (cfg.loop.seed * 1_000_003 + rank) * 1_000_003 + start_step
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, device: torch.device) -> Iterator[dict]:
+    """An endless stream of local batches (global batch / world): a DistributedSampler shards the data set."""
+    if cfg.optim.batch_size % world:
+        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} workers")
+    dataset = build_dataset(cfg.data, split="train")
+    if len(dataset) < cfg.optim.batch_size:
+        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch ({cfg.optim.batch_size})")
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.loop.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.optim.batch_size // world,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.loop.num_data_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.loop.seed + start_step) if sampler is None else None,
+    )
+    epoch = start_step // max(len(loader), 1)
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def fit(
+    cfg: TrainConfig,
+    ctx: WorkerContext | None = None,
+    *,
+    tracking_uri: str | None = None,
+    git_commit: str | None = None,
+) -> dict[str, Any] | None:
+    """Train as `cfg` says on one worker of `ctx` (default: this process); rank 0 returns a summary, others None.
+
+    Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt` (a local folder or a
+    URI); rank 0 logs progress and MLflow (`tracking_uri`; `git_commit` is tagged on new runs), writes sample grids
+    (`samples/`) and exports every checkpoint there.
+    """
+    if cfg.data.image_size != cfg.model.unet.image_size:
+        raise ValueError(
+            f"data.image_size ({cfg.data.image_size}) != model.unet.image_size ({cfg.model.unet.image_size}): the "
+            "network would train on one size and sample another; set both"
+        )
+    ctx = ctx or LocalContext()
+    rank, world, device = ctx.world_rank, ctx.world_size, ctx.device
+    resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
+    if resume is None:
+        resume, source = load_run_checkpoint(cfg), run_uri(cfg, CHECKPOINT_NAME)
+    state, built_from = build_train_state(cfg, device, resume, prepare_model=ctx.prepare_model)
+    source = f"{built_from} of {source}" if resume is not None else built_from
+    state.starts.append(state.step)
+    start_step = state.step
+    torch.manual_seed(cfg.loop.seed + rank)  # anything unseeded below (dropout) differs per rank
+    batches = build_batches(cfg, rank, world, start_step, device)
+    gen = step_generator(cfg, rank, start_step, device)
+
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
+        if state.mlflow_run_id is None:
+            tracker.log_params(to_dict(cfg))
+            tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
+            if git_commit:
+                tags["mlflow.source.git.commit"] = git_commit
+            tracker.set_tags(tags)
+            tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
+        state.mlflow_run_id = tracker.run_id
+        num_params = sum(p.numel() for p in state.model.parameters())
+        print(
+            f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "
+            f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})",
+            flush=True,
+        )
+
+    def checkpoint_and_report(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_dir = None
+            if rank == 0:
+                path = state.save(Path(tmp) / CHECKPOINT_NAME)
+                put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
+                if state.step >= cfg.loop.num_steps:  # the final checkpoint, also on remote storage
+                    tracker.log_artifact(path, "checkpoint")
+                ckpt_dir = path.parent
+            ctx.report({**metrics, "step": state.step}, ckpt_dir)
+
+    def write_samples() -> None:
+        n = cfg.loop.num_samples
+        gens = [torch.Generator(device=device).manual_seed(cfg.loop.seed * 10_000 + i) for i in range(n)]
+        images, masks = sample(
+            state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
+        )
+        name = f"step_{state.step:07d}.png"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_png(sample_grid(images, masks), Path(tmp) / name)
+            put_file(path, run_uri(cfg, "samples", name))
+            tracker.log_artifact(path, "samples")
+        print(f"[train] samples -> {run_uri(cfg, 'samples', name)}", flush=True)
+
+    try:
+        state.model.train()
+        t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        metrics: dict[str, float] = {}
+        while state.step < cfg.loop.num_steps:
+            batch = next(batches)
+            loss_sum += train_step(state, batch, gen)
+            images_seen += batch["image"].shape[0] * world
+            loss_count += 1
+            step = state.step
+
+            if step % cfg.loop.log_every == 0 or step == cfg.loop.num_steps:
+                if world > 1 and dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                mean_loss = loss_sum.item() / loss_count
+                check_finite(mean_loss, step, cfg.name)
+                ips = images_seen / (time.perf_counter() - t0)
+                state.history.append([step, mean_loss])
+                metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
+                if rank == 0:
+                    left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
+                    print(
+                        f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
+                        f"left {format_duration(left)}",
+                        flush=True,
+                    )
+                    tracker.log_metrics(metrics, step)
+                t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+
+            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and step < cfg.loop.num_steps:
+                write_samples()
+            if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.num_steps:
+                checkpoint_and_report(metrics)
+
+        if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
+            checkpoint_and_report(metrics)
+        if rank != 0:
+            return None
+        write_samples()
+        tracker.finish()
+        return {
+            "step": state.step,
+            "loss_history": state.history,
+            "starts": state.starts,
+            "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
+            "mlflow_run_id": tracker.run_id,
+            "world_size": world,
+        }
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")  # a restarted worker (or a re-run) sets this MLflow run RUNNING again
+        raise
