@@ -15,7 +15,8 @@ from diffseg.segment import SegmentJobConfig, run_segment_job  # noqa: E402
 
 
 def main(argv=None):
-    cfg, _ = parse_job_args(SegmentJobConfig, argv, description=__doc__.splitlines()[0])
+    default = str(Path(__file__).parent / "configs" / "segment.yaml")
+    cfg, _ = parse_job_args(SegmentJobConfig, argv, description=__doc__.splitlines()[0], default_config=default)
     return run_segment_job(cfg)
 
 

@@ -30,6 +30,15 @@ SIZE = 16
 UNET = UNetConfig(image_size=SIZE, model_channels=8, channel_mult=(1, 2), attention_resolutions=())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than several (and than spinning threads on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _factorized(k: int = 3, num_classes: int | None = None, seed: int = 0) -> FactorizedUNet:
     torch.manual_seed(seed)
     cfg = UNetConfig(**{**UNET.__dict__, "num_classes": num_classes})
@@ -207,7 +216,8 @@ def test_sample_job_writes_grid_strip_and_pairs(tiny_setup, method, steps):
          f"steps={steps}", "num_images=3", "batch_size=2", "record_every=0"],
     )  # fmt: skip
     run = out / method
-    assert res["images"].shape == (3, 3, SIZE, SIZE) and res["masks"].shape == (3, 3, SIZE, SIZE)
+    assert res["num_images"] == 3 and res["images"].shape == (3, 3, SIZE, SIZE)
+    assert res["masks"].shape == (3, 3, SIZE, SIZE)
     assert res["steps"] == (steps or 100)
     assert len(list((run / "images").glob("*.png"))) == 3 and len(list((run / "masks").glob("*.png"))) == 3
     strip = np.asarray(Image.open(run / "strip.png"))

@@ -126,7 +126,7 @@ def _record(step: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         "step": step,
         "t": int(out["model_t"][0]),
-        "sample": out["sample"].clamp(-1, 1).cpu(),
+        "sample": out["sample"].cpu(),  # as the sampler holds it (figures clip)
         "pred_xstart": out["pred_xstart"].clamp(-1, 1).cpu(),
         "masks": masks.float().cpu() if masks is not None else None,
     }
@@ -200,7 +200,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
         for i, lab in enumerate(masks_t.argmax(1).numpy().astype(np.uint8)):
             Image.fromarray(lab, mode="L").save(out / "masks" / f"{i:05d}.png")
     meta = {
-        "images": cfg.num_images, "method": cfg.method, "steps": num_steps, "record_every": record_every,
+        "num_images": cfg.num_images, "method": cfg.method, "steps": num_steps, "record_every": record_every,
         "K": int(masks_t.shape[1]) if masks_t is not None else None, "class_labels": ys, "seconds": seconds,
         "checkpoint_step": ckpt.step,
     }  # fmt: skip
