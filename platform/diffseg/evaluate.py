@@ -455,7 +455,9 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
                     "num_images": len(data.images), "seconds": pred.seconds, "info": pred.info,
                     "class_names": data.class_names if spec.protocol == "multiclass" else [],
                 })  # fmt: skip
-                shown = ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if not k.startswith("iou_"))
+                shown = ", ".join(
+                    f"{k} {100 * v:.1f}" for k, v in metrics.items() if not k.startswith("iou_") or k == "iou_strict"
+                )
                 print(f"[evaluate]   {method:15s} {shown}  ({pred.seconds:.1f}s)", flush=True)
                 tracker.log_metrics({f"{spec.name}/{method}/{k}": v for k, v in metrics.items() if np.isfinite(v)})
             if cfg.num_figure_images:
