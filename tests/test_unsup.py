@@ -100,6 +100,15 @@ def test_segment_batches_groups_sizes(tmp_path):
     ds = PairedFolderDataset(root, image_size=None)
     model, diffusion = _factorized(k=3), _diffusion()
     batches = list(segment_batches(model, diffusion, ds, t=10, seed=0, batch_size=8))
+    # the job over that folder: masks at each image's own size, the preview only of images of the first one's size
+    from diffseg.segment import SegmentJobConfig, run_segment_job
+
+    ckpt = _save(model, tmp_path / "f.pt", "factorized")
+    cfg = SegmentJobConfig(checkpoint=ckpt, data=DataConfig(name="folder", root=str(root), image_size=0),
+                           output_dir=str(tmp_path / "out"), batch_size=8)  # fmt: skip
+    assert run_segment_job(cfg)["images"] == 5
+    assert np.asarray(Image.open(tmp_path / "out" / "segment" / "masks" / "000002.png")).shape == (24, 24)
+    assert np.asarray(Image.open(tmp_path / "out" / "segment" / "masks" / "000003.png")).shape == (SIZE, SIZE)
     assert [b["index"] for b in batches] == [[0, 1], [2], [3, 4]]
     assert batches[1]["masks"].shape == (1, 3, 24, 24)
     # image 3 gets the same masks whether it is segmented alone or in its batch

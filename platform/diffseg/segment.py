@@ -174,7 +174,7 @@ def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
             Image.fromarray(ov).save(out / "overlays" / f"{id_}.png")
             if cfg.save_soft:
                 np.save(out / "soft" / f"{id_}.npy", batch["masks"][j].cpu().numpy().astype(np.float16))
-            if len(tiles) < 3 * cfg.preview and imgs[j].shape == imgs[0].shape:
+            if len(tiles) < 3 * cfg.preview and (not tiles or imgs[j].shape == tiles[0].shape):  # one size
                 tiles += [imgs[j], colorize(labels[j], k), ov]
         count += len(batch["id"])
     if tiles:
