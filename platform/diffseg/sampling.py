@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,9 +44,10 @@ def sample_progressive(
     image_size: int | None = None,
     in_channels: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {"t", "sample", "pred_xstart", "masks" (factorized only)} after every sampling step.
+    """Yield {"t", "model_t", "sample", "pred_xstart", "masks" (factorized only)} after every sampling step.
 
-    `steps` respaces the process (DDIM-50, or DDPM with fewer steps); None keeps all T steps.
+    `steps` respaces the process (DDIM-50, or DDPM with fewer steps); None keeps all T steps. "t" is the index in the
+    (respaced) process, "model_t" the original timestep the network saw (what a figure should be labelled with).
     """
     cfg = model.cfg
     shape = (num_images, in_channels or cfg.in_channels, image_size or cfg.image_size, image_size or cfg.image_size)
@@ -55,8 +61,9 @@ def sample_progressive(
     else:
         raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")
     for out in loop:
+        out = {**out, "model_t": process._model_t(out["t"])}
         if isinstance(net, _MaskRecorder):
-            out = {**out, "masks": net.masks}
+            out["masks"] = net.masks
         yield out
 
 
@@ -71,3 +78,133 @@ def sample(
     """
     *_, last = sample_progressive(model, diffusion, num_images, **kwargs)
     return last["sample"].clamp(-1, 1), last.get("masks")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    num_images: int,
+    *,
+    record_every: int = 0,
+    **kwargs,
+) -> dict[str, Any]:
+    """Images and (factorized model) masks together, plus an optional record of the refinement.
+
+    `kwargs` are those of `sample_progressive` (method "ddpm" | "ddim", steps, eta, generator, device, y).
+    With `record_every` = N > 0, the state after every N-th step (and the last) is kept on the CPU: the per-step
+    refinement strip of the paper.
+
+    :returns: {"images": (N, C, H, W) in [-1, 1], "masks": (N, K, H, W) or None, "labels": (N, H, W) or None,
+        "y": class labels or None, "trajectory": [{"step", "t" (original timestep), "sample", "pred_xstart",
+        "masks"}]}.
+    """
+    if record_every < 0:
+        raise ValueError(f"record_every must be >= 0, got {record_every}")
+    trajectory, last = [], None
+    for i, out in enumerate(sample_progressive(model, diffusion, num_images, **kwargs)):
+        last = out
+        if record_every and (i + 1) % record_every == 0:
+            trajectory.append(_record(i, out))
+    if last is None:
+        raise ValueError("the sampler made no step")
+    if record_every and (not trajectory or trajectory[-1]["step"] != i):
+        trajectory.append(_record(i, last))
+    masks = last.get("masks")
+    masks = masks.float() if masks is not None else None
+    return {
+        "images": last["sample"].clamp(-1, 1),
+        "masks": masks,
+        "labels": masks.argmax(dim=1) if masks is not None else None,
+        "y": kwargs.get("y"),
+        "trajectory": trajectory,
+    }
+
+
+def _record(step: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
+    masks = out.get("masks")
+    return {
+        "step": step,
+        "t": int(out["model_t"][0]),
+        "sample": out["sample"].cpu(),  # as the sampler holds it (figures clip)
+        "pred_xstart": out["pred_xstart"].clamp(-1, 1).cpu(),
+        "masks": masks.float().cpu() if masks is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class SampleJobConfig:
+    name: str = "sample"  # output folder under output_dir
+    output_dir: str = "runs/sample"  # where grids and images go
+    checkpoint: str = ""  # a trained model (factorized: images AND masks; DDPM: images)
+    method: Literal["ddpm", "ddim"] = "ddim"  # ancestral DDPM or deterministic DDIM (eta 0)
+    steps: int = 50  # sampling steps (respaced); 0 = all T steps (DDPM as trained)
+    eta: float = 0.0  # DDIM noise (0 = deterministic)
+    num_images: int = 16  # images to generate
+    batch_size: int = 16  # images per sampling batch
+    seed: int = 0  # image i draws its noise from its own generator (seed, i): batching does not change it
+    class_label: int | None = None  # class-conditional models: this class for all; None = cycle through classes
+    record_every: int = 0  # refinement strip: keep every N-th step (0 = about 10 columns)
+    strip_images: int = 4  # images shown in the refinement strip
+    use_ema: bool = True  # EMA weights
+    device: str = "cpu"  # torch device
+
+
+def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
+    """Generate images (and masks): grid.png (image | masks | overlay), images/, masks/, strip.png, sample.json."""
+    from PIL import Image
+
+    from diffseg.checkpoint import load_model
+    from diffseg.config import from_dict, save_config
+    from diffseg.diffusion import DiffusionConfig
+    from diffseg.viz import refinement_strip, sample_grid, save_png, to_uint8
+
+    if not cfg.checkpoint:
+        raise ValueError("checkpoint: the model to sample from is required")
+    model, ckpt = load_model(cfg.checkpoint, use_ema=cfg.use_ema, map_location=cfg.device)
+    diffusion = GaussianDiffusion.from_config(from_dict(DiffusionConfig, ckpt.config.get("diffusion", {}), "diffusion"))
+    num_steps = cfg.steps or diffusion.num_timesteps
+    record_every = cfg.record_every or max(1, num_steps // 10)
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    num_classes = model.cfg.num_classes
+    images, masks, ys, strip, t0 = [], [], [], None, time.perf_counter()
+    for start in range(0, cfg.num_images, cfg.batch_size):
+        idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
+        y = None
+        if num_classes is not None:
+            y = torch.tensor([cfg.class_label if cfg.class_label is not None else i % num_classes for i in idx])
+            y = y.to(cfg.device)
+        res = generate(
+            model, diffusion, len(idx), method=cfg.method, steps=cfg.steps or None, eta=cfg.eta,
+            generator=[torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in idx], device=cfg.device,
+            y=y, record_every=record_every if start == 0 else 0,
+        )  # fmt: skip
+        images.append(res["images"].cpu())
+        masks.append(res["masks"].cpu() if res["masks"] is not None else None)
+        ys += y.tolist() if y is not None else []
+        if start == 0:
+            strip = refinement_strip(res["trajectory"], cfg.strip_images)
+    seconds = time.perf_counter() - t0
+    images_t = torch.cat(images)
+    masks_t = torch.cat(masks) if masks[0] is not None else None
+    save_png(sample_grid(images_t, masks_t), out / "grid.png")
+    save_png(strip, out / "strip.png")
+    (out / "images").mkdir(exist_ok=True)
+    for i, img in enumerate(to_uint8(images_t)):
+        Image.fromarray(img).save(out / "images" / f"{i:05d}.png")
+    if masks_t is not None:
+        (out / "masks").mkdir(exist_ok=True)
+        for i, lab in enumerate(masks_t.argmax(1).numpy().astype(np.uint8)):
+            Image.fromarray(lab, mode="L").save(out / "masks" / f"{i:05d}.png")
+    meta = {
+        "num_images": cfg.num_images, "method": cfg.method, "steps": num_steps, "record_every": record_every,
+        "K": int(masks_t.shape[1]) if masks_t is not None else None, "class_labels": ys, "seconds": seconds,
+        "checkpoint_step": ckpt.step,
+    }  # fmt: skip
+    (out / "sample.json").write_text(json.dumps(meta, indent=1))
+    print(f"[sample] {cfg.num_images} images ({cfg.method}, {num_steps} steps) in {seconds:.1f}s -> {out}/grid.png, "
+          f"{out}/strip.png")  # fmt: skip
+    return {"out_dir": str(out), "images": images_t, "masks": masks_t, **meta}

@@ -96,3 +96,44 @@ def sample_grid(images: torch.Tensor, masks: torch.Tensor | None = None, nrow: i
     for img, lab in zip(imgs, labels):
         tiles += [img, colorize(lab, k), overlay(img, lab, num_classes=k, skip_background=False)]
     return grid(tiles, nrow=3 * (nrow or min(4, len(imgs))))
+
+
+def refinement_strip(trajectory: Sequence[dict], num_images: int | None = None, pad: int = 2) -> np.ndarray:
+    """The per-step refinement of generated images (the paper's strip), from `sampling.generate(record_every=N)`.
+
+    For each image three rows, one column per recorded step (noisiest left): x_t, the predicted x_0, and (factorized
+    model) the argmax mask at that step.
+    """
+    if not trajectory:
+        raise ValueError("refinement_strip needs a recorded trajectory (generate(..., record_every=N))")
+    n = trajectory[0]["sample"].shape[0] if num_images is None else min(num_images, trajectory[0]["sample"].shape[0])
+    k = trajectory[0]["masks"].shape[1] if trajectory[0].get("masks") is not None else None
+    tiles = []
+    for i in range(n):
+        tiles += [to_uint8(rec["sample"][i]) for rec in trajectory]
+        tiles += [to_uint8(rec["pred_xstart"][i]) for rec in trajectory]
+        if k is not None:
+            tiles += [colorize(rec["masks"][i].argmax(0), k) for rec in trajectory]
+    return grid(tiles, nrow=len(trajectory), pad=pad)
+
+
+def comparison_grid(
+    images: torch.Tensor | np.ndarray,
+    ground_truth: np.ndarray,
+    predictions: Sequence[np.ndarray],
+    num_classes: Sequence[int | None] | None = None,
+    gt_classes: int | None = None,
+    pad: int = 2,
+) -> np.ndarray:
+    """One row per image: image | ground truth | each method's label map (N, H, W), colourised.
+
+    `num_classes[j]` fixes method j's palette size (its number of regions); colours of unsupervised regions carry no
+    class meaning.
+    """
+    imgs = to_uint8(images) if not (isinstance(images, np.ndarray) and images.dtype == np.uint8) else images
+    num_classes = list(num_classes) if num_classes is not None else [None] * len(predictions)
+    tiles = []
+    for i, img in enumerate(imgs):
+        tiles += [img, colorize(ground_truth[i], gt_classes)]
+        tiles += [colorize(pred[i], k) for pred, k in zip(predictions, num_classes)]
+    return grid(tiles, nrow=2 + len(predictions), pad=pad)
