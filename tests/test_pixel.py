@@ -56,7 +56,7 @@ def _check_equivalence(e, d, k, b):
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in ref]
     opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
-    for step in range(5):
+    for _step in range(5):
         x = torch.randn(e, b, d, generator=g)  # each member its own batch
         y = torch.randint(0, k, (e, b), generator=g)
         # outputs before the step (train-mode BN)
