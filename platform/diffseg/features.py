@@ -313,7 +313,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
 
     import ray
 
-    from diffseg.config import save_config
+    from diffseg.config import save_config, to_dict
     from diffseg.data import build_dataset, read_images_ray
     from diffseg.shards import ShardSet
 
@@ -348,6 +348,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
         "data": data.root or data.name,
         "split": cfg.split,
         "num_images": n,
+        "feature_config": to_dict(cfg.features),
     }
     t0 = time.perf_counter()
     paths = extract_to_shards(cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus)
