@@ -255,6 +255,16 @@ class TrainResult:
     peak_rows_in_memory: int = 0  # the largest shard held (rows); memory is bounded by it
 
 
+def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused when the build supports it: one pass over the stacked [E, ...] weights instead of ~10 elementwise
+    passes, which otherwise dominate a CPU step of the batched ensemble (same update rule, same numbers)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def ensemble_train_step(
     ensemble: MLPEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
@@ -283,7 +293,7 @@ def train_ensemble(
     ens = ensemble or MLPEnsemble(dim, num_classes, cfg.members, cfg.hidden or None)
     ens = ens.to(device).train()
     e_count = ens.members
-    opt = torch.optim.Adam(ens.parameters(), lr=cfg.lr)
+    opt = make_optimizer(ens.parameters(), cfg.lr)
     best = [math.inf] * e_count
     breaks = [0] * e_count
     stopped_at = [-1] * e_count
