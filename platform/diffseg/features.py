@@ -166,7 +166,14 @@ class FeaturePipeline:
     with `load_backbone` and read with `extract` (one forward per timestep, shared noise, bilinear upsampling).
     """
 
-    def __init__(self, cfg: FeatureConfig, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        cfg: FeatureConfig,
+        device: torch.device | str | None = None,
+        model: nn.Module | None = None,
+        diffusion: GaussianDiffusion | None = None,
+    ):
+        """`model`/`diffusion` given: use them instead of loading `cfg.backbone` (which is then only a label)."""
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.autocast = (
@@ -177,7 +184,9 @@ class FeaturePipeline:
         if cfg.backbone == "rgb":
             self.model, self.diffusion, self.dim, self.image_size = None, None, 3, None
             return
-        self.model, diffusion = load_backbone(cfg.backbone, self.device, cfg.use_ema)
+        if model is None:
+            model, diffusion = load_backbone(cfg.backbone, self.device, cfg.use_ema)
+        self.model = model.eval().to(self.device)
         self.diffusion = diffusion or GaussianDiffusion.from_config(cfg.diffusion)
         self.dim = feature_dim(self.model, cfg.blocks, cfg.timesteps)
         self.image_size = int(self.model.cfg.image_size)
@@ -214,6 +223,19 @@ class FeatureExtractor:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta_extra = dict(meta_extra or {})
         self.ignore_index = int(self.meta_extra.get("ignore_index", 255))
+
+    @classmethod
+    def from_pipeline(
+        cls, pipeline: FeaturePipeline, out_dir: str, meta_extra: dict[str, Any] | None = None
+    ) -> FeatureExtractor:
+        """An extractor around an already built pipeline (in-process use: benchmarks, notebooks)."""
+        self = cls.__new__(cls)
+        self.cfg, self.pipeline = pipeline.cfg, pipeline
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.meta_extra = dict(meta_extra or {})
+        self.ignore_index = int(self.meta_extra.get("ignore_index", 255))
+        return self
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from diffseg.shards import FeatureMeta, write_shard
