@@ -140,7 +140,7 @@ def test_streaming_training_learns_and_holds_one_shard(tmp_path, monkeypatch):
         return shard
 
     monkeypatch.setattr(shards_mod, "read_shard", tracking_read)
-    cfg = PixelTrainConfig(members=3, max_epochs=8, batch_size=32, patience=5)
+    cfg = PixelTrainConfig(members=3, max_epochs=4, batch_size=32, patience=5)
     ens, res = train_ensemble(ss, 3, cfg)
     assert max_live[0] == 0  # when a shard is read, no earlier shard's features are still alive
     assert res.peak_rows_in_memory == ss.max_shard_rows
