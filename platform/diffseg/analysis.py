@@ -1,0 +1,173 @@
+"""Which blocks and timesteps carry the semantics: the paper's Figure 2 and Figure 4, for any backbone and data set.
+
+    Figure 2  one pixel MLP per (decoder block, timestep) cell, trained on that cell's features alone on the labelled
+              images and scored by test mIoU (pooled) -> a block x timestep heatmap (heatmap.png, grid.json)
+    Figure 4  k-means (k clusters) of each cell's features on a few images -> cluster maps, one row per cell
+              (kmeans.png)
+
+The U-Net runs once per timestep and image batch, and all requested blocks are read from that one forward. The
+features of ONE timestep for the labelled images (and then for the test images) are held in memory at a time: this
+is an analysis at modest sizes (tens of labelled images, test_limit test images), not the streamed production path.
+The per-cell MLP uses the same trainer (and stopping rule) as the ensemble, with `members` members (default 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffseg.config import save_config, to_dict
+from diffseg.data import DataConfig, build_dataset, stack
+from diffseg.features import FeatureConfig, FeaturePipeline, shared_noise
+from diffseg.metrics import ConfusionMatrix
+from diffseg.pixel import PixelTrainConfig, predict_pixels, train_ensemble
+from diffseg.shards import FeatureMeta, Shard
+from diffseg.tracking import Tracker, TrackingConfig, flatten
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    name: str = "analysis"
+    output_dir: str = "runs/analysis"
+    backbone: str = ""  # checkpoint path, random:<ckpt> or diffusers:<dir>
+    blocks: tuple[str, ...] = ()  # cells' blocks; empty = every decoder block (dec.N / up.N)
+    timesteps: tuple[int, ...] = (50, 150, 250, 500, 800)  # cells' timesteps
+    noise_seed: int = 0
+    train_data: DataConfig = field(default_factory=DataConfig)  # labelled images: split "train"
+    train_limit: int = 20
+    test_data: DataConfig = field(default_factory=DataConfig)  # split "test"
+    test_limit: int = 50
+    train: PixelTrainConfig = field(default_factory=lambda: PixelTrainConfig(members=1))  # one MLP per cell
+    kmeans_k: int = 5  # clusters for Figure 4
+    kmeans_images: int = 4  # images shown in Figure 4
+    batch_size: int = 8
+    device: str = "auto"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ArrayShards:
+    """In-memory rows looking like a `ShardSet` of `parts` shards (for the trainer's streaming interface)."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, parts: int = 4):
+        self.features, self.labels, self.parts = features, labels, parts
+        self.meta = FeatureMeta(blocks=[], timesteps=[], feature_dim=features.shape[1], image_size=0)
+
+    def iter_shards(self, shuffle: bool = False, seed: int = 0, columns: Any = None):
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(self.labels)) if shuffle else np.arange(len(self.labels))
+        for part in np.array_split(idx, self.parts):
+            e = np.zeros(0)
+            yield Shard(self.features[part], self.labels[part], e, e, e)
+
+
+@torch.no_grad()
+def block_features(pipe: FeaturePipeline, images: torch.Tensor, t: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """{block: (N, C, H, W) float16} at timestep t for every block of the pipeline's recipe (one forward per batch)."""
+    model, diffusion = pipe.model, pipe.diffusion
+    n, _, h, w = images.shape
+    noise = shared_noise(images.shape[1:], pipe.cfg.noise_seed).to(pipe.device)
+    out: dict[str, list[torch.Tensor]] = {b: [] for b in pipe.cfg.blocks}
+    for s in range(0, n, batch_size):
+        x = images[s : s + batch_size].to(pipe.device)
+        tt = torch.full((len(x),), t, device=pipe.device, dtype=torch.long)
+        x_t = diffusion.q_sample(x, tt, noise.expand_as(x))
+        taps = model.features(x_t, diffusion._model_t(tt), pipe.cfg.blocks)
+        for b, f in taps.items():
+            f = f.float()
+            if f.shape[-2:] != (h, w):
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            out[b].append(f.half().cpu())
+    return {b: torch.cat(v) for b, v in out.items()}
+
+
+def _pixels(f: torch.Tensor) -> np.ndarray:
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).numpy()
+
+
+def heatmap_png(grid: np.ndarray, rows: list[str], cols: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.45 * len(rows)))
+    im = ax.imshow(100 * grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("decoder block")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(im, ax=ax, label="mIoU (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
+    from diffseg.baselines import kmeans_segment
+    from diffseg.viz import colorize, grid, save_png, to_uint8
+
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    tracker = Tracker(cfg.tracking, cfg.name)
+    tracker.log_params(flatten(to_dict(cfg)))
+    from diffseg.features import load_backbone
+
+    model, diffusion = load_backbone(cfg.backbone, device)
+    blocks = tuple(cfg.blocks) or tuple(n for n in model.feature_names if n.startswith(("dec.", "up.")))
+    fcfg = FeatureConfig(
+        backbone=cfg.backbone, blocks=blocks, timesteps=tuple(cfg.timesteps), noise_seed=cfg.noise_seed
+    )
+    pipe = FeaturePipeline(fcfg, device, model=model, diffusion=diffusion)
+    size = pipe.image_size
+    train = build_dataset(dataclasses.replace(cfg.train_data, flip=False, image_size=size), "train")
+    test = build_dataset(dataclasses.replace(cfg.test_data, flip=False, image_size=size), "test")
+    names = list(train.class_names)
+    k, ignore = len(names), train.ignore_index
+    tr, te = stack(train, cfg.train_limit), stack(test, cfg.test_limit or None)
+    ytr = tr["mask"].reshape(-1).numpy()
+    keep = ytr != ignore
+    grid_miou = np.full((len(blocks), len(cfg.timesteps)), np.nan)
+    km_rows: list[np.ndarray] = []
+    shown = te["image"][: cfg.kmeans_images]
+    for j, t in enumerate(cfg.timesteps):
+        ftr = block_features(pipe, tr["image"], t, cfg.batch_size)
+        fte = block_features(pipe, te["image"], t, cfg.batch_size)
+        for i, b in enumerate(blocks):
+            x = _pixels(ftr[b])[keep]
+            ens, _ = train_ensemble(ArrayShards(x, ytr[keep]), k, cfg.train, device)
+            labels, _, _ = predict_pixels(ens, torch.from_numpy(_pixels(fte[b])))
+            cm = ConfusionMatrix(k, ignore).update(labels.reshape(te["mask"].shape).numpy(), te["mask"].numpy())
+            grid_miou[i, j] = cm.miou()
+            tracker.log_metrics({f"analysis/{b}/t{t}/miou": cm.miou()})
+            print(f"[analysis] {b} t={t}: mIoU {100 * cm.miou():.1f}", flush=True)
+            maps = [kmeans_segment(fte[b][n].float(), cfg.kmeans_k, seed=0) for n in range(len(shown))]
+            km_rows.append(np.concatenate([colorize(m, cfg.kmeans_k) for m in maps], axis=1))
+        del ftr, fte
+    rows = list(blocks)
+    (out / "grid.json").write_text(
+        json.dumps({"blocks": rows, "timesteps": list(cfg.timesteps), "miou": grid_miou.tolist()}, indent=1)
+    )
+    heatmap_png(grid_miou, rows, list(cfg.timesteps), out / "heatmap.png", f"{cfg.backbone}: one MLP per cell")
+    # Figure 4: header row = the images, then one row per (timestep, block) cell in the loop order
+    header = np.concatenate(list(to_uint8(shown)), axis=1)
+    save_png(grid([header, *km_rows], nrow=1), out / "kmeans.png")
+    (out / "kmeans_rows.txt").write_text("images\n" + "".join(f"{b} t={t}\n" for t in cfg.timesteps for b in blocks))
+    for name in ("heatmap.png", "kmeans.png", "grid.json"):
+        tracker.log_artifact(out / name)
+    tracker.finish()
+    best = np.unravel_index(np.nanargmax(grid_miou), grid_miou.shape)
+    print(f"[analysis] best cell {rows[best[0]]} t={cfg.timesteps[best[1]]}: {100 * grid_miou[best]:.1f} -> {out}")
+    return {"blocks": rows, "timesteps": list(cfg.timesteps), "miou": grid_miou.tolist(), "out": str(out)}
