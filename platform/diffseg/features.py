@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.data import DataConfig
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 
 
@@ -96,6 +97,8 @@ def load_backbone(
     - a path to one of our checkpoints (trained here, or converted from guided-diffusion),
     - "random:<checkpoint>" for a randomly initialised network of that checkpoint's architecture (a baseline),
     - "diffusers:<dir>" for a saved diffusers UNet2DModel.
+
+    ("rgb", the raw-pixel baseline, has no network: see `FeaturePipeline`.)
     """
     from diffseg.checkpoint import load_checkpoint, load_model
     from diffseg.config import from_dict
@@ -107,8 +110,9 @@ def load_backbone(
         return DiffusersBackbone(UNet2DModel.from_pretrained(spec.split(":", 1)[1])).eval().to(device), None
     if spec.startswith("random:"):
         ckpt = load_checkpoint(spec.split(":", 1)[1])
-        torch.manual_seed(0)
-        model = build_model(ckpt.model_config).eval().to(device)
+        with torch.random.fork_rng(devices=[]):  # a fixed random init that leaves the caller's RNG alone
+            torch.manual_seed(0)
+            model = build_model(ckpt.model_config).eval().to(device)
     else:
         model, ckpt = load_model(spec, use_ema=use_ema, map_location=device)
     diffusion = None
@@ -155,38 +159,61 @@ def extract(
     return torch.cat(out, dim=1)  # (B, D, H, W)
 
 
+class FeaturePipeline:
+    """A feature recipe made runnable: images (B, 3, H, W) in [-1, 1] -> features (B, D, H, W) float32.
+
+    `cfg.backbone == "rgb"` is the raw-pixel baseline (D = 3, the image itself, no network); anything else is loaded
+    with `load_backbone` and read with `extract` (one forward per timestep, shared noise, bilinear upsampling).
+    """
+
+    def __init__(self, cfg: FeatureConfig, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.autocast = (
+            torch.bfloat16
+            if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+            else None
+        )
+        if cfg.backbone == "rgb":
+            self.model, self.diffusion, self.dim, self.image_size = None, None, 3, None
+            return
+        self.model, diffusion = load_backbone(cfg.backbone, self.device, cfg.use_ema)
+        self.diffusion = diffusion or GaussianDiffusion.from_config(cfg.diffusion)
+        self.dim = feature_dim(self.model, cfg.blocks, cfg.timesteps)
+        self.image_size = int(self.model.cfg.image_size)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, torch.float32)
+        if self.model is None:
+            return images
+        if self.image_size is not None and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images of {tuple(images.shape[-2:])} for a {self.image_size} px backbone: resize them first"
+            )
+        noise = shared_noise(images.shape[1:], self.cfg.noise_seed)
+        return extract(self.model, self.diffusion, images, self.cfg.blocks, self.cfg.timesteps, noise, self.autocast)
+
+
 # ---------------------------------------------------------------------------------------------------- Ray Data
 class FeatureExtractor:
     """Ray Data callable class: a batch of images (+ masks) in, one Parquet shard of labelled pixels out.
 
     Used as `ds.map_batches(FeatureExtractor, fn_constructor_kwargs=..., batch_size=..., compute=ActorPoolStrategy)`;
-    the model is loaded once per actor. Shards are named by the batch's first image id, so a re-run skips finished
-    work. Returns one summary row per shard (its path and pixel count), never the features themselves.
+    the backbone is loaded once per actor. Batches are {"id": str, "image": (H, W, 3) uint8, "mask"?: (H, W) uint8}.
+    Shards are named by the batch's first image id, so a re-run skips finished work. Returns one summary row per
+    shard (its path and pixel count), never the features themselves: nothing big goes through the object store.
     """
 
-    def __init__(
-        self,
-        cfg_dict: dict[str, Any],
-        out_dir: str,
-        meta_extra: dict[str, Any] | None = None,
-        keep_unlabelled: bool = False,
-    ):
+    def __init__(self, cfg_dict: dict[str, Any], out_dir: str, meta_extra: dict[str, Any] | None = None):
         from diffseg.config import from_dict
 
         self.cfg = from_dict(FeatureConfig, cfg_dict)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, diffusion = load_backbone(self.cfg.backbone, self.device, self.cfg.use_ema)
-        self.diffusion = diffusion or GaussianDiffusion.from_config(self.cfg.diffusion)
+        self.pipeline = FeaturePipeline(self.cfg)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.meta_extra = meta_extra or {}
-        self.keep_unlabelled = keep_unlabelled
-        self.autocast = (
-            torch.bfloat16
-            if self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
-            else None
-        )
-        self.dim = feature_dim(self.model, self.cfg.blocks, self.cfg.timesteps)
+        self.meta_extra = dict(meta_extra or {})
+        self.ignore_index = int(self.meta_extra.get("ignore_index", 255))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from diffseg.shards import FeatureMeta, write_shard
@@ -195,43 +222,34 @@ class FeatureExtractor:
         path = self.out_dir / f"shard-{ids[0]}.parquet"
         if path.exists():  # idempotent: finished work is skipped
             return {"shard": np.array([str(path)]), "num_pixels": np.array([-1])}
-        images = torch.from_numpy(np.stack(batch["image"])).to(self.device)  # (B, H, W, 3) uint8
+        images = torch.from_numpy(np.stack(batch["image"]))  # (B, H, W, 3) uint8
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        size = self.model.cfg.image_size
-        if images.shape[-1] != size or images.shape[-2] != size:
-            raise ValueError(f"images of {tuple(images.shape[-2:])} for a {size} px backbone: resize in the reader")
-        noise = shared_noise(images.shape[1:], self.cfg.noise_seed)
-        feats = extract(self.model, self.diffusion, images, self.cfg.blocks, self.cfg.timesteps, noise, self.autocast)
+        feats = self.pipeline(images).cpu()
         b, d, h, w = feats.shape
         feats = feats.permute(0, 2, 3, 1).reshape(b * h * w, d)  # (B*H*W, D)
         if "mask" in batch:
-            labels = torch.from_numpy(np.stack(batch["mask"]).astype(np.int64)).reshape(-1)
+            labels = np.stack(batch["mask"]).astype(np.int64).reshape(-1)
+            keep = labels != self.ignore_index
         else:
-            labels = torch.full((b * h * w,), -1, dtype=torch.long)
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        ys, xs = ys.reshape(-1).repeat(b), xs.reshape(-1).repeat(b)
+            labels = np.full(b * h * w, -1, dtype=np.int64)
+            keep = np.ones(b * h * w, dtype=bool)
+        ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        ys, xs = np.tile(ys.reshape(-1), b), np.tile(xs.reshape(-1), b)
         image_ids = np.repeat(np.array(ids), h * w)
-        ignore = self.meta_extra.get("ignore_index", 255)
-        keep = (labels != ignore) if "mask" in batch else torch.ones_like(labels, dtype=torch.bool)
         meta = FeatureMeta(
-            blocks=list(self.cfg.blocks),
-            timesteps=list(self.cfg.timesteps),
+            blocks=list(self.cfg.blocks) if self.pipeline.model is not None else ["rgb"],
+            timesteps=list(self.cfg.timesteps) if self.pipeline.model is not None else [],
             feature_dim=d,
             image_size=h,
             num_classes=int(self.meta_extra.get("num_classes", 0)),
             class_names=list(self.meta_extra.get("class_names", [])),
             backbone=self.cfg.backbone,
+            noise_seed=self.cfg.noise_seed,
             extra={k: v for k, v in self.meta_extra.items() if k not in ("num_classes", "class_names")},
         )
-        keep_np = keep.numpy()
+        keep_t = torch.from_numpy(keep)
         write_shard(
-            path,
-            feats[keep].to(torch.float16).cpu().numpy(),
-            labels[keep].numpy(),
-            image_ids[keep_np],
-            ys[keep].numpy(),
-            xs[keep].numpy(),
-            meta,
+            path, feats[keep_t].to(torch.float16).numpy(), labels[keep], image_ids[keep], ys[keep], xs[keep], meta
         )
         return {"shard": np.array([str(path)]), "num_pixels": np.array([int(keep.sum())])}
 
@@ -245,18 +263,104 @@ def extract_to_shards(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
 ) -> list[str]:
-    """Run extraction over a Ray Dataset of {"id", "image" (H, W, 3) uint8, "mask"?}; returns the shard paths."""
+    """Run extraction over a Ray Dataset of {"id", "image" (H, W, 3) uint8, "mask"?}; returns the shard paths.
+
+    On a small CPU machine pass a fractional `cpus_per_actor` (e.g. 0.5) so the read tasks still get a CPU slot
+    while the actors hold theirs (otherwise Ray Data can wait forever); on GPUs use `gpus_per_actor=1`.
+    """
     import ray
 
     from diffseg.config import to_dict
 
+    kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
+    if gpus_per_actor:
+        kwargs["num_gpus"] = gpus_per_actor
     out = image_ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "out_dir": str(out_dir), "meta_extra": meta_extra or {}},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor,
+        **kwargs,
     )
-    return sorted(str(r["shard"]) for r in out.iter_rows())
+    return sorted({str(r["shard"]) for r in out.iter_rows()})
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class ExtractJobConfig:
+    name: str = "features"  # output folder name under output_dir
+    output_dir: str = "runs/features"  # shards go to <output_dir>/<name>/
+    features: FeatureConfig = field(default_factory=FeatureConfig)  # the recipe (backbone, blocks, timesteps, noise)
+    data: DataConfig = field(default_factory=DataConfig)  # the images (+ masks); flips are never applied here
+    split: Literal["train", "test", "all"] = "train"  # which split of `data` (see data.num_train / data.num_test)
+    limit: int = 0  # only the first N images of the split (0 = all), e.g. the 20 labelled training images
+    num_actors: int = 1  # extraction actors (one per GPU on a cluster)
+    cpus_per_actor: float = 0.5  # fractional on small CPU machines, so read tasks still get a slot
+    gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
+    read_batch_size: int = 8  # images per read task
+    ray_num_cpus: int = 0  # logical CPUs of a locally started Ray (0 = Ray's default); ignored with RAY_ADDRESS
+
+
+def shard_dir(cfg: ExtractJobConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
+    """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
+    import dataclasses
+    import time
+
+    import ray
+
+    from diffseg.config import save_config
+    from diffseg.data import build_dataset, read_images_ray
+    from diffseg.shards import ShardSet
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {}
+        if cfg.ray_num_cpus and not os.environ.get("RAY_ADDRESS"):
+            kwargs["num_cpus"] = cfg.ray_num_cpus
+        from diffseg.train import code_runtime_env
+
+        ray.init(runtime_env=code_runtime_env(), **kwargs)
+    out = shard_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "extract_config.yaml")
+    data = dataclasses.replace(cfg.data, flip=False)
+    dataset = build_dataset(data, cfg.split)
+    n = len(dataset) if not cfg.limit else min(cfg.limit, len(dataset))
+    class_names = list(getattr(dataset, "class_names", []) or getattr(dataset, "classes", []))
+    if not class_names:
+        from diffseg.data import SYNTHETIC_CLASSES
+
+        class_names = list(SYNTHETIC_CLASSES) if data.name == "synthetic" else []
+    ds = read_images_ray(data, cfg.split, batch_size=cfg.read_batch_size)
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    gpus = cfg.gpus_per_actor
+    if gpus < 0:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    meta_extra = {
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "ignore_index": int(getattr(dataset, "ignore_index", 255)),
+        "data": data.root or data.name,
+        "split": cfg.split,
+        "num_images": n,
+    }
+    t0 = time.perf_counter()
+    paths = extract_to_shards(cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus)
+    seconds = time.perf_counter() - t0
+    ss = ShardSet(paths)
+    summary = {
+        "shard_dir": str(out),
+        "num_shards": len(paths),
+        "num_images": n,
+        "num_rows": ss.num_rows,
+        "feature_dim": ss.meta.feature_dim,
+        "recipe_hash": ss.meta.recipe_hash,
+        "seconds": round(seconds, 2),
+    }
+    print(f"[extract] {summary}")
+    return summary

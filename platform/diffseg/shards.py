@@ -1,0 +1,238 @@
+"""Sharded Parquet feature sets: one row per labelled pixel, written batch by batch, read one shard at a time.
+
+Row schema (one file = one shard, usually the pixels of one extraction batch of images):
+
+    features   fixed_size_list<halffloat>[D]   the concatenated (blocks x timesteps) feature vector, float16
+    label      int16                           class index (-1 where the images had no masks)
+    image_id   string (dictionary-encoded)     which image the pixel belongs to
+    y, x       int16                           pixel coordinates in the (resized) image
+
+Pixels whose mask is the ignore index are dropped at write time, so shards only hold trainable rows.
+
+The Parquet schema metadata (key `diffseg`) holds a JSON `FeatureMeta`: feature_dim, blocks, timesteps, image size,
+class names, the backbone reference and a hash of the feature recipe. Every shard of a set must agree on the recipe
+(`ShardSet` checks this), so a classifier trained on a set knows exactly which features it expects.
+
+Reading (`ShardSet.iter_shards` / `iter_batches`) loads ONE shard at a time (shard order shuffled per epoch, rows
+shuffled within the shard): memory is bounded by the largest shard, never by the data set. Plain pyarrow reads the
+files too (`pq.read_table(path)`; features are a fixed-size list column).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"diffseg"
+FORMAT = "diffseg-features/1"
+
+
+@dataclass
+class FeatureMeta:
+    blocks: list[str]  # named backbone blocks, in concatenation order (within each timestep)
+    timesteps: list[int]  # diffusion steps, outer concatenation order
+    feature_dim: int  # D, derived from the backbone
+    image_size: int  # side of the (square) images the pixels come from
+    num_classes: int = 0  # classes of the labels (0 = unlabelled)
+    class_names: list[str] = field(default_factory=list)
+    backbone: str = ""  # backbone reference (checkpoint path, random:<ckpt>, diffusers:<dir>, rgb)
+    noise_seed: int = 0  # seed of the shared noise
+    recipe_hash: str = ""  # hash of everything that determines the features (see `recipe_hash`)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form (ignore_index, data set, split, ...)
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if not self.recipe_hash:
+            self.recipe_hash = recipe_hash(self.backbone, self.blocks, self.timesteps, self.noise_seed, self.image_size)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FeatureMeta:
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a diffseg feature shard (format {data.get('format')!r}, expected {FORMAT!r})")
+        return cls(**data)
+
+
+def recipe_hash(
+    backbone: str, blocks: Sequence[str], timesteps: Sequence[int], noise_seed: int, image_size: int
+) -> str:
+    """A short hash of the feature recipe: two sets with the same hash hold comparable features."""
+    text = json.dumps([backbone, list(blocks), [int(t) for t in timesteps], int(noise_seed), int(image_size)])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _schema(dim: int, meta: FeatureMeta) -> pa.Schema:
+    return pa.schema(
+        [
+            ("features", pa.list_(pa.float16(), dim)),
+            ("label", pa.int16()),
+            ("image_id", pa.dictionary(pa.int32(), pa.string())),
+            ("y", pa.int16()),
+            ("x", pa.int16()),
+        ],
+        metadata={META_KEY: meta.to_json().encode()},
+    )
+
+
+def write_shard(
+    path: str | os.PathLike,
+    features: np.ndarray,
+    labels: np.ndarray,
+    image_ids: np.ndarray | Sequence[str],
+    ys: np.ndarray,
+    xs: np.ndarray,
+    meta: FeatureMeta,
+    row_group_size: int = 65536,
+) -> Path:
+    """Write one shard atomically (temp file, then rename). features (N, D) is stored as float16."""
+    path = Path(path)
+    features = np.ascontiguousarray(features, dtype=np.float16)
+    n, d = features.shape
+    if d != meta.feature_dim:
+        raise ValueError(f"features have {d} dims, metadata says {meta.feature_dim}")
+    for name, arr in (("labels", labels), ("image_ids", image_ids), ("ys", ys), ("xs", xs)):
+        if len(arr) != n:
+            raise ValueError(f"{name} has {len(arr)} rows, features have {n}")
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1), type=pa.float16()), d)
+    table = pa.Table.from_arrays(
+        [
+            feats,
+            pa.array(np.asarray(labels, dtype=np.int16)),
+            pa.array(np.asarray(image_ids, dtype=str)).dictionary_encode(),
+            pa.array(np.asarray(ys, dtype=np.int16)),
+            pa.array(np.asarray(xs, dtype=np.int16)),
+        ],
+        schema=_schema(d, meta),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> FeatureMeta:
+    """The metadata of one shard (reads only the footer)."""
+    md = pq.read_schema(path).metadata or {}
+    if META_KEY not in md:
+        raise ValueError(f"{path}: no diffseg metadata (not a feature shard)")
+    return FeatureMeta.from_json(md[META_KEY])
+
+
+@dataclass
+class Shard:
+    features: np.ndarray  # (N, D) float16
+    labels: np.ndarray  # (N,) int64
+    image_ids: np.ndarray  # (N,) str
+    ys: np.ndarray  # (N,) int64
+    xs: np.ndarray  # (N,) int64
+    path: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> Shard:
+    """Load one whole shard into memory (float16 features, no copy to float32)."""
+    table = pq.read_table(path, columns=list(columns) if columns else None)
+    n = table.num_rows
+    names = table.column_names
+
+    def col(name: str, dtype) -> np.ndarray:
+        if name not in names:
+            return np.zeros(0, dtype)
+        return table.column(name).to_numpy().astype(dtype, copy=False)
+
+    if "features" in names:
+        fl = table.column("features").combine_chunks()
+        d = fl.type.list_size
+        feats = fl.values.to_numpy(zero_copy_only=False).reshape(n, d)
+    else:
+        feats = np.zeros((n, 0), np.float16)
+    ids = table.column("image_id").to_pylist() if "image_id" in names else []
+    return Shard(
+        feats, col("label", np.int64), np.asarray(ids, dtype=str), col("y", np.int64), col("x", np.int64), str(path)
+    )
+
+
+class ShardSet:
+    """The shards of one feature set (a directory of `*.parquet` or a list of files), checked to share a recipe."""
+
+    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike]):
+        if isinstance(source, (str, os.PathLike)):
+            root = Path(source)
+            paths = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
+        else:
+            paths = [Path(p) for p in source]
+        if not paths:
+            raise FileNotFoundError(f"no .parquet shards in {source}")
+        self.paths = [str(p) for p in paths]
+        metas = [read_meta(p) for p in self.paths]
+        self.meta = metas[0]
+        for p, m in zip(self.paths, metas):
+            if m.recipe_hash != self.meta.recipe_hash or m.feature_dim != self.meta.feature_dim:
+                raise ValueError(
+                    f"{p}: feature recipe {m.recipe_hash} (dim {m.feature_dim}) differs from {self.paths[0]} "
+                    f"({self.meta.recipe_hash}, dim {self.meta.feature_dim}); do not mix feature sets"
+                )
+        self.rows_per_shard = [pq.ParquetFile(p).metadata.num_rows for p in self.paths]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows_per_shard)
+
+    @property
+    def max_shard_rows(self) -> int:
+        return max(self.rows_per_shard)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def iter_shards(
+        self, shuffle: bool = False, seed: int = 0, columns: Sequence[str] | None = None
+    ) -> Iterator[Shard]:
+        """Yield shards one at a time (the previous one is released when the caller drops it).
+
+        shuffle: shard order is permuted with `seed`, and rows within each shard are permuted too.
+        """
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self.paths)) if shuffle else np.arange(len(self.paths))
+        for i in order:
+            shard = read_shard(self.paths[i], columns)
+            if shuffle:
+                perm = rng.permutation(len(shard))
+                shard = Shard(
+                    shard.features[perm],
+                    shard.labels[perm],
+                    shard.image_ids[perm] if len(shard.image_ids) else shard.image_ids,
+                    shard.ys[perm] if len(shard.ys) else shard.ys,
+                    shard.xs[perm] if len(shard.xs) else shard.xs,
+                    shard.path,
+                )
+            yield shard
+            del shard
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        counts = np.zeros(num_classes, np.int64)
+        for p in self.paths:
+            labels = pq.read_table(p, columns=["label"]).column("label").to_numpy()
+            counts += np.bincount(labels[labels >= 0], minlength=num_classes)[:num_classes]
+        return counts
+
+    def image_ids(self) -> list[str]:
+        ids: set[str] = set()
+        for p in self.paths:
+            ids.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+        return sorted(ids)

@@ -1,0 +1,178 @@
+"""The batched MLP ensemble equals E independent MLPs; voting, uncertainty, streaming training, the bundle API."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffseg import shards as shards_mod
+from diffseg.features import FeatureConfig
+from diffseg.pixel import (
+    MLPEnsemble,
+    PixelSegmenter,
+    PixelTrainConfig,
+    ensemble_train_step,
+    image_score,
+    paper_hidden,
+    train_ensemble,
+    vote_and_uncertainty,
+)
+from diffseg.shards import FeatureMeta, ShardSet, write_shard
+
+
+def _members(e, d, k, seed=0):
+    torch.manual_seed(seed)
+    return [MLPEnsemble.member_mlp(d, k) for _ in range(e)]
+
+
+def test_paper_architecture():
+    assert paper_hidden(19) == (128, 32) and paper_hidden(29) == (128, 32) and paper_hidden(30) == (256, 128)
+    mlp = MLPEnsemble.member_mlp(10, 19)
+    kinds = [type(m).__name__ for m in mlp]
+    assert kinds == ["Linear", "ReLU", "BatchNorm1d", "Linear", "ReLU", "BatchNorm1d", "Linear"]
+    assert MLPEnsemble(10, 40, 3).hidden == (256, 128)
+
+
+def test_ensemble_equals_independent_mlps_outputs_grads_and_adam_updates():
+    e, d, k, b = 4, 12, 5, 16
+    torch.set_default_dtype(torch.float64)  # float64 so the comparison is exact up to summation order
+    try:
+        _check_equivalence(e, d, k, b)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _check_equivalence(e, d, k, b):
+    mlps = _members(e, d, k)
+    ens = MLPEnsemble.from_members(mlps)
+    ref = [copy.deepcopy(m) for m in mlps]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in ref]
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _step in range(5):
+        x = torch.randn(e, b, d, generator=g)  # each member its own batch
+        y = torch.randint(0, k, (e, b), generator=g)
+        # outputs before the step (train-mode BN)
+        out_ens = ens(x)
+        for i, m in enumerate(ref):
+            torch.testing.assert_close(out_ens[i], m(x[i]), rtol=1e-9, atol=1e-12)
+        # gradients
+        ens.zero_grad()
+        F.cross_entropy(ens(x).transpose(1, 2), y, reduction="none").mean(1).sum().backward()
+        for i, m in enumerate(ref):
+            m.zero_grad()
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            torch.testing.assert_close(ens.layers[0].weight.grad[i], m[0].weight.grad.t(), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(ens.layers[-1].bias.grad[i], m[-1].bias.grad, rtol=1e-9, atol=1e-12)
+        # one training step on both sides (running BN statistics were updated twice above on both sides, too)
+        losses = ensemble_train_step(ens, opt, x, y)
+        for i, (m, o) in enumerate(zip(ref, opts)):
+            loss = F.cross_entropy(m(x[i]), y[i])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            assert math.isclose(losses[i].item(), loss.item(), rel_tol=1e-9)
+    for i, m in enumerate(ref):
+        mine = ens.member(i)
+        theirs = m.state_dict()
+        for name, a in mine.state_dict().items():
+            if not name.endswith("num_batches_tracked"):  # a counter, unused with a fixed momentum
+                torch.testing.assert_close(a, theirs[name], rtol=1e-8, atol=1e-10)
+    # eval mode (running statistics) agrees too
+    ens.eval()
+    xt = torch.randn(7, d, generator=g)
+    for i, m in enumerate(ref):
+        torch.testing.assert_close(ens(xt)[i], m.eval()(xt), rtol=1e-8, atol=1e-10)
+
+
+def test_uncertainty_hand_cases():
+    # all members certain and agreeing -> 0; members certain but disagreeing 50/50 -> log 2
+    big = 50.0
+    agree = torch.tensor([[[big, 0.0]], [[big, 0.0]]])  # (E=2, N=1, K=2)
+    lab, u, p = vote_and_uncertainty(agree)
+    assert lab.item() == 0 and u.item() == pytest.approx(0.0, abs=1e-6)
+    disagree = torch.tensor([[[big, 0.0]], [[0.0, big]]])
+    lab, u, _ = vote_and_uncertainty(disagree)
+    assert u.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert lab.item() == 0  # tie -> lower index, as torch.mode
+    # all members equally unsure (uniform): entropy of mean = mean entropy -> 0 mutual information
+    _, u, _ = vote_and_uncertainty(torch.zeros(3, 1, 4))
+    assert u.item() == pytest.approx(0.0, abs=1e-6)
+    # majority vote: 2 of 3 say class 2
+    logits = torch.tensor([[[0.0, 0.0, 5.0]], [[0.0, 0.0, 5.0]], [[9.0, 0.0, 0.0]]])
+    assert vote_and_uncertainty(logits)[0].item() == 2
+    # per-image score = mean of the top 10 %
+    u = torch.arange(100.0)
+    assert image_score(u) == pytest.approx(np.mean(np.arange(90, 100)))
+
+
+def _write_toy_shards(root, n_shards=4, rows=300, d=6, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (k, d))
+    meta = FeatureMeta(blocks=["dec.1"], timesteps=[5], feature_dim=d, image_size=10, num_classes=k, backbone="toy")
+    for s in range(n_shards):
+        y = rng.integers(0, k, rows)
+        x = centers[y] + rng.normal(0, 0.5, (rows, d))
+        write_shard(root / f"s{s}.parquet", x, y, [f"img{s}"] * rows, np.arange(rows) // 10, np.arange(rows) % 10, meta)
+    return ShardSet(root), centers
+
+
+def test_streaming_training_learns_and_holds_one_shard(tmp_path, monkeypatch):
+    ss, centers = _write_toy_shards(tmp_path)
+    live: list[weakref.ref] = []
+    max_live = [0]
+    real_read = shards_mod.read_shard
+
+    def tracking_read(path, columns=None):
+        gc.collect()
+        alive = sum(r() is not None for r in live)
+        max_live[0] = max(max_live[0], alive)
+        shard = real_read(path, columns)
+        live.append(weakref.ref(shard.features.base if shard.features.base is not None else shard.features))
+        return shard
+
+    monkeypatch.setattr(shards_mod, "read_shard", tracking_read)
+    cfg = PixelTrainConfig(members=3, max_epochs=8, batch_size=32, patience=5)
+    ens, res = train_ensemble(ss, 3, cfg)
+    assert max_live[0] == 0  # when a shard is read, no earlier shard's features are still alive
+    assert res.peak_rows_in_memory == ss.max_shard_rows
+    assert res.iterations > 0 and all(s == -1 or s > 0 for s in res.stopped_at)
+    # it learned the blobs
+    x = torch.tensor(centers, dtype=torch.float32)
+    from diffseg.pixel import predict_pixels
+
+    labels, unc, _ = predict_pixels(ens, x)
+    assert labels.tolist() == [0, 1, 2]
+
+
+def test_stopping_rule_freezes_members(tmp_path):
+    ss, _ = _write_toy_shards(tmp_path, n_shards=2, rows=200)
+    cfg = PixelTrainConfig(members=2, max_epochs=100, batch_size=16, patience=3, check_after_epoch=0)
+    ens, res = train_ensemble(ss, 3, cfg)
+    assert all(s > 0 for s in res.stopped_at)  # with a short patience both members stop well before 100 epochs
+    assert res.epochs < 100
+
+
+def test_bundle_roundtrip_rgb(tmp_path):
+    torch.manual_seed(0)
+    ens = MLPEnsemble(3, 4, members=3)
+    seg = PixelSegmenter(ens, FeatureConfig(backbone="rgb"), ["a", "b", "c", "d"], image_size=8, device="cpu")
+    path = seg.save(tmp_path / "seg.pt")
+    back = PixelSegmenter.load(path, device="cpu")
+    imgs = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3), dtype=np.uint8)
+    l1, u1 = seg.predict(imgs)
+    l2, u2 = back.predict(imgs)
+    assert l1.shape == (2, 8, 8) and l1.dtype == np.int64 and u1.dtype == np.float32
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_allclose(u1, u2)
+    assert back.class_names == ["a", "b", "c", "d"]
+    # another size is resized to the segmenter's
+    l3, _ = back.predict(np.zeros((16, 16, 3), np.uint8))
+    assert l3.shape == (1, 8, 8)
