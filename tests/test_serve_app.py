@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_serving import jpeg_bytes, png_bytes, png_with_declared_size, tiny_checkpoint
+from test_serving import jpeg_bytes, png_bytes, png_with_declared_size, tiny_checkpoint, tiny_pixel_bundle
 
 requests = pytest.importorskip("requests")
 
@@ -44,7 +44,8 @@ def app_url(tmp_path_factory):
 
     sys.path.insert(0, str(REPO))  # the `serve` package at the repository root
     build_app = importlib.import_module("serve.app").build_app
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("serve") / "checkpoint.pt")
+    folder = tmp_path_factory.mktemp("serve")
+    ckpt, bundle = tiny_checkpoint(folder / "checkpoint.pt"), tiny_pixel_bundle(folder)
     ray.init(
         address="local",
         num_cpus=4,
@@ -58,7 +59,7 @@ def app_url(tmp_path_factory):
         port = s.getsockname()[1]
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({**ARGS, "segmenter": str(ckpt)}), name="diffseg", route_prefix="/")
+        serve.run(build_app({**ARGS, "segmenter": str(ckpt), "pixel": str(bundle)}), name="diffseg", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -76,12 +77,10 @@ def _png(b64):
 
 
 def test_endpoints_round_trip(app_url):
-    assert requests.get(f"{app_url}/healthz", timeout=30).json() == {
-        "status": "ok",
-        "models": ["factorized", "sampler"],
-    }
+    models = ["factorized", "pixel", "sampler"]
+    assert requests.get(f"{app_url}/healthz", timeout=30).json() == {"status": "ok", "models": models}
     _, pids, info = _pids(app_url)
-    assert set(pids) == {"factorized", "sampler"} and all(p > 0 for p in pids.values())
+    assert list(pids) == models and len(set(pids.values())) == 3  # one replica process per model
     assert info["models"]["factorized"]["num_components"] == 3 and info["limits"]["max_body_bytes"] == MAX_BODY
 
     # raw bytes -> JSON with areas, uncertainty and a class-id mask at the upload's size
@@ -105,6 +104,13 @@ def test_endpoints_round_trip(app_url):
         r = requests.post(f"{app_url}/v1/segment?output={output}", data=png_bytes(17, 9), timeout=60)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(r.content)).size == (17, 9)
+
+    # the pixel ensemble (DDPM features + MLPs): class names from its bundle, the ensemble's uncertainty
+    r = requests.post(f"{app_url}/v1/segment?method=pixel&overlay=1", data=png_bytes(20, 20), timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["name"] for c in body["classes"]] == ["background", "horse"] and body["t"] is None
+    assert body["model"]["kind"] == "pixel-ensemble" and _png(body["overlay_png"]).size == (20, 20)
 
     # sampler: images and masks, deterministic per seed; a grid
     r = requests.post(f"{app_url}/v1/sample", json={"num_images": 2, "steps": 4, "seed": 11}, timeout=60)
@@ -205,6 +211,7 @@ def test_malformed_requests_get_4xx_and_replicas_survive(app_url):
     valid = [
         ("valid segment", "post", f"{app_url}/v1/segment?t=10", {"data": png_bytes(24, 24)}, 200),
         ("valid multipart", "post", f"{app_url}/v1/segment", {"files": jpg}, 200),
+        ("valid pixel", "post", f"{app_url}/v1/segment?method=pixel", {"data": png_bytes(24, 24)}, 200),
         ("valid sample", "post", f"{app_url}/v1/sample", {"json": {"num_images": 1, "steps": 2}}, 200),
     ]  # fmt: skip
     plan = []
@@ -255,6 +262,7 @@ def test_web_page_in_headless_chromium(app_url, tmp_path):
             page.goto(app_url + "/")
             page.wait_for_selector("body[data-ready='1']", timeout=30_000)
             assert "factorized" in page.inner_text("#models")
+            assert page.locator("#segment-method option").all_inner_texts() == ["factorized", "pixel"]
             page.set_input_files("#segment-file", str(upload))
             page.click("#segment-submit")
             page.wait_for_selector("#segment-result img[alt='overlay']", timeout=30_000)

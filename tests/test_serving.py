@@ -57,6 +57,21 @@ def tiny_checkpoint(path, kind="factorized", num_classes=None, image_size=16, nu
     return save_checkpoint(path, config=config, model=model, ema=model, step=5)
 
 
+def tiny_pixel_bundle(folder, class_names=("background", "horse")):
+    """A pixel-segmenter bundle (diffseg.pixel) on a tiny random-init DDPM backbone: real DDPM features, an
+    untrained 3-member ensemble. Returns its path."""
+    from diffseg.features import FeatureConfig, FeaturePipeline
+    from diffseg.pixel import MLPEnsemble, PixelSegmenter
+
+    backbone = tiny_checkpoint(Path(folder) / "ddpm.pt", kind="ddpm")
+    recipe = FeatureConfig(backbone=str(backbone), blocks=("dec.1", "dec.3"), timesteps=(5, 20), precision="fp32")
+    dim = FeaturePipeline(recipe, "cpu").dim
+    torch.manual_seed(0)
+    ensemble = MLPEnsemble(dim, len(class_names), members=3)
+    seg = PixelSegmenter(ensemble, recipe, list(class_names), image_size=16, extra={"step": 3}, device="cpu")
+    return seg.save(Path(folder) / "pixel.pt")
+
+
 def png_bytes(w=20, h=12, mode="RGB", seed=0):
     rng = np.random.default_rng(seed)
     shape = (h, w, len(mode)) if mode in ("RGB", "RGBA") else (h, w)
@@ -80,6 +95,15 @@ def png_with_declared_size(w, h):
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is fastest, and spin-waiting threads hurt on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +297,17 @@ class FakeBundle:
     def predict(self, images):
         labels = (images[:, 0] > 0).long()  # (B, S, S)
         return labels, torch.full(labels.shape, 0.25)
+
+
+def test_pixel_bundle_segments(tmp_path):
+    seg = PixelEnsembleSegmenter.load(str(tiny_pixel_bundle(tmp_path)), device="cpu")
+    info = seg.info()
+    assert info["class_names"] == ["background", "horse"] and info["image_size"] == 16 and info["step"] == 3
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    out = seg.segment(x, [0, 0], [0, 0])
+    assert out[0]["labels"].shape == (16, 16) and out[0]["labels"].max() < 2
+    assert out[0]["uncertainty"].shape == (16, 16) and (out[0]["uncertainty"] >= -1e-6).all()
+    np.testing.assert_array_equal(seg.segment(x[1:], [0], [0])[0]["labels"], out[1]["labels"])
 
 
 def test_pixel_adapter_and_rendering():

@@ -81,6 +81,7 @@ class ServeAppConfig:
     segmenter: str | None = None  # factorized checkpoint: a path, a run folder, or an MLflow artifact URI
     pixel: str | None = None  # pixel-ensemble bundle (diffseg.pixel): a path or an MLflow artifact URI
     sampler: str | None = None  # checkpoint to sample from (ddpm or factorized); None = the segmenter's
+    use_sampler: bool = True  # serve /v1/sample (False: segmenters only, one replica fewer)
     device: str = "auto"  # torch device of the model replicas: auto (cuda when visible), cpu, cuda, cuda:1
     use_ema: bool = True  # load the EMA weights when the checkpoint has them
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # @serve.batch on/off and sizes
@@ -91,14 +92,14 @@ class ServeAppConfig:
     )  # replicas/resources of the HTTP front
 
     def __post_init__(self):
-        if not (self.segmenter or self.pixel or self.sampler):
+        if not (self.segmenter or self.pixel or (self.sampler and self.use_sampler)):
             raise ValueError("nothing to serve: set at least one of segmenter, pixel, sampler")
         if self.batching.max_batch_size < 1:
             raise ValueError("batching.max_batch_size must be >= 1")
 
     @property
     def sampler_source(self) -> str | None:
-        return self.sampler or self.segmenter
+        return (self.sampler or self.segmenter) if self.use_sampler else None
 
 
 # ---------------------------------------------------------------------------------------------------- errors
