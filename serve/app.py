@@ -58,7 +58,13 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
 
 class _ModelReplica:
     """What both model deployments share: one compute thread (torch runs off the event loop, so health checks and
-    queueing stay responsive during a forward pass), counters, and the replica's pid for /v1/info."""
+    queueing stay responsive during a forward pass), counters, and the replica's pid for /v1/info.
+
+    A forward pass that has not returned after `STALL_S` fails the health check, so Serve replaces the replica
+    instead of leaving it wedged (inputs are validated and sized, so this is a guard, not an expected path).
+    """
+
+    STALL_S = 600.0
 
     def _setup(self, num_threads: int, batching: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, num_threads))
@@ -70,10 +76,22 @@ class _ModelReplica:
     async def _compute(self, fn, *args):
         self.counts["batches"] += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn, *args)
         except Exception:
             self.counts["failures"] += 1
             raise
+
+    def _timed(self, fn, *args):
+        self._busy_since = time.monotonic()  # runs on the one compute thread: the pass now executing
+        try:
+            return fn(*args)
+        finally:
+            self._busy_since = None
+
+    def check_health(self) -> None:
+        busy = getattr(self, "_busy_since", None)
+        if busy is not None and time.monotonic() - busy > self.STALL_S:
+            raise RuntimeError(f"a forward pass has run for more than {self.STALL_S:.0f} s")
 
     def _replica_info(self) -> dict[str, Any]:
         return {
@@ -167,6 +185,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
 
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    # Not the client's fault (bad input never gets here): still JSON, and the message names the exception.
+    return _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:500]}")
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -243,12 +267,14 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        names = [*self.segmenters, *(["sampler"] if self.sampler else [])]
+        """Every model replica answers (a round trip through each deployment, not a cached reply)."""
+        handles = {**self.segmenters, **({"sampler": self.sampler} if self.sampler else {})}
         try:
-            await asyncio.gather(*(self._info(n) for n in names))
+            infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in handles.values())), 30)
         except Exception as e:  # a health probe reports, it does not raise
             return _error(503, f"a model is not ready: {type(e).__name__}: {e}")
-        return JSONResponse({"status": "ok", "models": names})
+        self._infos.update(zip(handles, infos))
+        return JSONResponse({"status": "ok", "models": list(handles)})
 
     @api.get("/v1/info")
     async def info(self) -> JSONResponse:
