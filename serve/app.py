@@ -1,0 +1,374 @@
+"""The diffseg Serve application: an HTTP front (FastAPI ingress) and one deployment per model.
+
+    Ingress ──► SegmenterModel "factorized"   (FactorizedSegmenter: K regions at noise level t)
+            ──► SegmenterModel "pixel"        (PixelEnsembleSegmenter: DDPM features + MLP ensemble)
+            ──► SamplerModel                  (DDIM samples, with masks from a factorized model)
+
+The ingress reads and checks every request (size, format, declared pixels, parameters) and answers 4xx JSON for bad
+ones; model replicas only ever see validated fixed-size float arrays, batched with `@serve.batch`. Everything that is
+not a deployment class (validation, decoding, models, rendering) lives in `diffseg.serving`, which has no Ray in it.
+
+    serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
+    serve.run(build_app({"segmenter": "runs/x/checkpoint.pt"}))
+"""
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffseg.config import from_dict, to_dict
+from diffseg.serving import (
+    BatchingConfig,
+    DeploymentSection,
+    DiffusionSampler,
+    FactorizedSegmenter,
+    Limits,
+    PixelEnsembleSegmenter,
+    RequestError,
+    SampleParams,
+    ServeAppConfig,
+    decode_image,
+    parse_sample_request,
+    parse_segment_params,
+    render_samples,
+    render_segmentation,
+    to_model_input,
+)
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse(RequestError(status, message, field).to_json(), status_code=status)
+
+
+class _ModelReplica:
+    """What both model deployments share: one compute thread (torch runs off the event loop, so health checks and
+    queueing stay responsive during a forward pass), counters, and the replica's pid for /v1/info.
+
+    A forward pass that has not returned after `STALL_S` fails the health check, so Serve replaces the replica
+    instead of leaving it wedged (inputs are validated and sized, so this is a guard, not an expected path).
+    """
+
+    STALL_S = 600.0
+
+    def _setup(self, num_threads: int, batching: dict[str, Any]) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.batching = from_dict(BatchingConfig, batching, prefix="batching")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.started = time.time()
+        self.counts = {"requests": 0, "batches": 0, "largest_batch": 0, "failures": 0}
+
+    async def _compute(self, fn, *args):
+        self.counts["batches"] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn, *args)
+        except Exception:
+            self.counts["failures"] += 1
+            raise
+
+    def _timed(self, fn, *args):
+        self._busy_since = time.monotonic()  # runs on the one compute thread: the pass now executing
+        try:
+            return fn(*args)
+        finally:
+            self._busy_since = None
+
+    def check_health(self) -> None:
+        busy = getattr(self, "_busy_since", None)
+        if busy is not None and time.monotonic() - busy > self.STALL_S:
+            raise RuntimeError(f"a forward pass has run for more than {self.STALL_S:.0f} s")
+
+    def _replica_info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "batching": to_dict(self.batching),
+            "torch_threads": torch.get_num_threads(),
+            **self.counts,
+        }
+
+
+@serve.deployment
+class SegmenterModel(_ModelReplica):
+    def __init__(self, method: str, source: str, device: str, use_ema: bool, batching: dict, num_threads: int):
+        self._setup(num_threads, batching)
+        if method == "factorized":
+            self.model = FactorizedSegmenter.load(source, device, use_ema)
+        elif method == "pixel":
+            self.model = PixelEnsembleSegmenter.load(source, device)
+        else:
+            raise ValueError(f"unknown segmentation method {method!r}")
+        self.segment_batched.set_max_batch_size(self.batching.max_batch_size)
+        self.segment_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return {**self.model.info(), **self._replica_info()}
+
+    async def segment(self, image: np.ndarray, t: int, seed: int) -> dict[str, np.ndarray]:
+        """(3, S, S) float32 in [-1, 1] -> {"probs"} or {"labels", "uncertainty"} at the model's resolution."""
+        self.counts["requests"] += 1
+        if self.batching.enabled:
+            return await self.segment_batched(image, t, seed)
+        return (await self._run([image], [t], [seed]))[0]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def segment_batched(self, images: list[np.ndarray], ts: list[int], seeds: list[int]) -> list[dict]:
+        return await self._run(images, ts, seeds)
+
+    async def _run(self, images, ts, seeds):
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(images))
+        return await self._compute(self.model.segment, np.stack(images), list(ts), list(seeds))
+
+
+def _num_images(items: list[SampleParams]) -> int:
+    return sum(p.num_images for p in items)
+
+
+@serve.deployment
+class SamplerModel(_ModelReplica):
+    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, num_threads: int, max_num_images: int):
+        self._setup(num_threads, batching)
+        self.model = DiffusionSampler.load(source, device, use_ema)
+        # The sampler's batch counts images, and one request (up to max_num_images) must always fit.
+        self.sample_batched.set_max_batch_size(max(self.batching.max_batch_size, max_num_images))
+        self.sample_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return {**self.model.info(), **self._replica_info()}
+
+    async def sample(self, params: SampleParams) -> dict[str, np.ndarray | None]:
+        self.counts["requests"] += 1
+        if self.batching.enabled:
+            return await self.sample_batched(params)
+        return (await self._run([params]))[0]
+
+    # The batch is counted in images, not requests: a request for 16 images fills a batch of 16.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_num_images)
+    async def sample_batched(self, requests: list[SampleParams]) -> list[dict]:
+        return await self._run(requests)
+
+    async def _run(self, requests):
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], _num_images(requests))
+        return await self._compute(self.model.sample, list(requests))
+
+
+api = FastAPI(title="diffseg", summary="segmentation and sampling with diffusion models", docs_url="/docs")
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    # Not the client's fault (bad input never gets here): still JSON, and the message names the exception.
+    return _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:500]}")
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: dict[str, Any], factorized=None, pixel=None, sampler=None):
+        torch.set_num_threads(1)  # the ingress only decodes, resizes and encodes
+        self.cfg = from_dict(ServeAppConfig, config)
+        self.limits: Limits = self.cfg.limits
+        Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # PIL's own guard, behind the header check below
+        self.segmenters = {name: h for name, h in (("factorized", factorized), ("pixel", pixel)) if h is not None}
+        self.sampler = sampler
+        self._infos: dict[str, dict[str, Any]] = {}
+        self.page = PAGE.read_text() if PAGE.is_file() else "<h1>diffseg</h1>"
+
+    # ---- helpers
+    async def _call(self, response):
+        """Await a model call within the request timeout; overload and timeouts are 503/504, never a hang."""
+        try:
+            return await asyncio.wait_for(response, timeout=self.limits.request_timeout_s)
+        except TimeoutError:
+            raise RequestError(504, f"the model did not answer within {self.limits.request_timeout_s} s") from None
+        except BackPressureError as e:
+            raise RequestError(503, f"the model is overloaded, retry later ({e})") from None
+
+    async def _info(self, name: str) -> dict[str, Any]:
+        if name not in self._infos:  # static per model: fetched once, then cached
+            handle = self.segmenters.get(name) if name != "sampler" else self.sampler
+            self._infos[name] = await self._call(handle.info.remote())
+        return self._infos[name]
+
+    async def _read_body(self, request: Request, cap: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise RequestError(400, f"bad Content-Length {declared!r}")
+            if int(declared) > cap:
+                raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {cap}")
+        body = bytearray()
+        async for chunk in request.stream():  # chunked uploads have no Content-Length: count while reading
+            body += chunk
+            if len(body) > cap:
+                raise RequestError(413, f"request body exceeds the limit of {cap} bytes")
+        return bytes(body)
+
+    async def _image_and_fields(self, request: Request) -> tuple[bytes, dict[str, str]]:
+        ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+        body = await self._read_body(request, self.limits.max_body_bytes)
+        if ctype == "multipart/form-data":
+            request._body = body  # Starlette parses the form from the body already read and capped
+            form = await request.form(max_files=1, max_fields=8)
+            fields, image = {}, None
+            for key, value in form.multi_items():
+                if key in ("image", "file"):
+                    if isinstance(value, str):
+                        raise RequestError(422, f"form field {key!r} must be a file upload", key)
+                    image = await value.read()
+                elif isinstance(value, str):
+                    fields[key] = value
+                else:
+                    raise RequestError(422, f"unexpected file in form field {key!r}; send the image as 'image'", key)
+            await form.close()
+            if image is None:
+                raise RequestError(422, "multipart form has no 'image' (or 'file') field", "image")
+            return image, fields
+        if ctype not in IMAGE_TYPES:
+            raise RequestError(
+                415, f"Content-Type {ctype!r} is not accepted; send multipart/form-data or one of {list(IMAGE_TYPES)}"
+            )
+        return body, {}
+
+    # ---- routes
+    @api.get("/", response_class=HTMLResponse)
+    async def page_(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Every model replica answers (a round trip through each deployment, not a cached reply)."""
+        handles = {**self.segmenters, **({"sampler": self.sampler} if self.sampler else {})}
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in handles.values())), 30)
+        except Exception as e:  # a health probe reports, it does not raise
+            return _error(503, f"a model is not ready: {type(e).__name__}: {e}")
+        self._infos.update(zip(handles, infos))
+        return JSONResponse({"status": "ok", "models": list(handles)})
+
+    @api.get("/v1/info")
+    async def info(self) -> JSONResponse:
+        """Model info, fresh from each model replica (pid, counters), plus the ingress's own pid and limits."""
+        models = {}
+        for name, handle in [*self.segmenters.items(), *([("sampler", self.sampler)] if self.sampler else [])]:
+            models[name] = await self._call(handle.info.remote())
+            self._infos[name] = models[name]
+        return JSONResponse(
+            {
+                "ingress": {"pid": os.getpid()},
+                "models": models,
+                "limits": to_dict(self.limits),
+                "batching": to_dict(self.cfg.batching),
+            }
+        )
+
+    @api.post("/v1/segment")
+    async def segment(self, request: Request) -> Response:
+        data, fields = await self._image_and_fields(request)
+        query = {**fields, **dict(request.query_params)}
+        if len(request.query_params.multi_items()) != len(request.query_params):
+            raise RequestError(422, "a query parameter is given twice")
+        infos = {name: await self._info(name) for name in self.segmenters}
+        params = parse_segment_params(query, self.limits, infos)
+        info = infos[params.method]
+        image = await asyncio.to_thread(decode_image, data, self.limits)
+        x = await asyncio.to_thread(to_model_input, image, int(info["image_size"]))
+        result = await self._call(self.segmenters[params.method].segment.remote(x, params.t, params.seed))
+        media, out = await asyncio.to_thread(render_segmentation, image, result, params, info)
+        return JSONResponse(out) if media == "application/json" else Response(out, media_type=media)
+
+    @api.post("/v1/sample")
+    async def sample(self, request: Request) -> Response:
+        if self.sampler is None:
+            raise RequestError(404, "this deployment serves no sampler")
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise RequestError(415, f"Content-Type {ctype!r} is not accepted; send application/json")
+        body = await self._read_body(request, self.limits.max_json_bytes)
+        info = await self._info("sampler")
+        params = parse_sample_request(body, self.limits, info)
+        result = await self._call(self.sampler.sample.remote(params))
+        media, out = await asyncio.to_thread(render_samples, result, params, info)
+        return JSONResponse(out) if media == "application/json" else Response(out, media_type=media)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _deployment_options(section: DeploymentSection, name: str, *, gpu_capable: bool) -> dict[str, Any]:
+    use_gpu = section.use_gpu == "yes"
+    if section.use_gpu == "auto" and gpu_capable:
+        import ray
+
+        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    opts: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": 1 if use_gpu else 0},
+        "max_ongoing_requests": section.max_ongoing_requests,
+        "max_queued_requests": section.max_queued_requests,
+    }
+    if section.autoscaling.enabled:
+        a = section.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = section.num_replicas
+    return opts
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`."""
+    cfg = from_dict(ServeAppConfig, dict(args or {}))
+    common = {
+        "device": cfg.device,
+        "use_ema": cfg.use_ema,
+        "batching": to_dict(cfg.batching),
+        "num_threads": max(1, int(cfg.models.num_cpus)),
+    }
+    handles: dict[str, Any] = {}
+    if cfg.segmenter:
+        opts = _deployment_options(cfg.models, "FactorizedSegmenter", gpu_capable=True)
+        handles["factorized"] = SegmenterModel.options(**opts).bind("factorized", cfg.segmenter, **common)
+    if cfg.pixel:
+        opts = _deployment_options(cfg.models, "PixelSegmenter", gpu_capable=True)
+        handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", cfg.pixel, **common)
+    if cfg.sampler_source:
+        opts = _deployment_options(cfg.models, "Sampler", gpu_capable=True)
+        handles["sampler"] = SamplerModel.options(**opts).bind(
+            cfg.sampler_source, **common, max_num_images=cfg.limits.max_num_images
+        )
+    ingress_opts = _deployment_options(cfg.ingress, "Ingress", gpu_capable=False)
+    return Ingress.options(**ingress_opts).bind(to_dict(cfg), **handles)

@@ -1,0 +1,281 @@
+"""The Serve application on a local Ray instance: every endpoint round-trips, bad input always gets a 4xx JSON error,
+valid requests interleaved with it all succeed, and the replicas are the same processes at the end.
+
+One module-scoped app (starting Ray and Serve is most of the cost); random-init tiny checkpoints in tmp_path.
+"""
+
+import base64
+import importlib
+import io
+import os
+import shutil
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_serving import jpeg_bytes, png_bytes, png_with_declared_size, tiny_checkpoint, tiny_pixel_bundle
+
+requests = pytest.importorskip("requests")
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+MAX_BODY = 200_000
+ARGS = {
+    "device": "cpu",
+    "batching": {"enabled": True, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+    "limits": {"max_body_bytes": MAX_BODY, "max_image_pixels": 512 * 512, "max_image_side": 1024,
+               "max_num_images": 4, "max_steps": 20, "request_timeout_s": 60},
+    "models": {"num_cpus": 0.5, "max_ongoing_requests": 32},
+    "ingress": {"num_cpus": 0.25, "use_gpu": "no", "max_ongoing_requests": 128},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    import diffseg
+
+    sys.path.insert(0, str(REPO))  # the `serve` package at the repository root
+    build_app = importlib.import_module("serve.app").build_app
+    folder = tmp_path_factory.mktemp("serve")
+    ckpt, bundle = tiny_checkpoint(folder / "checkpoint.pt"), tiny_pixel_bundle(folder)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=256 * 1024**2,
+        runtime_env={"py_modules": [str(Path(diffseg.__file__).parent), str(REPO / "serve")]},
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({**ARGS, "segmenter": str(ckpt), "pixel": str(bundle)}), name="diffseg", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        sys.path.remove(str(REPO))
+
+
+def _pids(url):
+    info = requests.get(f"{url}/v1/info", timeout=30).json()
+    return info["ingress"]["pid"], {name: m["pid"] for name, m in info["models"].items()}, info
+
+
+def _png(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_endpoints_round_trip(app_url):
+    models = ["factorized", "pixel", "sampler"]
+    assert requests.get(f"{app_url}/healthz", timeout=30).json() == {"status": "ok", "models": models}
+    _, pids, info = _pids(app_url)
+    assert list(pids) == models and len(set(pids.values())) == 3  # one replica process per model
+    assert info["models"]["factorized"]["num_components"] == 3 and info["limits"]["max_body_bytes"] == MAX_BODY
+
+    # raw bytes -> JSON with areas, uncertainty and a class-id mask at the upload's size
+    r = requests.post(f"{app_url}/v1/segment?t=20&seed=3", data=png_bytes(40, 24), timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"], body["t"], body["seed"]) == (40, 24, 20, 3)
+    assert sum(c["area_px"] for c in body["classes"]) == 40 * 24 and len(body["classes"]) == 3
+    assert 0 <= body["uncertainty"]["mean"] <= 1 and "overlay_png" not in body
+    mask = np.asarray(_png(body["mask_png"]))
+    assert mask.shape == (24, 40) and mask.max() < 3
+    again = requests.post(f"{app_url}/v1/segment?t=20&seed=3", data=png_bytes(40, 24), timeout=60).json()
+    assert again["mask_png"] == body["mask_png"]  # same seed, same answer
+
+    # multipart JPEG upload with form fields -> JSON with an overlay; and the PNG-only outputs
+    files = {"image": ("x.jpg", jpeg_bytes(30, 30), "image/jpeg")}
+    r = requests.post(f"{app_url}/v1/segment", files=files, data={"overlay": "true", "t": "5"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert _png(r.json()["overlay_png"]).size == (30, 30) and r.json()["t"] == 5
+    for output in ("mask", "color", "overlay"):
+        r = requests.post(f"{app_url}/v1/segment?output={output}", data=png_bytes(17, 9), timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (17, 9)
+
+    # the pixel ensemble (DDPM features + MLPs): class names from its bundle, the ensemble's uncertainty
+    r = requests.post(f"{app_url}/v1/segment?method=pixel&overlay=1", data=png_bytes(20, 20), timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["name"] for c in body["classes"]] == ["background", "horse"] and body["t"] is None
+    assert body["model"]["kind"] == "pixel-ensemble" and _png(body["overlay_png"]).size == (20, 20)
+
+    # sampler: images and masks, deterministic per seed; a grid
+    r = requests.post(f"{app_url}/v1/sample", json={"num_images": 2, "steps": 4, "seed": 11}, timeout=60)
+    assert r.status_code == 200, r.text
+    samples = r.json()["samples"]
+    assert len(samples) == 2 and _png(samples[0]["image_png"]).size == (16, 16)
+    assert np.asarray(_png(samples[0]["mask_png"])).max() < 3
+    again = requests.post(f"{app_url}/v1/sample", json={"num_images": 1, "steps": 4, "seed": 11}, timeout=60)
+    assert again.json()["samples"][0]["image_png"] == samples[0]["image_png"]
+    r = requests.post(f"{app_url}/v1/sample", json={"num_images": 3, "steps": 2, "output": "grid"}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+    r = requests.get(f"{app_url}/", timeout=30)
+    assert r.status_code == 200 and '<form id="segment-form">' in r.text
+
+
+def test_concurrent_requests_are_batched(app_url):
+    def post(i):
+        return requests.post(f"{app_url}/v1/segment?seed={i}", data=png_bytes(16, 16, seed=i), timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = [r.status_code for r in pool.map(post, range(16))]
+    assert codes == [200] * 16
+    assert _pids(app_url)[2]["models"]["factorized"]["largest_batch"] >= 2
+
+
+def _bad_requests(url):
+    """(name, method, url, kwargs, expected status) for one of each way to get a request wrong."""
+    seg, smp = f"{url}/v1/segment", f"{url}/v1/sample"
+    good = png_bytes(20, 20)
+
+    def chunked_oversize():
+        for _ in range(30):
+            yield b"\x89PNG\r\n\x1a\n" + b"x" * 10_000
+
+    return [
+        ("text bytes", "post", seg, {"data": b"hello, world"}, 415),
+        ("random bytes", "post", seg, {"data": os.urandom(500)}, 415),
+        ("empty body", "post", seg, {"data": b""}, 400),
+        ("truncated png", "post", seg, {"data": good[: len(good) // 2]}, 400),
+        ("png magic only", "post", seg, {"data": good[:8]}, 400),
+        ("corrupt header", "post", seg, {"data": good[:16] + os.urandom(64)}, 400),
+        ("truncated jpeg", "post", seg, {"data": jpeg_bytes(64, 64)[:300]}, 400),
+        ("huge dims", "post", seg, {"data": png_with_declared_size(100_000, 100_000)}, 413),
+        ("tall dims", "post", seg, {"data": png_with_declared_size(2000, 10)}, 413),
+        ("gif", "post", seg, {"data": b"GIF89a" + b"\0" * 64}, 415),
+        ("oversize body", "post", seg, {"data": b"\x89PNG\r\n\x1a\n" + b"\0" * (MAX_BODY + 1)}, 413),
+        ("oversize chunked", "post", seg, {"data": chunked_oversize}, 413),
+        ("text/plain", "post", seg, {"data": good, "headers": {"Content-Type": "text/plain"}}, 415),
+        ("json to segment", "post", seg, {"json": {"image": "x"}}, 415),
+        ("t too big", "post", f"{seg}?t=100", {"data": good}, 422),
+        ("t negative", "post", f"{seg}?t=-1", {"data": good}, 422),
+        ("t not int", "post", f"{seg}?t=abc", {"data": good}, 422),
+        ("seed float", "post", f"{seg}?seed=1.5", {"data": good}, 422),
+        ("bad method", "post", f"{seg}?method=grabcut", {"data": good}, 422),
+        ("bad output", "post", f"{seg}?output=gif", {"data": good}, 422),
+        ("bad alpha", "post", f"{seg}?alpha=7", {"data": good}, 422),
+        ("unknown param", "post", f"{seg}?k=5", {"data": good}, 422),
+        ("form no image", "post", seg, {"files": {"other": ("a.png", good, "image/png")}}, 422),
+        ("form text image", "post", seg, {"files": {"image": (None, "not a file")}}, 422),
+        ("form bad image", "post", seg, {"files": {"image": ("a.png", b"nope", "image/png")}}, 415),
+        ("get segment", "get", seg, {}, 405),
+        ("no route", "post", f"{url}/v1/nothing", {"data": good}, 404),
+        ("sample zero", "post", smp, {"json": {"num_images": 0}}, 422),
+        ("sample many", "post", smp, {"json": {"num_images": 1000}}, 422),
+        ("sample str", "post", smp, {"json": {"num_images": "2"}}, 422),
+        ("sample bool", "post", smp, {"json": {"steps": True}}, 422),
+        ("sample steps", "post", smp, {"json": {"steps": 10_000}}, 422),
+        ("sample seed", "post", smp, {"json": {"seed": -5}}, 422),
+        ("sample label", "post", smp, {"json": {"label": 1}}, 422),
+        ("sample extra", "post", smp, {"json": {"prompt": "a horse"}}, 422),
+        ("sample array", "post", smp, {"json": [1, 2]}, 422),
+        (
+            "sample bad json",
+            "post",
+            smp,
+            {"data": b"{num_images:", "headers": {"Content-Type": "application/json"}},
+            400,
+        ),
+        ("sample form", "post", smp, {"data": {"num_images": "2"}}, 415),  # application/x-www-form-urlencoded
+        ("sample no type", "post", smp, {"data": b"num_images=2"}, 400),  # read as JSON, which it is not
+        ("sample oversize", "post", smp, {"json": {"x": "y" * 70_000}}, 413),
+        ("sample output", "post", smp, {"json": {"output": "tiff"}}, 422),
+    ]
+
+
+def _send(method, url, kwargs):
+    kwargs = dict(kwargs)
+    if callable(kwargs.get("data")):
+        kwargs["data"] = kwargs["data"]()
+    return getattr(requests, method)(url, timeout=60, **kwargs)
+
+
+def test_malformed_requests_get_4xx_and_replicas_survive(app_url):
+    ingress_pid, pids, _ = _pids(app_url)
+    bad = _bad_requests(app_url)
+    jpg = {"file": ("a.jpg", jpeg_bytes(), "image/jpg")}
+    valid = [
+        ("valid segment", "post", f"{app_url}/v1/segment?t=10", {"data": png_bytes(24, 24)}, 200),
+        ("valid multipart", "post", f"{app_url}/v1/segment", {"files": jpg}, 200),
+        ("valid pixel", "post", f"{app_url}/v1/segment?method=pixel", {"data": png_bytes(24, 24)}, 200),
+        ("valid sample", "post", f"{app_url}/v1/sample", {"json": {"num_images": 1, "steps": 2}}, 200),
+    ]  # fmt: skip
+    plan = []
+    for i in range(6):  # 6 x 41 kinds = 246 bad requests, one valid one after every 8
+        for j, case in enumerate(bad):
+            plan.append(case)
+            if j % 8 == 7:
+                plan.append(valid[(i + j) % len(valid)])
+    assert sum(c[-1] >= 400 for c in plan) >= 200
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda c: _send(c[1], c[2], c[3]), plan))
+    wrong = []
+    for (name, *_, expected), r in zip(plan, responses):
+        if r.status_code != expected:
+            wrong.append((name, expected, r.status_code, r.text[:200]))
+        elif expected >= 400:
+            err = r.json()["error"]  # every error is JSON and says what is wrong
+            assert err["status"] == expected and err["message"], (name, err)
+    assert not wrong, wrong
+
+    ingress_after, pids_after, info = _pids(app_url)
+    assert (ingress_after, pids_after) == (ingress_pid, pids)  # no replica crashed or was replaced
+    assert all(m["failures"] == 0 for m in info["models"].values())
+    assert requests.get(f"{app_url}/healthz", timeout=30).status_code == 200
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_web_page_in_headless_chromium(app_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(png_bytes(48, 32))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(app_url + "/")
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            assert "factorized" in page.inner_text("#models")
+            assert page.locator("#segment-method option").all_inner_texts() == ["factorized", "pixel"]
+            page.set_input_files("#segment-file", str(upload))
+            page.click("#segment-submit")
+            page.wait_for_selector("#segment-result img[alt='overlay']", timeout=30_000)
+            assert page.locator("#segment-table tr").count() == 4  # header + 3 regions
+            page.fill("#sample-n", "2")
+            page.fill("#sample-steps", "3")
+            page.click("#sample-submit")
+            page.wait_for_selector("#sample-result img[alt='mask 1']", timeout=30_000)
+            assert page.locator("#sample-result img").count() == 4  # 2 images + 2 masks
+            page.fill("#sample-steps", "5000")  # out of range: the page shows the server's error
+            page.click("#sample-submit")
+            page.wait_for_function("document.getElementById('sample-error').textContent.includes('422')")
+            assert "steps" in page.inner_text("#sample-error")
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -1,0 +1,371 @@
+"""The Ray-free half of serving: image decoding and limits, parameter checks, model wrappers, rendering."""
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffseg.checkpoint import save_checkpoint
+from diffseg.config import ConfigError, from_dict, to_dict
+from diffseg.factorized import FactorizedConfig
+from diffseg.models import ModelConfig, build_model
+from diffseg.serving import (
+    DiffusionSampler,
+    FactorizedSegmenter,
+    Limits,
+    PixelEnsembleSegmenter,
+    RequestError,
+    SampleParams,
+    SegmentParams,
+    ServeAppConfig,
+    decode_image,
+    parse_sample_request,
+    parse_segment_params,
+    render_samples,
+    render_segmentation,
+    resolve_source,
+    segmentation_stats,
+    to_model_input,
+    upsample_result,
+)
+from diffseg.unet import UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+def tiny_checkpoint(path, kind="factorized", num_classes=None, image_size=16, num_timesteps=100, seed=0):
+    """A random-init model as a real checkpoint file (what training writes), small enough to serve in tests."""
+    torch.manual_seed(seed)
+    unet = UNetConfig(
+        image_size=image_size,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        num_classes=num_classes,
+    )
+    cfg = ModelConfig(kind=kind, unet=unet, factorized=FactorizedConfig(num_components=3))
+    model = build_model(cfg)
+    config = {"model": to_dict(cfg), "diffusion": {"num_timesteps": num_timesteps}}
+    return save_checkpoint(path, config=config, model=model, ema=model, step=5)
+
+
+def tiny_pixel_bundle(folder, class_names=("background", "horse")):
+    """A pixel-segmenter bundle (diffseg.pixel) on a tiny random-init DDPM backbone: real DDPM features, an
+    untrained 3-member ensemble. Returns its path."""
+    from diffseg.features import FeatureConfig, FeaturePipeline
+    from diffseg.pixel import MLPEnsemble, PixelSegmenter
+
+    backbone = tiny_checkpoint(Path(folder) / "ddpm.pt", kind="ddpm")
+    recipe = FeatureConfig(backbone=str(backbone), blocks=("dec.1", "dec.3"), timesteps=(5, 20), precision="fp32")
+    dim = FeaturePipeline(recipe, "cpu").dim
+    torch.manual_seed(0)
+    ensemble = MLPEnsemble(dim, len(class_names), members=3)
+    seg = PixelSegmenter(ensemble, recipe, list(class_names), image_size=16, extra={"step": 3}, device="cpu")
+    return seg.save(Path(folder) / "pixel.pt")
+
+
+def png_bytes(w=20, h=12, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (h, w, len(mode)) if mode in ("RGB", "RGBA") else (h, w)
+    im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(w=20, h=12):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def png_with_declared_size(w, h):
+    """A PNG whose header declares w x h (valid CRC) but carries one tiny IDAT: a decompression bomb's header."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is fastest, and spin-waiting threads hurt on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serving") / "checkpoint.pt")
+
+
+LIMITS = Limits(max_body_bytes=100_000, max_image_pixels=100 * 100, max_image_side=200)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def test_decode_png_jpeg_and_modes():
+    assert decode_image(png_bytes(20, 12), LIMITS).size == (20, 12)
+    assert decode_image(jpeg_bytes(20, 12), LIMITS).mode == "RGB"
+    for mode in ("L", "RGBA", "P"):
+        buf = io.BytesIO()
+        Image.new(mode, (5, 7)).save(buf, format="PNG")
+        im = decode_image(buf.getvalue(), LIMITS)
+        assert im.mode == "RGB" and im.size == (5, 7)
+    buf = io.BytesIO()  # 16-bit greyscale is rescaled, not clipped to white
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(buf, format="PNG")
+    assert 120 <= np.asarray(decode_image(buf.getvalue(), LIMITS))[0, 0, 0] <= 135
+
+
+def _status(data, limits=LIMITS):
+    with pytest.raises(RequestError) as e:
+        decode_image(data, limits)
+    assert e.value.field == "image" and e.value.message
+    return e.value.status
+
+
+def test_decode_rejects_bad_bytes():
+    good = png_bytes(20, 12)
+    assert _status(b"") == 400
+    assert _status(b"not an image at all") == 415
+    assert _status(b"GIF89a" + b"\0" * 20) == 415
+    assert _status(good[: len(good) // 2]) == 400  # truncated
+    assert _status(good[:8] + b"\0" * 40) == 400  # PNG magic, garbage header
+    assert _status(jpeg_bytes()[:200]) == 400
+    assert _status(png_with_declared_size(100_000, 100_000)) == 413  # refused from the header
+    assert _status(png_with_declared_size(101, 100)) == 413  # just over the pixel cap
+    assert _status(png_with_declared_size(300, 1)) == 413  # over the side cap
+    assert _status(png_with_declared_size(50, 50)) == 400  # allowed size, but the data is short
+    assert _status(good, Limits(formats=("JPEG",))) == 415
+    assert _status(b"\x89PNG\r\n\x1a\n" + b"x" * 200_000) == 413  # over the byte cap
+
+
+def test_pil_bomb_guard_is_behind_ours(monkeypatch):
+    """Even with PIL's own limit lowered below ours, the answer is a 413, not an exception."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert _status(png_with_declared_size(90, 90), Limits()) == 413
+
+
+def test_to_model_input():
+    x = to_model_input(decode_image(png_bytes(40, 10), LIMITS), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- parameters
+INFO = {"factorized": {"num_timesteps": 100, "default_t": 30}}
+
+
+def test_segment_params_defaults_and_ranges():
+    p = parse_segment_params({}, LIMITS, INFO)
+    assert p == SegmentParams("factorized", 30, 0, "json", False, 0.5)
+    p = parse_segment_params({"t": "99", "seed": "7", "output": "overlay", "overlay": "true"}, LIMITS, INFO)
+    assert (p.t, p.seed, p.output, p.overlay) == (99, 7, "overlay", True)
+    bad = [
+        {"t": "100"},  # >= T
+        {"t": "-1"},
+        {"t": "1.5"},
+        {"t": "abc"},
+        {"seed": "-3"},
+        {"seed": str(2**40)},
+        {"method": "pixel"},  # not served
+        {"output": "gif"},
+        {"overlay": "maybe"},
+        {"alpha": "2"},
+        {"alpha": "nan"},
+        {"bogus": "1"},
+    ]
+    for query in bad:
+        with pytest.raises(RequestError) as e:
+            parse_segment_params(query, LIMITS, INFO)
+        assert e.value.status == 422 and e.value.field, query
+    with pytest.raises(RequestError, match="t=301"):  # capped by limits.max_t even when T is larger
+        parse_segment_params({"t": "301"}, Limits(), {"factorized": {"num_timesteps": 1000}})
+
+
+def test_sample_request_parsing():
+    info = {"num_timesteps": 100, "num_classes": None}
+    p = parse_sample_request(b'{"num_images": 3, "steps": 10, "seed": 4, "output": "grid"}', LIMITS, info)
+    assert p == SampleParams(3, 10, 4, None, "grid")
+    assert parse_sample_request(b"", LIMITS, info).num_images == 4
+    bad = {
+        b"[1, 2]": 422,
+        b"{not json": 400,
+        b"\xff\xfe": 400,
+        b'{"num_images": 0}': 422,
+        b'{"num_images": 17}': 422,
+        b'{"num_images": "2"}': 422,
+        b'{"num_images": 2.5}': 422,
+        b'{"num_images": true}': 422,
+        b'{"steps": 101}': 422,
+        b'{"seed": -1}': 422,
+        b'{"label": 1}': 422,  # unconditional model
+        b'{"output": "bmp"}': 422,
+        b'{"extra": 1}': 422,
+        b"[" * 50_000 + b"]" * 50_000: 413,
+        b"[" * 30_000 + b"]" * 30_000: 400,  # under the byte cap, over the parser's depth
+    }
+    for body, status in bad.items():
+        with pytest.raises(RequestError) as e:
+            parse_sample_request(body, LIMITS, info)
+        assert e.value.status == status, body[:30]
+    cond = {"num_timesteps": 100, "num_classes": 5}
+    assert parse_sample_request(b'{"label": 4}', LIMITS, cond).label == 4
+    assert (
+        parse_sample_request(b'{"seed": 3}', LIMITS, cond).label
+        == parse_sample_request(b'{"seed": 3}', LIMITS, cond).label
+    )
+    with pytest.raises(RequestError, match="label=5"):
+        parse_sample_request(b'{"label": 5}', LIMITS, cond)
+
+
+def test_app_config_from_yaml_args():
+    cfg = from_dict(ServeAppConfig, {"segmenter": "x.pt", "batching": {"enabled": False}})
+    assert cfg.sampler_source == "x.pt" and not cfg.batching.enabled
+    with pytest.raises(ConfigError, match="nothing to serve"):
+        from_dict(ServeAppConfig, {})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_dict(ServeAppConfig, {"segmenter": "x.pt", "limits": {"max_bytes": 1}})
+
+
+def test_serve_config_yaml_parses():
+    """serve/config.yaml's args are a valid ServeAppConfig, and it binds to loopback."""
+    import yaml
+
+    doc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    (app,) = doc["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    cfg = from_dict(ServeAppConfig, app["args"])
+    assert cfg.batching.enabled and cfg.limits.formats == ("PNG", "JPEG")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def test_factorized_segmenter_batch_independent(ckpt):
+    seg = FactorizedSegmenter.load(str(ckpt), device="cpu")
+    info = seg.info()
+    assert info["num_components"] == 3 and info["step"] == 5 and info["num_timesteps"] == 100
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (3, 3, 16, 16)).astype(np.float32)
+    batch = seg.segment(x, [30, 30, 10], [1, 2, 3])  # two distinct t in one batch
+    alone = seg.segment(x[1:2], [30], [2])
+    p = batch[1]["probs"]
+    assert p.shape == (3, 16, 16) and np.allclose(p.sum(0), 1, atol=1e-5)
+    np.testing.assert_allclose(p, alone[0]["probs"], atol=1e-5)  # an answer does not depend on its batch
+    assert not np.allclose(seg.segment(x[1:2], [30], [9])[0]["probs"], p)  # the seed matters
+
+
+def test_factorized_segmenter_refuses_ddpm(tmp_path):
+    with pytest.raises(ValueError, match="need kind=factorized"):
+        FactorizedSegmenter.load(str(tiny_checkpoint(tmp_path / "d.pt", kind="ddpm")), device="cpu")
+
+
+def test_sampler_batch_independent_and_conditional(ckpt, tmp_path):
+    sampler = DiffusionSampler.load(str(ckpt), device="cpu")
+    reqs = [
+        SampleParams(2, 4, 7, None, "json"),
+        SampleParams(1, 3, 8, None, "json"),
+        SampleParams(1, 4, 9, None, "json"),
+    ]
+    out = sampler.sample(reqs)
+    assert out[0]["images"].shape == (2, 16, 16, 3) and out[0]["images"].dtype == np.uint8
+    assert out[0]["labels"].shape == (2, 16, 16) and out[0]["labels"].max() < 3
+    again = sampler.sample([reqs[0]])[0]
+    np.testing.assert_array_equal(out[0]["images"], again["images"])
+    ddpm = DiffusionSampler.load(str(tiny_checkpoint(tmp_path / "c.pt", kind="ddpm", num_classes=4)), device="cpu")
+    assert ddpm.info()["num_classes"] == 4
+    res = ddpm.sample([SampleParams(2, 3, 0, 1, "json"), SampleParams(1, 3, 0, 2, "json")])
+    assert res[0]["labels"] is None and res[1]["images"].shape == (1, 16, 16, 3)
+
+
+class FakeBundle:
+    """Stands in for diffseg.pixel.PixelSegmenter: the adapter needs only these three members."""
+
+    class_names = ["background", "horse"]
+    image_size = 16
+
+    def predict(self, images):
+        labels = (images[:, 0] > 0).long()  # (B, S, S)
+        return labels, torch.full(labels.shape, 0.25)
+
+
+def test_pixel_bundle_segments(tmp_path):
+    seg = PixelEnsembleSegmenter.load(str(tiny_pixel_bundle(tmp_path)), device="cpu")
+    info = seg.info()
+    assert info["class_names"] == ["background", "horse"] and info["image_size"] == 16 and info["step"] == 3
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    out = seg.segment(x, [0, 0], [0, 0])
+    assert out[0]["labels"].shape == (16, 16) and out[0]["labels"].max() < 2
+    assert out[0]["uncertainty"].shape == (16, 16) and (out[0]["uncertainty"] >= -1e-6).all()
+    np.testing.assert_array_equal(seg.segment(x[1:], [0], [0])[0]["labels"], out[1]["labels"])
+
+
+def test_pixel_adapter_and_rendering():
+    seg = PixelEnsembleSegmenter(FakeBundle(), source="fake", device=torch.device("cpu"))
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    x[0, :, :, :8] = 1  # left half is "horse"
+    (res,) = seg.segment(x, [0], [0])
+    assert res["labels"].shape == (16, 16) and res["labels"][:, :8].all()
+    info = seg.info()
+    assert info["class_names"] == ["background", "horse"] and info["num_classes"] == 2
+    image = Image.new("RGB", (32, 20))
+    params = SegmentParams("pixel", 0, 0, "json", True, 0.5)
+    media, body = render_segmentation(image, res, params, info)
+    assert media == "application/json" and body["width"] == 32 and body["height"] == 20
+    areas = {c["name"]: c["area_frac"] for c in body["classes"]}
+    assert areas == {"background": 0.5, "horse": 0.5}
+    assert body["uncertainty"]["mean"] == pytest.approx(0.25)
+    mask = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(body["mask_png"]))))
+    assert mask.shape == (20, 32) and set(np.unique(mask)) == {0, 1}
+    assert "overlay_png" in body
+    for output in ("mask", "color", "overlay"):
+        media, png = render_segmentation(image, res, SegmentParams("pixel", 0, 0, output, False, 0.5), info)
+        assert media == "image/png" and Image.open(io.BytesIO(png)).size == (32, 20)
+    json.dumps(body)  # JSON-serialisable as is
+
+
+def test_upsample_soft_masks_and_stats():
+    probs = np.zeros((3, 4, 4), np.float32)
+    probs[0, :, :2], probs[2, :, 2:] = 1, 1
+    labels, unc = upsample_result({"probs": probs}, (8, 8))
+    assert labels.shape == (8, 8) and set(np.unique(labels)) == {0, 2}
+    assert unc[:, :3].max() < 1e-3 and unc[:, 5:].max() < 1e-3  # one-hot masks: certain away from the border
+    assert unc[:, 3:5].min() > 0.1  # bilinear upsampling mixes the two regions at the border
+    _, unc_uniform = upsample_result({"probs": np.full((3, 2, 2), 1 / 3, np.float32)}, (2, 2))
+    np.testing.assert_allclose(unc_uniform, 1, atol=1e-5)
+    stats = segmentation_stats(labels, unc, ["a", "b", "c"])
+    assert [c["area_px"] for c in stats["classes"]] == [32, 0, 32] and stats["present"] == [0, 2]
+    assert stats["classes"][1]["mean_uncertainty"] is None
+
+
+def test_render_samples_grid_and_json():
+    res = {"images": np.zeros((2, 16, 16, 3), np.uint8), "labels": np.zeros((2, 16, 16), np.uint8)}
+    info = {"num_components": 3, "kind": "factorized"}
+    media, png = render_samples(res, SampleParams(2, 3, 0, None, "grid"), info)
+    assert media == "image/png" and Image.open(io.BytesIO(png)).size[0] > 16 * 6
+    media, body = render_samples(res, SampleParams(2, 3, 0, None, "json"), info)
+    assert len(body["samples"]) == 2 and {"image_png", "mask_png", "color_png"} <= set(body["samples"][0])
+
+
+def test_resolve_source_paths_and_mlflow_uri(ckpt, tmp_path):
+    assert resolve_source(str(ckpt)) == ckpt
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve_source(str(tmp_path / "missing.pt"))
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("serving")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(ckpt), "checkpoint")  # what training logs
+    seg = FactorizedSegmenter.load(f"runs:/{run.info.run_id}/checkpoint", device="cpu")
+    assert seg.info()["num_components"] == 3 and seg.info()["source"].startswith("runs:/")
