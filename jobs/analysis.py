@@ -2,7 +2,7 @@
 
 python jobs/analysis.py [--config FILE] [--dry-run] [key.path=value ...]
 python jobs/analysis.py --config jobs/configs/label_celeba_analysis.yaml \
-    backbone=/work/runs/label/ddpm_celeba/checkpoint.pt
+    backbone=runs/label/ddpm_celeba/checkpoint.pt
 """
 
 import sys

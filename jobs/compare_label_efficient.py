@@ -2,7 +2,7 @@
 
 python jobs/compare_label_efficient.py [--config FILE] [--dry-run] [key.path=value ...]
 python jobs/compare_label_efficient.py --config jobs/configs/label_celeba_compare.yaml \
-    checkpoint=/work/runs/label/ddpm_celeba/checkpoint.pt
+    checkpoint=runs/label/ddpm_celeba/checkpoint.pt
 """
 
 import sys

@@ -2,7 +2,7 @@
 
 python jobs/dataset_ddpm.py [--config FILE] [--dry-run] [key.path=value ...]
 python jobs/dataset_ddpm.py --config jobs/configs/label_celeba_dataset_ddpm.yaml \
-    segmenter=/work/runs/label/compare/ddpm/segmenter.pt
+    segmenter=runs/label/compare/ddpm/segmenter.pt
 """
 
 import sys

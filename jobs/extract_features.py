@@ -2,7 +2,7 @@
 
 python jobs/extract_features.py [--config FILE] [--dry-run] [key.path=value ...]
 python jobs/extract_features.py --config jobs/configs/label_celeba_extract.yaml \
-    features.backbone=/work/runs/label/ddpm_celeba/checkpoint.pt split=train limit=20 name=celeba-train
+    features.backbone=runs/label/ddpm_celeba/checkpoint.pt split=train limit=20 name=celeba-train
 ray job submit --working-dir . -- python jobs/extract_features.py --config ... gpus_per_actor=1 num_actors=4
 """
 

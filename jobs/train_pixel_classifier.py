@@ -2,7 +2,7 @@
 
 python jobs/train_pixel_classifier.py [--config FILE] [--dry-run] [key.path=value ...]
 python jobs/train_pixel_classifier.py --config jobs/configs/label_celeba_pixel.yaml \
-    train_shards=/work/runs/label/compare/shards/ddpm
+    train_shards=runs/label/compare/shards/ddpm
 """
 
 import sys

@@ -25,14 +25,6 @@ from diffseg.unet import UNet, UNetConfig
 TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def trained_state(kind="ddpm"):
     """A model, its EMA and an Adam optimizer with state, after two steps."""
     torch.manual_seed(0)

@@ -22,15 +22,6 @@ from diffseg.diffusion import (
 from diffseg.unet import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def linear(T: int = 1000) -> GaussianDiffusion:
     return GaussianDiffusion(get_named_beta_schedule("linear", T))
 

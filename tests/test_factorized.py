@@ -14,14 +14,6 @@ from diffseg.unet import UNetConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: intra-op threads only contend
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(num_classes: int | None = None) -> UNetConfig:
     return UNetConfig(
         image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_classes=num_classes

@@ -14,14 +14,6 @@ from diffseg.unet import UNet, UNetConfig, count_parameters
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize_(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

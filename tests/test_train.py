@@ -42,16 +42,6 @@ def tiny_cfg(tmp_path: Path, kind: str = "factorized", **changes):
     return replace(cfg, **{**TINY, "output_dir": str(tmp_path / "runs"), **changes})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # This machine's cores are shared by many processes: intra-op threads then spin against each other, and a tiny
-    # model trains many times slower than with one thread (Ray Train's workers get OMP_NUM_THREADS=1 anyway).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

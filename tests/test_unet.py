@@ -14,14 +14,6 @@ from diffseg.diffusion import GaussianDiffusion, get_named_beta_schedule
 from diffseg.unet import UNET_SIZES, UNet, UNetConfig, build_unet, count_parameters, unet_config_from_guided_flags
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Replace ADM's zero-initialised output layers with random weights, so that every path shows in the output."""
     g = torch.Generator().manual_seed(seed)

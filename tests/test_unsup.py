@@ -30,15 +30,6 @@ SIZE = 16
 UNET = UNetConfig(image_size=SIZE, model_channels=8, channel_mult=(1, 2), attention_resolutions=())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several (and than spinning threads on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _factorized(k: int = 3, num_classes: int | None = None, seed: int = 0) -> FactorizedUNet:
     torch.manual_seed(seed)
     cfg = UNetConfig(**{**UNET.__dict__, "num_classes": num_classes})
