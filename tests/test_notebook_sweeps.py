@@ -1,0 +1,57 @@
+"""notebooks/tune_sweeps.ipynb runs end to end (nbclient, this venv's Python as the kernel) and leaves its results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tune_sweeps_notebook_executes(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    out = tmp_path / "out"
+    monkeypatch.setenv("DIFFSEG_NOTEBOOK_OUT", str(out))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # its own local cluster
+    monkeypatch.delenv("DIFFSEG_SAVE_DOCS", raising=False)  # never rewrite the committed figure from a test
+    # A kernel spec for exactly this interpreter (found through JUPYTER_PATH), so the notebook imports what the
+    # tests import.
+    spec_dir = tmp_path / "jupyter" / "kernels" / "diffseg-test"
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "diffseg", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+
+    nb = nbformat.read(REPO / "notebooks" / "tune_sweeps.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="diffseg-test",
+        resources={"metadata": {"path": str(REPO / "notebooks")}},
+    )
+    client.execute()
+
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
+    assert images, "the results figure was not displayed"
+    assert (out / "sweep_result.png").stat().st_size > 5000
+    for name, trials in (("blocks_x_timesteps", 6), ("mlp_size", 3), ("k", 3)):
+        import pandas as pd
+
+        table = pd.read_csv(out / "sweeps" / name / "results.csv")
+        assert len(table) == trials and set(table["status"]) == {"DONE"}, (name, table)
+        assert (out / "sweeps" / name / "results.png").is_file()
+    # one extraction per (blocks, timesteps) pair; the MLP-size sweep only hit the cache
+    events = [json.loads(line)["event"] for line in (out / "sweeps" / "feature_cache" / "events.jsonl").open()]
+    assert events.count("build") == 6 and events.count("hit") == 3
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream")
+    assert "3 nested trial runs" in text and "6 nested trial runs" in text

@@ -1,0 +1,227 @@
+"""Tune sweeps: search-space encoding, the feature-shard cache, and (slow) a pixel sweep that is interrupted and
+resumed: DataFrame + best config, one extraction per feature recipe, nested MLflow runs, remaining trials finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffseg.config import replace
+from diffseg.sweep import (
+    FeatureCache,
+    PixelTrialConfig,
+    SweepConfig,
+    build_param_space,
+    decode,
+    feature_key,
+    plot_results,
+    trial_overrides,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_param_space_round_trips_lists_and_rejects_grids_for_optuna():
+    from ray import tune
+
+    space = build_param_space(
+        {"features.blocks": [["dec.1"], ["dec.2", "dec.3"]], "optim.lr": {"loguniform": [1e-4, 1e-2]}}
+    )
+    grid = space["features"]["blocks"]["grid_search"]
+    assert all(isinstance(v, str) for v in grid)  # primitives, so any searcher accepts them
+    assert [decode(v) for v in grid] == [["dec.1"], ["dec.2", "dec.3"]]
+    assert isinstance(space["optim"]["lr"], tune.search.sample.Float)
+    config = {"features": {"blocks": grid[1]}, "optim": {"lr": 3e-3}}
+    assert trial_overrides(config, ["features.blocks", "optim.lr"]) == {
+        "features.blocks": ["dec.2", "dec.3"],
+        "optim.lr": 3e-3,
+    }
+    # optuna cannot search grids: a bare list becomes a categorical choice, an explicit grid is an error
+    assert isinstance(build_param_space({"a.b": [1, 2]}, "optuna")["a"]["b"], tune.search.sample.Categorical)
+    with pytest.raises(ValueError, match="optuna cannot search a grid"):
+        build_param_space({"a.b": {"grid": [1, 2]}}, "optuna")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        build_param_space({"a.b": {"normal": [0, 1]}})
+
+
+def test_feature_key_ignores_classifier_and_batching_but_not_recipe(tmp_path):
+    base = PixelTrialConfig()
+    key = feature_key(base.features, base.data)
+    assert feature_key(replace(base, **{"features.batch_size": 32}).features, base.data) == key
+    assert feature_key(replace(base, **{"features.timesteps": [50]}).features, base.data) != key
+    assert feature_key(base.features, replace(base, **{"data.num_train": 3}).data) != key
+    ckpt = tmp_path / "ddpm.pt"
+    ckpt.write_bytes(b"1")
+    k1 = feature_key(replace(base, **{"features.backbone": str(ckpt)}).features, base.data)
+    os.utime(ckpt, ns=(1, 1))  # a retrained checkpoint at the same path is a different backbone
+    assert feature_key(replace(base, **{"features.backbone": str(ckpt)}).features, base.data) != k1
+
+
+def test_feature_cache_builds_once_under_concurrency_and_ignores_torn_entries(tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    builds = []
+
+    def build(d: Path) -> None:
+        builds.append(d)
+        time.sleep(0.2)  # long enough for the other threads to arrive while this one builds
+        (d / "train").mkdir(parents=True)
+        (d / "train" / "x.parquet").write_text("x")
+
+    key = {"features": {"blocks": ["dec.1"]}}
+    torn = cache.path(key)
+    torn.mkdir(parents=True)  # a killed builder's leftovers: no _SUCCESS marker
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(cache.get(key, build))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(set(out)) == 1
+    assert (out[0] / "_SUCCESS").is_file() and (out[0] / "train" / "x.parquet").is_file()
+    assert json.loads((out[0] / "key.json").read_text()) == key
+    assert sorted(e["event"] for e in cache.events()) == ["build", "hit", "hit", "hit"]
+    assert not list(cache.root.glob(".*.tmp-*"))  # no temp folders left behind
+
+
+def test_plot_results_heatmap_and_bars(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {
+            "features.blocks": ["dec.1", "dec.1", "dec.2", "dec.2"],
+            "features.timesteps": ["50", "250", "50", "250"],
+            "test/miou": [0.1, 0.2, 0.3, 0.4],
+        }  # fmt: skip
+    )
+    heat = plot_results(df, ["features.blocks", "features.timesteps"], "test/miou", tmp_path / "heat.png")
+    bars = plot_results(df, ["features.blocks"], "test/miou", tmp_path / "bars.png")
+    assert heat.stat().st_size > 1000 and bars.stat().st_size > 1000
+
+
+def test_sweep_yaml_specs_load():
+    from diffseg.config import load_config
+
+    for name in ("sweep_k_tiny.yaml", "sweep_blocks_tiny.yaml"):
+        cfg = load_config(SweepConfig, REPO / "jobs" / "configs" / name)
+        assert cfg.space and cfg.metric.startswith("test/")
+
+
+# ---------------------------------------------------------------------------------------------------- slow
+def _tiny_backbone(path: Path) -> str:
+    """A randomly initialised 16 px DDPM checkpoint: the plumbing, not the quality, is under test here."""
+    from diffseg.checkpoint import save_checkpoint
+    from diffseg.models import build_model
+    from diffseg.train import TrainConfig
+
+    tc = replace(TrainConfig(), **{"model.unet.image_size": 16, "model.unet.model_channels": 16,
+                                   "model.unet.channel_mult": [1, 2], "model.unet.attention_resolutions": [],
+                                   "model.unet.num_res_blocks": 1})  # fmt: skip
+    model = build_model(tc.model)
+    save_checkpoint(path, config=tc, model=model, ema=model, optimizer=None, step=0, extra={})
+    return str(path)
+
+
+def _finished_trials(exp_dir: Path) -> int:
+    return sum(1 for p in exp_dir.glob("trial_*/result.json") if p.stat().st_size > 0)
+
+
+@pytest.mark.slow
+def test_pixel_sweep_interrupted_then_resumed(tmp_path):
+    """One sweep, 2 feature recipes x 2 MLP sizes, run one trial at a time as `jobs/sweep.py`; SIGINT after the
+    first trial, then `--resume`: every trial ends exactly once, shards are extracted once per recipe, and every
+    trial is an MLflow run nested under the sweep's run, which holds the table and the plot."""
+    backbone = _tiny_backbone(tmp_path / "ddpm.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {
+        "name": "px",
+        "task": "pixel",
+        "base_overrides": {
+            "features": {"backbone": backbone, "timesteps": [50]},
+            "data": {"image_size": 16, "num_images": 8, "num_train": 4, "num_test": 2},
+            # ~1600 iterations: a trial lasts seconds, so the interruption lands between trials, not after the last
+            "pixel": {"members": 2, "batch_size": 16, "max_epochs": 25},
+        },
+        "space": {"features.blocks": [["dec.1"], ["dec.2", "dec.3"]], "pixel.hidden": [[8], [16, 8]]},
+        "metric": "test/miou",
+        "max_concurrent_trials": 1,
+        "output_dir": str(tmp_path / "sweeps"),
+        "tracking": {"uri": uri, "experiment": "sweep-test"},
+    }
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    env.pop("RAY_ADDRESS", None)  # a local cluster of its own
+    cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(spec_path)]
+    exp_dir = tmp_path / "sweeps" / "px"
+
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while _finished_trials(exp_dir) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{proc.stdout.read()[-3000:]}"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "resume=True" in out, out[-3000:]
+    interrupted_events = FeatureCache(tmp_path / "sweeps" / "feature_cache").events()
+    assert 1 <= len(interrupted_events) < 4
+
+    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    import pandas as pd
+
+    table = pd.read_csv(exp_dir / "results.csv")
+    assert len(table) == 4 and set(table["status"]) == {"DONE"} and table["test/miou"].notna().all()
+    assert table["test/miou"].is_monotonic_decreasing  # best first
+    assert {"features.blocks", "pixel.hidden", "train/loss", "time/features_s"} <= set(table.columns)
+    best = yaml.safe_load((exp_dir / "best_config.yaml").read_text())
+    assert ",".join(best["features"]["blocks"]) == table["features.blocks"][0]
+
+    # Shards: extracted once per recipe (2 builds), reused by the trials that only change the MLP. Trials finished
+    # before the interruption were not run again: one cache access per trial, plus one for the single trial that was
+    # running at the interruption (it had not reported yet, so it restarts).
+    events = [e["event"] for e in FeatureCache(tmp_path / "sweeps" / "feature_cache").events()]
+    assert events.count("build") == 2 and len(events) in (4, 5)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" and "test/miou" in r.data.metrics for r in children)
+    assert {r.data.params["features.blocks"] for r in children} == {"['dec.1']", "['dec.2', 'dec.3']"}
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.md", "results.png", "best_config.yaml"} <= artifacts
+
+
+def test_base_overrides_merge_and_searchers():
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from diffseg.sweep import _scheduler, _search_alg, apply_overrides
+
+    base = PixelTrialConfig()
+    cfg = apply_overrides(
+        base,
+        {"data": {"num_train": 3}, "pixel.members": 2, "test_data": {"name": "folder", "root": "/x", "num_test": 5}},
+    )
+    assert cfg.data.num_train == 3 and cfg.data.num_test == base.data.num_test  # merged key by key, not replaced
+    assert cfg.pixel == {"members": 2} and cfg.test_data.root == "/x" and cfg.test_data.num_test == 5
+    sweep = replace(SweepConfig(), num_reports=4, search="optuna", **{"scheduler.kind": "asha"})
+    assert isinstance(_scheduler(sweep), ASHAScheduler) and _scheduler(SweepConfig()) is None
+    assert isinstance(_search_alg(sweep), OptunaSearch)
