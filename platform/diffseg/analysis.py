@@ -27,6 +27,7 @@ from diffseg.config import save_config, to_dict
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.features import FeatureConfig, FeaturePipeline, shared_noise
 from diffseg.metrics import ConfusionMatrix
+from diffseg.models import resolve_device
 from diffseg.pixel import PixelTrainConfig, predict_pixels, train_ensemble
 from diffseg.shards import FeatureMeta, Shard
 from diffseg.tracking import Tracker, TrackingConfig, flatten
@@ -120,7 +121,7 @@ def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     tracker = Tracker(cfg.tracking, cfg.name)
     tracker.log_params(flatten(to_dict(cfg)))
     from diffseg.features import load_backbone

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from diffseg.config import save_config, to_dict
 from diffseg.data import DataConfig, build_dataset
+from diffseg.models import resolve_device
 from diffseg.tracking import Tracker, TrackingConfig, flatten
 
 
@@ -128,7 +129,7 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     tracker = Tracker(cfg.tracking, cfg.name)
     tracker.log_params(flatten(to_dict(cfg)))
     seg = PixelSegmenter.load(cfg.segmenter, device)

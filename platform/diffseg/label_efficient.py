@@ -27,13 +27,10 @@ from diffseg.config import from_dict, save_config, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.metrics import ConfusionMatrix
+from diffseg.models import resolve_device
 from diffseg.pixel import PixelSegmenter, PixelTrainConfig, train_ensemble
 from diffseg.shards import ShardSet
 from diffseg.tracking import Tracker, TrackingConfig
-
-
-def _device(spec: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -168,7 +165,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     tracker = Tracker(cfg.tracking, cfg.name)
     from diffseg.tracking import flatten
 
@@ -240,7 +237,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     parent = Tracker(cfg.tracking, cfg.name)
     parent.log_params(flatten(to_dict(cfg)))
     backbones = {"ddpm": cfg.checkpoint, "random": f"random:{cfg.checkpoint}", "rgb": "rgb"}
