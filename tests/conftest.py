@@ -66,3 +66,18 @@ def data_dir(shared_dir) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture(scope="module")
+def label_ray():
+    """A local 2-CPU Ray with this checkout's code, for the Ray Data jobs (extract features, comparisons)."""
+    import ray
+
+    from diffseg.train import code_runtime_env
+
+    ray.init(
+        address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,
+        runtime_env=code_runtime_env(),
+    )  # fmt: skip
+    yield
+    ray.shutdown()

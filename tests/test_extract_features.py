@@ -75,20 +75,6 @@ def test_extract_is_per_timestep_with_shared_noise(tmp_path):
     assert feature_dim(rnd, ["dec.1"], [5]) == feature_dim(model, ["dec.1"], [5])
 
 
-@pytest.fixture(scope="module")
-def label_ray():
-    import ray
-
-    from diffseg.train import code_runtime_env
-
-    ray.init(
-        address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,
-        runtime_env=code_runtime_env(),
-    )  # fmt: skip
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_extract_job_through_ray_data(tmp_path, label_ray):
     from diffseg.data import DataConfig, write_synthetic_folder

@@ -175,20 +175,6 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path):
     assert runs[0].data.metrics["dataset/kept"] == 8 and runs[0].data.metrics["test/miou"] == pytest.approx(res["miou"])
 
 
-@pytest.fixture(scope="module")
-def label_ray():
-    import ray
-
-    from diffseg.train import code_runtime_env
-
-    ray.init(
-        address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,
-        runtime_env=code_runtime_env(),
-    )  # fmt: skip
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_compare_job_runs_every_variant_into_one_table(tmp_path, label_ray):
     from diffseg.label_efficient import CompareConfig, run_compare

@@ -23,9 +23,7 @@ DataError naming the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from diffseg.config import atomic_write
 from diffseg.data import IMAGE_EXTS, DataError
 
 # The 19 CelebAMask-HQ classes in the face-parsing order (index = pixel value), as in ../shared/data.
@@ -314,17 +313,6 @@ ADAPTERS: dict[str, Callable[[PrepareConfig], Source]] = {
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _resize_shorter(image: Image.Image, mask: Image.Image, size: int) -> tuple[Image.Image, Image.Image]:
     w, h = image.size
     scale = size / min(w, h)
@@ -357,11 +345,11 @@ def convert_item(item: Item, dst: Path, num_classes: int | None, size: int | Non
         ext = ".jpg"
     image_out = dst / "images" / f"{item.id}{ext}"
     if copy:
-        _atomic(image_out, lambda tmp: shutil.copyfile(item.image, tmp))
+        atomic_write(image_out, lambda tmp: shutil.copyfile(item.image, tmp))
     else:
         rgb = image.convert("RGB")
-        _atomic(image_out, lambda tmp: rgb.save(tmp, format="PNG" if ext == ".png" else "JPEG", quality=95))
-    _atomic(dst / "masks" / f"{item.id}.png", lambda tmp: mask_image.save(tmp, format="PNG"))
+        atomic_write(image_out, lambda tmp: rgb.save(tmp, format="PNG" if ext == ".png" else "JPEG", quality=95))
+    atomic_write(dst / "masks" / f"{item.id}.png", lambda tmp: mask_image.save(tmp, format="PNG"))
     return image_out.name, top
 
 
@@ -407,7 +395,7 @@ def convert(cfg: PrepareConfig, log: Callable[[str], None] | None = print) -> Pa
         "source": source.description + (f", resized to shorter side {cfg.size}" if cfg.size else ""),
         "license": source.license,
     }
-    _atomic(dst / "dataset.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write(dst / "dataset.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
     if log:
         log(f"[prepare] {cfg.layout}: {len(items)} pairs in {dst} ({written} written, {len(items) - written} "
             f"already there), {len(classes)} classes")  # fmt: skip

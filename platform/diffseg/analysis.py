@@ -23,14 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffseg.config import save_config, to_dict
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.features import FeatureConfig, FeaturePipeline, shared_noise
 from diffseg.metrics import ConfusionMatrix
 from diffseg.models import resolve_device
 from diffseg.pixel import PixelTrainConfig, predict_pixels, train_ensemble
 from diffseg.shards import FeatureMeta, Shard
-from diffseg.tracking import Tracker, TrackingConfig, flatten
+from diffseg.tracking import TrackingConfig, start_job
 
 
 @dataclass(frozen=True)
@@ -118,12 +117,8 @@ def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
     from diffseg.baselines import kmeans_segment
     from diffseg.viz import colorize, grid, save_png, to_uint8
 
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
-    tracker = Tracker(cfg.tracking, cfg.name)
-    tracker.log_params(flatten(to_dict(cfg)))
     from diffseg.features import load_backbone
 
     model, diffusion = load_backbone(cfg.backbone, device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffseg.config import from_dict, to_dict
+from diffseg.config import atomic_write, from_dict, to_dict
 from diffseg.models import ModelConfig, build_model
 from diffseg.unet import UNet, UNetConfig, unet_config_from_guided_flags
 
@@ -46,17 +45,7 @@ class Checkpoint:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _cpu(state: dict[str, Any] | None) -> dict[str, Any] | None:

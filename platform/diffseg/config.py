@@ -16,6 +16,7 @@ import sys
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -217,16 +218,25 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Replace `path` all at once: `write(tmp)` fills a hidden temp file beside it (ending in .tmp, so no glob for
+    the real extension ever picks it up; writers must not infer the format from the name), then one rename. On any
+    error the temp file goes and `path` is untouched, so a reader never sees half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def parse_job_args(

@@ -17,17 +17,15 @@ import csv
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffseg.config import save_config, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.models import resolve_device
-from diffseg.tracking import Tracker, TrackingConfig, flatten
+from diffseg.tracking import TrackingConfig, start_job
 
 
 @dataclass(frozen=True)
@@ -126,12 +124,8 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
     from diffseg.sampling import sample
     from diffseg.viz import to_uint8
 
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
-    tracker = Tracker(cfg.tracking, cfg.name)
-    tracker.log_params(flatten(to_dict(cfg)))
     seg = PixelSegmenter.load(cfg.segmenter, device)
     ckpt = cfg.checkpoint or seg.recipe.backbone
     model, diffusion = load_backbone(ckpt, device)

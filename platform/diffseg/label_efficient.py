@@ -23,14 +23,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffseg.config import from_dict, save_config, to_dict
+from diffseg.config import from_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.metrics import ConfusionMatrix
 from diffseg.models import resolve_device
 from diffseg.pixel import PixelSegmenter, PixelTrainConfig, train_ensemble
 from diffseg.shards import ShardSet
-from diffseg.tracking import Tracker, TrackingConfig
+from diffseg.tracking import Tracker, TrackingConfig, start_job
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -162,14 +162,8 @@ def train_segmenter(
 
 
 def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
-    tracker = Tracker(cfg.tracking, cfg.name)
-    from diffseg.tracking import flatten
-
-    tracker.log_params(flatten(to_dict(cfg)))
     seg, res = train_segmenter(cfg.train_shards, cfg.train, device, tracker)
     seg.save(out / "segmenter.pt")
     print(
@@ -232,14 +226,9 @@ class _SupervisedSegmenter:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     from diffseg.checkpoint import load_checkpoint
-    from diffseg.tracking import flatten
 
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out, parent = start_job(cfg)
     device = resolve_device(cfg.device)
-    parent = Tracker(cfg.tracking, cfg.name)
-    parent.log_params(flatten(to_dict(cfg)))
     backbones = {"ddpm": cfg.checkpoint, "random": f"random:{cfg.checkpoint}", "rgb": "rgb"}
     ckpt = load_checkpoint(cfg.checkpoint)
     size = int(ckpt.model_config.unet.image_size)

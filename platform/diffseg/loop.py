@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
-from diffseg.config import dumps, to_dict
+from diffseg.config import atomic_write, dumps, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
 from diffseg.models import EMA, ModelConfig, build_model
@@ -108,16 +108,7 @@ def put_file(src: str | os.PathLike, dst: str) -> None:
     """Copy a local file to `dst`, a local path (atomically: temp file, then rename) or a URI (s3://, gs://, file://:
     whatever pyarrow.fs reaches; an object store's put is atomic)."""
     if not is_remote_path(dst):
-        dst_path = Path(dst)
-        dst_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst_path.parent, prefix=f".{dst_path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
         return
     import pyarrow.fs
 

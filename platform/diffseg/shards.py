@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffseg.config import atomic_write
+
 META_KEY = b"diffseg"
 FORMAT = "diffseg-features/1"
 
@@ -116,11 +118,7 @@ def write_shard(
         ],
         schema=_schema(d, meta),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd"))
 
 
 def read_meta(path: str | os.PathLike) -> FeatureMeta:

@@ -61,6 +61,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from diffseg.checkpoint import atomic_torch_save
 from diffseg.config import config_hash, from_dict, merge, replace, set_path, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.features import FeatureConfig
@@ -397,10 +398,7 @@ def pixel_chunks(cfg: PixelTrialConfig, sweep: SweepConfig, trial_dir: Path, sta
         for shard in test_set.iter_shards(columns=["features", "label"]):
             pred, _, _ = predict_pixels(ensemble, torch.tensor(shard.features))
             cm.update(pred.numpy()[None], shard.labels[None])
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        tmp = trial_dir / ".ensemble.pt.tmp"
-        torch.save(ensemble.state_dict(), tmp)
-        os.replace(tmp, ckpt)
+        atomic_torch_save(ensemble.state_dict(), ckpt)
         finite = [x for x in res.final_loss if math.isfinite(x)]
         yield {
             **cm.as_dict("test", class_names),

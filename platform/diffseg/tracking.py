@@ -125,3 +125,16 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
+
+
+def start_job(cfg: Any) -> tuple[Path, Tracker]:
+    """A job's output folder `<output_dir>/<name>` (created, holding the resolved config.yaml) and its MLflow run,
+    named after the job, with the flattened config as parameters. `cfg` has output_dir, name and tracking."""
+    from diffseg.config import save_config, to_dict
+
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tracker = Tracker(cfg.tracking, cfg.name)
+    tracker.log_params(flatten(to_dict(cfg)))
+    return out, tracker
