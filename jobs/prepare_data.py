@@ -11,24 +11,15 @@ folders and options). The resolved config is saved beside the output as prepare_
 import sys
 from pathlib import Path
 
+# The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.adapters import PrepareConfig, convert  # noqa: E402
-from diffseg.config import parse_job_args, save_config  # noqa: E402
-from diffseg.data import DataError  # noqa: E402
+from diffseg.adapters import PrepareConfig, prepare  # noqa: E402
+from diffseg.launch import run_job  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg, _ = parse_job_args(PrepareConfig, argv, description=__doc__.splitlines()[0])
-    try:
-        dst = convert(cfg)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    save_config(cfg, dst / "prepare_config.yaml")
-    print(f"[prepare] data set : {dst.resolve()}")
-    print(f"[prepare] config   : {dst.resolve() / 'prepare_config.yaml'}")
-    print(f"[prepare] use it   : data.name=folder data.root={dst.resolve()}")
-    return dst
+def main(argv: list[str] | None = None):
+    return run_job(PrepareConfig, prepare, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

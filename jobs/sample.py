@@ -1,7 +1,9 @@
 """Generate images with their masks (factorized model) by DDPM or DDIM: grid.png, strip.png, images/, masks/.
 
-python jobs/sample.py checkpoint=runs/unsup-face-factorized-k3/checkpoint.pt method=ddim steps=50
-python jobs/sample.py --config jobs/configs/sample_face.yaml [--dry-run] [key.path=value ...]
+python jobs/sample.py checkpoint=runs/unsup/unsup-face-factorized-k3/checkpoint.pt method=ddim steps=50 seed=1
+python jobs/sample.py checkpoint=runs/factorized-tiny/checkpoint.pt method=ddpm steps=0 num_images=4 [--dry-run]
+
+Image i uses the noise of seed (seed, i): POST /v1/sample {"seed": 1} returns the same first images.
 """
 
 import sys
@@ -10,13 +12,12 @@ from pathlib import Path
 # The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.config import parse_job_args  # noqa: E402
+from diffseg.launch import run_job  # noqa: E402
 from diffseg.sampling import SampleJobConfig, run_sample_job  # noqa: E402
 
 
-def main(argv=None):
-    cfg, _ = parse_job_args(SampleJobConfig, argv, description=__doc__.splitlines()[0])
-    return run_sample_job(cfg)
+def main(argv: list[str] | None = None):
+    return run_job(SampleJobConfig, run_sample_job, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Run a Ray Tune sweep over config paths (feature recipes, pixel-MLP sizes, K, learning rates).
 
-python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume] [key.path=value ...]
+python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume] [--help] [key.path=value ...]
 ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep_blocks_tiny.yaml
 
-The YAML is a `diffseg.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig YAML),
-`base_overrides` (dotted or nested overrides of it), `space` (config path -> values), metric/mode, search,
-num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same name (Tune's restore).
+The YAML is a `diffseg.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig YAML, relative
+to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path -> values),
+metric/mode, search, num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same name
+(Tune's restore). The best trial's servable model is written to <output_dir>/<name>/best/.
 """
 
 import sys
@@ -14,7 +15,24 @@ from pathlib import Path
 # The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.sweep import main  # noqa: E402
+from diffseg.config import replace  # noqa: E402
+from diffseg.launch import run_job  # noqa: E402
+from diffseg.sweep import SweepConfig, run  # noqa: E402
+
+
+def base_beside_config(cfg: SweepConfig, args) -> SweepConfig:
+    """A relative `base_config` names a file beside the sweep's YAML (unless it exists from here)."""
+    if cfg.base_config and args.config and not Path(cfg.base_config).is_absolute():
+        beside = Path(args.config).parent / cfg.base_config
+        if beside.is_file() and not Path(cfg.base_config).is_file():
+            return replace(cfg, base_config=str(beside))
+    return cfg
+
+
+def main(argv: list[str] | None = None):
+    flags = {"--resume": "continue the interrupted sweep of this name (Tune's restore)"}
+    return run_job(SweepConfig, run, argv, doc=__doc__, flags=flags, prepare=base_beside_config)
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Train a DDPM (ADM U-Net) on Ray Train.
 
-python jobs/train_ddpm.py [--config FILE] [--dry-run] [key.path=value ...]
+python jobs/train_ddpm.py [--config FILE] [--dry-run] [--help] [key.path=value ...]
 ray job submit --working-dir . -- python jobs/train_ddpm.py --config jobs/configs/ddpm_tiny.yaml
 """
 
@@ -10,7 +10,17 @@ from pathlib import Path
 # The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.train import main  # noqa: E402
+from diffseg.launch import run_job  # noqa: E402
+from diffseg.train import TrainConfig, run  # noqa: E402
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def main(argv: list[str] | None = None):
+    return run_job(
+        TrainConfig, run, argv, doc=__doc__, default_config=str(Path(__file__).parent / "configs" / "ddpm_tiny.yaml")
+    )
+
 
 if __name__ == "__main__":
-    main(default_config=str(Path(__file__).parent / "configs" / "ddpm_tiny.yaml"))
+    main()

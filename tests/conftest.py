@@ -73,7 +73,7 @@ def label_ray():
     """A local 2-CPU Ray with this checkout's code, for the Ray Data jobs (extract features, comparisons)."""
     import ray
 
-    from diffseg.train import code_runtime_env
+    from diffseg.runtime import code_runtime_env
 
     ray.init(
         address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,

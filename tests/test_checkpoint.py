@@ -15,10 +15,11 @@ from diffseg.checkpoint import (
     convert_guided_diffusion,
     import_guided_diffusion,
     load_checkpoint,
-    load_model,
+    load_diffusion_model,
     save_checkpoint,
 )
 from diffseg.config import from_dict, to_dict
+from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.models import EMA, ModelConfig, build_model
 from diffseg.unet import UNet, UNetConfig
 
@@ -63,14 +64,38 @@ def test_round_trip_carries_everything(tmp_path, kind):
     opt2.load_state_dict(ckpt.optimizer)
     assert opt2.state_dict()["state"][0]["step"] == 2
     torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    # load_model rebuilds the network from the config inside and uses the EMA weights by default
-    rebuilt, _ = load_model(path)
-    assert type(rebuilt) is type(model) and not rebuilt.training
+    # the one loader rebuilds the network from the config inside and uses the EMA weights by default
+    loaded = load_diffusion_model(path, "cpu")
+    rebuilt = loaded.model
+    assert type(rebuilt) is type(model) and not rebuilt.training and loaded.weights == "ema" and loaded.step == 2
+    assert not any(p.requires_grad for p in rebuilt.parameters())
     for name, tensor in ema.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], tensor)
-    raw_model, _ = load_model(path, use_ema=False)
+    raw_model = load_diffusion_model(tmp_path / "run", "cpu", use_ema=False).model  # a run folder works too
     for name, tensor in model.state_dict().items():
         assert torch.equal(raw_model.state_dict()[name], tensor)
+    # a random init of the same architecture, fixed, and without touching the caller's RNG
+    state = torch.random.get_rng_state()
+    rnd = load_diffusion_model(path, "cpu", random_init=True).model
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = load_diffusion_model(path, "cpu", random_init=True).model
+    assert all(torch.equal(a, b) for a, b in zip(rnd.state_dict().values(), again.state_dict().values()))
+    assert any(not torch.equal(rnd.state_dict()[n], t) for n, t in ema.state_dict().items() if t.dim() > 1)
+
+
+def test_loader_gives_the_trained_diffusion_and_reads_retired_keys(tmp_path):
+    """The diffusion process comes from the checkpoint's config; keys older checkpoints hold but nobody read
+    (diffusion.sample_steps, eta, clip_denoised) are dropped rather than refused, so old runs still load."""
+    cfg, model, ema, _ = trained_state()
+    config = {**cfg, "diffusion": {"num_timesteps": 50, "schedule": "cosine", "sample_steps": 50, "eta": 0.0,
+                                   "clip_denoised": True}}  # fmt: skip
+    path = save_checkpoint(tmp_path / "old.pt", config=config, model=model, ema=ema.model, step=7)
+    loaded = load_diffusion_model(str(path), "cpu")
+    assert loaded.diffusion.num_timesteps == 50 and loaded.step == 7
+    assert loaded.diffusion.betas[-1] == pytest.approx(GaussianDiffusion.from_config(
+        DiffusionConfig(num_timesteps=50, schedule="cosine")).betas[-1])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_diffusion_model(tmp_path / "missing.pt")
 
 
 def test_weights_only_refuses_pickled_code(tmp_path):
@@ -125,9 +150,11 @@ def test_guided_diffusion_importer_round_trip(reference_dir, tmp_path):
     # ... and converts to our format: the network rebuilds from the config inside and gives the reference output
     dst = convert_guided_diffusion(src, {**flags, "diffusion_steps": 1000, "noise_schedule": "linear"},
                                    tmp_path / "ours" / "checkpoint.pt")  # fmt: skip
-    loaded, ckpt = load_model(dst)
+    result = load_diffusion_model(dst, "cpu")
+    loaded, ckpt = result.model, load_checkpoint(dst)
     assert isinstance(loaded, UNet) and ckpt.config["diffusion"] == {"num_timesteps": 1000, "schedule": "linear"}
     assert ckpt.extra["imported_from"] == "guided-diffusion" and loaded.cfg.learn_sigma
+    assert result.diffusion.num_timesteps == 1000
     with torch.no_grad():
         torch.testing.assert_close(loaded(ref["x"], ref["t"]), ref["out"], atol=1e-5, rtol=0)
     # a saved state dict of our own UNet is the same thing: it exports back unchanged

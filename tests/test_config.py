@@ -152,13 +152,76 @@ def test_parse_job_args_errors_exit_with_the_key(capsys):
     assert "inner.width" in capsys.readouterr().err
 
 
+def _job(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_dry_run_prints_the_resolved_config_of_a_job(capsys):
-    from diffseg.train import TrainConfig, main
+    from diffseg.train import TrainConfig
 
     with pytest.raises(SystemExit) as exit_:
-        main(["--dry-run", "loop.num_steps=7", "optim.lr=3e-4"], default_config=str(CONFIGS / "ddpm_tiny.yaml"))
+        _job("train_ddpm").main(["--dry-run", "loop.num_steps=7", "optim.lr=3e-4"])
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     cfg = from_dict(TrainConfig, printed)
     assert cfg.loop.num_steps == 7 and cfg.optim.lr == 3e-4
     assert cfg == load_config(TrainConfig, CONFIGS / "ddpm_tiny.yaml", ["loop.num_steps=7", "optim.lr=3e-4"])
+
+
+@dataclass(frozen=True)
+class Documented:
+    plain: int = 1  # a trailing comment
+    # a comment on the line above
+    above: str = "a"
+    # fmt: off
+    inner: Inner = field(
+        default_factory=lambda: Inner(width=3)
+    )  # a section whose definition spans lines
+    # fmt: on
+    bare: float = 0.5
+
+
+def test_field_comments_and_describe():
+    from diffseg.config import describe, field_comments
+
+    assert field_comments(Documented) == {
+        "plain": "a trailing comment",
+        "above": "a comment on the line above",
+        "inner": "a section whose definition spans lines",
+    }
+    rows = {key: (default, comment) for key, default, comment in describe(Documented)}
+    assert rows["plain"] == ("1", "a trailing comment") and rows["bare"] == ("0.5", "")
+    assert rows["inner"] == ("", "a section whose definition spans lines")  # a section heading
+    assert rows["inner.width"] == ("3", "an int") and rows["inner.mults"] == ("[1, 2]", "a variable-length tuple")
+
+
+def _job_config_class(module):
+    """The config dataclass a job file parses (the one it imports)."""
+    (cls,) = [v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v)]
+    return cls
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "jobs").glob("*.py")))
+def test_every_job_help_lists_every_key_with_default_and_comment(name, capsys):
+    """`--help` of every job names each config key (dotted), its default and its comment."""
+    from diffseg.config import describe
+
+    job = _job(name)
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    rows = describe(_job_config_class(job))
+    assert len(rows) >= 5
+    for key, default, comment in rows:
+        line = next((ln for ln in out.splitlines() if ln.strip().startswith(key + (" =" if default else ":"))), None)
+        assert line is not None, f"{name} --help does not list {key}"
+        if default:
+            assert default in line, (key, line)
+        if comment:
+            assert comment in line, (key, line)

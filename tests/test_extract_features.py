@@ -67,7 +67,7 @@ def test_extract_is_per_timestep_with_shared_noise(tmp_path):
     torch.testing.assert_close(f[1:2], f1, rtol=1e-4, atol=1e-5)
     # the second timestep block is the t=50 forward
     t = torch.full((1,), 50)
-    taps = model.features(diffusion.q_sample(x[:1], t, noise[None]), diffusion._model_t(t), ["dec.1"])
+    taps = model.features(diffusion.q_sample(x[:1], t, noise[None]), diffusion.model_timesteps(t), ["dec.1"])
     up = torch.nn.functional.interpolate(taps["dec.1"], size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(f[:1, d1 + d3 : 2 * d1 + d3], up, rtol=1e-4, atol=1e-5)
     # a random-init backbone of the same architecture differs but has the same dim

@@ -13,6 +13,7 @@ from PIL import Image
 from diffseg.data import DataConfig, build_dataset, write_synthetic_folder
 from diffseg.features import FeatureConfig, FeaturePipeline
 from diffseg.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig
+from diffseg.shards import MemoryShardSet
 from diffseg.tracking import TrackingConfig
 from test_extract_features import tiny_checkpoint
 
@@ -84,7 +85,7 @@ def test_analysis_job_grid_heatmap_and_kmeans(tmp_path):
 
 def test_analysis_cell_equals_one_mlp_on_that_blocks_features(tmp_path):
     """One cell of the grid is exactly: features of one block at one t -> one MLP -> pooled mIoU on the test set."""
-    from diffseg.analysis import AnalysisConfig, ArrayShards, run_analysis
+    from diffseg.analysis import AnalysisConfig, run_analysis
     from diffseg.metrics import ConfusionMatrix
     from diffseg.pixel import predict_pixels, train_ensemble
 
@@ -108,7 +109,7 @@ def test_analysis_cell_equals_one_mlp_on_that_blocks_features(tmp_path):
     ftr = pipe(xtr).permute(0, 2, 3, 1).reshape(-1, pipe.dim).half().numpy()
     fte = pipe(xte).permute(0, 2, 3, 1).reshape(-1, pipe.dim).half().float()
     keep = ytr != 255
-    ens, _ = train_ensemble(ArrayShards(ftr[keep], ytr[keep]), train.num_classes, train_cfg, torch.device("cpu"))
+    ens, _ = train_ensemble(MemoryShardSet(ftr[keep], ytr[keep]), train.num_classes, train_cfg, torch.device("cpu"))
     labels, _, _ = predict_pixels(ens, fte)
     assert len(np.unique(labels.numpy())) > 1
     cm = ConfusionMatrix(train.num_classes, 255).update(labels.reshape(yte.shape).numpy(), yte.numpy())
@@ -220,4 +221,4 @@ def test_compare_job_runs_every_variant_into_one_table(tmp_path, label_ray):
         child = by_name[f"cmp/{v}"]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.metrics["test/miou"] == pytest.approx(rows[v]["miou"])
-        assert parent.data.metrics[f"{v}/miou"] == pytest.approx(rows[v]["miou"])
+        assert parent.data.metrics[f"test/miou/{v}"] == pytest.approx(rows[v]["miou"])

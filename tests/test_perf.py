@@ -185,7 +185,7 @@ def test_schedule_lookups_are_cached_per_device_and_exact():
     assert torch.equal(diffusion._extract(process.sqrt_alphas_cumprod, t, 4), expected)
     first = diffusion._on_device(process.sqrt_alphas_cumprod, t.device)
     assert diffusion._on_device(process.sqrt_alphas_cumprod, t.device) is first  # copied once, not per call
-    assert process._model_t(t).tolist() == [int(process.timestep_map[i]) for i in t]
+    assert process.model_timesteps(t).tolist() == [int(process.timestep_map[i]) for i in t]
     before = len(diffusion._ON_DEVICE)
     for shift in range(3):  # temporaries: right values, and no entry outlives its array
         temp = np.log(process.betas) + shift

@@ -12,20 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from diffseg.config import replace
-from diffseg.sweep import (
-    FeatureCache,
-    PixelTrialConfig,
-    SweepConfig,
-    build_param_space,
-    decode,
-    feature_key,
-    plot_results,
-    trial_overrides,
-)
+from diffseg.report import decode, plot_sweep, trial_overrides
+from diffseg.shards import FeatureCache, feature_key
+from diffseg.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +46,9 @@ def test_param_space_round_trips_lists_and_rejects_grids_for_optuna():
         build_param_space({"a.b": {"grid": [1, 2]}}, "optuna")
     with pytest.raises(ValueError, match="unknown sampler"):
         build_param_space({"a.b": {"normal": [0, 1]}})
+    # how many trials a finished sweep has: the grid's size (2 x 3 here) times num_samples; samplers count 1
+    grid = build_param_space({"a.b": [1, 2], "c": {"grid": [1, 2, 3]}, "d": {"uniform": [0, 1]}})
+    assert expected_trials(grid, num_samples=2) == 12 and expected_trials(space, 1) == 2
 
 
 def test_feature_key_ignores_classifier_and_batching_but_not_recipe(tmp_path):
@@ -92,8 +90,11 @@ def test_feature_cache_builds_once_under_concurrency_and_ignores_torn_entries(tm
     assert not list(cache.root.glob(".*.tmp-*"))  # no temp folders left behind
 
 
-def test_plot_results_heatmap_and_bars(tmp_path):
+def test_plot_sweep_heatmap_and_bars(tmp_path):
+    """The heatmap has one cell per (blocks, timesteps) pair, coloured by the metric; the bars follow the values."""
+    import numpy as np
     import pandas as pd
+    from PIL import Image
 
     df = pd.DataFrame(
         {
@@ -102,9 +103,17 @@ def test_plot_results_heatmap_and_bars(tmp_path):
             "test/miou": [0.1, 0.2, 0.3, 0.4],
         }  # fmt: skip
     )
-    heat = plot_results(df, ["features.blocks", "features.timesteps"], "test/miou", tmp_path / "heat.png")
-    bars = plot_results(df, ["features.blocks"], "test/miou", tmp_path / "bars.png")
-    assert heat.stat().st_size > 1000 and bars.stat().st_size > 1000
+    keys = ["features.blocks", "features.timesteps"]
+    heat = np.asarray(Image.open(plot_sweep(df, keys, "test/miou", tmp_path / "heat.png")).convert("RGB"))
+    bars = np.asarray(Image.open(plot_sweep(df, keys[:1], "test/miou", tmp_path / "bars.png")).convert("RGB"))
+    assert heat.shape[0] > 100 and heat.shape[1] > 150 and bars.shape[0] > 100
+    # four viridis cells of four different values: at least four distinct strongly coloured pixel values
+    coloured = heat.reshape(-1, 3)[np.ptp(heat.reshape(-1, 3).astype(int), axis=1) > 60]
+    assert len(np.unique(coloured, axis=0)) >= 4
+    # other values make another picture: the plot shows the data, not a fixed frame
+    flipped = df.assign(**{"test/miou": df["test/miou"][::-1].to_numpy()})
+    heat2 = np.asarray(Image.open(plot_sweep(flipped, keys, "test/miou", tmp_path / "heat2.png")).convert("RGB"))
+    assert heat2.shape == heat.shape and not np.array_equal(heat2, heat)
 
 
 def test_sweep_yaml_specs_load():
@@ -206,7 +215,25 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     assert {r.data.params["features.blocks"] for r in children} == {"['dec.1']", "['dec.2', 'dec.3']"}
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.csv", "results.md", "results.png", "best_config.yaml"} <= artifacts
+    assert {"results.csv", "results.md", "results.png", "best_config.yaml", "best"} <= artifacts
+
+    # The best trial's model is served without conversion: Serve's pixel replica loads best/segmenter.pt as it is,
+    # and that very bundle scores exactly the test mIoU the best trial reported.
+    from diffseg.data import DataConfig, build_dataset
+    from diffseg.evaluate import evaluate_segmenter
+    from diffseg.pixel import PixelSegmenter
+    from diffseg.serving import PixelEnsembleSegmenter
+
+    best_model = exp_dir / "best" / "segmenter.pt"
+    served = PixelEnsembleSegmenter.load(str(best_model), device="cpu")
+    assert served.info()["class_names"] == PixelSegmenter.load(best_model, "cpu").class_names
+    test = build_dataset(DataConfig(image_size=16, num_images=8, num_train=4, num_test=2), "test")
+    scored = evaluate_segmenter(served.bundle, test).metrics["test/miou"]
+    assert scored == pytest.approx(table["test/miou"][0], abs=1e-9)
+    x = torch.stack([test[i]["image"] for i in range(2)]).numpy()
+    answers = served.segment(x, [0, 0], [0, 0])
+    labels, _ = served.bundle.predict(torch.from_numpy(x))
+    assert all(np.array_equal(a["labels"], labels[i]) for i, a in enumerate(answers))
 
 
 def test_base_overrides_merge_and_searchers():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffseg.checkpoint import load_checkpoint, load_model
+from diffseg.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.config import load_config, replace
 from diffseg.factorized import FactorizedUNet
 
@@ -81,7 +81,7 @@ def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri, 
     assert out2["mlflow_run_id"] == out["mlflow_run_id"]  # one MLflow history for the run
     assert "steps 20->30 (from step 20 of" in capfd.readouterr().out
 
-    model, ckpt = load_model(ckpt_path)
+    model, ckpt = load_diffusion_model(ckpt_path).model, load_checkpoint(ckpt_path)
     assert isinstance(model, FactorizedUNet) and ckpt.step == 30
     assert ckpt.optimizer is not None and ckpt.ema is not None
 
@@ -282,6 +282,16 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, mlflow_uri, ray_cl
     assert load_checkpoint(export).step == 40
 
 
+def _job(name: str):
+    """A jobs/<name>.py launcher as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_train_job_dry_run(capsys):
     out = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "train_factorized.py"), "--dry-run", "model.factorized.num_components=5"],
@@ -291,11 +301,15 @@ def test_train_job_dry_run(capsys):
     )
     assert out.returncode == 0, out.stderr
     assert "num_components: 5" in out.stdout and "kind: factorized" in out.stdout
-    from diffseg.train import main
-
+    main = _job("train_ddpm").main
     with pytest.raises(SystemExit) as exc:
-        main(["--dry-run", "optim.lrr=1"], default_config=str(REPO / "jobs" / "configs" / "ddpm_tiny.yaml"))
+        main(["--dry-run", "optim.lrr=1"])
     assert exc.value.code == 2 and "optim.lrr" in capsys.readouterr().err
+    # cross-field checks run in --dry-run: the config is printed, then the mismatch is named
+    with pytest.raises(SystemExit) as exc:
+        main(["--dry-run", "data.image_size=64"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "data.image_size (64) != model.unet.image_size (32)" in err
 
 
 @pytest.mark.gpu

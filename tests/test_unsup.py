@@ -18,11 +18,13 @@ from diffseg.checkpoint import save_checkpoint
 from diffseg.config import from_dict, load_config
 from diffseg.data import DataConfig, write_synthetic_folder
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.evaluate import EvalConfig, score
+from diffseg.evaluate import EvalConfig, Scorer
 from diffseg.factorized import FactorizedConfig, FactorizedUNet
 from diffseg.models import ModelConfig
+from diffseg.runtime import image_generators
 from diffseg.sampling import generate, sample
-from diffseg.segment import image_generators, segment_batches, segment_images
+from diffseg.segment import FactorizedSegmenter, segment_images
+from diffseg.segmenter import segment_dataset
 from diffseg.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +92,7 @@ def test_segment_batches_groups_sizes(tmp_path):
     Image.open(root / "masks" / "000002.png").resize((24, 24), Image.NEAREST).save(root / "masks" / "000002.png")
     ds = PairedFolderDataset(root, image_size=None)
     model, diffusion = _factorized(k=3), _diffusion()
-    batches = list(segment_batches(model, diffusion, ds, t=10, seed=0, batch_size=8))
+    batches = list(segment_dataset(FactorizedSegmenter(model, diffusion, t=10), ds, seed=0, batch_size=8))
     # the job over that folder: masks at each image's own size, the preview only of images of the first one's size
     from diffseg.segment import SegmentJobConfig, run_segment_job
 
@@ -100,11 +102,11 @@ def test_segment_batches_groups_sizes(tmp_path):
     assert run_segment_job(cfg)["images"] == 5
     assert np.asarray(Image.open(tmp_path / "out" / "segment" / "masks" / "000002.png")).shape == (24, 24)
     assert np.asarray(Image.open(tmp_path / "out" / "segment" / "masks" / "000003.png")).shape == (SIZE, SIZE)
-    assert [b["index"] for b in batches] == [[0, 1], [2], [3, 4]]
-    assert batches[1]["masks"].shape == (1, 3, 24, 24)
+    assert [idx for idx, _, _ in batches] == [[0, 1], [2], [3, 4]]
+    assert batches[1][2].probs.shape == (1, 3, 24, 24) and batches[1][2].labels.shape == (1, 24, 24)
     # image 3 gets the same masks whether it is segmented alone or in its batch
     alone = segment_images(model, diffusion, ds[3]["image"][None], t=10, generator=image_generators(0, [3]))
-    torch.testing.assert_close(alone["masks"][0], batches[2]["masks"][0])
+    torch.testing.assert_close(alone["masks"][0], batches[2][2].probs[0])
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -146,7 +148,7 @@ def test_generate_masks_match_a_forward_pass_on_the_last_input():
     x_last_input = res["trajectory"][-2]["sample"]  # the state the final step denoised
     t0 = torch.zeros(2, dtype=torch.long)
     process = diffusion.respace(5)
-    _, masks, _ = model.forward_with_masks(x_last_input, process._model_t(t0))
+    _, masks, _ = model.forward_with_masks(x_last_input, process.model_timesteps(t0))
     torch.testing.assert_close(masks, res["masks"], atol=1e-5, rtol=1e-5)
 
 
@@ -253,9 +255,9 @@ tracking: {{uri: "sqlite:///{tiny_setup["tmp"]}/mlflow.db", experiment: test}}
     fg = {r["method"]: r for r in rows if r["dataset"] == "syn-fg"}
     # all-foreground under the polarity rule: per image the best of "all" and "none"; IoU is |gt| / |image|
     gt = np.stack([np.asarray(Image.open(root / "masks" / f"{i:06d}.png")) for i in range(8, 12)]) != 0
-    assert float(fg["all_foreground"]["iou"]) == pytest.approx(gt.reshape(4, -1).mean(1).mean(), abs=1e-5)
+    assert float(fg["all_foreground"]["fg_iou"]) == pytest.approx(gt.reshape(4, -1).mean(1).mean(), abs=1e-5)
     for r in rows:
-        key = "iou" if r["dataset"] == "syn-fg" else "miou"
+        key = "fg_iou" if r["dataset"] == "syn-fg" else ("miou" if r["method"] == "supervised" else "hungarian_miou")
         assert 0.0 <= float(r[key]) <= 1.0
     md = (run / "table.md").read_text()
     assert "| syn-fg | GrabCut |" in md and "mIoU" in md and "IoU (fixed fg)" in md
@@ -264,20 +266,40 @@ tracking: {{uri: "sqlite:///{tiny_setup["tmp"]}/mlflow.db", experiment: test}}
     assert json.loads((run / "results.json").read_text())[0]["dataset"] == "syn-fg"
     import mlflow
 
-    runs = mlflow.MlflowClient(f"sqlite:///{tiny_setup['tmp']}/mlflow.db").get_run(res["mlflow_run_id"])
-    assert "syn-fg/factorized/iou" in runs.data.metrics
+    # one MLflow run holds the table; each (data set, method) is a nested run with the row's `test/...` metrics
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_setup['tmp']}/mlflow.db")
+    parent = client.get_run(res["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert len(by_name) == 14
+    assert by_name["syn-fg/factorized"].data.metrics["test/fg_iou"] == pytest.approx(
+        float(fg["factorized"]["fg_iou"]), abs=1e-6
+    )
+    assert "test/hungarian_miou" in by_name["syn-mc/kmeans_rgb"].data.metrics
+    assert "test/miou" in by_name["syn-mc/supervised"].data.metrics
 
 
 def test_score_supervised_is_not_matched_and_regions_are():
     """A perfect but permuted region map scores 100 after Hungarian matching; as class labels it does not."""
-    from diffseg.evaluate import DatasetSpec, EvalData, Prediction
+    gt = np.array([[[0, 0, 1, 1], [0, 0, 2, 2]]])  # (1, 2, 4)
+    perm = np.array([2, 0, 1])[gt]
+    names = ["bg", "x", "y"]
 
-    gt = torch.tensor([[[0, 0, 1, 1], [0, 0, 2, 2]]])  # (1, 2, 4)
-    data = EvalData(DatasetSpec(protocol="multiclass"), torch.zeros(1, 3, 2, 4), gt, ["a"], ["bg", "x", "y"], 255)
-    perm = np.array([2, 0, 1])[gt.numpy()]
-    cfg = EvalConfig()
-    assert score(cfg, data, Prediction(perm, 3))["miou"] == pytest.approx(1.0)
-    assert score(cfg, data, Prediction(perm, 3, kind="classes"))["miou"] == pytest.approx(0.0)
+    def score(kind: str) -> dict[str, float]:
+        scorer = Scorer("multiclass", kind, 3, names)
+        scorer.update(perm, gt)
+        return scorer.compute()
+
+    regions, classes = score("regions"), score("classes")
+    assert regions["test/hungarian_miou"] == pytest.approx(1.0) and "test/miou" not in regions
+    assert classes["test/miou"] == pytest.approx(0.0) and "test/hungarian_miou" not in classes
+    # the foreground protocol: a class map counts any non-background class as foreground, with no polarity search
+    fg = Scorer("foreground", "classes", 3, names)
+    fg.update(np.zeros_like(gt), gt)  # all background: IoU 0 (a region map would flip it to "all foreground")
+    assert fg.compute()["test/fg_iou"] == pytest.approx(0.0)
+    reg = Scorer("foreground", "regions", 2, names)
+    reg.update(np.zeros_like(gt), gt)
+    assert reg.compute()["test/fg_iou"] == pytest.approx(0.5)  # polarity: the best of all / none
 
 
 def test_grabcut_and_kmeans_on_ddpm_features_of_a_synthetic_image(tmp_path):

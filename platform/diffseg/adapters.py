@@ -23,6 +23,7 @@ DataError naming the file.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from diffseg.config import atomic_write
+from diffseg.config import atomic_write, save_config
 from diffseg.data import IMAGE_EXTS, DataError
+
+_log = logging.getLogger(__name__)
 
 # The 19 CelebAMask-HQ classes in the face-parsing order (index = pixel value), as in ../shared/data.
 CELEBAMASK_CLASSES = [
@@ -66,6 +69,11 @@ class PrepareConfig:
     per_object: bool = False  # DAVIS: one class per object id (object_1, ...) instead of background/foreground
     frame_stride: int = 1  # DAVIS: take every Nth annotated frame of each sequence
     resolution: str = "480p"  # DAVIS: the resolution folder under JPEGImages/ and Annotations/
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.src or not self.dst:
+            raise ValueError(f"src and dst are required (src={self.src!r}, dst={self.dst!r})")
 
 
 @dataclass(frozen=True)
@@ -353,7 +361,7 @@ def convert_item(item: Item, dst: Path, num_classes: int | None, size: int | Non
     return image_out.name, top
 
 
-def convert(cfg: PrepareConfig, log: Callable[[str], None] | None = print) -> Path:
+def convert(cfg: PrepareConfig, log: Callable[[str], None] | None = _log.info) -> Path:
     """Convert `cfg.src` (a public layout) into the paired folder `cfg.dst`; returns dst."""
     if cfg.layout not in ADAPTERS:
         raise DataError(f"layout: unknown layout {cfg.layout!r}; known: {sorted(ADAPTERS)}")
@@ -399,4 +407,14 @@ def convert(cfg: PrepareConfig, log: Callable[[str], None] | None = print) -> Pa
     if log:
         log(f"[prepare] {cfg.layout}: {len(items)} pairs in {dst} ({written} written, {len(items) - written} "
             f"already there), {len(classes)} classes")  # fmt: skip
+    return dst
+
+
+def prepare(cfg: PrepareConfig) -> Path:
+    """The body of jobs/prepare_data.py: `convert`, then save the resolved config beside the output."""
+    dst = convert(cfg)
+    save_config(cfg, dst / "prepare_config.yaml")
+    _log.info(f"[prepare] data set : {dst.resolve()}")
+    _log.info(f"[prepare] config   : {dst.resolve() / 'prepare_config.yaml'}")
+    _log.info(f"[prepare] use it   : data.name=folder data.root={dst.resolve()}")
     return dst

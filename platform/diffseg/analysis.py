@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from diffseg.baselines import kmeans_segment
 from diffseg.data import DataConfig, build_dataset, stack
-from diffseg.features import FeatureConfig, FeaturePipeline, shared_noise
+from diffseg.features import FeatureConfig, FeaturePipeline, load_backbone
 from diffseg.metrics import ConfusionMatrix
-from diffseg.models import resolve_device
 from diffseg.pixel import PixelTrainConfig, predict_pixels, train_ensemble
-from diffseg.shards import FeatureMeta, Shard
+from diffseg.runtime import resolve_device
+from diffseg.shards import MemoryShardSet
 from diffseg.tracking import TrackingConfig, start_job
+from diffseg.viz import colorize, grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,38 +55,24 @@ class AnalysisConfig:
     device: str = "auto"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-
-class ArrayShards:
-    """In-memory rows looking like a `ShardSet` of `parts` shards (for the trainer's streaming interface)."""
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray, parts: int = 4):
-        self.features, self.labels, self.parts = features, labels, parts
-        self.meta = FeatureMeta(blocks=[], timesteps=[], feature_dim=features.shape[1], image_size=0)
-
-    def iter_shards(self, shuffle: bool = False, seed: int = 0, columns: Any = None):
-        rng = np.random.default_rng(seed)
-        idx = rng.permutation(len(self.labels)) if shuffle else np.arange(len(self.labels))
-        for part in np.array_split(idx, self.parts):
-            e = np.zeros(0)
-            yield Shard(self.features[part], self.labels[part], e, e, e)
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.backbone:
+            raise ValueError("backbone: a checkpoint (or random:<ckpt>, diffusers:<dir>) is required")
+        if not self.timesteps:
+            raise ValueError("timesteps: at least one timestep is required")
 
 
 @torch.no_grad()
 def block_features(pipe: FeaturePipeline, images: torch.Tensor, t: int, batch_size: int) -> dict[str, torch.Tensor]:
-    """{block: (N, C, H, W) float16} at timestep t for every block of the pipeline's recipe (one forward per batch)."""
-    model, diffusion = pipe.model, pipe.diffusion
-    n, _, h, w = images.shape
-    noise = shared_noise(images.shape[1:], pipe.cfg.noise_seed).to(pipe.device)
+    """{block: (N, C, H, W) float16} at timestep t for every block of the pipeline's recipe: the one feature
+    extraction (`FeaturePipeline`, one forward per batch for all blocks), split back into its blocks."""
+    one_t = FeaturePipeline(dataclasses.replace(pipe.cfg, timesteps=(t,)), pipe.device, pipe.model, pipe.diffusion)
+    widths = [pipe.model.feature_channels(b) for b in pipe.cfg.blocks]  # concatenation order: blocks within t
     out: dict[str, list[torch.Tensor]] = {b: [] for b in pipe.cfg.blocks}
-    for s in range(0, n, batch_size):
-        x = images[s : s + batch_size].to(pipe.device)
-        tt = torch.full((len(x),), t, device=pipe.device, dtype=torch.long)
-        x_t = diffusion.q_sample(x, tt, noise.expand_as(x))
-        taps = model.features(x_t, diffusion._model_t(tt), pipe.cfg.blocks)
-        for b, f in taps.items():
-            f = f.float()
-            if f.shape[-2:] != (h, w):
-                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+    for s in range(0, len(images), batch_size):
+        feats = one_t(images[s : s + batch_size])  # (b, sum(widths), H, W)
+        for b, f in zip(pipe.cfg.blocks, feats.split(widths, dim=1)):
             out[b].append(f.half().cpu())
     return {b: torch.cat(v) for b, v in out.items()}
 
@@ -92,12 +82,10 @@ def _pixels(f: torch.Tensor) -> np.ndarray:
 
 
 def heatmap_png(grid: np.ndarray, rows: list[str], cols: list[int], path: Path, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (a notebook's inline) alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.45 * len(rows)))
+    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.45 * len(rows)))
+    ax = fig.add_subplot()
     im = ax.imshow(100 * grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), rows)
@@ -110,17 +98,11 @@ def heatmap_png(grid: np.ndarray, rows: list[str], cols: list[int], path: Path, 
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
-    from diffseg.baselines import kmeans_segment
-    from diffseg.viz import colorize, grid, save_png, to_uint8
-
     out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
-    from diffseg.features import load_backbone
-
     model, diffusion = load_backbone(cfg.backbone, device)
     blocks = tuple(cfg.blocks) or tuple(n for n in model.feature_names if n.startswith(("dec.", "up.")))
     fcfg = FeatureConfig(
@@ -143,12 +125,12 @@ def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
         fte = block_features(pipe, te["image"], t, cfg.batch_size)
         for i, b in enumerate(blocks):
             x = _pixels(ftr[b])[keep]
-            ens, _ = train_ensemble(ArrayShards(x, ytr[keep]), k, cfg.train, device)
+            ens, _ = train_ensemble(MemoryShardSet(x, ytr[keep]), k, cfg.train, device)
             labels, _, _ = predict_pixels(ens, torch.from_numpy(_pixels(fte[b])))
             cm = ConfusionMatrix(k, ignore).update(labels.reshape(te["mask"].shape).numpy(), te["mask"].numpy())
             grid_miou[i, j] = cm.miou()
             tracker.log_metrics({f"analysis/{b}/t{t}/miou": cm.miou()})
-            print(f"[analysis] {b} t={t}: mIoU {100 * cm.miou():.1f}", flush=True)
+            log.info(f"[analysis] {b} t={t}: mIoU {100 * cm.miou():.1f}")
             maps = [kmeans_segment(fte[b][n].float(), cfg.kmeans_k, seed=0) for n in range(len(shown))]
             km_rows.append(np.concatenate([colorize(m, cfg.kmeans_k) for m in maps], axis=1))
         del ftr, fte
@@ -165,5 +147,5 @@ def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
         tracker.log_artifact(out / name)
     tracker.finish()
     best = np.unravel_index(np.nanargmax(grid_miou), grid_miou.shape)
-    print(f"[analysis] best cell {rows[best[0]]} t={cfg.timesteps[best[1]]}: {100 * grid_miou[best]:.1f} -> {out}")
+    log.info(f"[analysis] best cell {rows[best[0]]} t={cfg.timesteps[best[1]]}: {100 * grid_miou[best]:.1f} -> {out}")
     return {"blocks": rows, "timesteps": list(cfg.timesteps), "miou": grid_miou.tolist(), "out": str(out)}

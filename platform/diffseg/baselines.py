@@ -8,17 +8,33 @@
   caller this is the "DatasetDDPM-unsup" baseline of Baranchuk et al. (2022), which clusters the pixels of a data set
   and assigns each image's pixels to the nearest centre; on raw pixels it is a colour clustering baseline.
 
-Every mask is returned as NumPy, (H, W) or (..., H, W), ready for `diffseg.metrics`. The supervised U-Net baseline
-needs the model code and lives elsewhere.
+Every mask is returned as NumPy, (H, W) or (..., H, W), ready for `diffseg.metrics`.
+
+- Supervised networks: `SupervisedUNet` (the same ADM U-Net trained on labels, the upper bound) and ONE trainer for
+  any segmentation network, `train_supervised` (also DatasetDDPM's DeepLabV3).
+
+Each baseline is also a `diffseg.segmenter.Segmenter` (`PriorSegmenter`, `GrabCutSegmenter`, `KMeansSegmenter`,
+`NetworkSegmenter`), so `diffseg.evaluate` scores them on the same path as the diffusion methods.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffseg.data import resize_images, resize_probs
+from diffseg.segmenter import Segmentation
+from diffseg.unet import UNet, UNetConfig, build_out
+from diffseg.viz import to_uint8
+
+log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 Normalize = Literal["standardize", "l2", "none"]
@@ -238,17 +254,15 @@ def kmeans_segment(
 
 
 # ---------------------------------------------------------------------------------------------------- supervised
-class SupervisedUNet(torch.nn.Module):
+class SupervisedUNet(nn.Module):
     """The upper-bound baseline: the same ADM U-Net architecture trained directly on labels.
 
     The timestep input is fixed at 0 (the network is a plain segmenter) and the output convolution predicts
     `num_classes` logits per pixel.
     """
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg: UNetConfig, num_classes: int):
         super().__init__()
-        from diffseg.unet import UNet, build_out
-
         self.net = UNet(cfg)
         self.net.out = build_out(self.net.out[0].num_channels, num_classes)
         self.num_classes = num_classes
@@ -258,11 +272,60 @@ class SupervisedUNet(torch.nn.Module):
         return self.net(x, t)  # (B, num_classes, H, W)
 
 
+def train_supervised(
+    net: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    steps: int = 500,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    ignore_index: int = 255,
+    seed: int = 0,
+    flip: bool = True,
+    train_size: int = 0,
+    device: torch.device | str = "cpu",
+    log_every: int = 0,
+    name: str = "supervised",
+) -> nn.Module:
+    """THE supervised trainer: `net(x) -> logits (B, C, h, w)` on images (N, 3, H, W) in [-1, 1] and masks (N, H, W);
+    cross-entropy (ignore index honoured), Adam, random horizontal flips from a generator seeded `seed`.
+
+    `train_size` > 0 upsamples each batch (images bilinear, masks nearest) to that side first (DeepLabV3 on small
+    images). A network with BatchNorm skips a batch of fewer than 2 images. Returns the network in eval mode.
+    """
+    if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up")
+    gen = torch.Generator().manual_seed(seed)
+    net = net.to(device).train()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
+        x, y = images[idx].to(device), masks[idx].long().to(device)  # (b, 3, H, W), (b, H, W)
+        if flip:
+            f = torch.rand(len(idx), generator=gen) < 0.5
+            x[f], y[f] = x[f].flip(-1), y[f].flip(-1)
+        if train_size and train_size != x.shape[-1]:
+            x = F.interpolate(x, size=(train_size, train_size), mode="bilinear", align_corners=False)
+            y = F.interpolate(y[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()
+        if has_bn and len(x) < 2:  # BatchNorm in training needs 2 images
+            continue
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step + 1) % log_every == 0:
+            log.info(f"[{name}] step {step + 1}/{steps} loss {loss.item():.4f}")
+    return net.eval()
+
+
 def train_supervised_unet(
     images: torch.Tensor,
     masks: torch.Tensor,
     num_classes: int,
-    cfg=None,
+    cfg: UNetConfig | None = None,
     steps: int = 500,
     batch_size: int = 8,
     lr: float = 1e-3,
@@ -272,40 +335,135 @@ def train_supervised_unet(
     device: torch.device | str = "cpu",
     log_every: int = 0,
 ) -> SupervisedUNet:
-    """Train a SupervisedUNet on labelled images (N, 3, H, W) in [-1, 1] and masks (N, H, W); cross-entropy, Adam.
-
-    Random horizontal flips (from the seeded generator) are the only augmentation.
-    """
-    from diffseg.unet import UNetConfig
-
-    if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up")
+    """A SupervisedUNet (default: C=32, mult 1,2,2, no attention, at the images' size) trained by `train_supervised`."""
     size = images.shape[-1]
     cfg = cfg or UNetConfig(image_size=size, model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=())
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = SupervisedUNet(cfg, num_classes).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
-    for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
-        x, y = images[idx].to(device), masks[idx].long().to(device)
-        if flip:
-            f = torch.rand(len(idx), generator=gen) < 0.5
-            x[f], y[f] = x[f].flip(-1), y[f].flip(-1)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[supervised] step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
-    return model.eval()
+    torch.manual_seed(seed)  # the initial weights
+    model = SupervisedUNet(cfg, num_classes)
+    return train_supervised(
+        model, images, masks, steps=steps, batch_size=batch_size, lr=lr, ignore_index=ignore_index, seed=seed,
+        flip=flip, device=device, log_every=log_every,
+    )  # fmt: skip
 
 
 @torch.no_grad()
-def predict_supervised(model: SupervisedUNet, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def predict_supervised(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(N, 3, H, W) -> class maps (N, H, W)."""
     device = next(model.parameters()).device
     return torch.cat(
         [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
     )
+
+
+# ---------------------------------------------------------------------------------------------------- segmenters
+class PriorSegmenter:
+    """A trivial prior as a Segmenter: "all_foreground" or "centred_box" (region 1 = foreground)."""
+
+    kind = "regions"
+    class_names = ["background", "foreground"]
+
+    def __init__(self, prior: Literal["all_foreground", "centred_box"], margin: float = 0.25):
+        if prior not in ("all_foreground", "centred_box"):
+            raise ValueError(f"unknown prior {prior!r}; expected 'all_foreground' or 'centred_box'")
+        self.prior, self.margin = prior, margin
+
+    def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> Segmentation:
+        n, _, h, w = images.shape
+        mask = all_foreground((n, h, w)) if self.prior == "all_foreground" else centred_box((n, h, w), self.margin)
+        return Segmentation(labels=torch.from_numpy(mask.astype(np.int64)))
+
+
+class GrabCutSegmenter:
+    """GrabCut from a centred rectangle as a Segmenter (region 1 = foreground)."""
+
+    kind = "regions"
+    class_names = ["background", "foreground"]
+
+    def __init__(self, margin: float = 0.1, iterations: int = 5, seed: int = 0):
+        self.margin, self.iterations, self.seed = margin, iterations, seed
+
+    def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> Segmentation:
+        masks = [grabcut(img, self.margin, self.iterations, self.seed) for img in to_uint8(images)]
+        return Segmentation(labels=torch.from_numpy(np.stack(masks).astype(np.int64)))
+
+
+class KMeansSegmenter:
+    """k-means of per-pixel features as a Segmenter: `featurize(images (B, 3, H, W)) -> (B, D, H, W)` (default: the
+    pixels' colours). scope "dataset" fits ONE k-means on pixels pooled over the images given to `fit` (a seeded
+    subsample of at most `fit_pixels`) and assigns each image's pixels to its centres; scope "image" clusters each
+    image on its own."""
+
+    kind = "regions"
+
+    def __init__(
+        self,
+        k: int,
+        featurize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        scope: Literal["dataset", "image"] = "dataset",
+        fit_pixels: int = 200_000,
+        num_iters: int = 30,
+        normalize: Normalize = "standardize",
+        seed: int = 0,
+    ):
+        self.k, self.featurize, self.scope, self.fit_pixels = k, featurize or (lambda x: x.float()), scope, fit_pixels
+        self.num_iters, self.normalize, self.seed = num_iters, normalize, seed
+        self.class_names = [f"cluster {i}" for i in range(k)]
+        self.kmeans: KMeans | None = None
+
+    def fit(self, images: torch.Tensor, batch_size: int = 16) -> KMeansSegmenter:
+        """Fit the centres on the pixels of `images` (scope "dataset"; nothing to do for scope "image")."""
+        if self.scope == "image":
+            return self
+        feats = torch.cat([self.featurize(images[i : i + batch_size]).cpu() for i in range(0, len(images), batch_size)])
+        pixels = feature_pixels(feats)  # (N*H*W, D)
+        if pixels.shape[0] > self.fit_pixels:
+            gen = torch.Generator().manual_seed(self.seed)
+            pixels = pixels[torch.randperm(pixels.shape[0], generator=gen)[: self.fit_pixels]]
+        self.kmeans = KMeans(self.k, num_iters=self.num_iters, seed=self.seed, normalize=self.normalize).fit(pixels)
+        return self
+
+    def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> Segmentation:
+        feats = self.featurize(images).cpu()  # (B, D, H, W)
+        if self.scope == "image":
+            opts = {"seed": self.seed, "num_iters": self.num_iters, "normalize": self.normalize}
+            labels = np.stack([kmeans_segment(f, self.k, **opts) for f in feats])
+        else:
+            if self.kmeans is None:
+                raise RuntimeError("KMeansSegmenter with scope='dataset': call fit(images) before segment")
+            labels = self.kmeans.predict_map(feats)
+        return Segmentation(labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+
+class NetworkSegmenter:
+    """Any supervised segmentation network `net(x) -> logits (B, C, h, w)` as a Segmenter of classes. With
+    `image_size`, inputs go through the one resize policy to that side and the probabilities come back at the
+    input's size."""
+
+    kind = "classes"
+
+    def __init__(self, net: nn.Module, class_names: Sequence[str], image_size: int | None = None, batch_size: int = 16):
+        self.net, self.class_names = net.eval(), list(class_names)
+        self.image_size, self.batch_size = image_size, batch_size
+
+    @torch.no_grad()
+    def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> Segmentation:
+        device = next(self.net.parameters()).device
+        size = tuple(images.shape[-2:])
+        probs = []
+        for i in range(0, len(images), self.batch_size):
+            x = images[i : i + self.batch_size]
+            x = resize_images(x, self.image_size) if self.image_size else x.float()
+            probs.append(resize_probs(self.net(x.to(device)).float().softmax(1), size).cpu())  # (b, C, H, W)
+        p = torch.cat(probs)
+        return Segmentation(labels=p.argmax(1), probs=p)
+
+
+class DictOutput(nn.Module):
+    """Wraps a torchvision segmentation model (which returns {"out": logits, ...}) as `net(x) -> logits`."""
+
+    def __init__(self, model: nn.Module, key: str = "out"):
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[self.key]

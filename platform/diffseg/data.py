@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -90,6 +91,53 @@ def resize_pair(image: Image.Image, mask: Image.Image | None, size: int) -> tupl
 def to_tensor_image(image: Image.Image) -> torch.Tensor:
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1  # (3, H, W) in [-1, 1]
+
+
+# The ONE resize policy for an image given to a network of a fixed square size (a segmenter, a feature backbone), used
+# by the jobs and by Serve alike: the whole image is resized to the network's square (bilinear, antialiased when
+# shrinking; the aspect ratio is not kept, so every input pixel gets a prediction), and what comes back is resized to
+# the input's size: soft masks / probabilities bilinearly (renormalised, then argmax), hard labels by nearest
+# neighbour. (Data sets are a different matter: `data.image_size` crops, see `resize_pair`.)
+def _size(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Images (B, C, H, W) -> (B, C, *size) float32 by the one policy (unchanged when already that size)."""
+    size = _size(size)
+    x = images.float()
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_probs(probs: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Soft masks (B, K, h, w) summing to 1 over K -> (B, K, *size), bilinear and renormalised."""
+    size = _size(size)
+    p = probs.float()
+    if tuple(p.shape[-2:]) == size:
+        return p
+    p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+    return p / p.sum(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def resize_labels(labels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Hard label maps (B, h, w) -> (B, *size) long, nearest neighbour."""
+    size = _size(size)
+    if tuple(labels.shape[-2:]) == size:
+        return labels.long()
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Per-pixel values (B, h, w) (an uncertainty) or features (B, D, h, w) -> (..., *size), bilinear."""
+    size = _size(size)
+    x = maps.float()
+    if tuple(x.shape[-2:]) == size:
+        return x
+    squeeze = x.dim() == 3
+    x = F.interpolate(x[:, None] if squeeze else x, size=size, mode="bilinear", align_corners=False)
+    return x[:, 0] if squeeze else x
 
 
 # ---------------------------------------------------------------------------------------------------- folders

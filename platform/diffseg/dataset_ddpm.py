@@ -16,16 +16,25 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
+from diffseg.baselines import DictOutput, NetworkSegmenter, train_supervised
+from diffseg.checkpoint import load_diffusion_model
 from diffseg.data import DataConfig, build_dataset
-from diffseg.models import resolve_device
+from diffseg.evaluate import evaluate_segmenter
+from diffseg.pixel import PixelSegmenter
+from diffseg.runtime import image_generators, resolve_device
+from diffseg.sampling import sample
 from diffseg.tracking import TrackingConfig, start_job
+from diffseg.viz import to_uint8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,13 @@ class DatasetDDPMConfig:
     device: str = "auto"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.segmenter:
+            raise ValueError("segmenter: a PixelSegmenter bundle (segmenter.pt) is required")
+        if not 0.0 <= self.drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
+
 
 def build_deeplab(arch: str, num_classes: int) -> torch.nn.Module:
     """torchvision DeepLabV3 from scratch (no pretrained weights of any kind)."""
@@ -70,82 +86,41 @@ def select_confident(scores: np.ndarray, drop_fraction: float) -> np.ndarray:
     return np.sort(order[: n - n_drop])
 
 
-class DeepLabSegmenter:
-    """`predict(images (B, 3, H, W) in [-1, 1]) -> (labels, zeros)` for evaluate_segmenter."""
-
-    def __init__(self, model: torch.nn.Module, train_size: int, device: torch.device):
-        self.model, self.train_size, self.device = model.eval(), train_size, device
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = images.to(self.device).float()
-        h, w = x.shape[-2:]
-        if self.train_size and self.train_size != h:
-            x = F.interpolate(x, size=(self.train_size, self.train_size), mode="bilinear", align_corners=False)
-        logits = self.model(x)["out"]
-        if logits.shape[-2:] != (h, w):
-            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        labels = logits.argmax(1).cpu().numpy().astype(np.int64)
-        return labels, np.zeros(labels.shape, np.float32)
-
-
 def train_deeplab(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: DatasetDDPMConfig, device: torch.device
 ) -> torch.nn.Module:
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_deeplab(cfg.arch, num_classes).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(images), (min(cfg.batch_size, len(images)),), generator=gen)
-        x, y = images[idx].to(device), labels[idx].to(device)
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-        if cfg.train_size and cfg.train_size != x.shape[-1]:
-            x = F.interpolate(x, size=(cfg.train_size, cfg.train_size), mode="bilinear", align_corners=False)
-            y = F.interpolate(y[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()
-        if len(x) < 2:  # BatchNorm in the ASPP head needs 2 images
-            continue
-        loss = F.cross_entropy(model(x)["out"], y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 100 == 0:
-            print(f"[dataset-ddpm] deeplab step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
-    return model.eval()
+    """DeepLabV3 from scratch on the confident samples, by the one supervised trainer (flips, `train_size`)."""
+    torch.manual_seed(cfg.seed)  # the initial weights
+    net = DictOutput(build_deeplab(cfg.arch, num_classes))
+    return train_supervised(
+        net, images, labels, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+        train_size=cfg.train_size, device=device, log_every=100, name="dataset-ddpm",
+    )  # fmt: skip
 
 
 def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
-    from PIL import Image
-
-    from diffseg.features import load_backbone
-    from diffseg.label_efficient import evaluate_segmenter, metric_dict
-    from diffseg.pixel import PixelSegmenter
-    from diffseg.sampling import sample
-    from diffseg.viz import to_uint8
-
     out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
     seg = PixelSegmenter.load(cfg.segmenter, device)
     ckpt = cfg.checkpoint or seg.recipe.backbone
-    model, diffusion = load_backbone(ckpt, device)
-    if diffusion is None:
-        raise ValueError(f"{ckpt}: DatasetDDPM samples from one of our (or a converted) DDPM checkpoints")
+    if ckpt.startswith(("random:", "diffusers:")) or ckpt == "rgb":
+        raise ValueError(f"checkpoint: DatasetDDPM samples from one of our (or a converted) DDPMs, not {ckpt!r}")
+    loaded = load_diffusion_model(ckpt, device)
 
-    # 1-2. sample and label, batch by batch
+    # 1-2. sample and label, batch by batch (image i's noise: image_generators(seed, [i]), as jobs/sample.py)
     folder = out / "synthetic"
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     images, labels, scores = [], [], []
     for s in range(0, cfg.num_samples, cfg.sample_batch_size):
         n = min(cfg.sample_batch_size, cfg.num_samples - s)
-        x, _ = sample(model, diffusion, n, steps=cfg.sample_steps, generator=gen, device=device)
+        gens = image_generators(cfg.seed, range(s, s + n))
+        x, _ = sample(loaded.model, loaded.diffusion, n, steps=cfg.sample_steps, generator=gens, device=device)
         det = seg.predict_detailed(x.cpu())
         images.append(x.cpu())
         labels.append(torch.from_numpy(det["labels"]))
         scores += det["image_score"].tolist()
-        print(f"[dataset-ddpm] sampled and labelled {s + n}/{cfg.num_samples}", flush=True)
+        log.info(f"[dataset-ddpm] sampled and labelled {s + n}/{cfg.num_samples}")
     images_t, labels_t, scores_np = torch.cat(images), torch.cat(labels), np.asarray(scores)
     kept = select_confident(scores_np, cfg.drop_fraction)
     with open(folder / "scores.csv", "w", newline="") as f:
@@ -163,16 +138,15 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
     # 3-4. train DeepLabV3 on the confident samples
     deeplab = train_deeplab(images_t[kept], labels_t[kept], seg.num_classes, cfg, device)
 
-    # 5. evaluate on real test images
+    # 5. evaluate on real test images, by the one evaluation path
     size = images_t.shape[-1]
     test = build_dataset(dataclasses.replace(cfg.test_data, flip=False, image_size=size), "test")
     if cfg.test_limit:
         test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
-    result = evaluate_segmenter(
-        DeepLabSegmenter(deeplab, cfg.train_size, device), test, seg.num_classes, 255, out / "eval",
-        class_names=seg.class_names,
-    )  # fmt: skip
-    tracker.log_metrics(metric_dict(result, seg.class_names) | {"dataset/kept": len(kept)})
+    segmenter = NetworkSegmenter(deeplab, seg.class_names, image_size=cfg.train_size or None)
+    result = evaluate_segmenter(segmenter, test, class_names=seg.class_names, out_dir=out / "eval")
+    tracker.log_metrics(result.metrics | {"dataset/kept": len(kept)})
     tracker.finish()
-    print(f"[dataset-ddpm] {len(kept)}/{cfg.num_samples} samples kept; DeepLabV3 test mIoU {result['miou']:.4f}")
-    return {"miou": result["miou"], "kept": len(kept), "num_samples": cfg.num_samples, "out": str(out)}
+    miou = result.metrics["test/miou"]
+    log.info(f"[dataset-ddpm] {len(kept)}/{cfg.num_samples} samples kept; DeepLabV3 test mIoU {miou:.4f}")
+    return {"miou": miou, "kept": len(kept), "num_samples": cfg.num_samples, "out": str(out)}

@@ -27,9 +27,7 @@ Model = Callable[..., torch.Tensor]
 class DiffusionConfig:
     num_timesteps: int = 1000  # T, the number of forward-process steps the model is trained on
     schedule: Literal["linear", "cosine"] = "linear"  # beta schedule (Ho et al. linear; Nichol & Dhariwal cosine)
-    sample_steps: int = 50  # default number of respaced steps for DDIM sampling
-    eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like)
-    clip_denoised: bool = True  # clip predicted x0 to [-1, 1] while sampling
+    # How to sample (steps, eta) is the sampler's call (jobs/sample.py, the Serve request), not the process's.
 
 
 def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
@@ -224,7 +222,7 @@ class GaussianDiffusion:
         return mean, _extract(self.posterior_log_variance_clipped, t, x_t.ndim)
 
     # ------------------------------------------------------------------ the model's p(x_{t-1} | x_t)
-    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the model sees: the original one for a respaced process."""
         return _on_device(self.timestep_map, t.device)[t]
 
@@ -247,7 +245,7 @@ class GaussianDiffusion:
         return frac * max_log + (1 - frac) * min_log
 
     def p_mean_variance(self, model: Model, x_t, t, clip_denoised: bool = True, model_kwargs=None):
-        output = model(x_t, self._model_t(t), **(model_kwargs or {}))
+        output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         eps, v = self.split_output(output, x_t)
         x_start = self.predict_xstart_from_eps(x_t, t, eps)
         if clip_denoised:
@@ -269,7 +267,7 @@ class GaussianDiffusion:
         The vb term sees the mean through a stop-gradient, so the mean is trained by the MSE alone (ADM's hybrid loss).
         """
         x_t = self.q_sample(x_start, t, noise)
-        output = model(x_t, self._model_t(t), **(model_kwargs or {}))
+        output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         eps, v = self.split_output(output, x_t)
         mse = ((noise - eps.float()) ** 2).mean(dim=tuple(range(1, x_t.ndim)))
         terms = {"mse": mse}

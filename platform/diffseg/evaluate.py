@@ -17,8 +17,14 @@ Methods (`methods` in the config):
     factorized                       the factorized model's argmax mask at t (default 30)
     supervised                       a U-Net trained on the labelled training split (the upper bound)
 
+THE evaluation path: every method is a `diffseg.segmenter.Segmenter`, run over the data set by
+`evaluate_segmenter` and scored by `Scorer`, whose metric keys are `split/name` (`test/fg_iou`, `test/miou`,
+`test/hungarian_miou`, ...), the keys Tune, MLflow and the tables use. The label-efficient jobs, DatasetDDPM and the
+sweeps score their segmenters with the same function.
+
 Everything here is plain PyTorch / NumPy; `jobs/evaluate.py` is the command line. Outputs: table.md, table.csv,
-results.json, figures/<dataset>.png, the resolved config, and an MLflow run with the metrics and those files.
+results.json, figures/<dataset>.png, the resolved config, and an MLflow run holding the table with one nested run
+per (data set, method) holding that row's `test/...` metrics.
 """
 
 from __future__ import annotations
@@ -26,22 +32,35 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffseg import baselines
+from diffseg.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.config import save_config, to_dict
-from diffseg.data import DataConfig, build_dataset
-from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.metrics import ConfusionMatrix, HungarianIoU, foreground_scores
+from diffseg.data import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
+from diffseg.features import FeatureConfig, FeaturePipeline
+from diffseg.metrics import ConfusionMatrix, ForegroundAccumulator, HungarianIoU
+from diffseg.pixel import image_score
+from diffseg.report import markdown_table
+from diffseg.runtime import resolve_device
+from diffseg.segment import FactorizedSegmenter
+from diffseg.segmenter import Segmenter, num_labels, segment_dataset
 from diffseg.tracking import Tracker, TrackingConfig
-from diffseg.viz import comparison_grid, save_png, to_uint8
+from diffseg.unet import UNetConfig
+from diffseg.viz import comparison_grid, grid, overlay, save_png, to_uint8
+
+log = logging.getLogger(__name__)
 
 METHODS = ("all_foreground", "centred_box", "grabcut", "kmeans_rgb", "kmeans_ddpm", "factorized", "supervised")
 METHOD_TITLES = {
@@ -128,8 +147,185 @@ class EvalConfig:
     supervised: SupervisedSection = field(default_factory=SupervisedSection)
     foreground: ForegroundSection = field(default_factory=ForegroundSection)
     num_figure_images: int = 8  # rows of the image | ground truth | methods figure (0 = no figure)
-    device: str = "cpu"  # torch device for the networks
+    device: str = "auto"  # torch device for the networks: auto (cuda when visible), cpu, cuda, cuda:1
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
+        if not self.datasets:
+            raise ValueError("datasets: no data sets to evaluate")
+        needs = {"factorized": "factorized", "kmeans_ddpm": "ddpm"}
+        for i, spec in enumerate(self.datasets):
+            for method, key in needs.items():
+                if method in self.methods and not getattr(spec, key):
+                    raise ValueError(f"datasets[{i}].{key}: method {method!r} needs a checkpoint for {spec.name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def binary_ground_truth(masks: np.ndarray | torch.Tensor, ignore_index: int = 255) -> np.ndarray:
+    """0 background, 1 foreground (any non-background class), ignore_index kept."""
+    m = np.asarray(masks)
+    return np.where(m == ignore_index, ignore_index, (m != 0).astype(np.int64))
+
+
+class Scorer:
+    """Streams label maps against ground truth under a protocol; `compute()` -> {`split/name`: value}.
+
+    foreground (binary ground truth, any non-zero class is foreground):
+        regions: `fg_acc`, `fg_iou`, `fg_dice` as IEM/ReDO compute them (per image and per metric the better
+            polarity; K regions reduced to a foreground by `reduction`), and `fg_iou_strict` (one foreground fixed for
+            the whole data set) when `strict`;
+        classes: class 0 is background, every other class foreground, no polarity search (`fg_iou_strict` = `fg_iou`).
+    multiclass (C ground-truth classes):
+        classes: `miou`, `pixel_accuracy`, `iou/<class>` with intersections and unions pooled over the set;
+        regions: `hungarian_miou` (regions matched to classes once for the set, then pooled), `hungarian_iou/<class>`
+            and `hungarian_miou_per_image` (matched per image).
+    """
+
+    def __init__(
+        self,
+        protocol: Literal["foreground", "multiclass"],
+        kind: Literal["regions", "classes"],
+        num_labels: int,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
+        reduction: Literal["best_single", "best_subset", "fixed"] = "best_single",
+        strict: bool = True,
+        split: str = "test",
+    ):
+        if protocol not in ("foreground", "multiclass"):
+            raise ValueError(f"protocol must be 'foreground' or 'multiclass', got {protocol!r}")
+        self.protocol, self.kind, self.split, self.strict = protocol, kind, split, strict
+        self.class_names, self.ignore_index = list(class_names), ignore_index
+        k, c = max(int(num_labels), 2), len(self.class_names)
+        self.parts: dict[str, Any] = {}
+        if protocol == "foreground" and kind == "classes":
+            self.parts["fg"] = ForegroundAccumulator(2, "fixed", fg_regions=(1,), ignore_index=ignore_index)
+        elif protocol == "foreground":
+            self.parts["fg"] = ForegroundAccumulator(k, reduction, ignore_index=ignore_index)
+            if strict:
+                self.parts["strict"] = ForegroundAccumulator(k, "fixed", ignore_index=ignore_index)
+        elif kind == "classes":
+            self.parts["cm"] = ConfusionMatrix(c, ignore_index)
+        else:
+            self.parts["matched"] = HungarianIoU(k, c, per_image=False, ignore_index=ignore_index)
+            self.parts["per_image"] = HungarianIoU(k, c, per_image=True, ignore_index=ignore_index)
+
+    def update(self, labels: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> list[dict[str, float]]:
+        """Add a batch of label maps (B, H, W) and ground truth (B, H, W); returns per-image scores where the
+        protocol has them (a class segmenter's per-image mIoU)."""
+        labels, gt = np.asarray(labels, dtype=np.int64), np.asarray(gt, dtype=np.int64)
+        if self.protocol == "foreground":
+            gt = binary_ground_truth(gt, self.ignore_index)
+            if self.kind == "classes":
+                labels = (labels != 0).astype(np.int64)
+        rows: list[dict[str, float]] = [{} for _ in range(len(labels))]
+        for name, part in self.parts.items():
+            part.update(labels, gt)
+            if name == "cm":
+                for j in range(len(labels)):
+                    one = ConfusionMatrix(part.num_classes, self.ignore_index).update(labels[j], gt[j])
+                    rows[j]["miou"] = one.miou()
+        return rows
+
+    def compute(self) -> dict[str, float]:
+        sp, parts = self.split, self.parts
+        if self.protocol == "foreground":
+            fg = parts["fg"].compute()
+            out = fg.as_dict(sp)
+            if "strict" in parts:
+                out[f"{sp}/fg_iou_strict"] = parts["strict"].compute().iou
+            elif self.kind == "classes":
+                out[f"{sp}/fg_iou_strict"] = fg.iou
+            return out
+        if "cm" in parts:
+            return parts["cm"].as_dict(sp, self.class_names)
+        matched = parts["matched"].compute()
+        out = matched.as_dict(sp, self.class_names)
+        out[f"{sp}/hungarian_miou_per_image"] = parts["per_image"].compute().miou
+        return out
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate_segmenter` measured."""
+
+    metrics: dict[str, float]  # `split/name` keys (see `Scorer`)
+    per_image: list[dict[str, Any]]  # {"id", per-image scores, "uncertainty" (top-10% score) when the method has one}
+    num_images: int
+    seconds: float  # wall time of segmenting and scoring
+    labels: np.ndarray | None = None  # (N, H, W) when asked for (`keep_labels`, same-size images)
+
+
+def evaluate_segmenter(
+    seg: Segmenter,
+    dataset: Sequence[dict[str, Any]] | torch.utils.data.Dataset,
+    *,
+    protocol: Literal["foreground", "multiclass"] | Sequence[str] = "multiclass",
+    class_names: Sequence[str] | None = None,
+    ignore_index: int = 255,
+    seed: int = 0,
+    batch_size: int = 16,
+    reduction: Literal["best_single", "best_subset", "fixed"] = "best_single",
+    strict: bool = True,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    save_overlays: int = 16,
+    keep_labels: bool = False,
+) -> EvalResult:
+    """THE evaluation of any Segmenter on a labelled data set ({"image", "mask", "id"} items).
+
+    Image i is segmented with noise seed `image_seed(seed, i)`; the labels are scored by `Scorer` under `protocol`
+    (or under each of several protocols, e.g. ("foreground", "multiclass") for regions against part masks: the
+    foreground and the Hungarian-matched scores of one segmentation). Metric keys are `split/name`. With `out_dir`:
+    predictions/<id>.png, overlays.png (image | ground truth | prediction, per row), per_image.csv and metrics.json.
+    """
+    names = list(class_names or getattr(dataset, "class_names", None) or seg.class_names)
+    protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+    scorers = [Scorer(p, seg.kind, num_labels(seg), names, ignore_index, reduction, strict, split) for p in protocols]
+    out = Path(out_dir) if out_dir else None
+    if out:
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    tiles: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    for _, items, res in segment_dataset(seg, dataset, seed, batch_size):
+        if "mask" not in items[0]:
+            raise ValueError(f"image {items[0]['id']!r} has no ground-truth mask: evaluation needs labelled data")
+        labels = res.labels.numpy()  # (B, H, W)
+        masks = torch.stack([it["mask"] for it in items]).numpy()
+        per_scorer = [sc.update(labels, masks) for sc in scorers]
+        scores = [{k: v for rows_j in per for k, v in rows_j.items()} for per in zip(*per_scorer)]
+        for j, it in enumerate(items):
+            row = {"id": str(it["id"]), **scores[j]}
+            if res.uncertainty is not None:
+                row["uncertainty"] = image_score(res.uncertainty[j])
+            rows.append(row)
+            if out:
+                Image.fromarray(labels[j].astype(np.uint8)).save(out / "predictions" / f"{it['id']}.png")
+                if len(tiles) < 3 * save_overlays:
+                    rgb = to_uint8(it["image"])
+                    c = max(len(names), num_labels(seg))
+                    tiles += [rgb, overlay(rgb, masks[j], num_classes=c), overlay(rgb, labels[j], num_classes=c)]
+        if keep_labels:
+            kept.append(labels)
+    metrics = {k: v for sc in scorers for k, v in sc.compute().items()}
+    seconds = time.perf_counter() - t0
+    if out:
+        if tiles and all(t.shape == tiles[0].shape for t in tiles):
+            save_png(grid(tiles, nrow=3), out / "overlays.png")  # image | ground truth | prediction, per row
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "per_image.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        (out / "metrics.json").write_text(json.dumps({**metrics, "num_images": len(rows)}, indent=1))
+    labels_all = np.concatenate(kept) if kept and all(k.shape[1:] == kept[0].shape[1:] for k in kept) else None
+    return EvalResult(metrics, rows, len(rows), seconds, labels_all)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -138,65 +334,37 @@ class EvalData:
     """The scored images of one data set, held in memory (test sets of hundreds of small images)."""
 
     spec: DatasetSpec
-    images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
-    masks: torch.Tensor  # (N, H, W) long ground truth
-    ids: list[str]
+    items: list[dict[str, Any]]  # {"image" (3, H, W) in [-1, 1], "mask" (H, W) long, "id"}
     class_names: list[str]
     ignore_index: int
 
+    @property
+    def images(self) -> torch.Tensor:
+        return torch.stack([it["image"] for it in self.items])  # (N, 3, H, W)
 
-def load_eval_data(spec: DatasetSpec) -> EvalData:
-    dataset = build_dataset(spec.data, split=spec.split)
-    n = len(dataset) if not spec.limit else min(spec.limit, len(dataset))
+    @property
+    def masks(self) -> torch.Tensor:
+        return torch.stack([it["mask"] for it in self.items])  # (N, H, W)
+
+
+def load_eval_data(spec: DatasetSpec, split: str | None = None) -> EvalData:
+    split = split or spec.split
+    dataset = build_dataset(spec.data, split=split)
+    n = len(dataset) if not spec.limit or split != spec.split else min(spec.limit, len(dataset))
     if n == 0:
-        raise ValueError(f"data set {spec.name!r}: split {spec.split!r} is empty (set data.num_train/num_test)")
+        raise ValueError(f"data set {spec.name!r}: split {split!r} is empty (set data.num_train/num_test)")
     items = [dataset[i] for i in range(n)]
     if "mask" not in items[0]:
         raise ValueError(f"data set {spec.name!r}: no ground-truth masks under {spec.data.root}")
-    names = list(getattr(dataset, "class_names", None) or [])
-    if not names:
-        from diffseg.data import SYNTHETIC_CLASSES
-
-        names = SYNTHETIC_CLASSES
-    return EvalData(
-        spec=spec,
-        images=torch.stack([it["image"] for it in items]),
-        masks=torch.stack([it["mask"] for it in items]),
-        ids=[str(it["id"]) for it in items],
-        class_names=names,
-        ignore_index=int(getattr(dataset, "ignore_index", 255)),
-    )
-
-
-def binary_ground_truth(data: EvalData) -> np.ndarray:
-    """0 background, 1 foreground (any non-background class), ignore_index kept."""
-    m = data.masks.numpy()
-    return np.where(m == data.ignore_index, data.ignore_index, (m != 0).astype(np.int64))
+    names = list(getattr(dataset, "class_names", None) or SYNTHETIC_CLASSES)
+    return EvalData(spec, items, names, int(getattr(dataset, "ignore_index", 255)))
 
 
 # ---------------------------------------------------------------------------------------------------- methods
-@dataclass
-class Prediction:
-    labels: np.ndarray  # (N, H, W) int64 region / class indices
-    num_regions: int  # K: the label range
-    kind: Literal["regions", "classes"] = "regions"  # unsupervised regions (matched) or class labels (not matched)
-    seconds: float = 0.0  # wall time of the method on the scored images
-    info: dict[str, Any] = field(default_factory=dict)  # what the row was computed with (steps, size, ...)
-
-
-def _load_diffusion(ckpt) -> GaussianDiffusion:
-    from diffseg.config import from_dict
-
-    cfg = from_dict(DiffusionConfig, ckpt.config.get("diffusion", {}), "diffusion")
-    return GaussianDiffusion.from_config(cfg)
-
-
-def _num_regions(cfg: EvalConfig, data: EvalData) -> int:
+def _num_regions(data: EvalData) -> int:
     if data.spec.num_regions:
         return data.spec.num_regions
     if data.spec.factorized:
-        from diffseg.checkpoint import load_checkpoint
-
         return load_checkpoint(data.spec.factorized).model_config.factorized.num_components
     return 2 if data.spec.protocol == "foreground" else len(data.class_names)
 
@@ -207,179 +375,77 @@ def _need(path: str | None, method: str, data: EvalData, key: str) -> str:
     return path
 
 
-def predict_all_foreground(cfg: EvalConfig, data: EvalData) -> Prediction:
-    n, _, h, w = data.images.shape
-    return Prediction(baselines.all_foreground((n, h, w)).astype(np.int64), 2)
+def _ddpm_featurizer(cfg: EvalConfig, path: str) -> tuple[Any, dict[str, Any]]:
+    """images (B, 3, H, W) -> DDPM decoder features (B, D, H, W): the one resize policy around the feature pipeline."""
+    loaded = load_diffusion_model(path, cfg.device)
+    km = cfg.kmeans
+    recipe = FeatureConfig(backbone=path, blocks=km.blocks, timesteps=km.timesteps, noise_seed=km.noise_seed)
+    pipe = FeaturePipeline(recipe, loaded.device, model=loaded.model, diffusion=loaded.diffusion)
+
+    def featurize(images: torch.Tensor) -> torch.Tensor:
+        return resize_maps(pipe(resize_images(images, pipe.image_size)).cpu(), tuple(images.shape[-2:]))
+
+    info = {"ddpm": path, "ddpm_step": loaded.step, "blocks": list(km.blocks), "timesteps": list(km.timesteps),
+            "feature_dim": pipe.dim}  # fmt: skip
+    return featurize, info
 
 
-def predict_centred_box(cfg: EvalConfig, data: EvalData) -> Prediction:
-    n, _, h, w = data.images.shape
-    margin = cfg.centred_box.margin
-    return Prediction(baselines.centred_box((n, h, w), margin).astype(np.int64), 2, info={"margin": margin})
-
-
-def predict_grabcut(cfg: EvalConfig, data: EvalData) -> Prediction:
-    g = cfg.grabcut
-    imgs = to_uint8(data.images)  # (N, H, W, 3)
-    labels = np.stack([baselines.grabcut(img, g.margin, g.iterations, g.seed) for img in imgs]).astype(np.int64)
-    return Prediction(labels, 2, info={"margin": g.margin, "iterations": g.iterations})
-
-
-def _kmeans_fit_predict(cfg: EvalConfig, feats: torch.Tensor, k: int) -> np.ndarray:
-    """(N, D, H, W) features -> (N, H, W) cluster maps, one k-means over the data set or one per image."""
-    km_cfg = cfg.kmeans
-    if km_cfg.scope == "image":
-        return np.stack(
-            [
-                baselines.kmeans_segment(f, k, seed=km_cfg.seed, num_iters=km_cfg.num_iters, normalize=km_cfg.normalize)
-                for f in feats
-            ]
-        )
-    pixels = baselines.feature_pixels(feats)  # (N*H*W, D)
-    if pixels.shape[0] > km_cfg.fit_pixels:
-        gen = torch.Generator().manual_seed(km_cfg.seed)
-        pixels = pixels[torch.randperm(pixels.shape[0], generator=gen)[: km_cfg.fit_pixels]]
-    km = baselines.KMeans(k, num_iters=km_cfg.num_iters, seed=km_cfg.seed, normalize=km_cfg.normalize).fit(pixels)
-    return np.concatenate([km.predict_map(feats[i : i + 64]) for i in range(0, len(feats), 64)])
-
-
-def predict_kmeans_rgb(cfg: EvalConfig, data: EvalData) -> Prediction:
-    k = _num_regions(cfg, data)
-    return Prediction(_kmeans_fit_predict(cfg, data.images.float(), k), k, info={"k": k, "scope": cfg.kmeans.scope})
-
-
-def predict_kmeans_ddpm(cfg: EvalConfig, data: EvalData) -> Prediction:
-    from diffseg.checkpoint import load_model
-    from diffseg.features import extract, shared_noise
-
-    path = _need(data.spec.ddpm, "kmeans_ddpm", data, "datasets[].ddpm")
-    model, ckpt = load_model(path, use_ema=True, map_location=cfg.device)
-    diffusion = _load_diffusion(ckpt)
-    km_cfg = cfg.kmeans
-    size = model.cfg.image_size
-    images = data.images.float()
-    h, w = images.shape[-2:]
-    noise = shared_noise((images.shape[1], size, size), km_cfg.noise_seed)
-    feats = []
-    for i in range(0, len(images), km_cfg.batch_size):
-        x = images[i : i + km_cfg.batch_size]
-        if (h, w) != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        f = extract(model, diffusion, x.to(cfg.device), km_cfg.blocks, km_cfg.timesteps, noise).cpu()
-        if (h, w) != (size, size):
-            f = torch.nn.functional.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
-        feats.append(f)
-    feats = torch.cat(feats)  # (N, D, H, W)
-    k = _num_regions(cfg, data)
-    info = {
-        "k": k,
-        "ddpm": path,
-        "ddpm_step": ckpt.step,
-        "blocks": list(km_cfg.blocks),
-        "timesteps": list(km_cfg.timesteps),
-        "feature_dim": int(feats.shape[1]),
-        "scope": km_cfg.scope,
-    }
-    return Prediction(_kmeans_fit_predict(cfg, feats, k), k, info=info)
-
-
-def predict_factorized(cfg: EvalConfig, data: EvalData) -> Prediction:
-    from diffseg.checkpoint import load_model
-    from diffseg.segment import image_generators, segment_images
-
-    path = _need(data.spec.factorized, "factorized", data, "datasets[].factorized")
-    model, ckpt = load_model(path, use_ema=cfg.segment.use_ema, map_location=cfg.device)
-    if model.cfg.num_classes is not None:
-        raise ValueError(f"{path}: a class-conditional model needs labels to segment; use an unconditional one")
-    diffusion = _load_diffusion(ckpt)
-    s = cfg.segment
-    labels = []
-    for i in range(0, len(data.images), s.batch_size):
-        x = data.images[i : i + s.batch_size]
-        gens = image_generators(s.seed, range(i, i + len(x)))
-        labels.append(segment_images(model, diffusion, x, t=s.t, generator=gens)["labels"].cpu().numpy())
-    k = model.num_components
-    info = {"K": k, "t": s.t, "checkpoint": path, "train_step": ckpt.step, "image_size": model.cfg.image_size}
-    return Prediction(np.concatenate(labels).astype(np.int64), k, info=info)
-
-
-def predict_supervised(cfg: EvalConfig, data: EvalData) -> Prediction:
-    from diffseg.unet import UNetConfig
-
-    s = cfg.supervised
-    train_spec = DatasetSpec(**{**data.spec.__dict__, "split": "train", "limit": 0})
-    train = load_eval_data(train_spec)
-    if data.spec.protocol == "foreground":
-        y, num_classes = torch.from_numpy(binary_ground_truth(train)), 2
-    else:
-        y, num_classes = train.masks, len(train.class_names)
-    size = train.images.shape[-1]
-    ucfg = UNetConfig(
-        image_size=size, model_channels=s.model_channels, channel_mult=(1, 2, 2), attention_resolutions=()
-    )
-    model = baselines.train_supervised_unet(
-        train.images, y, num_classes, ucfg, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-        ignore_index=data.ignore_index, seed=s.seed, device=cfg.device,
-    )  # fmt: skip
-    labels = baselines.predict_supervised(model, data.images).numpy().astype(np.int64)
-    info = {"train_images": len(train.images), "steps": s.steps, "batch_size": s.batch_size}
-    return Prediction(labels, num_classes, kind="classes", info=info)
-
-
-PREDICTORS = {
-    "all_foreground": predict_all_foreground,
-    "centred_box": predict_centred_box,
-    "grabcut": predict_grabcut,
-    "kmeans_rgb": predict_kmeans_rgb,
-    "kmeans_ddpm": predict_kmeans_ddpm,
-    "factorized": predict_factorized,
-    "supervised": predict_supervised,
-}
-
-
-# ---------------------------------------------------------------------------------------------------- scoring
-def score(cfg: EvalConfig, data: EvalData, pred: Prediction) -> dict[str, float]:
-    """The table's numbers for one method on one data set (fractions in [0, 1])."""
-    ignore = data.ignore_index
-    if data.spec.protocol == "foreground":
-        gt = binary_ground_truth(data)
-        if pred.kind == "classes":  # a supervised fg/bg prediction: class 1 is foreground, no polarity search
-            s = foreground_scores(pred.labels, gt, "fixed", num_regions=2, fg_regions=(1,), ignore_index=ignore)
-            return {"acc": s.acc, "iou": s.iou, "dice": s.dice, "iou_strict": s.iou}
-        k = max(pred.num_regions, 2)
-        reduction = cfg.foreground.reduction
-        s = foreground_scores(pred.labels, gt, reduction, num_regions=k, ignore_index=ignore)
-        out = {"acc": s.acc, "iou": s.iou, "dice": s.dice}
-        if cfg.foreground.strict:
-            strict = foreground_scores(pred.labels, gt, "fixed", num_regions=k, ignore_index=ignore)
-            out["iou_strict"] = strict.iou
-        return out
-    c = len(data.class_names)
-    gt = data.masks.numpy()
-    names = data.class_names
-    if pred.kind == "classes":
-        cm = ConfusionMatrix(c, ignore).update(pred.labels, gt)
-        iou = cm.iou()
-        out = {"miou": cm.miou(), "miou_per_image_match": cm.miou()}
-    else:
-        k = pred.num_regions
-        res = HungarianIoU(k, c, per_image=False, ignore_index=ignore).update(pred.labels, gt).compute()
-        per_image = HungarianIoU(k, c, per_image=True, ignore_index=ignore).update(pred.labels, gt).compute()
-        iou = res.iou
-        out = {"miou": res.miou, "miou_per_image_match": per_image.miou}
-    for name, v in zip(names, iou):
-        out[f"iou_{name}"] = float(v)
-    return out
+def build_segmenter(method: str, cfg: EvalConfig, data: EvalData) -> tuple[Segmenter, dict[str, Any]]:
+    """The Segmenter a table column stands for, built (and fitted or trained where it must be) for one data set."""
+    if method in ("all_foreground", "centred_box"):
+        margin = cfg.centred_box.margin
+        return baselines.PriorSegmenter(method, margin), ({"margin": margin} if method == "centred_box" else {})
+    if method == "grabcut":
+        g = cfg.grabcut
+        info = {"margin": g.margin, "iterations": g.iterations}
+        return baselines.GrabCutSegmenter(g.margin, g.iterations, g.seed), info
+    if method in ("kmeans_rgb", "kmeans_ddpm"):
+        k, km = _num_regions(data), cfg.kmeans
+        featurize, info = None, {}
+        if method == "kmeans_ddpm":
+            featurize, info = _ddpm_featurizer(cfg, _need(data.spec.ddpm, method, data, "datasets[].ddpm"))
+        seg = baselines.KMeansSegmenter(k, featurize, km.scope, km.fit_pixels, km.num_iters, km.normalize, km.seed)
+        return seg.fit(data.images, km.batch_size), {"k": k, "scope": km.scope, **info}
+    if method == "factorized":
+        path = _need(data.spec.factorized, method, data, "datasets[].factorized")
+        seg = FactorizedSegmenter.load(path, cfg.device, cfg.segment.use_ema, cfg.segment.t)
+        info = {"K": len(seg.class_names), "t": seg.t, "checkpoint": path, "train_step": seg.step,
+                "image_size": seg.image_size}  # fmt: skip
+        return seg, info
+    if method == "supervised":
+        s = cfg.supervised
+        train = load_eval_data(data.spec, split="train")
+        masks = train.masks
+        names = ["background", "foreground"] if data.spec.protocol == "foreground" else train.class_names
+        if data.spec.protocol == "foreground":
+            masks = torch.from_numpy(binary_ground_truth(masks, train.ignore_index))
+        images = train.images
+        ucfg = UNetConfig(image_size=images.shape[-1], model_channels=s.model_channels, channel_mult=(1, 2, 2),
+                          attention_resolutions=())  # fmt: skip
+        net = baselines.train_supervised_unet(
+            images, masks, len(names), ucfg, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+            ignore_index=train.ignore_index, seed=s.seed, device=resolve_device(cfg.device),
+        )  # fmt: skip
+        info = {"train_images": len(images), "steps": s.steps, "batch_size": s.batch_size}
+        return baselines.NetworkSegmenter(net, names, image_size=images.shape[-1]), info
+    raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
 
 
 # ---------------------------------------------------------------------------------------------------- table
-def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[tuple[str, str]]:
-    """(key, header) of the table columns for a protocol."""
+def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[tuple[tuple[str, ...], str]]:
+    """(metric keys, header) of the table columns for a protocol; a cell shows the first key a row has."""
     if protocol == "foreground":
-        cols = [("acc", "Acc"), ("iou", "IoU"), ("dice", "DICE")]
-        return cols + ([("iou_strict", "IoU (fixed fg)")] if strict else [])
-    cols = [("miou", "mIoU"), ("miou_per_image_match", "mIoU (per-image match)")]
-    return cols + [(f"iou_{n}", f"IoU {n}") for n in class_names]
+        cols = [(("fg_acc",), "Acc"), (("fg_iou",), "IoU"), (("fg_dice",), "DICE")]
+        return cols + ([(("fg_iou_strict",), "IoU (fixed fg)")] if strict else [])
+    cols = [
+        (("miou", "hungarian_miou"), "mIoU"),
+        (("hungarian_miou_per_image", "miou"), "mIoU (per-image match)"),
+    ]
+    return cols + [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
+
+
+def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
+    return next((metrics[k] for k in keys if k in metrics), None)
 
 
 def _fmt(v: Any) -> str:
@@ -398,14 +464,13 @@ def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
             names += [n for n in r.get("class_names", []) if n not in names]
         cols = columns(protocol, names, cfg.foreground.strict)
         head = ["Data set", "Method", *[h for _, h in cols], "N", "s"]
-        out.append(f"**{protocol}** protocol (scores in %)\n")
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+        body = []
         for r in prow:
-            vals = [_fmt(r["metrics"].get(k)) for k, _ in cols]
-            out.append(f"| {r['dataset']} | {METHOD_TITLES.get(r['method'], r['method'])} | " + " | ".join(vals)
-                       + f" | {r['num_images']} | {r['seconds']:.1f} |")  # fmt: skip
-        out.append("")
+            cells = [_fmt(_cell(r["metrics"], k)) for k, _ in cols]
+            title = METHOD_TITLES.get(r["method"], r["method"])
+            body.append([r["dataset"], title, *cells, str(r["num_images"]), f"{r['seconds']:.1f}"])
+        out.append(f"**{protocol}** protocol (scores in %)\n")
+        out.append(markdown_table(head, body, align=["---"] * 2 + ["---:"] * (len(head) - 2)))
     return "\n".join(out)
 
 
@@ -427,9 +492,9 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------------- driver
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every method on every data set; write table.md, table.csv, results.json and figures under out_dir."""
-    unknown = sorted(set(cfg.methods) - set(PREDICTORS))
+    unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(PREDICTORS)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     if not cfg.datasets:
         raise ValueError("no data sets to evaluate: set datasets in the config")
     out = Path(out_dir or Path(cfg.output_dir) / cfg.name)
@@ -442,31 +507,39 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
     try:
         for spec in cfg.datasets:
             data = load_eval_data(spec)
-            print(f"[evaluate] {spec.name}: {len(data.images)} images ({spec.split}), protocol {spec.protocol}")
-            preds: dict[str, Prediction] = {}
+            log.info(f"[evaluate] {spec.name}: {len(data.items)} images ({spec.split}), protocol {spec.protocol}")
+            labels: dict[str, np.ndarray] = {}
+            ks: dict[str, int] = {}
             for method in cfg.methods:
                 t0 = time.perf_counter()
-                pred = PREDICTORS[method](cfg, data)
-                pred.seconds = time.perf_counter() - t0
-                preds[method] = pred
-                metrics = score(cfg, data, pred)
+                seg, info = build_segmenter(method, cfg, data)
+                res = evaluate_segmenter(
+                    seg, data.items, protocol=spec.protocol, class_names=data.class_names,
+                    ignore_index=data.ignore_index, seed=cfg.segment.seed, batch_size=cfg.segment.batch_size,
+                    reduction=cfg.foreground.reduction, strict=cfg.foreground.strict, keep_labels=True,
+                )  # fmt: skip
+                seconds = time.perf_counter() - t0
+                labels[method], ks[method] = res.labels, num_labels(seg)
+                metrics = {k.split("/", 1)[1]: v for k, v in res.metrics.items()}  # the row: names without split
                 rows.append({
                     "dataset": spec.name, "protocol": spec.protocol, "method": method, "metrics": metrics,
-                    "num_images": len(data.images), "seconds": pred.seconds, "info": pred.info,
+                    "num_images": res.num_images, "seconds": seconds, "info": info,
                     "class_names": data.class_names if spec.protocol == "multiclass" else [],
                 })  # fmt: skip
-                shown = ", ".join(
-                    f"{k} {100 * v:.1f}" for k, v in metrics.items() if not k.startswith("iou_") or k == "iou_strict"
-                )
-                print(f"[evaluate]   {method:15s} {shown}  ({pred.seconds:.1f}s)", flush=True)
-                tracker.log_metrics({f"{spec.name}/{method}/{k}": v for k, v in metrics.items() if np.isfinite(v)})
+                shown = ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if "/" not in k)
+                log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s)")
+                child = Tracker(cfg.tracking, f"{spec.name}/{method}", parent_run_id=tracker.run_id)
+                child.log_params({"dataset": spec.name, "method": method, **info})
+                child.log_metrics({k: v for k, v in res.metrics.items() if np.isfinite(v)} | {"time/seconds": seconds})
+                child.finish()
             if cfg.num_figure_images:
-                n = min(cfg.num_figure_images, len(data.images))
-                gt = binary_ground_truth(data) if spec.protocol == "foreground" else data.masks.numpy()
+                n = min(cfg.num_figure_images, len(data.items))
+                masks = data.masks.numpy()
+                gt = binary_ground_truth(masks, data.ignore_index) if spec.protocol == "foreground" else masks
                 gt_classes = 2 if spec.protocol == "foreground" else len(data.class_names)
                 fig = comparison_grid(
-                    data.images[:n], gt[:n], [preds[m].labels[:n] for m in cfg.methods],
-                    [preds[m].num_regions for m in cfg.methods], gt_classes,
+                    data.images[:n], gt[:n], [labels[m][:n] for m in cfg.methods], [ks[m] for m in cfg.methods],
+                    gt_classes,
                 )  # fmt: skip
                 path = save_png(fig, out / "figures" / f"{spec.name}.png")
                 (out / "figures" / f"{spec.name}.txt").write_text(
@@ -483,6 +556,6 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
     except BaseException:
         tracker.finish("FAILED")
         raise
-    print(md)
-    print(f"[evaluate] table -> {out / 'table.md'}, {out / 'table.csv'}; figures -> {out / 'figures'}")
+    log.info(md)
+    log.info(f"[evaluate] table -> {out / 'table.md'}, {out / 'table.csv'}; figures -> {out / 'figures'}")
     return {"rows": rows, "markdown": md, "csv": table_csv, "out_dir": str(out), "mlflow_run_id": tracker.run_id}

@@ -9,13 +9,19 @@ shared by all images and timesteps; the U-Net's named decoder blocks are read at
 D is derived from the backbone (sum of the blocks' channels times the number of timesteps), never configured:
 blocks dec.5,6,7,8,12 at t=50,150,250 of the LSUN-256 ADM give 8448.
 
-The math is plain PyTorch (`extract`); `FeatureExtractor` is the Ray Data callable class that runs it on an actor
-pool and writes Parquet shards (see `diffseg.shards`), so feature sets larger than memory never sit in one place.
+The math is plain PyTorch (`extract`, run by `FeaturePipeline`). ONE function turns a batch of images into a shard
+of labelled pixel rows, `write_feature_shard`; it is what the Ray Data callable class `FeatureExtractor` runs on an
+actor pool (the feature job, the comparisons) and what `extract_dataset` runs in-process (sweeps, the demo). The
+shard format and the cache of feature sets live in `diffseg.shards`, so feature sets larger than memory never sit
+in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffseg.data import DataConfig
+from diffseg.checkpoint import load_diffusion_model
+from diffseg.config import from_dict, save_config, to_dict
+from diffseg.data import DataConfig, build_dataset, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
+from diffseg.runtime import init_ray, resolve_device
+from diffseg.shards import FeatureMeta, ShardSet, write_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,35 +102,27 @@ class _DiffusersCfg:
 
 
 def load_backbone(
-    spec: str, device: torch.device | str = "cpu", use_ema: bool = True, random_like: str | None = None
+    spec: str, device: torch.device | str | None = "auto", use_ema: bool = True
 ) -> tuple[nn.Module, GaussianDiffusion | None]:
     """(model in eval mode, its diffusion process or None) from a backbone spec.
 
-    - a path to one of our checkpoints (trained here, or converted from guided-diffusion),
+    - a path (or MLflow URI) to one of our checkpoints (trained here, or converted from guided-diffusion),
     - "random:<checkpoint>" for a randomly initialised network of that checkpoint's architecture (a baseline),
     - "diffusers:<dir>" for a saved diffusers UNet2DModel.
 
-    ("rgb", the raw-pixel baseline, has no network: see `FeaturePipeline`.)
+    Checkpoints go through the one loader, `diffseg.checkpoint.load_diffusion_model`. ("rgb", the raw-pixel
+    baseline, has no network: see `FeaturePipeline`.)
     """
-    from diffseg.checkpoint import load_checkpoint, load_model
-    from diffseg.config import from_dict
-    from diffseg.models import build_model
-
     if spec.startswith("diffusers:"):
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DModel  # an optional dependency, imported only for this backbone
 
-        return DiffusersBackbone(UNet2DModel.from_pretrained(spec.split(":", 1)[1])).eval().to(device), None
+        model = DiffusersBackbone(UNet2DModel.from_pretrained(spec.split(":", 1)[1]))
+        return model.eval().to(resolve_device(device)), None
     if spec.startswith("random:"):
-        ckpt = load_checkpoint(spec.split(":", 1)[1])
-        with torch.random.fork_rng(devices=[]):  # a fixed random init that leaves the caller's RNG alone
-            torch.manual_seed(0)
-            model = build_model(ckpt.model_config).eval().to(device)
+        loaded = load_diffusion_model(spec.split(":", 1)[1], device, random_init=True)
     else:
-        model, ckpt = load_model(spec, use_ema=use_ema, map_location=device)
-    diffusion = None
-    if "diffusion" in ckpt.config:
-        diffusion = GaussianDiffusion.from_config(from_dict(DiffusionConfig, ckpt.config["diffusion"], "diffusion"))
-    return model, diffusion
+        loaded = load_diffusion_model(spec, device, use_ema)
+    return loaded.model, loaded.diffusion if "diffusion" in loaded.config else None
 
 
 def feature_dim(model: nn.Module, blocks: Sequence[str], timesteps: Sequence[int]) -> int:
@@ -150,7 +154,7 @@ def extract(
         t = torch.full((b,), step, device=device, dtype=torch.long)
         x_t = diffusion.q_sample(images, t, noise)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            taps = model.features(x_t, diffusion._model_t(t), blocks)
+            taps = model.features(x_t, diffusion.model_timesteps(t), blocks)
         for name in blocks:
             f = taps[name].float()
             if f.shape[-2:] != (h, w):
@@ -175,7 +179,7 @@ class FeaturePipeline:
     ):
         """`model`/`diffusion` given: use them instead of loading `cfg.backbone` (which is then only a label)."""
         self.cfg = cfg
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.autocast = (
             torch.bfloat16
             if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -204,6 +208,84 @@ class FeaturePipeline:
         return extract(self.model, self.diffusion, images, self.cfg.blocks, self.cfg.timesteps, noise, self.autocast)
 
 
+# ---------------------------------------------------------------------------------------------------- to shards
+def write_feature_shard(
+    pipeline: FeaturePipeline,
+    images: torch.Tensor,
+    ids: Sequence[str],
+    path: str | os.PathLike,
+    masks: torch.Tensor | np.ndarray | None = None,
+    meta_extra: dict[str, Any] | None = None,
+) -> int:
+    """THE extraction step: images (B, 3, H, W) in [-1, 1] -> one Parquet shard of their labelled pixels; returns the
+    number of rows written. Pixels whose mask is `meta_extra["ignore_index"]` (255) are dropped; without masks every
+    pixel is kept with label -1. The shard's metadata carries the recipe (`feature_config`), so a classifier trained
+    on it can rebuild exactly this pipeline."""
+    extra = dict(meta_extra or {})
+    ignore = int(extra.get("ignore_index", 255))
+    feats = pipeline(images).cpu()  # (B, D, H, W)
+    b, d, h, w = feats.shape
+    feats = feats.permute(0, 2, 3, 1).reshape(b * h * w, d)  # (B*H*W, D)
+    if masks is not None:
+        labels = np.asarray(masks, dtype=np.int64).reshape(-1)  # (B*H*W,)
+        keep = labels != ignore
+    else:
+        labels = np.full(b * h * w, -1, dtype=np.int64)
+        keep = np.ones(b * h * w, dtype=bool)
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ys, xs = np.tile(ys.reshape(-1), b), np.tile(xs.reshape(-1), b)
+    image_ids = np.repeat(np.array([str(i) for i in ids]), h * w)
+    has_net = pipeline.model is not None
+    class_names = list(extra.pop("class_names", []))
+    meta = FeatureMeta(
+        blocks=list(pipeline.cfg.blocks) if has_net else ["rgb"],
+        timesteps=list(pipeline.cfg.timesteps) if has_net else [],
+        feature_dim=d,
+        image_size=h,
+        num_classes=int(extra.pop("num_classes", len(class_names))),
+        class_names=class_names,
+        backbone=pipeline.cfg.backbone,
+        noise_seed=pipeline.cfg.noise_seed,
+        extra={"ignore_index": ignore, "feature_config": to_dict(pipeline.cfg), **extra},
+    )
+    keep_t = torch.from_numpy(keep)
+    write_shard(path, feats[keep_t].to(torch.float16).numpy(), labels[keep], image_ids[keep], ys[keep], xs[keep], meta)
+    return int(keep.sum())
+
+
+def dataset_meta(dataset: Any) -> dict[str, Any]:
+    """The shard metadata a data set contributes: class names and ignore index."""
+    names = list(getattr(dataset, "class_names", None) or [])
+    return {"class_names": names, "num_classes": len(names), "ignore_index": int(getattr(dataset, "ignore_index", 255))}
+
+
+def extract_dataset(
+    pipeline: FeaturePipeline,
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    batch_size: int | None = None,
+    meta_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """In-process extraction of a data set of {"image", "mask"?, "id"} items into shards under `out_dir` (one per
+    batch, named by its first id; existing shards are skipped). Large sets belong to the Ray Data job
+    (`run_extract_job`), which writes the same shards. Returns {"num_shards", "num_rows"}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**dataset_meta(dataset), "num_images": len(dataset), **(meta_extra or {})}
+    bs = batch_size or pipeline.cfg.batch_size
+    rows = shards = 0
+    for start in range(0, len(dataset), bs):
+        items = [dataset[i] for i in range(start, min(start + bs, len(dataset)))]
+        path = out / f"shard-{items[0]['id']}.parquet"
+        shards += 1
+        if path.exists():  # idempotent: finished work is skipped
+            continue
+        masks = torch.stack([it["mask"] for it in items]).numpy() if "mask" in items[0] else None
+        images = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
+        rows += write_feature_shard(pipeline, images, [it["id"] for it in items], path, masks, meta)
+    return {"num_shards": shards, "num_rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------------- Ray Data
 class FeatureExtractor:
     """Ray Data callable class: a batch of images (+ masks) in, one Parquet shard of labelled pixels out.
@@ -215,14 +297,11 @@ class FeatureExtractor:
     """
 
     def __init__(self, cfg_dict: dict[str, Any], out_dir: str, meta_extra: dict[str, Any] | None = None):
-        from diffseg.config import from_dict
-
         self.cfg = from_dict(FeatureConfig, cfg_dict)
         self.pipeline = FeaturePipeline(self.cfg)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta_extra = dict(meta_extra or {})
-        self.ignore_index = int(self.meta_extra.get("ignore_index", 255))
 
     @classmethod
     def from_pipeline(
@@ -234,46 +313,18 @@ class FeatureExtractor:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta_extra = dict(meta_extra or {})
-        self.ignore_index = int(self.meta_extra.get("ignore_index", 255))
         return self
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from diffseg.shards import FeatureMeta, write_shard
-
         ids = [str(i) for i in batch["id"]]
         path = self.out_dir / f"shard-{ids[0]}.parquet"
         if path.exists():  # idempotent: finished work is skipped
             return {"shard": np.array([str(path)]), "num_pixels": np.array([-1])}
         images = torch.from_numpy(np.stack(batch["image"]))  # (B, H, W, 3) uint8
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        feats = self.pipeline(images).cpu()
-        b, d, h, w = feats.shape
-        feats = feats.permute(0, 2, 3, 1).reshape(b * h * w, d)  # (B*H*W, D)
-        if "mask" in batch:
-            labels = np.stack(batch["mask"]).astype(np.int64).reshape(-1)
-            keep = labels != self.ignore_index
-        else:
-            labels = np.full(b * h * w, -1, dtype=np.int64)
-            keep = np.ones(b * h * w, dtype=bool)
-        ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        ys, xs = np.tile(ys.reshape(-1), b), np.tile(xs.reshape(-1), b)
-        image_ids = np.repeat(np.array(ids), h * w)
-        meta = FeatureMeta(
-            blocks=list(self.cfg.blocks) if self.pipeline.model is not None else ["rgb"],
-            timesteps=list(self.cfg.timesteps) if self.pipeline.model is not None else [],
-            feature_dim=d,
-            image_size=h,
-            num_classes=int(self.meta_extra.get("num_classes", 0)),
-            class_names=list(self.meta_extra.get("class_names", [])),
-            backbone=self.cfg.backbone,
-            noise_seed=self.cfg.noise_seed,
-            extra={k: v for k, v in self.meta_extra.items() if k not in ("num_classes", "class_names")},
-        )
-        keep_t = torch.from_numpy(keep)
-        write_shard(
-            path, feats[keep_t].to(torch.float16).numpy(), labels[keep], image_ids[keep], ys[keep], xs[keep], meta
-        )
-        return {"shard": np.array([str(path)]), "num_pixels": np.array([int(keep.sum())])}
+        masks = np.stack(batch["mask"]) if "mask" in batch else None
+        n = write_feature_shard(self.pipeline, images, ids, path, masks, self.meta_extra)
+        return {"shard": np.array([str(path)]), "num_pixels": np.array([n])}
 
 
 def extract_to_shards(
@@ -290,9 +341,7 @@ def extract_to_shards(
     On a small CPU machine pass a fractional `cpus_per_actor` (e.g. 0.5) so the read tasks still get a CPU slot
     while the actors hold theirs (otherwise Ray Data can wait forever); on GPUs use `gpus_per_actor=1`.
     """
-    import ray
-
-    from diffseg.config import to_dict
+    import ray  # the Ray edge of this module: only the actor-pool path needs it
 
     kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor:
@@ -323,6 +372,15 @@ class ExtractJobConfig:
     read_batch_size: int = 8  # images per read task
     ray_num_cpus: int = 0  # logical CPUs of a locally started Ray (0 = Ray's default); ignored with RAY_ADDRESS
 
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        backbone = self.features.backbone
+        if not backbone or backbone == "random":
+            raise ValueError(
+                f"features.backbone: {backbone!r} names no network; give a checkpoint, random:<checkpoint>, "
+                "diffusers:<dir> or rgb"
+            )
+
 
 def shard_dir(cfg: ExtractJobConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
@@ -330,48 +388,22 @@ def shard_dir(cfg: ExtractJobConfig) -> Path:
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
-    import dataclasses
-    import time
+    import ray  # the Ray edge of this module
 
-    import ray
-
-    from diffseg.config import save_config, to_dict
-    from diffseg.data import build_dataset, read_images_ray
-    from diffseg.shards import ShardSet
-
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {}
-        if cfg.ray_num_cpus and not os.environ.get("RAY_ADDRESS"):
-            kwargs["num_cpus"] = cfg.ray_num_cpus
-        from diffseg.train import code_runtime_env
-
-        ray.init(runtime_env=code_runtime_env(), **kwargs)
+    init_ray(cfg.ray_num_cpus)
     out = shard_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "extract_config.yaml")
     data = dataclasses.replace(cfg.data, flip=False)
     dataset = build_dataset(data, cfg.split)
     n = len(dataset) if not cfg.limit else min(cfg.limit, len(dataset))
-    class_names = list(getattr(dataset, "class_names", []) or getattr(dataset, "classes", []))
-    if not class_names:
-        from diffseg.data import SYNTHETIC_CLASSES
-
-        class_names = list(SYNTHETIC_CLASSES) if data.name == "synthetic" else []
     ds = read_images_ray(data, cfg.split, batch_size=cfg.read_batch_size)
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     gpus = cfg.gpus_per_actor
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    meta_extra = {
-        "num_classes": len(class_names),
-        "class_names": class_names,
-        "ignore_index": int(getattr(dataset, "ignore_index", 255)),
-        "data": data.root or data.name,
-        "split": cfg.split,
-        "num_images": n,
-        "feature_config": to_dict(cfg.features),
-    }
+    meta_extra = {**dataset_meta(dataset), "data": data.root or data.name, "split": cfg.split, "num_images": n}
     t0 = time.perf_counter()
     paths = extract_to_shards(cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus)
     seconds = time.perf_counter() - t0
@@ -385,5 +417,5 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
         "recipe_hash": ss.meta.recipe_hash,
         "seconds": round(seconds, 2),
     }
-    print(f"[extract] {summary}")
+    log.info(f"[extract] {summary}")
     return summary

@@ -6,15 +6,16 @@
                                     architecture, and on raw RGB pixels, plus a supervised U-Net on the same
                                     labelled images; one table (markdown + JSON)
 
-Evaluation runs the bundle's own `predict` on the test images batch by batch (features are recomputed, never
-stored for the test set), so it measures exactly what a served segmenter would return.
+Evaluation is THE evaluation path (`diffseg.evaluate.evaluate_segmenter`): the bundle segments the test images batch
+by batch (features are recomputed, never stored for the test set), so it measures exactly what a served segmenter
+would return, with metric keys `test/miou`, `test/iou/<class>`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,87 +24,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from diffseg.baselines import NetworkSegmenter, train_supervised_unet
+from diffseg.checkpoint import load_checkpoint
 from diffseg.config import from_dict
-from diffseg.data import DataConfig, build_dataset
+from diffseg.data import DataConfig, build_dataset, stack
+from diffseg.evaluate import EvalResult, evaluate_segmenter
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
-from diffseg.metrics import ConfusionMatrix
-from diffseg.models import resolve_device
-from diffseg.pixel import PixelSegmenter, PixelTrainConfig, train_ensemble
+from diffseg.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig, TrainResult, train_ensemble
+from diffseg.report import markdown_table
+from diffseg.runtime import resolve_device
 from diffseg.shards import ShardSet
 from diffseg.tracking import Tracker, TrackingConfig, start_job
 
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-def evaluate_segmenter(
-    seg: Any,
-    dataset: torch.utils.data.Dataset,
-    num_classes: int,
-    ignore_index: int = 255,
-    out_dir: str | Path | None = None,
-    save_overlays: int = 16,
-    batch_size: int = 8,
-    class_names: list[str] | None = None,
-) -> dict[str, Any]:
-    """Pooled mIoU / per-class IoU of `seg.predict` over a labelled data set; writes maps and overlays to out_dir.
-
-    `seg` is anything with `predict(images (B, 3, H, W) in [-1, 1]) -> (labels, uncertainty)`.
-    """
-    from diffseg.viz import grid, overlay, save_png, to_uint8
-
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    rows: list[dict[str, Any]] = []
-    tiles: list[np.ndarray] = []
-    out = Path(out_dir) if out_dir else None
-    if out:
-        (out / "predictions").mkdir(parents=True, exist_ok=True)
-    from diffseg.pixel import image_score
-
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images = torch.stack([it["image"] for it in items])
-        masks = np.stack([it["mask"].numpy() for it in items])
-        labels, unc = seg.predict(images)
-        cm.update(labels, masks)
-        for it, lab, u, m, img in zip(items, labels, unc, masks, images):
-            one = ConfusionMatrix(num_classes, ignore_index).update(lab, m)
-            rows.append({"id": it["id"], "miou": one.miou(), "uncertainty": image_score(u)})
-            if out:
-                from PIL import Image
-
-                Image.fromarray(lab.astype(np.uint8)).save(out / "predictions" / f"{it['id']}.png")
-                if len(tiles) < 3 * save_overlays:
-                    rgb = to_uint8(img)
-                    tiles += [rgb, overlay(rgb, m, num_classes=num_classes), overlay(rgb, lab, num_classes=num_classes)]
-    result = {
-        "miou": cm.miou(),
-        "iou": cm.iou().tolist(),
-        "pixel_accuracy": cm.pixel_accuracy(),
-        "num_images": len(rows),
-        "per_image": rows,
-    }
-    if out:
-        if tiles:
-            save_png(grid(tiles, nrow=3), out / "overlays.png")  # image | ground truth | prediction, per row
-        with open(out / "per_image.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["id", "miou", "uncertainty"])
-            w.writeheader()
-            w.writerows(rows)
-        names = class_names or [str(i) for i in range(num_classes)]
-        (out / "metrics.json").write_text(
-            json.dumps(
-                {k: v for k, v in result.items() if k != "per_image"} | {"per_class": dict(zip(names, result["iou"]))},
-                indent=1,
-            )
-        )
-    return result
+log = logging.getLogger(__name__)
 
 
-def metric_dict(result: dict[str, Any], class_names: list[str], prefix: str = "test") -> dict[str, float]:
-    out = {f"{prefix}/miou": result["miou"], f"{prefix}/pixel_accuracy": result["pixel_accuracy"]}
-    for name, v in zip(class_names, result["iou"]):
-        if v == v:  # skip NaN (class absent from predictions and ground truth)
-            out[f"{prefix}/iou/{name}"] = v
-    return out
+def class_ious(result: EvalResult, class_names: list[str], split: str = "test") -> list[float]:
+    """Per-class IoU in class order (NaN for a class absent from prediction and ground truth)."""
+    return [result.metrics.get(f"{split}/iou/{n}", float("nan")) for n in class_names]
 
 
 # ---------------------------------------------------------------------------------------------------- pixel job
@@ -120,6 +58,11 @@ class PixelJobConfig:
     save_overlays: int = 16  # test images shown in overlays.png (all prediction maps are saved)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.train_shards:
+            raise ValueError("train_shards: the shard folder written by jobs/extract_features.py is required")
+
 
 def recipe_from_shards(ss: ShardSet) -> FeatureConfig:
     """The FeatureConfig that produced a shard set (stored by the extract job in the shard metadata)."""
@@ -135,21 +78,27 @@ def recipe_from_shards(ss: ShardSet) -> FeatureConfig:
 
 
 def train_segmenter(
-    train_shards: str | Path, train_cfg: PixelTrainConfig, device: torch.device, tracker: Tracker | None = None
-) -> tuple[PixelSegmenter, Any]:
-    ss = ShardSet(train_shards)
+    shards: str | Path | ShardSet,
+    train_cfg: PixelTrainConfig,
+    device: torch.device | str = "cpu",
+    tracker: Tracker | None = None,
+    ensemble: MLPEnsemble | None = None,
+) -> tuple[PixelSegmenter, TrainResult]:
+    """THE way to a servable pixel segmenter: train the ensemble on a shard set (continuing `ensemble` if given) and
+    bundle it with the shards' feature recipe and class names (`PixelSegmenter.save` writes what Serve loads)."""
+    ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     names = ss.meta.class_names
     if not names:
-        raise ValueError(f"{train_shards}: the shards carry no class names (were they extracted from labelled data?)")
-    log = (lambda m, step: tracker.log_metrics(m, step)) if tracker else None
-    ens, res = train_ensemble(ss, len(names), train_cfg, device, log=log)
+        raise ValueError(f"{ss.paths[0]}: the shards carry no class names (were they extracted from labelled data?)")
+    log_fn = (lambda m, step: tracker.log_metrics(m, step)) if tracker else None
+    ens, res = train_ensemble(ss, len(names), train_cfg, device, ensemble=ensemble, log=log_fn)
     seg = PixelSegmenter(
         ens,
         recipe_from_shards(ss),
         names,
         ss.meta.image_size,
         {
-            "train_shards": str(train_shards),
+            "train_shards": str(Path(ss.paths[0]).parent),
             "recipe_hash": ss.meta.recipe_hash,
             "train_rows": ss.num_rows,
             "train_images": ss.meta.extra.get("num_images"),
@@ -166,7 +115,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     seg, res = train_segmenter(cfg.train_shards, cfg.train, device, tracker)
     seg.save(out / "segmenter.pt")
-    print(
+    log.info(
         f"[pixel] trained {seg.ensemble.members} members on {seg.extra['train_rows']} pixels "
         f"(D={seg.ensemble.in_dim}): {res.iterations} iterations, {res.epochs} epochs, {res.seconds:.1f}s, "
         f"stopped at {res.stopped_at}"
@@ -175,20 +124,23 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     if cfg.test_limit:
         test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
     result = evaluate_segmenter(
-        seg, test, seg.num_classes, int(seg.extra["ignore_index"]), out, cfg.save_overlays, class_names=seg.class_names
-    )
-    metrics = metric_dict(result, seg.class_names) | {
+        seg, test, class_names=seg.class_names, ignore_index=int(seg.extra["ignore_index"]), out_dir=out,
+        save_overlays=cfg.save_overlays,
+    )  # fmt: skip
+    metrics = result.metrics | {
         "train/iterations": res.iterations,
         "train/seconds": res.seconds,
-        "test/mean_uncertainty": float(np.mean([r["uncertainty"] for r in result["per_image"]])),
+        "test/mean_uncertainty": float(np.mean([r["uncertainty"] for r in result.per_image])),
     }
     tracker.log_metrics(metrics)
     for name in ("segmenter.pt", "overlays.png", "per_image.csv", "metrics.json", "config.yaml"):
         if (out / name).exists():
             tracker.log_artifact(out / name)
     tracker.finish()
-    print(f"[pixel] test mIoU {result['miou']:.4f} over {result['num_images']} images -> {out}")
-    return {"miou": result["miou"], "iou": result["iou"], "out": str(out), "train": dataclasses.asdict(res)}
+    miou = result.metrics["test/miou"]
+    log.info(f"[pixel] test mIoU {miou:.4f} over {result.num_images} images -> {out}")
+    iou = class_ious(result, seg.class_names)
+    return {"miou": miou, "iou": iou, "metrics": result.metrics, "out": str(out), "train": dataclasses.asdict(res)}
 
 
 # ---------------------------------------------------------------------------------------------------- comparisons
@@ -211,22 +163,16 @@ class CompareConfig:
     cpus_per_actor: float = 0.5
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-
-class _SupervisedSegmenter:
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        from diffseg.baselines import predict_supervised
-
-        labels = predict_supervised(self.model, images).numpy().astype(np.int64)
-        return labels, np.zeros(labels.shape, np.float32)
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.checkpoint:
+            raise ValueError("checkpoint: the trained DDPM whose features are compared is required")
+        unknown = sorted(set(self.variants) - set(LABELS))
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; known: {list(LABELS)}")
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
-    from diffseg.checkpoint import load_checkpoint
-
     out, parent = start_job(cfg)
     device = resolve_device(cfg.device)
     backbones = {"ddpm": cfg.checkpoint, "random": f"random:{cfg.checkpoint}", "rgb": "rgb"}
@@ -241,28 +187,16 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         vout = out / variant
         child = Tracker(cfg.tracking, f"{cfg.name}/{variant}", parent_run_id=parent.run_id)
         if variant == "supervised":
-            from diffseg.baselines import train_supervised_unet
-            from diffseg.data import stack
-
             train = build_dataset(dataclasses.replace(cfg.train_data, flip=False, image_size=size), "train")
             data = stack(train, cfg.train_limit)
-            num_classes = len(train.class_names)
-            model = train_supervised_unet(
-                data["image"],
-                data["mask"],
-                num_classes,
-                cfg=ckpt.model_config.unet,
-                steps=cfg.supervised_steps,
-                batch_size=cfg.supervised_batch_size,
-                lr=cfg.supervised_lr,
-                ignore_index=train.ignore_index,
-                device=device,
-            )
             names = list(train.class_names)
-            result = evaluate_segmenter(
-                _SupervisedSegmenter(model), test, num_classes, train.ignore_index, vout, class_names=names
-            )
-            info: dict[str, Any] = {"input": "image", "dim": None, "train_pixels": None}
+            model = train_supervised_unet(
+                data["image"], data["mask"], len(names), cfg=ckpt.model_config.unet, steps=cfg.supervised_steps,
+                batch_size=cfg.supervised_batch_size, lr=cfg.supervised_lr, ignore_index=train.ignore_index,
+                device=device,
+            )  # fmt: skip
+            seg: Any = NetworkSegmenter(model, names)
+            ignore, info = train.ignore_index, {"input": "image", "dim": None, "train_pixels": None}
         else:
             fcfg = dataclasses.replace(cfg.features, backbone=backbones[variant])
             ex = run_extract_job(
@@ -278,23 +212,23 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             )
             seg, res = train_segmenter(ex["shard_dir"], cfg.train, device, child)
             seg.save(vout / "segmenter.pt")
-            names = seg.class_names
-            result = evaluate_segmenter(seg, test, seg.num_classes, 255, vout, class_names=names)
+            names, ignore = seg.class_names, int(seg.extra["ignore_index"])
             info = {"input": fcfg.backbone, "dim": seg.ensemble.in_dim, "train_pixels": ex["num_rows"]}
             info["iterations"] = res.iterations
+        result = evaluate_segmenter(seg, test, class_names=names, ignore_index=ignore, out_dir=vout)
         seconds = time.perf_counter() - t0
-        metrics = metric_dict(result, names)
-        child.log_metrics(metrics | {"seconds": seconds})
+        miou = result.metrics["test/miou"]
+        child.log_metrics(result.metrics | {"time/seconds": seconds})
         child.finish()
-        parent.log_metrics({f"{variant}/miou": result["miou"]})
-        rows[variant] = info | {"miou": result["miou"], "iou": dict(zip(names, result["iou"])), "seconds": seconds}
-        print(f"[compare] {variant}: mIoU {result['miou']:.4f} ({seconds:.0f}s)", flush=True)
+        parent.log_metrics({f"test/miou/{variant}": miou})
+        rows[variant] = info | {"miou": miou, "iou": dict(zip(names, class_ious(result, names))), "seconds": seconds}
+        log.info(f"[compare] {variant}: mIoU {miou:.4f} ({seconds:.0f}s)")
     table = compare_table(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(table)
     parent.log_artifact(out / "results.md")
     parent.finish()
-    print(table)
+    log.info(table)
     return rows
 
 
@@ -307,13 +241,16 @@ LABELS = {
 
 
 def compare_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = ["| method | input dim | mIoU | time (s) |", "| --- | --- | --- | --- |"]
+    """The comparison as Markdown: one row per variant, then per-class IoU (in %)."""
+    body = []
     for k, r in rows.items():
-        lines.append(f"| {LABELS.get(k, k)} | {r.get('dim') or '-'} | {100 * r['miou']:.1f} | {r['seconds']:.0f} |")
+        body.append([LABELS.get(k, k), r.get("dim") or "-", f"{100 * r['miou']:.1f}", f"{r['seconds']:.0f}"])
+    out = markdown_table(["method", "input dim", "mIoU", "time (s)"], body)
     names = list(next(iter(rows.values()))["iou"]) if rows else []
     if names:
-        lines += ["", "| class | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
-        for n in names:
-            vals = [rows[k]["iou"].get(n, float("nan")) for k in rows]
-            lines.append(f"| {n} | " + " | ".join("-" if v != v else f"{100 * v:.1f}" for v in vals) + " |")
-    return "\n".join(lines) + "\n"
+        per_class = [
+            [n, *("-" if v != v else f"{100 * v:.1f}" for v in (rows[k]["iou"].get(n, float("nan")) for k in rows))]
+            for n in names
+        ]
+        out += "\n" + markdown_table(["class", *rows], per_class)
+    return out

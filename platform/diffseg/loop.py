@@ -13,6 +13,7 @@ so a run started one way can be continued the other.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -33,9 +34,12 @@ from diffseg.config import atomic_write, dumps, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
 from diffseg.models import EMA, ModelConfig, build_model
+from diffseg.runtime import image_generators, resolve_device
 from diffseg.sampling import sample
 from diffseg.tracking import Tracker, TrackingConfig
 from diffseg.viz import sample_grid, save_png
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,17 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # steps, logging, checkpoints, samples
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers, GPUs, fault tolerance
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and by `fit`)."""
+        if self.data.image_size != self.model.unet.image_size:
+            raise ValueError(
+                f"data.image_size ({self.data.image_size}) != model.unet.image_size ({self.model.unet.image_size}): "
+                "the network would train on one size and sample another; set both"
+            )
+        workers = max(1, self.scaling.num_workers)
+        if self.optim.batch_size % workers:
+            raise ValueError(f"optim.batch_size {self.optim.batch_size} is not divisible by {workers} workers")
 
 
 def is_remote_path(path: str) -> bool:
@@ -165,7 +180,7 @@ class LocalContext:
     world_size = 1
 
     def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
 
     def latest_checkpoint(self) -> Checkpoint | None:
         return None
@@ -375,11 +390,7 @@ def fit(
     URI); rank 0 logs progress and MLflow (`tracking_uri`; `git_commit` is tagged on new runs), writes sample grids
     (`samples/`) and exports every checkpoint there.
     """
-    if cfg.data.image_size != cfg.model.unet.image_size:
-        raise ValueError(
-            f"data.image_size ({cfg.data.image_size}) != model.unet.image_size ({cfg.model.unet.image_size}): the "
-            "network would train on one size and sample another; set both"
-        )
+    cfg.check()
     ctx = ctx or LocalContext()
     rank, world, device = ctx.world_rank, ctx.world_size, ctx.device
     resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
@@ -405,10 +416,9 @@ def fit(
             tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
         state.mlflow_run_id = tracker.run_id
         num_params = sum(p.numel() for p in state.model.parameters())
-        print(
+        log.info(
             f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "
-            f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})",
-            flush=True,
+            f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})"
         )
 
     def checkpoint_and_report(metrics: dict[str, float]) -> None:
@@ -424,7 +434,7 @@ def fit(
 
     def write_samples() -> None:
         n = cfg.loop.num_samples
-        gens = [torch.Generator(device=device).manual_seed(cfg.loop.seed * 10_000 + i) for i in range(n)]
+        gens = image_generators(cfg.loop.seed, range(n))  # the grid's images are jobs/sample.py's for this seed
         images, masks = sample(
             state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
         )
@@ -433,7 +443,7 @@ def fit(
             path = save_png(sample_grid(images, masks), Path(tmp) / name)
             put_file(path, run_uri(cfg, "samples", name))
             tracker.log_artifact(path, "samples")
-        print(f"[train] samples -> {run_uri(cfg, 'samples', name)}", flush=True)
+        log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
 
     try:
         state.model.train()
@@ -457,10 +467,9 @@ def fit(
                 metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
                 if rank == 0:
                     left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
-                    print(
+                    log.info(
                         f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
-                        f"left {format_duration(left)}",
-                        flush=True,
+                        f"left {format_duration(left)}"
                     )
                     tracker.log_metrics(metrics, step)
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0

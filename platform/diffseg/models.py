@@ -20,13 +20,6 @@ class ModelConfig:
     factorized: FactorizedConfig = field(default_factory=FactorizedConfig)  # K; used when kind == "factorized"
 
 
-def resolve_device(spec: str | None = "auto") -> torch.device:
-    """A config's device string as a torch device; "auto" (or None) picks CUDA when there is one."""
-    if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.kind == "ddpm":
         return UNet(cfg.unet)

@@ -6,11 +6,11 @@ Public API (stable; the Ray Serve segmenter loads bundles through it):
     labels, uncertainty = seg.predict(images)
         images:      uint8 (B, H, W, 3) or (H, W, 3) numpy, a list of PIL images / uint8 arrays,
                      or a float tensor (B, 3, H, W) in [-1, 1]
-                     (non-tensor inputs of another size are resized (shorter side) and centre-cropped to
-                     seg.image_size, as in training; tensors must already have that size)
-        labels:      int64 numpy (B, H, W) at seg.image_size, the ensemble's majority vote
-        uncertainty: float32 numpy (B, H, W), entropy of the mean softmax minus the mean member entropy
-    seg.predict_detailed(images) -> {"labels", "uncertainty", "image_score" (B,), "probs" (B, K, H, W)}
+                     (images of another size go through the one resize policy, `diffseg.data.resize_images`)
+        labels:      int64 numpy (B, S, S) at seg.image_size, the ensemble's majority vote
+        uncertainty: float32 numpy (B, S, S), entropy of the mean softmax minus the mean member entropy
+    seg.predict_detailed(images) -> {"labels", "uncertainty", "image_score" (B,), "probs" (B, K, S, S)}
+    seg.segment(images (B, 3, H, W)) -> diffseg.segmenter.Segmentation at the input's size (the Segmenter protocol)
     seg.class_names, seg.num_classes, seg.image_size, seg.recipe (FeatureConfig), seg.ensemble (MLPEnsemble)
 
 The ensemble: E members with the paper's architecture (Linear-ReLU-BatchNorm, Linear-ReLU-BatchNorm, Linear; hidden
@@ -32,6 +32,7 @@ for DatasetDDPM filtering).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -43,9 +44,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from diffseg.checkpoint import atomic_torch_save
+from diffseg.config import from_dict, to_dict
+from diffseg.data import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
 from diffseg.features import FeatureConfig, FeaturePipeline
+from diffseg.runtime import resolve_device
+from diffseg.segmenter import Segmentation
 
 BUNDLE_FORMAT = "diffseg-pixel-segmenter/1"
 
@@ -355,24 +362,17 @@ def train_ensemble(
 
 
 # ---------------------------------------------------------------------------------------------------- bundle
-def _to_model_input(images: Any, image_size: int | None) -> torch.Tensor:
-    """Any accepted image input -> float (B, 3, S, S) in [-1, 1]."""
-    from PIL import Image
-
-    from diffseg.data import resize_pair, to_tensor_image
-
+def _to_model_input(images: Any, image_size: int) -> torch.Tensor:
+    """Any accepted image input -> float (B, 3, S, S) in [-1, 1], resized by the one policy."""
     if torch.is_tensor(images):
         x = images.float()
-        return x.unsqueeze(0) if x.dim() == 3 else x
+        return resize_images(x.unsqueeze(0) if x.dim() == 3 else x, image_size)
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = [images]
     out = []
     for im in images:
         pil = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
-        pil = pil.convert("RGB")
-        if image_size and pil.size != (image_size, image_size):
-            pil, _ = resize_pair(pil, None, image_size)
-        out.append(to_tensor_image(pil))
+        out.append(resize_images(to_tensor_image(pil)[None], image_size)[0])
     return torch.stack(out)
 
 
@@ -380,8 +380,10 @@ class PixelSegmenter:
     """A trained pixel segmenter: feature recipe (backbone reference + blocks/timesteps/noise) + ensemble + classes.
 
     The backbone is referenced, not embedded (a path to a checkpoint, "random:<ckpt>", "diffusers:<dir>" or "rgb"),
-    and loaded lazily on the first `predict`.
+    and loaded lazily on the first `predict`. As a `diffseg.segmenter.Segmenter` it segments class labels.
     """
+
+    kind = "classes"
 
     def __init__(
         self,
@@ -397,7 +399,7 @@ class PixelSegmenter:
         self.class_names = list(class_names)
         self.image_size = int(image_size)
         self.extra = dict(extra or {})
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.ensemble.to(self.device)
         self._pipeline: FeaturePipeline | None = None
 
@@ -440,17 +442,23 @@ class PixelSegmenter:
         }
 
     def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        """images -> (labels int64 (B, H, W), uncertainty float32 (B, H, W)); see the module docstring."""
+        """images -> (labels int64 (B, S, S), uncertainty float32 (B, S, S)); see the module docstring."""
         out = self.predict_detailed(images)
         return out["labels"], out["uncertainty"]
 
+    def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> Segmentation:
+        """The Segmenter protocol: (B, 3, H, W) in [-1, 1] -> votes, mean probabilities and uncertainty at (H, W)
+        (the one resize policy: labels nearest, probabilities and uncertainty bilinear). Deterministic: no seeds."""
+        size = tuple(images.shape[-2:])
+        out = self.predict_detailed(images)
+        return Segmentation(
+            labels=resize_labels(torch.from_numpy(out["labels"]), size),
+            probs=resize_probs(torch.from_numpy(out["probs"]), size),
+            uncertainty=resize_maps(torch.from_numpy(out["uncertainty"]), size),
+        )
+
     # ---- persistence: one torch.save file of tensors/strings only (loads with weights_only=True)
     def save(self, path: str | os.PathLike) -> Path:
-        import json
-
-        from diffseg.checkpoint import atomic_torch_save
-        from diffseg.config import to_dict
-
         payload = {
             "format": BUNDLE_FORMAT,
             "recipe": json.dumps(to_dict(self.recipe)),
@@ -466,10 +474,6 @@ class PixelSegmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> PixelSegmenter:
-        import json
-
-        from diffseg.config import from_dict
-
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: not a pixel segmenter bundle (format {BUNDLE_FORMAT!r})")

@@ -1,8 +1,13 @@
-"""Generating images (and, with the factorized model, their masks) from a trained network."""
+"""Generating images (and, with the factorized model, their masks) from a trained network.
+
+Image i of a run seeded `seed` draws all its noise from `diffseg.runtime.image_generators(seed, [i])`, so the same
+seed gives the same images from `jobs/sample.py`, from the training loop's sample grids and from `POST /v1/sample`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -11,10 +16,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from diffseg.checkpoint import load_diffusion_model
+from diffseg.config import save_config
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.factorized import FactorizedUNet
+from diffseg.runtime import image_generators
+from diffseg.viz import refinement_strip, sample_grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
 
 
 class _MaskRecorder(nn.Module):
@@ -61,7 +73,7 @@ def sample_progressive(
     else:
         raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")
     for out in loop:
-        out = {**out, "model_t": process._model_t(out["t"])}
+        out = {**out, "model_t": process.model_timesteps(out["t"])}
         if isinstance(net, _MaskRecorder):
             out["masks"] = net.masks
         yield out
@@ -143,27 +155,28 @@ class SampleJobConfig:
     eta: float = 0.0  # DDIM noise (0 = deterministic)
     num_images: int = 16  # images to generate
     batch_size: int = 16  # images per sampling batch
-    seed: int = 0  # image i draws its noise from its own generator (seed, i): batching does not change it
+    seed: int = 0  # image i draws its noise from its own generator (seed, i): batching does not change it, and
+    # POST /v1/sample {"seed": seed} gives the same first images
     class_label: int | None = None  # class-conditional models: this class for all; None = cycle through classes
     record_every: int = 0  # refinement strip: keep every N-th step (0 = about 10 columns)
     strip_images: int = 4  # images shown in the refinement strip
     use_ema: bool = True  # EMA weights
-    device: str = "cpu"  # torch device
+    device: str = "auto"  # torch device: auto (cuda when visible), cpu, cuda, cuda:1
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.checkpoint:
+            raise ValueError("checkpoint: the model to sample from is required")
+        if self.num_images < 1 or self.batch_size < 1:
+            raise ValueError(f"num_images ({self.num_images}) and batch_size ({self.batch_size}) must be >= 1")
 
 
 def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
     """Generate images (and masks): grid.png (image | masks | overlay), images/, masks/, strip.png, sample.json."""
-    from PIL import Image
-
-    from diffseg.checkpoint import load_model
-    from diffseg.config import from_dict, save_config
-    from diffseg.diffusion import DiffusionConfig
-    from diffseg.viz import refinement_strip, sample_grid, save_png, to_uint8
-
     if not cfg.checkpoint:
         raise ValueError("checkpoint: the model to sample from is required")
-    model, ckpt = load_model(cfg.checkpoint, use_ema=cfg.use_ema, map_location=cfg.device)
-    diffusion = GaussianDiffusion.from_config(from_dict(DiffusionConfig, ckpt.config.get("diffusion", {}), "diffusion"))
+    loaded = load_diffusion_model(cfg.checkpoint, cfg.device, cfg.use_ema)
+    model, diffusion, device = loaded.model, loaded.diffusion, loaded.device
     num_steps = cfg.steps or diffusion.num_timesteps
     record_every = cfg.record_every or max(1, num_steps // 10)
     out = Path(cfg.output_dir) / cfg.name
@@ -176,11 +189,11 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
         y = None
         if num_classes is not None:
             y = torch.tensor([cfg.class_label if cfg.class_label is not None else i % num_classes for i in idx])
-            y = y.to(cfg.device)
+            y = y.to(device)
         res = generate(
             model, diffusion, len(idx), method=cfg.method, steps=cfg.steps or None, eta=cfg.eta,
-            generator=[torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in idx], device=cfg.device,
-            y=y, record_every=record_every if start == 0 else 0,
+            generator=image_generators(cfg.seed, idx), device=device, y=y,
+            record_every=record_every if start == 0 else 0,
         )  # fmt: skip
         images.append(res["images"].cpu())
         masks.append(res["masks"].cpu() if res["masks"] is not None else None)
@@ -202,9 +215,9 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
     meta = {
         "num_images": cfg.num_images, "method": cfg.method, "steps": num_steps, "record_every": record_every,
         "K": int(masks_t.shape[1]) if masks_t is not None else None, "class_labels": ys, "seconds": seconds,
-        "checkpoint_step": ckpt.step,
+        "checkpoint_step": loaded.step,
     }  # fmt: skip
     (out / "sample.json").write_text(json.dumps(meta, indent=1))
-    print(f"[sample] {cfg.num_images} images ({cfg.method}, {num_steps} steps) in {seconds:.1f}s -> {out}/grid.png, "
-          f"{out}/strip.png")  # fmt: skip
+    log.info(f"[sample] {cfg.num_images} images ({cfg.method}, {num_steps} steps) in {seconds:.1f}s -> "
+             f"{out}/grid.png, {out}/strip.png")  # fmt: skip
     return {"out_dir": str(out), "images": images_t, "masks": masks_t, **meta}

@@ -4,27 +4,35 @@
     masks = softmax mask generator of the model at (x_t, t)   -> K soft masks (B, K, h, w), summing to 1
     labels = argmax_k masks
 
-Masks come back at the input resolution (bilinearly resized and renormalised when the model's differs). The noise
-is explicit: a generator per call, or per image (`image_generators(seed, ids)`) so an image's masks do not depend on
-the batch it was segmented in.
+Images of another size than the model's go through the one resize policy (`diffseg.data.resize_images` in,
+`resize_probs` out), so masks come back at the input resolution, from this module and from Serve alike. The noise is
+explicit: a generator per call, or per image (`diffseg.runtime.image_generators(seed, ids)`) so an image's masks do
+not depend on the batch it was segmented in. `FactorizedSegmenter` is the model as a `diffseg.segmenter.Segmenter`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
-from diffseg.data import DataConfig
+from diffseg.checkpoint import load_diffusion_model
+from diffseg.config import save_config
+from diffseg.data import DataConfig, build_dataset, resize_images, resize_probs
 from diffseg.diffusion import GaussianDiffusion, randn
 from diffseg.factorized import FactorizedUNet
+from diffseg.segmenter import Segmentation, default_seeds, segment_dataset
+from diffseg.viz import colorize, grid, overlay, save_png, to_uint8
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -40,7 +48,7 @@ def segment_images(
 ) -> dict[str, torch.Tensor]:
     """K soft masks and the argmax map of real images.
 
-    :param images: (B, C, H, W) in [-1, 1]; resized to the model's resolution if they differ.
+    :param images: (B, C, H, W) in [-1, 1]; resized to the model's resolution by the one policy if they differ.
     :param t: the noise level (the paper uses t=30 of T=1000): x_t = q_sample(x_0, t, eps).
     :param generator: one generator (or one per image) for eps; fixed seeds give repeatable masks.
     :param seed: shorthand for `generator=torch.Generator().manual_seed(seed)` (ignored when a generator is given).
@@ -54,68 +62,55 @@ def segment_images(
         raise ValueError(f"t={t} is outside [0, {diffusion.num_timesteps})")
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    model_size = model.cfg.image_size
-    in_size = tuple(images.shape[-2:])
-    x0 = images.float()
-    if in_size != (model_size, model_size):
-        x0 = F.interpolate(x0, size=(model_size, model_size), mode="bilinear", align_corners=False, antialias=True)
     device = next(model.parameters()).device
-    x0 = x0.to(device)
+    x0 = resize_images(images, model.cfg.image_size).to(device)  # (B, C, S, S)
     tt = torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
     noise = randn(x0.shape, generator, "cpu").to(device)  # drawn on the CPU: the same masks on any device
     x_t = diffusion.q_sample(x0, tt, noise)
-    _, masks, _ = model.forward_with_masks(x_t, tt, y.to(device) if y is not None else None)  # (B, K, h, w)
-    masks = masks.float()
-    size = tuple(output_size or in_size)
-    if tuple(masks.shape[-2:]) != size:
-        masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        masks = masks / masks.sum(dim=1, keepdim=True).clamp(min=1e-8)
+    _, masks, _ = model.forward_with_masks(x_t, tt, y.to(device) if y is not None else None)  # (B, K, S, S)
+    masks = resize_probs(masks.float(), tuple(output_size or images.shape[-2:]))  # (B, K, H, W)
     return {"masks": masks, "labels": masks.argmax(dim=1)}
 
 
-def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One generator per image, seeded by (seed, index): masks independent of batching and order."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+class FactorizedSegmenter:
+    """The factorized model as a `Segmenter`: K unsupervised regions from one forward pass at noise level `t`."""
 
+    kind = "regions"
 
-def segment_batches(
-    model: FactorizedUNet,
-    diffusion: GaussianDiffusion,
-    dataset: torch.utils.data.Dataset,
-    t: int = 30,
-    seed: int = 0,
-    batch_size: int = 16,
-    y: int | None = None,
-) -> Iterator[dict]:
-    """Segment every item of a data set (items {"image", "id", ...}); yields, per batch, the items' fields plus
-    "masks" (B, K, H, W) and "labels" (B, H, W) at each image's own resolution.
+    def __init__(
+        self,
+        model: FactorizedUNet,
+        diffusion: GaussianDiffusion,
+        t: int = 30,
+        class_label: int | None = None,
+        *,
+        step: int | None = None,
+        source: str = "",
+    ):
+        if not isinstance(model, FactorizedUNet):
+            raise ValueError(f"a {type(model).__name__} has no masks: segmenting needs a factorized model")
+        if model.cfg.num_classes is not None and class_label is None:
+            raise ValueError("this model is class-conditional: set class_label")
+        self.model, self.diffusion, self.t, self.class_label = model, diffusion, t, class_label
+        self.step, self.source = step, source  # the checkpoint's training step and where it came from
+        self.class_names = [f"region {k}" for k in range(model.num_components)]
+        self.image_size = model.cfg.image_size
 
-    Consecutive images of one size share a forward pass; a size change starts a new batch, so native-resolution
-    folders (images of different sizes) work too. Image i's noise comes from `image_generators(seed, [i])`.
-    """
-    pending: list[tuple[int, dict]] = []
+    @classmethod
+    def load(
+        cls, source: str, device: str = "auto", use_ema: bool = True, t: int = 30, class_label: int | None = None
+    ) -> FactorizedSegmenter:
+        loaded = load_diffusion_model(source, device, use_ema)
+        if not isinstance(loaded.model, FactorizedUNet):
+            kind = type(loaded.model).__name__
+            raise ValueError(f"{source}: a {kind} checkpoint cannot segment; need kind=factorized")
+        return cls(loaded.model, loaded.diffusion, t, class_label, step=loaded.step, source=str(source))
 
-    def flush() -> dict:
-        idx = [i for i, _ in pending]
-        items = [it for _, it in pending]
-        images = torch.stack([it["image"] for it in items])
-        labels = torch.full((len(items),), y, dtype=torch.long) if y is not None else None
-        out = segment_images(model, diffusion, images, t=t, generator=image_generators(seed, idx), y=labels)
-        batch = {key: [it[key] for it in items] for key in items[0]}
-        batch["image"] = images
-        if "mask" in batch:
-            batch["mask"] = torch.stack(batch["mask"])
-        batch["index"] = idx
-        pending.clear()
-        return {**batch, **out}
-
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if pending and (len(pending) == batch_size or pending[0][1]["image"].shape != item["image"].shape):
-            yield flush()
-        pending.append((i, item))
-    if pending:
-        yield flush()
+    def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None, t: int | None = None) -> Segmentation:
+        gens = [torch.Generator().manual_seed(s) for s in default_seeds(len(images), seeds)]
+        y = torch.full((len(images),), self.class_label, dtype=torch.long) if self.class_label is not None else None
+        out = segment_images(self.model, self.diffusion, images, t=self.t if t is None else t, generator=gens, y=y)
+        return Segmentation(labels=out["labels"].cpu(), probs=out["masks"].cpu())
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -128,34 +123,28 @@ class SegmentJobConfig:
     split: Literal["train", "test", "all"] = "all"  # which images (data.num_train / num_test)
     limit: int = 0  # segment only the first N images (0 = all)
     t: int = 30  # noise level of the one forward pass (of T)
-    seed: int = 0  # noise seed; image i uses its own generator from (seed, i)
+    seed: int = 0  # noise seed; image i uses its own generator from (seed, i): /v1/segment?seed= gives image 0's masks
     batch_size: int = 16  # images per forward pass (same-size images only)
     class_label: int | None = None  # the class to condition a class-conditional model on
     use_ema: bool = True  # EMA weights
     save_soft: bool = False  # also write the K soft masks as float16 .npy
     alpha: float = 0.5  # overlay opacity
     preview: int = 16  # images in preview.png (image | mask | overlay); 0 = none
-    device: str = "cpu"  # torch device
+    device: str = "auto"  # torch device: auto (cuda when visible), cpu, cuda, cuda:1
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.checkpoint:
+            raise ValueError("checkpoint: the factorized model to segment with is required")
+        if self.data.name == "folder" and not self.data.root:
+            raise ValueError("data.root: the folder of images to segment is required")
 
 
 def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
     """Segment a data set with a factorized model: masks/<id>.png (region index per pixel), overlays/<id>.png."""
-    from PIL import Image
-
-    from diffseg.checkpoint import load_model
-    from diffseg.config import from_dict, save_config
-    from diffseg.data import build_dataset
-    from diffseg.diffusion import DiffusionConfig
-    from diffseg.viz import colorize, grid, overlay, save_png, to_uint8
-
     if not cfg.checkpoint:
         raise ValueError("checkpoint: the factorized model to segment with is required")
-    model, ckpt = load_model(cfg.checkpoint, use_ema=cfg.use_ema, map_location=cfg.device)
-    if not isinstance(model, FactorizedUNet):
-        raise ValueError(f"{cfg.checkpoint}: a {type(model).__name__}, not a factorized model; it has no masks")
-    if model.cfg.num_classes is not None and cfg.class_label is None:
-        raise ValueError("this model is class-conditional: set class_label")
-    diffusion = GaussianDiffusion.from_config(from_dict(DiffusionConfig, ckpt.config.get("diffusion", {}), "diffusion"))
+    seg = FactorizedSegmenter.load(cfg.checkpoint, cfg.device, cfg.use_ema, cfg.t, cfg.class_label)
     dataset = build_dataset(cfg.data, split=cfg.split)
     if cfg.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))
@@ -163,25 +152,26 @@ def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
     for sub in ("masks", "overlays") + (("soft",) if cfg.save_soft else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    k = model.num_components
+    k = len(seg.class_names)
     tiles, count, t0 = [], 0, time.perf_counter()
-    for batch in segment_batches(model, diffusion, dataset, cfg.t, cfg.seed, cfg.batch_size, cfg.class_label):
-        imgs = to_uint8(batch["image"])
-        labels = batch["labels"].cpu().numpy().astype(np.uint8)
-        for j, id_ in enumerate(batch["id"]):
+    for _, items, res in segment_dataset(seg, dataset, cfg.seed, cfg.batch_size):
+        imgs = to_uint8(torch.stack([it["image"] for it in items]))
+        labels = res.labels.numpy().astype(np.uint8)
+        for j, item in enumerate(items):
+            id_ = item["id"]
             Image.fromarray(labels[j], mode="L").save(out / "masks" / f"{id_}.png")
             ov = overlay(imgs[j], labels[j], cfg.alpha, num_classes=k, skip_background=False)
             Image.fromarray(ov).save(out / "overlays" / f"{id_}.png")
             if cfg.save_soft:
-                np.save(out / "soft" / f"{id_}.npy", batch["masks"][j].cpu().numpy().astype(np.float16))
+                np.save(out / "soft" / f"{id_}.npy", res.probs[j].numpy().astype(np.float16))
             if len(tiles) < 3 * cfg.preview and (not tiles or imgs[j].shape == tiles[0].shape):  # one size
                 tiles += [imgs[j], colorize(labels[j], k), ov]
-        count += len(batch["id"])
+        count += len(items)
     if tiles:
         save_png(grid(tiles, nrow=3 * min(4, len(tiles) // 3)), out / "preview.png")
     seconds = time.perf_counter() - t0
     (out / "segment.json").write_text(
-        json.dumps({"images": count, "K": k, "t": cfg.t, "seconds": seconds, "checkpoint_step": ckpt.step}, indent=1)
+        json.dumps({"images": count, "K": k, "t": cfg.t, "seconds": seconds, "checkpoint_step": seg.step}, indent=1)
     )
-    print(f"[segment] {count} images, K={k}, t={cfg.t} in {seconds:.1f}s -> {out}/masks, {out}/overlays")
+    log.info(f"[segment] {count} images, K={k}, t={cfg.t} in {seconds:.1f}s -> {out}/masks, {out}/overlays")
     return {"out_dir": str(out), "images": count, "K": k, "seconds": seconds}

@@ -20,19 +20,21 @@ import base64
 import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffseg import viz
+from diffseg import segment, viz
+from diffseg.checkpoint import LoadedModel, load_diffusion_model, resolve_source
+from diffseg.data import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
+from diffseg.pixel import PixelSegmenter
+from diffseg.runtime import image_generators, image_seed, resolve_device
+from diffseg.sampling import sample
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -177,11 +179,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def to_model_input(im: Image.Image, size: int) -> np.ndarray:
-    """RGB image -> (3, size, size) float32 in [-1, 1]; squashed to a square, antialiased when shrinking."""
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
-    a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
+    """RGB image -> (3, size, size) float32 in [-1, 1] by the one resize policy (`diffseg.data.resize_images`), the
+    resize `jobs/segment.py` applies to the same image."""
+    x = resize_images(to_tensor_image(im)[None], size)[0]  # (3, size, size)
+    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -321,36 +322,16 @@ def parse_sample_request(body: bytes, limits: Limits, info: Mapping[str, Any]) -
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "hdfs://", "dbfs:/")
-
-
-def resolve_source(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local path, or an MLflow artifact URI (`runs:/<run_id>/checkpoint`, `models:/name@alias`, `s3://...`)
-    downloaded with `mlflow.artifacts.download_artifacts` -> a local file or folder."""
-    if source.startswith(MLFLOW_SCHEMES):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
-        import mlflow  # costs seconds: only when a URI asks for it
-
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(cache_dir) if cache_dir else None)
-        return Path(local)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model source {source!r}: no such file or folder")
-    return path
-
-
 def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp(min=1e-12).log()).sum(dim)
 
 
-class Segmenter(Protocol):
-    """What the segmenter deployment needs from a model, whichever method it is."""
+class ServedModel(Protocol):
+    """What a Serve model replica needs from a segmenter: validated (B, 3, S, S) arrays in, arrays out, and info.
+
+    The segmenters themselves are `diffseg.segmenter.Segmenter`s (the ones the jobs and `evaluate` use); these
+    adapters only convert arrays and describe the model for /v1/info.
+    """
 
     method: str
 
@@ -362,51 +343,48 @@ class Segmenter(Protocol):
 
 
 class FactorizedSegmenter:
-    """The factorized model as a segmenter: K soft masks from one forward pass at noise level t."""
+    """Serves `diffseg.segment.FactorizedSegmenter`: K soft masks from one forward pass at noise level t.
+
+    A request's `seed` is the seed of a run of one image: its noise is `image_seed(seed, 0)`, the noise
+    `jobs/segment.py seed=<seed>` gives the first image of its data set.
+    """
 
     method = "factorized"
 
-    def __init__(self, model, diffusion, *, source: str, step: int, device: torch.device):
-        from diffseg.factorized import FactorizedUNet
-
-        if not isinstance(model, FactorizedUNet):
-            raise ValueError(f"{source}: a {type(model).__name__} checkpoint cannot segment; need kind=factorized")
-        self.model, self.diffusion, self.source, self.step, self.device = model, diffusion, source, step, device
+    def __init__(self, segmenter: segment.FactorizedSegmenter):
+        self.segmenter = segmenter
+        self.device = next(segmenter.model.parameters()).device
 
     @classmethod
     def load(cls, source: str, device: str = "auto", use_ema: bool = True) -> FactorizedSegmenter:
-        model, diffusion, step = load_diffusion_model(source, device, use_ema)
-        return cls(model, diffusion, source=source, step=step, device=next(model.parameters()).device)
+        return cls(segment.FactorizedSegmenter.load(source, device, use_ema))
 
     def info(self) -> dict[str, Any]:
-        k = self.model.num_components
+        seg = self.segmenter
         return {
             "method": self.method,
             "kind": "factorized",
-            "source": self.source,
-            "step": self.step,
-            "image_size": self.model.cfg.image_size,
-            "num_components": k,
-            "class_names": [f"region {i}" for i in range(k)],
-            "num_timesteps": self.diffusion.num_timesteps,
-            "default_t": 30,
-            "num_classes": self.model.cfg.num_classes,
+            "source": seg.source,
+            "step": seg.step,
+            "image_size": seg.image_size,
+            "num_components": len(seg.class_names),
+            "class_names": list(seg.class_names),
+            "num_timesteps": seg.diffusion.num_timesteps,
+            "default_t": seg.t,
+            "num_classes": seg.model.cfg.num_classes,
             "device": str(self.device),
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "num_parameters": sum(p.numel() for p in seg.model.parameters()),
         }
 
     @torch.no_grad()
     def segment(self, images: np.ndarray, ts: Sequence[int], seeds: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        from diffseg.segment import segment_images
-
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))  # (B, 3, S, S)
         out: list[dict[str, np.ndarray] | None] = [None] * len(x)
         for t in sorted(set(ts)):  # one forward pass per distinct t in the batch
             idx = [i for i, ti in enumerate(ts) if ti == t]
-            gens = [torch.Generator().manual_seed(int(seeds[i])) for i in idx]
-            masks = segment_images(self.model, self.diffusion, x[idx], t=int(t), generator=gens)["masks"]
+            res = self.segmenter.segment(x[idx], [image_seed(int(seeds[i]), 0) for i in idx], t=int(t))
             for j, i in enumerate(idx):
-                out[i] = {"probs": masks[j].float().cpu().numpy()}  # (K, S, S)
+                out[i] = {"probs": res.probs[j].numpy()}  # (K, S, S)
         return out
 
 
@@ -426,9 +404,7 @@ class PixelEnsembleSegmenter:
 
     @classmethod
     def load(cls, source: str, device: str = "auto") -> PixelEnsembleSegmenter:
-        from diffseg.pixel import PixelSegmenter  # the label-efficient module; imported only when a bundle is served
-
-        dev = pick_device(device)
+        dev = resolve_device(device)
         bundle = PixelSegmenter.load(resolve_source(source), device=dev)
         return cls(bundle, source=source, device=dev)
 
@@ -456,28 +432,20 @@ class PixelEnsembleSegmenter:
         return [{"labels": labels[i].astype(np.int32), "uncertainty": unc[i].astype(np.float32)} for i in range(len(x))]
 
 
-def load_diffusion_model(source: str, device: str = "auto", use_ema: bool = True):
-    """(model in eval on the device, GaussianDiffusion, training step) from a checkpoint path or URI."""
-    from diffseg.checkpoint import load_model
-    from diffseg.config import from_dict
-    from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-
-    dev = pick_device(device)
-    model, ckpt = load_model(resolve_source(source), use_ema=use_ema, map_location=dev)
-    dcfg = from_dict(DiffusionConfig, ckpt.config.get("diffusion", {}), prefix="diffusion")
-    return model.requires_grad_(False), GaussianDiffusion.from_config(dcfg), ckpt.step
-
-
 class DiffusionSampler:
-    """DDIM sampling from a DDPM or factorized checkpoint; the factorized one also gives each image its masks."""
+    """DDIM sampling from a DDPM or factorized checkpoint; the factorized one also gives each image its masks.
 
-    def __init__(self, model, diffusion, *, source: str, step: int, device: torch.device):
-        self.model, self.diffusion, self.source, self.step, self.device = model, diffusion, source, step, device
+    Image j of a request seeded `seed` uses `image_generators(seed, [j])`: the images `jobs/sample.py seed=<seed>`
+    writes first, bit for bit on the same device.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        self.model, self.diffusion = loaded.model, loaded.diffusion
+        self.source, self.step, self.device = loaded.source, loaded.step, loaded.device
 
     @classmethod
     def load(cls, source: str, device: str = "auto", use_ema: bool = True) -> DiffusionSampler:
-        model, diffusion, step = load_diffusion_model(source, device, use_ema)
-        return cls(model, diffusion, source=source, step=step, device=next(model.parameters()).device)
+        return cls(load_diffusion_model(source, device, use_ema))
 
     def info(self) -> dict[str, Any]:
         cfg = self.model.cfg
@@ -497,16 +465,10 @@ class DiffusionSampler:
     @torch.no_grad()
     def sample(self, requests: Sequence[SampleParams]) -> list[dict[str, np.ndarray | None]]:
         """One batched DDIM run per distinct step count -> per request {"images" (N, H, W, 3) uint8, "labels"}."""
-        from diffseg.sampling import sample
-
         out: list[dict[str, np.ndarray | None] | None] = [None] * len(requests)
         for steps in sorted({r.steps for r in requests}):
             idx = [i for i, r in enumerate(requests) if r.steps == steps]
-            gens = [
-                torch.Generator(device=self.device).manual_seed(requests[i].seed * 10_000 + j)
-                for i in idx
-                for j in range(requests[i].num_images)
-            ]
+            gens = [g for i in idx for g in image_generators(requests[i].seed, range(requests[i].num_images))]
             y = None
             if self.model.cfg.num_classes:
                 y = torch.tensor([requests[i].label for i in idx for _ in range(requests[i].num_images)])
@@ -531,25 +493,19 @@ class DiffusionSampler:
 
 
 def upsample_result(result: Mapping[str, np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A model-resolution result -> (labels (H, W) int, uncertainty (H, W) float32) at the upload's size (H, W).
-
-    Soft masks are upsampled bilinearly before the argmax (smooth borders); hard labels by nearest neighbour. For
-    soft masks the uncertainty is their entropy divided by log C (0 = certain, 1 = uniform).
+    """A model-resolution result -> (labels (H, W) int, uncertainty (H, W) float32) at the upload's size (H, W), by the
+    one resize policy (`diffseg.data`): soft masks bilinearly before the argmax (the masks `jobs/segment.py` writes),
+    hard labels by nearest neighbour. For soft masks the uncertainty is their entropy divided by log C (0 = certain,
+    1 = uniform).
     """
     if "probs" in result:
-        p = torch.from_numpy(np.asarray(result["probs"], dtype=np.float32))[None]  # (1, C, S, S)
-        if tuple(p.shape[-2:]) != tuple(size):
-            p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
-        p = p[0] / p[0].sum(0, keepdim=True).clamp(min=1e-8)
+        p = resize_probs(torch.from_numpy(np.asarray(result["probs"], dtype=np.float32))[None], size)[0]  # (C, H, W)
         c = p.shape[0]
         unc = _entropy(p, 0) / math.log(c) if c > 1 else torch.zeros(p.shape[1:])
         return p.argmax(0).numpy(), unc.clamp(0, 1).numpy().astype(np.float32)
-    labels = torch.from_numpy(np.asarray(result["labels"], dtype=np.int64))[None, None].float()
-    unc = torch.from_numpy(np.asarray(result["uncertainty"], dtype=np.float32))[None, None]
-    if tuple(labels.shape[-2:]) != tuple(size):
-        labels = F.interpolate(labels, size=size, mode="nearest")
-        unc = F.interpolate(unc, size=size, mode="bilinear", align_corners=False)
-    return labels[0, 0].long().numpy(), unc[0, 0].numpy()
+    labels = torch.from_numpy(np.asarray(result["labels"], dtype=np.int64))[None]  # (1, S, S)
+    unc = torch.from_numpy(np.asarray(result["uncertainty"], dtype=np.float32))[None]
+    return resize_labels(labels, size)[0].numpy(), resize_maps(unc, size)[0].numpy()
 
 
 def segmentation_stats(labels: np.ndarray, uncertainty: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

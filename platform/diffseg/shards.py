@@ -15,15 +15,24 @@ class names, the backbone reference and a hash of the feature recipe. Every shar
 
 Reading (`ShardSet.iter_shards` / `iter_batches`) loads ONE shard at a time (shard order shuffled per epoch, rows
 shuffled within the shard): memory is bounded by the largest shard, never by the data set. Plain pyarrow reads the
-files too (`pq.read_table(path)`; features are a fixed-size list column).
+files too (`pq.read_table(path)`; features are a fixed-size list column). `MemoryShardSet` offers the same reading
+interface over rows already in memory (an analysis at modest sizes), so the trainer has one input type.
+
+The feature store: `FeatureCache` keeps one shard set per feature key (`feature_key`: exactly what determines the
+features, nothing the classifier varies) under `<root>/<hash>/`, built once, safely under concurrency.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffseg.config import atomic_write
+from diffseg.config import atomic_write, config_hash, to_dict
 
 META_KEY = b"diffseg"
 FORMAT = "diffseg-features/1"
@@ -234,3 +243,110 @@ class ShardSet:
         for p in self.paths:
             ids.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
         return sorted(ids)
+
+
+class MemoryShardSet:
+    """Rows already in memory (features (N, D), labels (N,)) read like a `ShardSet` of `parts` shards, for the
+    trainer's streaming interface (`diffseg.pixel.train_ensemble`)."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, parts: int = 4, meta: FeatureMeta | None = None):
+        if len(features) != len(labels):
+            raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
+        self.features, self.labels, self.parts = features, labels, max(1, parts)
+        self.meta = meta or FeatureMeta(blocks=[], timesteps=[], feature_dim=features.shape[1], image_size=0)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        return self.parts
+
+    def iter_shards(
+        self, shuffle: bool = False, seed: int = 0, columns: Sequence[str] | None = None
+    ) -> Iterator[Shard]:
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(self.labels)) if shuffle else np.arange(len(self.labels))
+        empty = np.zeros(0)
+        for part in np.array_split(idx, self.parts):
+            yield Shard(self.features[part], self.labels[part], empty, empty, empty)
+
+
+# ---------------------------------------------------------------------------------------------------- the cache
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this node; the atomic rename below keeps other nodes correct too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def backbone_fingerprint(spec: str) -> dict[str, Any]:
+    """What identifies a backbone: the spec, plus size and mtime of a checkpoint file (a retrained one is new)."""
+    path = spec.split(":", 1)[1] if spec.startswith(("random:", "diffusers:")) else spec
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return {"spec": spec, "path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"spec": spec}
+
+
+def feature_key(features: Any, data: Any) -> dict[str, Any]:
+    """Everything that determines a feature set (a `FeatureConfig` applied to a `DataConfig`'s images), and nothing
+    the classifier varies: batch size and precision are how, not what."""
+    f = to_dict(features)
+    f.pop("batch_size"), f.pop("precision")
+    f["backbone"] = backbone_fingerprint(features.backbone)
+    return {"features": f, "data": to_dict(data)}
+
+
+class FeatureCache:
+    """Feature shards on disk, one entry per feature key: `<root>/<hash>/*.parquet` (or sub-folders) + `key.json`.
+
+    `get(key, build)` returns the entry, calling `build(tmp_dir)` only when it is missing. Concurrent builders are safe:
+    builders of the same key serialise on a lock file, the entry is built in a private temp folder and renamed into
+    place (atomic), and an entry without its `_SUCCESS` marker is never used. Every hit and build is appended to
+    `<root>/events.jsonl` (which the tests and a curious researcher can read).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, key: Mapping[str, Any]) -> Path:
+        return self.root / config_hash(key, 16)
+
+    def _event(self, kind: str, key_hash: str, seconds: float = 0.0) -> None:
+        line = json.dumps({"event": kind, "key": key_hash, "pid": os.getpid(), "time": time.time(), "s": seconds})
+        with _file_lock(self.root / ".events.lock"), open(self.root / "events.jsonl", "a") as f:
+            f.write(line + "\n")
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.root / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def get(self, key: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
+        final = self.path(key)
+        if (final / "_SUCCESS").is_file():
+            self._event("hit", final.name)
+            return final
+        with _file_lock(self.root / f".{final.name}.lock"):
+            if (final / "_SUCCESS").is_file():  # built by another process while we waited
+                self._event("hit", final.name)
+                return final
+            t0 = time.perf_counter()
+            tmp = self.root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                build(tmp)
+                (tmp / "key.json").write_text(json.dumps(to_dict(key), indent=1, default=str))
+                (tmp / "_SUCCESS").touch()
+                if final.exists():  # a torn entry (no _SUCCESS) left by a killed builder
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._event("build", final.name, time.perf_counter() - t0)
+        return final

@@ -127,6 +127,39 @@ class Tracker:
             self._client.set_terminated(self.run_id, status=status)
 
 
+def _client(uri: str | None):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def find_nested_run(uri: str | None, parent_run_id: str, tags: Mapping[str, str]) -> str | None:
+    """The id of a run nested under `parent_run_id` whose tags have these values, or None."""
+    client = _client(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    query = " and ".join(
+        [f"tags.mlflow.parentRunId = '{parent_run_id}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())]
+    )
+    runs = client.search_runs([exp_id], query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def finish_nested_runs(uri: str | None, parent_run_id: str, status: str = "KILLED", tag: str | None = None) -> int:
+    """End the runs nested under `parent_run_id` that are still RUNNING (trials a scheduler stopped early, or that
+    crashed) with `status`, tagging them `tag=true` when given; returns how many."""
+    client = _client(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    count = 0
+    for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000):
+        if run.info.status == "RUNNING":
+            if tag:
+                client.set_tag(run.info.run_id, tag, "true")
+            client.set_terminated(run.info.run_id, status=status)
+            count += 1
+    return count
+
+
 def start_job(cfg: Any) -> tuple[Path, Tracker]:
     """A job's output folder `<output_dir>/<name>` (created, holding the resolved config.yaml) and its MLflow run,
     named after the job, with the flattened config as parameters. `cfg` has output_dir, name and tracking."""

@@ -14,7 +14,7 @@ a finished run re-run with more steps continues from its step.
 
 from __future__ import annotations
 
-import os
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,10 @@ from diffseg.loop import (  # noqa: F401  (the configs are part of this module's
     run_uri,
     storage_path,
 )
+from diffseg.runtime import init_ray, setup_logging
 from diffseg.tracking import git_sha, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -68,6 +71,7 @@ class RayTrainContext:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What each Ray Train worker runs; `config` = {"cfg": TrainConfig as dict, "tracking_uri", "git_commit"}."""
+    setup_logging()  # a worker process shows the loop's progress lines in its log
     cfg = from_dict(TrainConfig, config["cfg"])
     return fit(cfg, RayTrainContext(), tracking_uri=config.get("tracking_uri"), git_commit=config.get("git_commit"))
 
@@ -79,17 +83,6 @@ def _use_gpu(cfg: ScalingSection) -> bool:
     if cfg.num_workers > 0 and ray.is_initialized():
         return ray.cluster_resources().get("GPU", 0) > 0
     return torch.cuda.is_available()
-
-
-def code_runtime_env() -> dict[str, Any]:
-    """Ship the diffseg package to every worker (`py_modules`), so a cluster needs no install of it.
-
-    Local directories can only be shipped at the job level (`ray.init`); inside `ray job submit` Ray merges this
-    with the job's own runtime env (its working_dir, env_vars).
-    """
-    import diffseg
-
-    return {"py_modules": [str(Path(diffseg.__file__).parent)]}
 
 
 def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
@@ -121,24 +114,15 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
 
 def run(cfg: TrainConfig) -> ray.train.Result:
     """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py."""
-    if cfg.scaling.num_workers > 0 and not ray.is_initialized():
-        # Honours RAY_ADDRESS (set by `ray job submit`); else starts a local cluster.
-        ray.init(runtime_env=code_runtime_env())
+    if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process without a cluster
+        init_ray()
     with tempfile.TemporaryDirectory() as tmp:
         put_file(save_config(cfg, Path(tmp) / "config.yaml"), run_uri(cfg, "config.yaml"))
     result = build_trainer(cfg).fit()
     out = result.return_value or {}
-    print(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
-    print(f"[train] samples    {run_uri(cfg, 'samples')}")
-    print(f"[train] config     {run_uri(cfg, 'config.yaml')}")
+    log.info(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
+    log.info(f"[train] samples    {run_uri(cfg, 'samples')}")
+    log.info(f"[train] config     {run_uri(cfg, 'config.yaml')}")
     if cfg.tracking.enabled:
-        print(f"[train] MLflow     {resolve_tracking_uri(cfg.tracking.uri)} (run {out.get('mlflow_run_id')})")
+        log.info(f"[train] MLflow     {resolve_tracking_uri(cfg.tracking.uri)} (run {out.get('mlflow_run_id')})")
     return result
-
-
-def main(argv: list[str] | None = None, default_config: str | None = None, **defaults: Any) -> ray.train.Result:
-    from diffseg.config import parse_job_args
-
-    cfg, _ = parse_job_args(TrainConfig, argv, description=__doc__.splitlines()[0], default_config=default_config)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    return run(cfg)
