@@ -225,3 +225,24 @@ def test_every_job_help_lists_every_key_with_default_and_comment(name, capsys):
             assert default in line, (key, line)
         if comment:
             assert comment in line, (key, line)
+
+
+def test_configs_share_blocks_through_base():
+    """The 32 px U-Net block is written once (jobs/configs/base/tiny32.yaml); the tiny runs take it by `base:`."""
+    from diffseg.train import TrainConfig
+
+    block = "channel_mult: [1, 2, 2]"
+    holders = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if block in p.read_text())
+    assert holders == ["base/tiny32.yaml"]
+    base = load_config(TrainConfig, CONFIGS / "base" / "tiny32.yaml")
+    for name in ("ddpm_tiny.yaml", "factorized_tiny.yaml", "unsup_face_factorized.yaml", "label_celeba_ddpm.yaml"):
+        cfg = load_config(TrainConfig, CONFIGS / name)
+        assert cfg.model.unet.channel_mult == base.model.unet.channel_mult == (1, 2, 2)
+        assert cfg.diffusion == base.diffusion and cfg.data.image_size == 32
+    face = load_config(TrainConfig, CONFIGS / "unsup_face_factorized.yaml")  # two levels of base:
+    assert (face.model.kind, face.model.unet.model_channels, face.model.factorized.num_components) == (
+        "factorized",
+        16,
+        3,
+    )
+    assert face.data.class_merge == "face3" and face.data.root.endswith("celebamask-hq-800") and face.optim.lr == 3e-4
