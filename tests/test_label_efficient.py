@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image
 
 from diffseg.config import to_dict
 from diffseg.data import DataConfig, write_synthetic_folder
@@ -13,6 +14,7 @@ from diffseg.features import FeatureConfig, FeatureExtractor
 from diffseg.label_efficient import PixelJobConfig, run_pixel_job
 from diffseg.pixel import PixelSegmenter, PixelTrainConfig
 from diffseg.tracking import TrackingConfig
+from diffseg.viz import overlay, to_uint8
 
 
 def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):
@@ -49,7 +51,15 @@ def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):
     assert metrics["num_images"] == 2 and metrics["test/miou"] == res["miou"]
     per_class = {k.split("/", 2)[2] for k in metrics if k.startswith("test/iou/")}
     assert per_class and per_class <= set(train.class_names)  # classes absent from prediction and truth are left out
-    assert (out / "overlays.png").exists() and len(list((out / "predictions").glob("*.png"))) == 2
+    assert len(list((out / "predictions").glob("*.png"))) == 2
+    # overlays.png: per test image, image | ground truth | prediction; the first tile is the first test image
+    sheet = np.asarray(Image.open(out / "overlays.png"))
+    assert sheet.shape == (2 * (16 + 2) + 2, 3 * (16 + 2) + 2, 3)
+    test = build_dataset(data, "test")
+    np.testing.assert_array_equal(sheet[2:18, 2:18], to_uint8(test[0]["image"]))
+    prediction = np.asarray(Image.open(out / "predictions" / f"{test[0]['id']}.png"))
+    expected = overlay(to_uint8(test[0]["image"]), prediction, num_classes=train.num_classes)
+    np.testing.assert_array_equal(sheet[2:18, 2 + 2 * 18 : 18 + 2 * 18], expected)
     seg = PixelSegmenter.load(out / "segmenter.pt", device="cpu")
     assert seg.recipe.backbone == "rgb" and seg.class_names == train.class_names and seg.image_size == 16
     labels, unc = seg.predict(np.zeros((3, 16, 16, 3), np.uint8))

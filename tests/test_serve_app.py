@@ -6,6 +6,7 @@ One module-scoped app (starting Ray and Serve is most of the cost); random-init 
 
 import base64
 import importlib
+import importlib.util
 import io
 import os
 import shutil
@@ -35,6 +36,9 @@ ARGS = {
 }  # fmt: skip
 
 
+SERVED: dict[str, Path] = {}  # what the app serves, for the tests that compare it with the jobs
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     import ray
@@ -46,6 +50,7 @@ def app_url(tmp_path_factory):
     build_app = importlib.import_module("serve.app").build_app
     folder = tmp_path_factory.mktemp("serve")
     ckpt, bundle = tiny_checkpoint(folder / "checkpoint.pt"), tiny_pixel_bundle(folder)
+    SERVED.update(checkpoint=ckpt, pixel=bundle)
     ray.init(
         address="local",
         num_cpus=4,
@@ -125,6 +130,40 @@ def test_endpoints_round_trip(app_url):
 
     r = requests.get(f"{app_url}/", timeout=30)
     assert r.status_code == 200 and '<form id="segment-form">' in r.text
+
+
+def _job(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_jobs_and_serve_answer_bit_for_bit_alike(app_url, tmp_path):
+    """Over HTTP: the same seed gives the same images from jobs/sample.py and POST /v1/sample, and the same image
+    gets the same mask from jobs/segment.py and POST /v1/segment (one seeding rule, one resize policy)."""
+    ckpt = SERVED["checkpoint"]
+    _job("sample").main([f"checkpoint={ckpt}", f"output_dir={tmp_path}", "name=s", "seed=5", "steps=4",
+                         "num_images=2", "device=cpu"])  # fmt: skip
+    r = requests.post(f"{app_url}/v1/sample", json={"num_images": 2, "steps": 4, "seed": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    for i, sample in enumerate(r.json()["samples"]):
+        job_image = np.asarray(Image.open(tmp_path / "s" / "images" / f"{i:05d}.png"))
+        np.testing.assert_array_equal(np.asarray(_png(sample["image_png"])), job_image)
+        job_mask = np.asarray(Image.open(tmp_path / "s" / "masks" / f"{i:05d}.png"))
+        np.testing.assert_array_equal(np.asarray(_png(sample["mask_png"])), job_mask)
+
+    folder = tmp_path / "photos"
+    (folder / "images").mkdir(parents=True)
+    (folder / "dataset.json").write_text('{"name": "photos", "classes": ["region"], "ignore_index": 255}')
+    upload = png_bytes(37, 21, seed=9)
+    (folder / "images" / "photo.png").write_bytes(upload)
+    _job("segment").main([f"checkpoint={ckpt}", f"data.root={folder}", f"output_dir={tmp_path}", "name=g", "t=20",
+                          "seed=3", "device=cpu"])  # fmt: skip
+    r = requests.post(f"{app_url}/v1/segment?t=20&seed=3&output=mask", data=upload, timeout=60)
+    assert r.status_code == 200, r.text
+    served = np.asarray(Image.open(io.BytesIO(r.content)))
+    np.testing.assert_array_equal(served, np.asarray(Image.open(tmp_path / "g" / "masks" / "photo.png")))
 
 
 def test_concurrent_requests_are_batched(app_url):

@@ -360,3 +360,54 @@ def test_resolve_source_paths_and_mlflow_uri(ckpt, tmp_path):
         mlflow.log_artifact(str(ckpt), "checkpoint")  # what training logs
     seg = FactorizedSegmenter.load(f"runs:/{run.info.run_id}/checkpoint", device="cpu")
     assert seg.info()["num_components"] == 3 and seg.info()["source"].startswith("runs:/")
+
+
+# ---------------------------------------------------------------------------------------------------- job == Serve
+def test_sample_job_and_serve_sampler_give_identical_images(ckpt, tmp_path):
+    """The one seeding rule: the sampler Serve's replica runs returns, for a request seeded 7, bit for bit the images
+    (and masks) `jobs/sample.py seed=7` writes first, in batches of another size."""
+    from diffseg.sampling import SampleJobConfig, run_sample_job
+
+    cfg = SampleJobConfig(checkpoint=str(ckpt), output_dir=str(tmp_path), name="s", seed=7, steps=4, num_images=3,
+                          batch_size=3, device="cpu")  # fmt: skip
+    run_sample_job(cfg)
+    sampler = DiffusionSampler.load(str(ckpt), device="cpu")
+    other = SampleParams(1, 4, 8, None, "json")  # another request in the same batch
+    served = sampler.sample([other, SampleParams(2, 4, 7, None, "json")])[1]
+    for i in range(2):
+        job_image = np.asarray(Image.open(tmp_path / "s" / "images" / f"{i:05d}.png"))
+        np.testing.assert_array_equal(served["images"][i], job_image)
+        np.testing.assert_array_equal(
+            served["labels"][i], np.asarray(Image.open(tmp_path / "s" / "masks" / f"{i:05d}.png"))
+        )
+    assert not np.array_equal(sampler.sample([other])[0]["images"][0], served["images"][0])  # the seed matters
+
+
+def test_segment_job_and_serve_segmenter_give_identical_masks(ckpt, tmp_path):
+    """The one resize policy and seeding rule: an upload to /v1/segment?t=20&seed=3 gets, pixel for pixel, the mask
+    `jobs/segment.py t=20 seed=3` writes for the first image of a folder (non-square, not the model's size)."""
+    from diffseg.data import DataConfig
+    from diffseg.segment import SegmentJobConfig, run_segment_job
+
+    folder = tmp_path / "upload"
+    (folder / "images").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"name": "upload", "classes": ["region"], "ignore_index": 255}))
+    uploads = {"a": png_bytes(40, 24, seed=5), "b": png_bytes(40, 24, seed=6)}  # one size: one batch in the job
+    for name, data in uploads.items():
+        (folder / "images" / f"{name}.png").write_bytes(data)
+    data = DataConfig(name="folder", root=str(folder), image_size=0)  # native size: the job resizes like Serve
+    run_segment_job(SegmentJobConfig(checkpoint=str(ckpt), data=data, output_dir=str(tmp_path), name="g", t=20, seed=3,
+                                     device="cpu"))  # fmt: skip
+    job_mask = np.asarray(Image.open(tmp_path / "g" / "masks" / "a.png"))
+
+    # Serve's path, as the ingress and the model replica run it
+    seg = FactorizedSegmenter.load(str(ckpt), device="cpu")
+    info = seg.info()
+    image = decode_image(uploads["a"], LIMITS)
+    params = parse_segment_params({"t": "20", "seed": "3", "output": "mask"}, LIMITS, {"factorized": info})
+    (result,) = seg.segment(to_model_input(image, int(info["image_size"]))[None], [params.t], [params.seed])
+    media, png = render_segmentation(image, result, params, info)
+    served_mask = np.asarray(Image.open(io.BytesIO(png)))
+    assert media == "image/png" and served_mask.shape == job_mask.shape == (24, 40)
+    np.testing.assert_array_equal(served_mask, job_mask)
+    assert len(np.unique(job_mask)) > 1  # a real segmentation, not a constant map that would match trivially

@@ -26,10 +26,17 @@ from diffseg.sampling import generate, sample
 from diffseg.segment import FactorizedSegmenter, segment_images
 from diffseg.segmenter import segment_dataset
 from diffseg.unet import UNet, UNetConfig
+from diffseg.viz import colorize
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 UNET = UNetConfig(image_size=SIZE, model_channels=8, channel_mult=(1, 2), attention_resolutions=())
+
+
+def tile(picture: np.ndarray, row: int, col: int, size: int, pad: int = 2) -> np.ndarray:
+    """Tile (row, col) of a `viz.grid` picture of size x size tiles."""
+    y, x = pad + row * (size + pad), pad + col * (size + pad)
+    return picture[y : y + size, x : x + size]
 
 
 def _factorized(k: int = 3, num_classes: int | None = None, seed: int = 0) -> FactorizedUNet:
@@ -206,7 +213,15 @@ def test_segment_job_writes_masks_and_overlays(tiny_setup):
     assert m.shape == (24, 24) and m.max() < 3  # at the input resolution, region indices
     soft = np.load(run / "soft" / f"{masks[0].stem}.npy")
     assert soft.shape == (3, 24, 24) and np.allclose(soft.astype(np.float32).sum(0), 1, atol=1e-2)
-    assert (run / "preview.png").is_file() and (run / "config.yaml").is_file()
+    assert (run / "config.yaml").is_file()
+    # preview.png: per image, image | its mask (colourised) | overlay, 4 images a row, 2 px padding
+    preview = np.asarray(Image.open(run / "preview.png"))
+    assert preview.shape == (3 * (24 + 2) + 2, 12 * (24 + 2) + 2, 3)
+    first = tile(preview, 0, 0, 24)
+    ids = sorted(p.stem for p in (run / "masks").glob("*.png"))
+    expected = np.asarray(Image.open(tiny_setup["root"] / "images" / f"{ids[0]}.png").resize((24, 24), Image.BICUBIC))
+    assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1  # the first image, as segmented
+    np.testing.assert_array_equal(tile(preview, 0, 1, 24), colorize(np.asarray(Image.open(masks[0])), 3))
 
 
 @pytest.mark.parametrize("method,steps", [("ddim", 5), ("ddpm", 0)])
@@ -226,7 +241,15 @@ def test_sample_job_writes_grid_strip_and_pairs(tiny_setup, method, steps):
     columns = res["steps"] // res["record_every"]
     assert strip.shape[1] == columns * (SIZE + 2) + 2  # one column per recorded step
     assert strip.shape[0] == 2 * 3 * (SIZE + 2) + 2  # 2 images x (x_t, x_0, mask) rows
-    assert (run / "grid.png").is_file()
+    # grid.png: per sample, image | argmax mask | overlay; the tiles are the very images and masks written
+    grid_png = np.asarray(Image.open(run / "grid.png"))
+    assert grid_png.shape == (SIZE + 4, 3 * 3 * (SIZE + 2) + 2, 3)
+    for i in range(3):
+        np.testing.assert_array_equal(
+            tile(grid_png, 0, 3 * i, SIZE), np.asarray(Image.open(run / "images" / f"{i:05d}.png"))
+        )
+        mask = np.asarray(Image.open(run / "masks" / f"{i:05d}.png"))
+        np.testing.assert_array_equal(tile(grid_png, 0, 3 * i + 1, SIZE), colorize(mask, 3))
 
 
 def test_evaluate_job_end_to_end(tiny_setup):
