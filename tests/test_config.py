@@ -118,6 +118,7 @@ CONFIG_CLASSES = [
     ("label_celeba_compare", "diffseg.label_efficient:CompareConfig"),
     ("label_celeba_dataset_ddpm", "diffseg.dataset_ddpm:DatasetDDPMConfig"),
     ("label_celeba_pixel", "diffseg.label_efficient:PixelJobConfig"),
+    ("label_celeba_extract", "diffseg.features:ExtractJobConfig"),
     ("", "diffseg.train:TrainConfig"),
 ]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -326,24 +326,15 @@ def train_supervised_unet(
     masks: torch.Tensor,
     num_classes: int,
     cfg: UNetConfig | None = None,
-    steps: int = 500,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    ignore_index: int = 255,
     seed: int = 0,
-    flip: bool = True,
-    device: torch.device | str = "cpu",
-    log_every: int = 0,
+    **train: Any,
 ) -> SupervisedUNet:
-    """A SupervisedUNet (default: C=32, mult 1,2,2, no attention, at the images' size) trained by `train_supervised`."""
+    """A SupervisedUNet (default: C=32, mult 1,2,2, no attention, at the images' size), initialised from `seed` and
+    trained by `train_supervised` (`train`: its keyword arguments, e.g. steps, batch_size, lr, device)."""
     size = images.shape[-1]
     cfg = cfg or UNetConfig(image_size=size, model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=())
     torch.manual_seed(seed)  # the initial weights
-    model = SupervisedUNet(cfg, num_classes)
-    return train_supervised(
-        model, images, masks, steps=steps, batch_size=batch_size, lr=lr, ignore_index=ignore_index, seed=seed,
-        flip=flip, device=device, log_every=log_every,
-    )  # fmt: skip
+    return train_supervised(SupervisedUNet(cfg, num_classes), images, masks, seed=seed, **train)
 
 
 @torch.no_grad()
