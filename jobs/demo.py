@@ -28,7 +28,7 @@ def run(cfg: DemoConfig) -> dict:
     print(f"demo finished in {secs['total']:.0f} s (DDPM {secs['ddpm']:.0f} s, ensembles {secs['ensembles']:.0f} s, "
           f"evaluation {secs['evaluation']:.0f} s)")  # fmt: skip
     print(f"figure     : {res['figure']}  (image | ground truth | DDPM features | raw RGB)")
-    print(f"segmenter  : {res['segmenter']}  (serve it: `serve run serve/config.yaml` with args.pixel set to it)")
+    print(f"segmenter  : {res['segmenter']}  (serve it: serve run serve.app:build_app pixel={res['segmenter']})")
     print(f"checkpoint : {res['checkpoint']}")
     return res
 
