@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
 import weakref
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg import shards as shards_mod
+from diffseg import pixel as pixel_mod
 from diffseg.features import FeatureConfig
 from diffseg.pixel import (
     MLPEnsemble,
@@ -22,6 +23,7 @@ from diffseg.pixel import (
     image_score,
     make_optimizer,
     paper_hidden,
+    predict_pixels,
     train_ensemble,
     vote_and_uncertainty,
 )
@@ -125,32 +127,125 @@ def _write_toy_shards(root, n_shards=4, rows=300, d=6, k=3, seed=0):
     return ShardSet(root), centers
 
 
-def test_streaming_training_learns_and_holds_one_shard(tmp_path, monkeypatch):
-    ss, centers = _write_toy_shards(tmp_path)
+def _mb(rows: int, d: int) -> float:
+    """shuffle_buffer_mb that holds exactly `rows` rows of d float16 features."""
+    return rows * 2 * d / 2**20
+
+
+def test_streaming_training_learns_and_holds_one_window(tmp_path, monkeypatch):
+    ss, centers = _write_toy_shards(tmp_path)  # 4 shards x 300 rows
     live: list[weakref.ref] = []
     max_live = [0]
-    real_read = shards_mod.read_shard
+    real_windows = ShardSet.iter_windows
 
-    def tracking_read(path, columns=None):
-        gc.collect()
-        alive = sum(r() is not None for r in live)
-        max_live[0] = max(max_live[0], alive)
-        shard = real_read(path, columns)
-        live.append(weakref.ref(shard.features.base if shard.features.base is not None else shard.features))
-        return shard
+    def tracking_windows(self, max_rows, seed=0):
+        for window in real_windows(self, max_rows, seed):
+            gc.collect()
+            max_live[0] = max(max_live[0], sum(r() is not None for r in live))
+            live.append(weakref.ref(window.features))
+            yield window
+            del window
 
-    monkeypatch.setattr(shards_mod, "read_shard", tracking_read)
-    cfg = PixelTrainConfig(members=3, max_epochs=4, batch_size=32, patience=5)
+    monkeypatch.setattr(ShardSet, "iter_windows", tracking_windows)
+    cfg = PixelTrainConfig(members=3, max_epochs=4, batch_size=32, patience=5, shuffle_buffer_mb=_mb(600, 6))
     ens, res = train_ensemble(ss, 3, cfg)
-    assert max_live[0] == 0  # when a shard is read, no earlier shard's features are still alive
-    assert res.peak_rows_in_memory == ss.max_shard_rows
+    assert max_live[0] == 0  # when a window is read, no earlier window's features are still alive
+    assert res.peak_rows_in_memory == 600 and res.windows_per_epoch == 2  # bounded by the buffer, not the set
     assert res.iterations > 0 and all(s == -1 or s > 0 for s in res.stopped_at)
     # it learned the blobs
     x = torch.tensor(centers, dtype=torch.float32)
-    from diffseg.pixel import predict_pixels
-
     labels, unc, _ = predict_pixels(ens, x)
     assert labels.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("buffer_rows", [1200, 600])  # the whole set in one window; windows of two shards
+def test_every_member_mixes_shards_within_the_first_epoch(tmp_path, monkeypatch, buffer_rows):
+    """What the ensemble actually trains on (recorded from train_ensemble's stream): within epoch 0, every member's
+    batches hold pixels of more than one shard, and the members walk different orders (not lock-step)."""
+    ss, _ = _write_toy_shards(tmp_path)  # 4 shards (one image each) x 300 rows
+    seen: list[tuple[int, np.ndarray]] = []  # (epoch seed, shard of each row (E, b))
+    real = pixel_mod.pixel_batches
+
+    def recording(shards, members, batch_size, max_rows, epoch_seed, rng, member_shuffle=True):
+        for batch in real(shards, members, batch_size, max_rows, epoch_seed, rng, member_shuffle):
+            seen.append((epoch_seed, batch.shard.copy()))
+            yield batch
+
+    monkeypatch.setattr(pixel_mod, "pixel_batches", recording)
+    cfg = PixelTrainConfig(members=4, max_epochs=2, batch_size=64, shuffle_buffer_mb=_mb(buffer_rows, 6))
+    train_ensemble(ss, 3, cfg)
+    first = [sh for seed, sh in seen if seed == seen[0][0]]  # epoch 0
+    assert len(first) == (1200 // 64 if buffer_rows == 1200 else 2 * (600 // 64))  # drop_last per window
+    for e in range(4):
+        mixed = [len(np.unique(sh[e])) > 1 for sh in first]
+        assert all(mixed), f"member {e}: a batch of pixels from one shard only"
+        assert len(np.unique(np.concatenate([sh[e] for sh in first]))) == 4  # the epoch covers every shard
+    assert any(not np.array_equal(first[0][0], first[0][e]) for e in range(1, 4))  # own order per member
+    # the old per-shard stream would have fed all members one shard for 300 // 64 = 4 iterations in a row
+
+
+@torch.no_grad()
+def _whole_set_bn_stats(ens, x):
+    """Per member: the exact mean and unbiased variance of each BatchNorm input over all rows x (N, D), with the
+    trained weights and the earlier BatchNorm layers in eval mode (what they apply at test time)."""
+    out = []
+    for e in range(ens.members):
+        mlp = ens.member(e).eval()
+        h, stats = x, []
+        for layer in mlp:
+            if isinstance(layer, torch.nn.BatchNorm1d):
+                stats.append((h.mean(0), h.var(0, unbiased=True), layer.running_mean, layer.running_var))
+            h = layer(h)
+        out.append(stats)
+    return out
+
+
+def _shifted_shards(root, n_shards=4, rows=400, d=6, k=3, seed=0):
+    """Shards whose pixels differ in distribution (shard s is shifted by 10 s): last-shard statistics are wrong."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2, (k, d))
+    meta = FeatureMeta(blocks=["dec.1"], timesteps=[5], feature_dim=d, image_size=20, num_classes=k, backbone="toy")
+    xs = []
+    for s in range(n_shards):
+        y = rng.integers(0, k, rows)
+        x = (centers[y] + rng.normal(0, 0.5, (rows, d)) + 10.0 * s).astype(np.float16)
+        xs.append(x)
+        write_shard(root / f"s{s}.parquet", x, y, [f"img{s}"] * rows, np.arange(rows) // 20, np.arange(rows) % 20, meta)
+    return (
+        ShardSet(root),
+        torch.from_numpy(np.concatenate(xs).astype(np.float32)),
+        torch.from_numpy(xs[-1].astype(np.float32)),
+    )
+
+
+def test_batchnorm_statistics_match_the_whole_labelled_set(tmp_path):
+    ss, x_all, x_last = _shifted_shards(tmp_path)
+    # 1. windows of one shard (the set does not fit): "auto" recomputes; the statistics are the whole set's, exactly
+    cfg = PixelTrainConfig(members=3, max_epochs=6, batch_size=64, patience=10, shuffle_buffer_mb=_mb(400, 6))
+    ens, res = train_ensemble(ss, 3, cfg)
+    assert res.windows_per_epoch == 4 and res.bn_stats == "recompute"
+    for member in _whole_set_bn_stats(ens, x_all):
+        for mean, var, running_mean, running_var in member:
+            torch.testing.assert_close(running_mean, mean, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(running_var, var, rtol=1e-4, atol=1e-4)
+    # 2. the whole set in one window (the reference's stream): the running averages of shuffled batches estimate the
+    #    whole set's statistics; those of the last shard alone (what a per-shard stream left behind) are far off.
+    #    Checked on the first BatchNorm layer, whose input follows the pixels' distribution most directly.
+    cfg = dataclasses.replace(cfg, shuffle_buffer_mb=_mb(1600, 6), max_epochs=20, patience=1000)
+    ens, res = train_ensemble(ss, 3, cfg)
+    assert res.windows_per_epoch == 1 and res.bn_stats == "running"
+    last = _whole_set_bn_stats(ens, x_last)
+    for e, member in enumerate(_whole_set_bn_stats(ens, x_all)):
+        mean, var, running_mean, running_var = member[0]
+        last_mean, last_var = last[e][0][:2]
+        alive = var > 1e-6  # ReLU units that never fire have no statistics to match
+        sd = var[alive].sqrt()
+        # medians over units: a sampled estimate is loose on the odd nearly-dead unit, not on the typical one
+        err = ((running_mean - mean)[alive].abs() / sd).median()
+        err_last = ((last_mean - mean)[alive].abs() / sd).median()
+        assert err < 0.2 and err_last > 3 * err, (e, float(err), float(err_last))
+        var_ratio, last_ratio = (running_var / var)[alive].median(), (last_var / var)[alive].median()
+        assert abs(var_ratio - 1) < 0.15 and abs(last_ratio - 1) > 0.5, (e, float(var_ratio), float(last_ratio))
 
 
 def test_stopping_rule_freezes_members(tmp_path):

@@ -65,3 +65,24 @@ def test_iter_shards_shuffles_and_covers_all_rows(tmp_path):
     assert len(set(orders)) > 1  # shard order changes with the seed
     assert ss.class_counts(3).tolist() == [10, 11, 12]
     assert ss.image_ids() == ["i0", "i1", "i2"]
+
+
+def test_iter_windows_cover_every_row_once_within_the_bound(tmp_path):
+    # 3 shards of 10 rows written in row groups of 4 rows: 9 pieces the windows are shuffled in
+    for s in range(3):
+        write_shard(tmp_path / f"s{s}.parquet", np.full((10, 5), s), np.arange(10) + 10 * s, [f"i{s}"] * 10,
+                    np.arange(10), np.arange(10), _meta(), row_group_size=4)  # fmt: skip
+    ss = ShardSet(tmp_path)
+    assert [rows for _, _, rows in ss.pieces] == [4, 4, 2] * 3
+    for seed in range(3):
+        windows = list(ss.iter_windows(max_rows=12, seed=seed))
+        assert all(len(w) <= 12 for w in windows)
+        labels = np.concatenate([w.labels for w in windows])
+        assert sorted(labels.tolist()) == list(range(30))  # every row exactly once
+        for w in windows:  # features and shard index stay aligned with their rows
+            np.testing.assert_array_equal(w.features[:, 0], w.labels // 10)
+            np.testing.assert_array_equal(w.shard_index, w.labels // 10)
+        assert any(len(np.unique(w.shard_index)) > 1 for w in windows)  # row groups of several shards mix
+    whole = list(ss.iter_windows(max_rows=10**6))
+    assert len(whole) == 1 and len(whole[0]) == 30  # the whole set fits: one window
+    assert len(list(ss.iter_windows(max_rows=1))) == 9  # a row group larger than the bound is a window of its own

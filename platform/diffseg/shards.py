@@ -13,8 +13,12 @@ The Parquet schema metadata (key `diffseg`) holds a JSON `FeatureMeta`: feature_
 class names, the backbone reference and a hash of the feature recipe. Every shard of a set must agree on the recipe
 (`ShardSet` checks this), so a classifier trained on a set knows exactly which features it expects.
 
-Reading (`ShardSet.iter_shards` / `iter_batches`) loads ONE shard at a time (shard order shuffled per epoch, rows
-shuffled within the shard): memory is bounded by the largest shard, never by the data set. Plain pyarrow reads the
+Reading. `ShardSet.iter_shards` loads ONE shard at a time (for inspection and the benches). The ensemble trains from
+`ShardSet.iter_windows`: the row groups of ALL shards (`ROW_GROUP_ROWS` rows each, a few image rows of one image) are
+shuffled, and consecutive ones are gathered into windows of at most `max_rows` rows, so one window mixes the pixels
+of many images and memory is bounded by `max_rows`, never by the data set. When the whole labelled set fits in one
+window, an epoch is one window: every pixel of every image, as the reference implementation's
+`DataLoader(shuffle=True)` over all pixels (ddpm-segmentation `train_interpreter.py: train`). Plain pyarrow reads the
 files too (`pq.read_table(path)`; features are a fixed-size list column). `MemoryShardSet` offers the same reading
 interface over rows already in memory (an analysis at modest sizes), so the trainer has one input type.
 
@@ -45,6 +49,10 @@ from diffseg.config import atomic_write, config_hash, to_dict
 
 META_KEY = b"diffseg"
 FORMAT = "diffseg-features/1"
+# Rows per Parquet row group: the unit a window is shuffled in. Small enough that a window of a few hundred MB gathers
+# pieces of many images even at 256 px (4096 rows = 16 image rows of a 256 px image; 69 MB at D = 8448), large
+# enough that the zstd pages stay efficient. A 32 px shard of 4 images is one row group.
+ROW_GROUP_ROWS = 4096
 
 
 @dataclass
@@ -105,7 +113,7 @@ def write_shard(
     ys: np.ndarray,
     xs: np.ndarray,
     meta: FeatureMeta,
-    row_group_size: int = 65536,
+    row_group_size: int = ROW_GROUP_ROWS,
 ) -> Path:
     """Write one shard atomically (temp file, then rename). features (N, D) is stored as float16."""
     path = Path(path)
@@ -151,6 +159,12 @@ class Shard:
         return len(self.labels)
 
 
+def _features(table: pa.Table) -> np.ndarray:
+    """The fixed-size list column as (N, D) float16 (one copy out of Arrow)."""
+    fl = table.column("features").combine_chunks()
+    return fl.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, fl.type.list_size)
+
+
 def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> Shard:
     """Load one whole shard into memory (float16 features, no copy to float32)."""
     table = pq.read_table(path, columns=list(columns) if columns else None)
@@ -162,16 +176,40 @@ def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
             return np.zeros(0, dtype)
         return table.column(name).to_numpy().astype(dtype, copy=False)
 
-    if "features" in names:
-        fl = table.column("features").combine_chunks()
-        d = fl.type.list_size
-        feats = fl.values.to_numpy(zero_copy_only=False).reshape(n, d)
-    else:
-        feats = np.zeros((n, 0), np.float16)
+    feats = _features(table) if "features" in names else np.zeros((n, 0), np.float16)
     ids = table.column("image_id").to_pylist() if "image_id" in names else []
     return Shard(
         feats, col("label", np.int64), np.asarray(ids, dtype=str), col("y", np.int64), col("x", np.int64), str(path)
     )
+
+
+@dataclass
+class Window:
+    """Rows of several shards held together for shuffling (see `ShardSet.iter_windows`)."""
+
+    features: np.ndarray  # (N, D) float16
+    labels: np.ndarray  # (N,) int64
+    shard_index: np.ndarray  # (N,) int32: the position in the set's `paths` of each row's shard
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def window_groups(piece_rows: Sequence[int], max_rows: int, rng: np.random.Generator) -> list[list[int]]:
+    """Pieces (row groups) in a random order, cut into consecutive groups of at most `max_rows` rows (a piece larger
+    than `max_rows` is a group on its own). Every piece is in exactly one group."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for i in rng.permutation(len(piece_rows)).tolist():
+        if current and rows + piece_rows[i] > max_rows:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += piece_rows[i]
+    if current:
+        groups.append(current)
+    return groups
 
 
 class ShardSet:
@@ -194,7 +232,10 @@ class ShardSet:
                     f"{p}: feature recipe {m.recipe_hash} (dim {m.feature_dim}) differs from {self.paths[0]} "
                     f"({self.meta.recipe_hash}, dim {self.meta.feature_dim}); do not mix feature sets"
                 )
-        self.rows_per_shard = [pq.ParquetFile(p).metadata.num_rows for p in self.paths]
+        files = [pq.ParquetFile(p).metadata for p in self.paths]
+        self.rows_per_shard = [f.num_rows for f in files]
+        # (shard, row group, rows) of every row group: the units `iter_windows` shuffles
+        self.pieces = [(s, g, f.row_group(g).num_rows) for s, f in enumerate(files) for g in range(f.num_row_groups)]
 
     @property
     def num_rows(self) -> int:
@@ -230,6 +271,33 @@ class ShardSet:
                 )
             yield shard
             del shard
+
+    def iter_windows(self, max_rows: int, seed: int = 0) -> Iterator[Window]:
+        """Windows of at most `max_rows` rows (features and labels): the row groups of all shards in a seeded random
+        order, gathered consecutively (a row group larger than `max_rows` is a window of its own). Each row of the
+        set is in exactly one window; when everything fits, the only window is the whole set. The previous window is
+        released when the caller drops it (peak memory: one window plus the row group being read)."""
+        rng = np.random.default_rng(seed)
+        dim = self.meta.feature_dim
+        handles: dict[int, pq.ParquetFile] = {}
+        for group in window_groups([rows for _, _, rows in self.pieces], max_rows, rng):
+            n = sum(self.pieces[i][2] for i in group)
+            feats = np.empty((n, dim), np.float16)
+            labels = np.empty(n, np.int64)
+            source = np.empty(n, np.int32)
+            pos = 0
+            for i in sorted(group):  # file order: sequential reads (the trainer permutes the rows anyway)
+                s, g, rows = self.pieces[i]
+                if s not in handles:
+                    handles = {s: pq.ParquetFile(self.paths[s])}  # one open file at a time
+                table = handles[s].read_row_group(g, columns=["features", "label"])
+                feats[pos : pos + rows] = _features(table)
+                labels[pos : pos + rows] = table.column("label").to_numpy()
+                source[pos : pos + rows] = s
+                pos += rows
+                del table
+            yield Window(feats, labels, source)
+            del feats, labels, source
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         counts = np.zeros(num_classes, np.int64)
@@ -270,6 +338,18 @@ class MemoryShardSet:
         empty = np.zeros(0)
         for part in np.array_split(idx, self.parts):
             yield Shard(self.features[part], self.labels[part], empty, empty, empty)
+
+    def iter_windows(self, max_rows: int, seed: int = 0) -> Iterator[Window]:
+        """As `ShardSet.iter_windows`; the "shards" are `parts` contiguous blocks of the rows (their `shard_index`)."""
+        n = len(self.labels)
+        source = (np.arange(n) * self.parts // max(n, 1)).astype(np.int32)  # the contiguous block of each row
+        if n <= max_rows:  # already in memory: the whole set, no copy
+            yield Window(self.features, self.labels, source)
+            return
+        idx = np.random.default_rng(seed).permutation(n)
+        for start in range(0, n, max(1, max_rows)):
+            part = idx[start : start + max_rows]
+            yield Window(self.features[part], self.labels[part], source[part])
 
 
 # ---------------------------------------------------------------------------------------------------- the cache
