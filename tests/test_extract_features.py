@@ -123,3 +123,37 @@ def test_extract_job_through_ray_data(tmp_path, label_ray):
 
     fx = FeatureExtractor(to_dict(cfg.features), summary["shard_dir"])
     assert fx({"id": np.array(["000000"]), "image": np.zeros((1, 16, 16, 3), np.uint8)})["num_pixels"][0] == -1
+
+
+def test_small_annotation_rule_drops_19_pixels_and_keeps_20_per_image(tmp_path):
+    """The reference's rule (train_interpreter.py: prepare_data), hand-computed: in image 0, class 1 has 19 pixels
+    (dropped: 0 < 19 < 20) and class 2 has 20 (kept); in image 1, class 1 has 25 pixels (kept: the rule is per
+    image); the ignore pixel stays ignored and class 0 fills the rest."""
+    from diffseg.features import OFFICIAL_MIN_CLASS_PIXELS, drop_small_annotations, write_feature_shard
+    from diffseg.shards import ShardSet, read_shard
+
+    masks = np.zeros((2, 10, 10), dtype=np.int64)
+    masks[0].reshape(-1)[:19] = 1
+    masks[0].reshape(-1)[19:39] = 2
+    masks[0, 9, 9] = 255
+    masks[1].reshape(-1)[:25] = 1
+    assert OFFICIAL_MIN_CLASS_PIXELS == 20
+    out = drop_small_annotations(masks, 20)
+    assert (out[0] == 1).sum() == 0 and (out[0] == 255).sum() == 19 + 1  # the 19-pixel class is ignored
+    assert (out[0] == 2).sum() == 20 and (out[1] == 1).sum() == 25  # the 20-pixel class and image 1 untouched
+    assert (out[0] == 0).sum() == 100 - 19 - 20 - 1 and (masks[0] == 1).sum() == 19  # the input is not modified
+    np.testing.assert_array_equal(drop_small_annotations(masks, 0), masks)  # 0 = off
+    # through the one extraction step: the dropped pixels are not written, and the rule is in the metadata
+    pipe = FeaturePipeline(FeatureConfig(backbone="rgb"))
+    images = torch.zeros(2, 3, 10, 10)
+    meta = {"class_names": ["bg", "a", "b"], "ignore_index": 255}
+    n_rule = write_feature_shard(pipe, images, ["i0", "i1"], tmp_path / "rule" / "s.parquet", masks, meta, 20)
+    n_off = write_feature_shard(pipe, images, ["i0", "i1"], tmp_path / "off" / "s.parquet", masks, meta)
+    assert n_off == 200 - 1 and n_rule == 200 - 1 - 19
+    shard = read_shard(tmp_path / "rule" / "s.parquet")
+    assert np.bincount(shard.labels[shard.image_ids == "i0"], minlength=3).tolist() == [60, 0, 20]
+    assert np.bincount(shard.labels[shard.image_ids == "i1"], minlength=3).tolist() == [75, 25, 0]
+    assert ShardSet(tmp_path / "rule").meta.extra["min_class_pixels"] == 20
+    (tmp_path / "off" / "s.parquet").rename(tmp_path / "rule" / "t.parquet")
+    with pytest.raises(ValueError, match="min_class_pixels"):
+        ShardSet(tmp_path / "rule")  # shards written under different rules do not mix

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from diffseg.config import to_dict
@@ -71,3 +72,47 @@ def test_select_confident_drops_the_most_uncertain_tenth():
     kept = select_confident(scores, 0.1)
     assert kept.tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9]  # index 2 (0.9) dropped
     assert len(select_confident(np.arange(100.0), 0.1)) == 90
+
+
+def test_select_confident_the_reference_rule_drops_30_most_certain_too():
+    """Hand-computed for the reference (train_deeplab.py: idxs = argsort(s)[30 : -f + 30]): N = 400 scores 0..399
+    in a shuffled order, f = int(400 x 0.1) = 40: kept are the sorted positions 30..389, so the 30 most certain
+    (scores 0..29) and the 10 most uncertain (390..399) go; 360 are kept."""
+    rng = np.random.default_rng(0)
+    scores = rng.permutation(400).astype(float)
+    kept = select_confident(scores, 0.1, drop_most_certain=30)
+    assert len(kept) == 360 and sorted(scores[kept].tolist()) == list(range(30, 390))
+    assert list(kept) == sorted(kept)  # indices in sample order
+    assert len(select_confident(scores, 0.0, 30)) == 400  # no filtering at all (the reference skips it)
+    with pytest.raises(ValueError, match="keep nothing"):
+        select_confident(scores[:300], 0.1, 30)  # f = 30: the reference's slice idxs[30:0] is empty
+
+
+def test_deeplab_imagenet_backbone_errors_clearly_offline_and_loads_when_cached(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch
+    import torchvision
+
+    from diffseg import dataset_ddpm as dd
+
+    def offline(url, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"resnet50-[0-9a-f]+\.pth.*cannot be downloaded.*backbone_weights=none"):
+        dd.build_deeplab("resnet50", 3, "imagenet")
+    with pytest.raises(ValueError, match="num_samples"):  # the reference's filter needs more than 30 dropped
+        dd.DatasetDDPMConfig(segmenter="s.pt", num_samples=300).check()
+    dd.DatasetDDPMConfig(segmenter="s.pt", num_samples=320).check()
+    # with the file in the cache, its weights land in the DeepLabV3 backbone (fc dropped, the rest strict)
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet50(weights=None)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: resnet.state_dict())
+    net = dd.build_deeplab("resnet50", 3, "imagenet")
+    torch.testing.assert_close(net.backbone.conv1.weight, resnet.conv1.weight)
+    torch.testing.assert_close(net.backbone.layer4[2].conv3.weight, resnet.layer4[2].conv3.weight)
+    # the reference's input normalisation: [-1, 1] -> [0, 1] -> ImageNet mean / std
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    expected = (torch.tensor([0.0, 0.5, 1.0]) - torch.tensor(dd.IMAGENET_MEAN)) / torch.tensor(dd.IMAGENET_STD)
+    torch.testing.assert_close(dd.ImageNetInput()(x).view(3), expected)

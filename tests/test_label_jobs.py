@@ -142,13 +142,17 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path):
         output_dir=str(tmp_path / "out"),
         segmenter=str(_segmenter(tmp_path, ckpt, names)),
         num_samples=10,
+        sampler="ddim",
         sample_steps=4,
         sample_batch_size=4,
         drop_fraction=0.2,
+        drop_most_certain=0,  # the reference's 30 needs more than 300 samples
         arch="mobilenet_v3_large",
-        steps=2,
+        epochs=2,
         batch_size=4,
         train_size=32,
+        val_data=data,
+        val_limit=2,
         test_data=data,
         device="cpu",
         tracking=tracking,
@@ -156,6 +160,14 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path):
     res = run_dataset_ddpm(cfg)
     out = tmp_path / "out" / "d"
     assert res["num_samples"] == 10 and res["kept"] == 8 and 0.0 <= res["miou"] <= 1.0
+    # two epochs of 8 // 4 = 2 steps, each validated on the 2 labelled images; the better one was kept
+    epochs = json.loads((out / "epochs.json").read_text())
+    assert [e["epoch"] for e in epochs[:2]] == [1, 2] and epochs[-1]["selected_epoch"] in (1, 2)
+    best = max(epochs[:2], key=lambda e: e["val/miou_official"])
+    assert (
+        epochs[-1]["val/miou_official"] == best["val/miou_official"] == max(e["val/miou_official"] for e in epochs[:2])
+    )
+    assert res["selected_epoch"] == epochs[-1]["selected_epoch"]
     # the synthetic set is a valid paired folder of our format, labelled by the segmenter
     synth = build_dataset(DataConfig(name="folder", root=str(out / "synthetic"), image_size=16, num_train=10), "train")
     assert len(synth) == 10 and synth.class_names == names

@@ -193,7 +193,37 @@ def test_confusion_matrix_pooled_vs_per_image():
     per_image = np.mean([mean_iou(p[None], t[None], 2)[1][1] for p, t in ((a_p, a_t), (b_p, b_t))])
     assert per_image == pytest.approx(1 / 2)
     keys = cm.as_dict("test", class_names=["bg", "fg"])
-    assert set(keys) == {"test/miou", "test/pixel_accuracy", "test/iou/bg", "test/iou/fg"}
+    assert set(keys) == {"test/miou", "test/miou_official", "test/pixel_accuracy", "test/iou/bg", "test/iou/fg"}
+    assert keys["test/miou_official"] == pytest.approx(keys["test/miou"])  # every class present, nothing ignored
+
+
+def test_miou_with_an_absent_class_and_an_ignored_pixel_both_ways():
+    """Hand-computed. Classes 0..3; class 3 occurs in neither target nor prediction; the last pixel is ignored (255)
+    and class 2 is predicted there.
+        "present" (ours): class 0 I 1 U 2, class 1 I 1 U 2; class 2 only on the ignored pixel -> not counted, like
+            class 3: both left out -> mIoU (1/2 + 1/2) / 2 = 1/2.
+        "official" (ddpm-segmentation compute_iou): the ignored pixel's target is no class, so predicting 2 there is a
+            false positive: class 2 I 0 U 1 -> 0; class 3 absent -> 0; mIoU (1/2 + 1/2 + 0 + 0) / 4 = 1/4."""
+    target = np.array([[0, 0, 1, 255]])
+    pred = np.array([[0, 1, 1, 2]])
+    cm = ConfusionMatrix(4).update(pred, target)
+    np.testing.assert_allclose(cm.iou("present"), [0.5, 0.5, np.nan, np.nan])
+    np.testing.assert_allclose(cm.iou("official"), [0.5, 0.5, 0.0, 0.0])
+    assert cm.miou() == pytest.approx(0.5) and cm.miou("present") == cm.miou()
+    assert cm.miou("official") == pytest.approx(0.25)
+    assert mean_iou(pred, target, 4, averaging="official")[0] == pytest.approx(0.25)
+    d = cm.as_dict("test", class_names=["a", "b", "c", "d"])
+    assert d["test/miou"] == pytest.approx(0.5) and d["test/miou_official"] == pytest.approx(0.25)
+    # Predicting class 0 on the ignored pixel instead: class 0 officially I 1 U 3, and class 2 is absent (0).
+    cm0 = ConfusionMatrix(4).update(np.array([[0, 1, 1, 0]]), target)
+    np.testing.assert_allclose(cm0.iou("official"), [1 / 3, 0.5, 0.0, 0.0])
+    assert cm0.miou() == pytest.approx(0.5)  # ours: the ignored pixel never counts
+    # streaming and merging keep the ignored-pixel counts
+    half = ConfusionMatrix(4).update(pred[:, :2], target[:, :2])
+    half.merge(ConfusionMatrix(4).update(pred[:, 2:], target[:, 2:]))
+    assert half.miou("official") == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="averaging"):
+        cm.miou("mean")
 
 
 def test_confusion_matrix_ignore_and_absent_classes():

@@ -25,7 +25,7 @@ import torch
 
 from diffseg.baselines import kmeans_segment
 from diffseg.data import DataConfig, build_dataset, stack
-from diffseg.features import FeatureConfig, FeaturePipeline, load_backbone
+from diffseg.features import FeatureConfig, FeaturePipeline, drop_small_annotations, load_backbone
 from diffseg.metrics import ConfusionMatrix
 from diffseg.pixel import PixelTrainConfig, predict_pixels, train_ensemble
 from diffseg.runtime import resolve_device
@@ -46,6 +46,7 @@ class AnalysisConfig:
     noise_seed: int = 0
     train_data: DataConfig = field(default_factory=DataConfig)  # labelled images: split "train"
     train_limit: int = 20
+    min_class_pixels: int = 0  # per labelled image, a class with fewer pixels is ignored (0 = off; the reference: 20)
     test_data: DataConfig = field(default_factory=DataConfig)  # split "test"
     test_limit: int = 50
     train: PixelTrainConfig = field(default_factory=lambda: PixelTrainConfig(members=1))  # one MLP per cell
@@ -115,7 +116,7 @@ def run_analysis(cfg: AnalysisConfig) -> dict[str, Any]:
     names = list(train.class_names)
     k, ignore = len(names), train.ignore_index
     tr, te = stack(train, cfg.train_limit), stack(test, cfg.test_limit or None)
-    ytr = tr["mask"].reshape(-1).numpy()
+    ytr = drop_small_annotations(tr["mask"].numpy(), cfg.min_class_pixels, ignore).reshape(-1)
     keep = ytr != ignore
     grid_miou = np.full((len(blocks), len(cfg.timesteps)), np.nan)
     km_rows: list[np.ndarray] = []

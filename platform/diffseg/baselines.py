@@ -287,12 +287,19 @@ def train_supervised(
     device: torch.device | str = "cpu",
     log_every: int = 0,
     name: str = "supervised",
+    order: Literal["random", "epochs"] = "random",
+    callback: Callable[[nn.Module, int], None] | None = None,
+    callback_every: int = 0,
 ) -> nn.Module:
     """THE supervised trainer: `net(x) -> logits (B, C, h, w)` on images (N, 3, H, W) in [-1, 1] and masks (N, H, W);
-    cross-entropy (ignore index honoured), Adam, random horizontal flips from a generator seeded `seed`.
+    cross-entropy (ignore index honoured), Adam, random horizontal flips (`flip`) from a generator seeded `seed`.
 
-    `train_size` > 0 upsamples each batch (images bilinear, masks nearest) to that side first (DeepLabV3 on small
-    images). A network with BatchNorm skips a batch of fewer than 2 images. Returns the network in eval mode.
+    `order`: "random" draws every batch at random (with replacement); "epochs" walks a new permutation per epoch in
+    batches of `batch_size`, dropping the incomplete last one (a `DataLoader(shuffle=True, drop_last=True)`, as the
+    reference trains DeepLabV3: ddpm-segmentation `train_deeplab.py: train`). `train_size` > 0 upsamples each batch
+    (images bilinear, masks nearest) to that side first (DeepLabV3 on small images). A network with BatchNorm skips a
+    batch of fewer than 2 images. `callback(net, step)` runs every `callback_every` steps with the network in eval
+    mode (an epoch's validation). Returns the network in eval mode.
     """
     if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not pair up")
@@ -301,8 +308,16 @@ def train_supervised(
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    n, b = images.shape[0], min(batch_size, images.shape[0])
+    perm = torch.zeros(0, dtype=torch.long)
     for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
+        if order == "epochs":
+            per_epoch = n // b
+            if step % per_epoch == 0:
+                perm = torch.randperm(n, generator=gen)[: per_epoch * b]
+            idx = perm[(step % per_epoch) * b : (step % per_epoch + 1) * b]
+        else:
+            idx = torch.randint(0, n, (b,), generator=gen)
         x, y = images[idx].to(device), masks[idx].long().to(device)  # (b, 3, H, W), (b, H, W)
         if flip:
             f = torch.rand(len(idx), generator=gen) < 0.5
@@ -318,6 +333,9 @@ def train_supervised(
         opt.step()
         if log_every and (step + 1) % log_every == 0:
             log.info(f"[{name}] step {step + 1}/{steps} loss {loss.item():.4f}")
+        if callback is not None and callback_every and (step + 1) % callback_every == 0:
+            callback(net.eval(), step + 1)
+            net.train()
     return net.eval()
 
 

@@ -8,7 +8,11 @@
 
 Evaluation is THE evaluation path (`diffseg.evaluate.evaluate_segmenter`): the bundle segments the test images batch
 by batch (features are recomputed, never stored for the test set), so it measures exactly what a served segmenter
-would return, with metric keys `test/miou`, `test/iou/<class>`.
+would return, with metric keys `test/miou` (classes present in target or prediction), `test/miou_official` (the
+reference's averaging: every class, absent ones as 0, predictions on ignored pixels counted; see
+`diffseg.metrics.ConfusionMatrix`) and `test/iou/<class>`. Every row of a comparison carries its compute: the
+backbone's training (steps x batch from its checkpoint), the ensemble's or the network's iterations x batch, the
+wall time and the machine it ran on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,30 @@ from diffseg.shards import ShardSet
 from diffseg.tracking import Tracker, TrackingConfig, start_job
 
 log = logging.getLogger(__name__)
+
+
+def machine(device: torch.device) -> str:
+    """Where a row ran, for the tables: the accelerator, or the CPU's cores and torch threads."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def backbone_compute(checkpoint: str) -> dict[str, Any]:
+    """The DDPM's training compute as its checkpoints record it: optimizer steps x global batch = images seen, summed
+    along the `init_from` chain (a run started from another run's weights), e.g. 1136 + 1136 steps x 64 = 146k."""
+    steps, images, batch, seen = 0, 0, 0, set()
+    path: str | None = checkpoint
+    while path and path not in seen:
+        seen.add(path)
+        ckpt = load_checkpoint(path)
+        b = int((ckpt.config.get("optim") or {}).get("batch_size", 0))
+        steps, images, batch = steps + int(ckpt.step), images + int(ckpt.step) * b, batch or b
+        path = ckpt.config.get("init_from")
+        if path and not Path(path).exists():
+            log.warning(f"backbone_compute: {checkpoint} started from {path}, which is not here; its steps are missing")
+            break
+    return {"backbone_steps": steps, "backbone_batch": batch, "backbone_images": images}
 
 
 def class_ious(result: EvalResult, class_names: list[str], split: str = "test") -> list[float]:
@@ -155,6 +184,7 @@ class CompareConfig:
     test_data: DataConfig = field(default_factory=DataConfig)  # test images (split "test")
     test_limit: int = 0
     variants: tuple[str, ...] = ("ddpm", "random", "rgb", "supervised")  # which rows of the table to run
+    min_class_pixels: int = 0  # per labelled image, a class with fewer pixels is ignored (0 = off; the reference: 20)
     train: PixelTrainConfig = field(default_factory=PixelTrainConfig)
     supervised_steps: int = 1500  # Adam steps of the supervised U-Net (same architecture as the DDPM)
     supervised_batch_size: int = 8
@@ -178,6 +208,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     backbones = {"ddpm": cfg.checkpoint, "random": f"random:{cfg.checkpoint}", "rgb": "rgb"}
     ckpt = load_checkpoint(cfg.checkpoint)
     size = int(ckpt.model_config.unet.image_size)
+    where = machine(device)
     test = build_dataset(dataclasses.replace(cfg.test_data, flip=False, image_size=size), "test")
     if cfg.test_limit:
         test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
@@ -197,6 +228,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             )  # fmt: skip
             seg: Any = NetworkSegmenter(model, names)
             ignore, info = train.ignore_index, {"input": "image", "dim": None, "train_pixels": None}
+            info |= {"iterations": cfg.supervised_steps, "batch_size": cfg.supervised_batch_size}
         else:
             fcfg = dataclasses.replace(cfg.features, backbone=backbones[variant])
             ex = run_extract_job(
@@ -207,6 +239,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
                     data=dataclasses.replace(cfg.train_data, image_size=size),
                     split="train",
                     limit=cfg.train_limit,
+                    min_class_pixels=cfg.min_class_pixels,
                     cpus_per_actor=cfg.cpus_per_actor,
                 )
             )
@@ -214,14 +247,22 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             seg.save(vout / "segmenter.pt")
             names, ignore = seg.class_names, int(seg.extra["ignore_index"])
             info = {"input": fcfg.backbone, "dim": seg.ensemble.in_dim, "train_pixels": ex["num_rows"]}
-            info["iterations"] = res.iterations
+            info |= {"iterations": res.iterations, "batch_size": cfg.train.batch_size, "members": seg.ensemble.members}
+            if variant == "ddpm":
+                info |= backbone_compute(cfg.checkpoint)
         result = evaluate_segmenter(seg, test, class_names=names, ignore_index=ignore, out_dir=vout)
         seconds = time.perf_counter() - t0
         miou = result.metrics["test/miou"]
         child.log_metrics(result.metrics | {"time/seconds": seconds})
         child.finish()
         parent.log_metrics({f"test/miou/{variant}": miou})
-        rows[variant] = info | {"miou": miou, "iou": dict(zip(names, class_ious(result, names))), "seconds": seconds}
+        rows[variant] = info | {
+            "miou": miou,
+            "miou_official": result.metrics["test/miou_official"],
+            "iou": dict(zip(names, class_ious(result, names))),
+            "seconds": seconds,
+            "machine": where,
+        }
         log.info(f"[compare] {variant}: mIoU {miou:.4f} ({seconds:.0f}s)")
     table = compare_table(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
@@ -240,12 +281,34 @@ LABELS = {
 }
 
 
+def row_compute(r: dict[str, Any]) -> str:
+    """A row's training compute in words: backbone steps x batch (images), then the classifier's iterations x batch."""
+    parts = []
+    if r.get("backbone_steps") is not None:
+        parts.append(
+            f"DDPM {r['backbone_steps']} steps x {r['backbone_batch']} ({r['backbone_images'] / 1000:.0f}k img)"
+        )
+    elif str(r.get("input", "")).startswith("random:"):
+        parts.append("U-Net random init")
+    if r.get("members"):
+        parts.append(f"{r['members']} MLPs {r['iterations']} it x {r['batch_size']}")
+    elif r.get("iterations"):
+        parts.append(f"{r['iterations']} steps x {r['batch_size']}")
+    return "; ".join(parts) or "-"
+
+
 def compare_table(rows: dict[str, dict[str, Any]]) -> str:
-    """The comparison as Markdown: one row per variant, then per-class IoU (in %)."""
+    """The comparison as Markdown: one row per variant (mIoU both ways, compute, wall time, machine), then per-class
+    IoU (in %)."""
     body = []
     for k, r in rows.items():
-        body.append([LABELS.get(k, k), r.get("dim") or "-", f"{100 * r['miou']:.1f}", f"{r['seconds']:.0f}"])
-    out = markdown_table(["method", "input dim", "mIoU", "time (s)"], body)
+        official = r.get("miou_official", float("nan"))
+        body.append([
+            LABELS.get(k, k), r.get("dim") or "-", f"{100 * r['miou']:.1f}", f"{100 * official:.1f}", row_compute(r),
+            f"{r['seconds'] / 60:.1f}", r.get("machine", "-"),
+        ])  # fmt: skip
+    head = ["method", "input dim", "mIoU", "mIoU (official)", "training compute", "minutes", "machine"]
+    out = markdown_table(head, body)
     names = list(next(iter(rows.values()))["iou"]) if rows else []
     if names:
         per_class = [

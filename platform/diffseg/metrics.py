@@ -3,9 +3,16 @@
 Three protocols, each a streaming accumulator (`update` per batch, `compute` at the end) and a one-call function:
 
 1. **Supervised mIoU** (`ConfusionMatrix`), as in the label-efficient paper (Baranchuk et al. 2022): intersections and
-   unions are summed over the whole test set, then IoU_c = I_c / U_c is averaged over classes. The mean runs over the
-   classes that occur in the target or the prediction (U_c > 0); a class absent from both has no defined IoU and is
-   left out rather than counted as 0 or 1.
+   unions are summed over the whole test set, then IoU_c = I_c / U_c is averaged over classes. Two averagings:
+   - "present" (`miou`, the default): the mean runs over the classes that occur in the target or the prediction
+     (U_c > 0); a class absent from both has no defined IoU and is left out rather than counted as 0 or 1; pixels
+     whose target is the ignore index count nowhere.
+   - "official" (`miou_official`), as ddpm-segmentation `src/pixel_classifier.py: compute_iou` computes it: IoU_c =
+     I_c / (1e-8 + U_c) for EVERY class, so a class absent from both counts as 0; and an ignore-index pixel is not
+     skipped: its target matches no class, so a prediction of class c there adds 1 to U_c (a false positive).
+   The two agree when every class occurs and no pixel is ignored (celebamask's 200 test images at 32 px: all 19
+   classes, no ignore pixels). "present" stays the default because a class missing from a small test set says nothing
+   about the method, and a label nobody annotated (255) is not an error of the prediction.
 2. **Foreground Acc / IoU / DICE** (`ForegroundAccumulator`, `foreground_scores`, `foreground_metrics`), as the ReDO
    (Chen et al. 2019, `mickaelChen/ReDO` `train.py: evaluate`) and IEM (Savarese et al. 2021) evaluation code computes
    them: per image, Acc = mean(pred == gt), IoU = |pred & gt| / |pred | gt|, DICE = 2 |pred & gt| / (|pred| + |gt|);
@@ -35,6 +42,7 @@ from scipy.optimize import linear_sum_assignment
 
 ArrayLike = np.ndarray | torch.Tensor
 Reduction = Literal["best_single", "best_subset", "fixed"]
+Averaging = Literal["present", "official"]
 Polarity = Literal["per_image", "dataset"]
 
 # best_subset enumerates 2^K - 2 subsets per image; beyond this the enumeration is pointless (and large).
@@ -98,9 +106,11 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)  # (C_target, C_pred)
+        self.ignored_pred = np.zeros(num_classes, dtype=np.int64)  # (C_pred,) predictions at ignore-index pixels
 
     def reset(self) -> None:
         self.matrix[:] = 0
+        self.ignored_pred[:] = 0
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> ConfusionMatrix:
         """Add a batch. `pred` and `target` are label maps of one shape ((N, H, W) or any), or `pred` soft masks
@@ -115,8 +125,10 @@ class ConfusionMatrix:
         p = p.reshape(-1).astype(np.int64)
         t = t.reshape(-1).astype(np.int64)
         keep = t != self.ignore_index if self.ignore_index is not None else np.ones_like(t, dtype=bool)
-        p, t = p[keep], t[keep]
         C = self.num_classes
+        at_ignored = p[~keep]
+        self.ignored_pred += np.bincount(at_ignored[(at_ignored >= 0) & (at_ignored < C)], minlength=C)[:C]
+        p, t = p[keep], t[keep]
         if t.size and (t.min() < 0 or t.max() >= C):
             raise ValueError(f"target has labels outside [0, {C}) other than ignore_index={self.ignore_index}")
         if p.size and (p.min() < 0 or p.max() >= C):
@@ -130,6 +142,7 @@ class ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class counts into {self.num_classes}-class counts")
         self.matrix += other.matrix
+        self.ignored_pred += other.ignored_pred
         return self
 
     def intersection(self) -> np.ndarray:
@@ -138,13 +151,20 @@ class ConfusionMatrix:
     def union(self) -> np.ndarray:
         return self.matrix.sum(0) + self.matrix.sum(1) - np.diag(self.matrix)  # (C,)
 
-    def iou(self) -> np.ndarray:
-        """(C,) per-class IoU; NaN for a class absent from both target and prediction (union 0)."""
-        return _safe_div(self.intersection(), self.union(), empty=np.nan)
+    def iou(self, averaging: Averaging = "present") -> np.ndarray:
+        """(C,) per-class IoU. "present": NaN for a class absent from both target and prediction (union 0).
+        "official" (ddpm-segmentation `compute_iou`): predictions at ignore-index pixels count in the union, and an
+        empty union gives 0 (the reference's I / (1e-8 + U); for a non-empty union the 1e-8 changes nothing)."""
+        if averaging == "present":
+            return _safe_div(self.intersection(), self.union(), empty=np.nan)
+        if averaging == "official":
+            return _safe_div(self.intersection(), self.union() + self.ignored_pred, empty=0.0)
+        raise ValueError(f"averaging must be 'present' or 'official', got {averaging!r}")
 
-    def miou(self) -> float:
-        """Mean IoU over the classes present in the target or the prediction (union > 0); NaN if none is."""
-        iou = self.iou()
+    def miou(self, averaging: Averaging = "present") -> float:
+        """ "present": mean IoU over the classes present in the target or the prediction (union > 0), NaN if none is;
+        "official": mean over all C classes (see `iou`)."""
+        iou = self.iou(averaging)
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
     def pixel_accuracy(self) -> float:
@@ -153,10 +173,15 @@ class ConfusionMatrix:
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
     def as_dict(self, prefix: str = "test", class_names: Sequence[str] | None = None) -> dict[str, float]:
-        """`{prefix}/miou`, `{prefix}/pixel_accuracy` and `{prefix}/iou/<name>` for each class with a defined IoU
-        (classes absent from target and prediction are left out: a NaN metric breaks some trackers)."""
+        """`{prefix}/miou` ("present"), `{prefix}/miou_official` (the reference's averaging), `{prefix}/pixel_accuracy`
+        and `{prefix}/iou/<name>` for each class with a defined IoU (classes absent from target and prediction are
+        left out: a NaN metric breaks some trackers)."""
         names = _class_names(class_names, self.num_classes)
-        out = {f"{prefix}/miou": self.miou(), f"{prefix}/pixel_accuracy": self.pixel_accuracy()}
+        out = {
+            f"{prefix}/miou": self.miou(),
+            f"{prefix}/miou_official": self.miou("official"),
+            f"{prefix}/pixel_accuracy": self.pixel_accuracy(),
+        }
         for name, value in zip(names, self.iou()):
             if np.isfinite(value):
                 out[f"{prefix}/iou/{name}"] = float(value)
@@ -172,11 +197,16 @@ def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[st
 
 
 def mean_iou(
-    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int | None = 255
+    pred: ArrayLike,
+    target: ArrayLike,
+    num_classes: int,
+    ignore_index: int | None = 255,
+    averaging: Averaging = "present",
 ) -> tuple[float, np.ndarray]:
-    """(mIoU, per-class IoU (C,)) with intersections and unions pooled over all images given."""
+    """(mIoU, per-class IoU (C,)) with intersections and unions pooled over all images given (see `ConfusionMatrix`
+    for the two averagings)."""
     cm = ConfusionMatrix(num_classes, ignore_index).update(pred, target)
-    return cm.miou(), cm.iou()
+    return cm.miou(averaging), cm.iou(averaging)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -226,11 +226,17 @@ class ShardSet:
         self.paths = [str(p) for p in paths]
         metas = [read_meta(p) for p in self.paths]
         self.meta = metas[0]
+        rule = self.meta.extra.get("min_class_pixels", 0)
         for p, m in zip(self.paths, metas):
             if m.recipe_hash != self.meta.recipe_hash or m.feature_dim != self.meta.feature_dim:
                 raise ValueError(
                     f"{p}: feature recipe {m.recipe_hash} (dim {m.feature_dim}) differs from {self.paths[0]} "
                     f"({self.meta.recipe_hash}, dim {self.meta.feature_dim}); do not mix feature sets"
+                )
+            if m.extra.get("min_class_pixels", 0) != rule:
+                raise ValueError(
+                    f"{p}: labels written with min_class_pixels={m.extra.get('min_class_pixels', 0)}, "
+                    f"{self.paths[0]} with {rule}; do not mix label rules in one set"
                 )
         files = [pq.ParquetFile(p).metadata for p in self.paths]
         self.rows_per_shard = [f.num_rows for f in files]
