@@ -11,6 +11,8 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# the corruptions of jobs/robustness.py, without their opencv-python (we ship opencv-python-headless)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps imagecorruptions-imaug==1.1.5
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

@@ -119,6 +119,7 @@ CONFIG_CLASSES = [
     ("label_celeba_dataset_ddpm", "diffseg.dataset_ddpm:DatasetDDPMConfig"),
     ("label_celeba_pixel", "diffseg.label_efficient:PixelJobConfig"),
     ("label_celeba_extract", "diffseg.features:ExtractJobConfig"),
+    ("label_celeba_robustness", "diffseg.robustness:RobustnessConfig"),
     ("", "diffseg.train:TrainConfig"),
 ]
 

@@ -202,12 +202,56 @@ class CompareConfig:
             raise ValueError(f"variants: unknown {unknown}; known: {list(LABELS)}")
 
 
+def train_variant(
+    variant: str, cfg: CompareConfig, out: Path, device: torch.device, tracker: Tracker | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The segmenter one row of a comparison stands for, trained on the labelled images of `cfg`:
+    ddpm / random / rgb: features of the labelled images (the extract job: Ray Data, shards under out/shards/), the
+    ensemble trained on them (`train_segmenter`) and saved as out/<variant>/segmenter.pt; supervised: the DDPM's
+    U-Net architecture trained end to end on the same images. -> (segmenter, info: names, ignore index, compute)."""
+    ckpt = load_checkpoint(cfg.checkpoint)
+    size = int(ckpt.model_config.unet.image_size)
+    if variant == "supervised":
+        train = build_dataset(dataclasses.replace(cfg.train_data, flip=False, image_size=size), "train")
+        data = stack(train, cfg.train_limit)
+        names = list(train.class_names)
+        model = train_supervised_unet(
+            data["image"], data["mask"], len(names), cfg=ckpt.model_config.unet, steps=cfg.supervised_steps,
+            batch_size=cfg.supervised_batch_size, lr=cfg.supervised_lr, ignore_index=train.ignore_index,
+            device=device,
+        )  # fmt: skip
+        info = {"input": "image", "dim": None, "train_pixels": None, "names": names, "ignore": train.ignore_index}
+        info |= {"iterations": cfg.supervised_steps, "batch_size": cfg.supervised_batch_size}
+        return NetworkSegmenter(model, names), info
+    backbones = {"ddpm": cfg.checkpoint, "random": f"random:{cfg.checkpoint}", "rgb": "rgb"}
+    fcfg = dataclasses.replace(cfg.features, backbone=backbones[variant])
+    ex = run_extract_job(
+        ExtractJobConfig(
+            name=variant,
+            output_dir=str(out / "shards"),
+            features=fcfg,
+            data=dataclasses.replace(cfg.train_data, image_size=size),
+            split="train",
+            limit=cfg.train_limit,
+            min_class_pixels=cfg.min_class_pixels,
+            cpus_per_actor=cfg.cpus_per_actor,
+        )
+    )
+    seg, res = train_segmenter(ex["shard_dir"], cfg.train, device, tracker)
+    seg.save(out / variant / "segmenter.pt")
+    info = {"input": fcfg.backbone, "dim": seg.ensemble.in_dim, "train_pixels": ex["num_rows"]}
+    info |= {"names": seg.class_names, "ignore": int(seg.extra["ignore_index"])}
+    info |= {"iterations": res.iterations, "batch_size": cfg.train.batch_size, "members": seg.ensemble.members}
+    info |= {"bn_stats": res.bn_stats, "windows_per_epoch": res.windows_per_epoch}
+    if variant == "ddpm":
+        info |= backbone_compute(cfg.checkpoint)
+    return seg, info
+
+
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     out, parent = start_job(cfg)
     device = resolve_device(cfg.device)
-    backbones = {"ddpm": cfg.checkpoint, "random": f"random:{cfg.checkpoint}", "rgb": "rgb"}
-    ckpt = load_checkpoint(cfg.checkpoint)
-    size = int(ckpt.model_config.unet.image_size)
+    size = int(load_checkpoint(cfg.checkpoint).model_config.unet.image_size)
     where = machine(device)
     test = build_dataset(dataclasses.replace(cfg.test_data, flip=False, image_size=size), "test")
     if cfg.test_limit:
@@ -215,42 +259,12 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for variant in cfg.variants:
         t0 = time.perf_counter()
-        vout = out / variant
         child = Tracker(cfg.tracking, f"{cfg.name}/{variant}", parent_run_id=parent.run_id)
-        if variant == "supervised":
-            train = build_dataset(dataclasses.replace(cfg.train_data, flip=False, image_size=size), "train")
-            data = stack(train, cfg.train_limit)
-            names = list(train.class_names)
-            model = train_supervised_unet(
-                data["image"], data["mask"], len(names), cfg=ckpt.model_config.unet, steps=cfg.supervised_steps,
-                batch_size=cfg.supervised_batch_size, lr=cfg.supervised_lr, ignore_index=train.ignore_index,
-                device=device,
-            )  # fmt: skip
-            seg: Any = NetworkSegmenter(model, names)
-            ignore, info = train.ignore_index, {"input": "image", "dim": None, "train_pixels": None}
-            info |= {"iterations": cfg.supervised_steps, "batch_size": cfg.supervised_batch_size}
-        else:
-            fcfg = dataclasses.replace(cfg.features, backbone=backbones[variant])
-            ex = run_extract_job(
-                ExtractJobConfig(
-                    name=variant,
-                    output_dir=str(out / "shards"),
-                    features=fcfg,
-                    data=dataclasses.replace(cfg.train_data, image_size=size),
-                    split="train",
-                    limit=cfg.train_limit,
-                    min_class_pixels=cfg.min_class_pixels,
-                    cpus_per_actor=cfg.cpus_per_actor,
-                )
-            )
-            seg, res = train_segmenter(ex["shard_dir"], cfg.train, device, child)
-            seg.save(vout / "segmenter.pt")
-            names, ignore = seg.class_names, int(seg.extra["ignore_index"])
-            info = {"input": fcfg.backbone, "dim": seg.ensemble.in_dim, "train_pixels": ex["num_rows"]}
-            info |= {"iterations": res.iterations, "batch_size": cfg.train.batch_size, "members": seg.ensemble.members}
-            if variant == "ddpm":
-                info |= backbone_compute(cfg.checkpoint)
-        result = evaluate_segmenter(seg, test, class_names=names, ignore_index=ignore, out_dir=vout)
+        seg, info = train_variant(variant, cfg, out, device, child)
+        names = info.pop("names")
+        result = evaluate_segmenter(
+            seg, test, class_names=names, ignore_index=info.pop("ignore"), out_dir=out / variant
+        )
         seconds = time.perf_counter() - t0
         miou = result.metrics["test/miou"]
         child.log_metrics(result.metrics | {"time/seconds": seconds})
