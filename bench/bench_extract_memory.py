@@ -6,8 +6,8 @@ on this machine, and memory and speed do not depend on the values), decoder bloc
 
 Each run is ONE process (run it once per image count and compare): it extracts features batch by batch with the
 same callable class the Ray actors run (`FeatureExtractor`, here in-process so that its memory is this process's),
-writes float16 Parquet shards, then trains the E-member ensemble by streaming the shards. It prints the peak RSS
-after each stage. The reference implementation (ddpm-segmentation) holds every training pixel's float32 features
+writes float16 Parquet shards, then trains the E-member ensemble by streaming the shards (shuffled windows of at most
+--buffer-mb of features). It prints the peak RSS after each stage. The reference implementation (ddpm-segmentation) holds every training pixel's float32 features
 in memory: images x size^2 x 8448 x 4 bytes (2.2 GB per 256x256 image).
 
 python bench/bench_extract_memory.py --num-images 8 --size 256
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--timesteps", default="50,150,250")
     ap.add_argument("--members", type=int, default=10)
     ap.add_argument("--max-iters", type=int, default=300, help="ensemble iterations (0 = the paper's stopping rule)")
+    ap.add_argument("--buffer-mb", type=float, default=128.0, help="the ensemble's shuffle_buffer_mb (the memory bound)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "celebamask-hq-800"))
     ap.add_argument("--out", default="", help="shard folder (default: a temporary one, deleted)")
@@ -98,14 +99,14 @@ def main() -> None:
         print(f"extraction: {ss.num_rows} labelled pixels x {ss.meta.feature_dim} dims in {len(ss)} shards "
               f"({size_gb:.2f} GB on disk), {t_extract:.0f}s; peak RSS {peak_extract:.2f} GB")  # fmt: skip
         del model, pipe, fx
-        tcfg = PixelTrainConfig(members=args.members, max_iterations=args.max_iters)
+        tcfg = PixelTrainConfig(members=args.members, max_iterations=args.max_iters, shuffle_buffer_mb=args.buffer_mb)
         t2 = time.perf_counter()
         ens, res = train_ensemble(ss, len(names), tcfg)
         t_train = time.perf_counter() - t2
     ref_gb = args.num_images * args.size**2 * dim * 4 / 1024**3
     print(
-        f"ensemble: E={args.members}, {res.iterations} iterations, {t_train:.0f}s, "
-        f"largest shard {res.peak_rows_in_memory} rows"
+        f"ensemble: E={args.members}, {res.iterations} iterations, {t_train:.0f}s, shuffled in windows of at most "
+        f"{args.buffer_mb:g} MB (largest {res.peak_rows_in_memory} rows, {res.windows_per_epoch} per epoch)"
     )
     print(
         f"RESULT images={args.num_images} size={args.size} D={dim} peak_rss_extract={peak_extract:.2f}GB "

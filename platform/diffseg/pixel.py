@@ -354,11 +354,13 @@ def pixel_batches(
 
 @torch.no_grad()
 def recompute_batchnorm(
-    ensemble: MLPEnsemble, shards: Any, max_rows: int, device: torch.device | str = "cpu", chunk: int = 8192
+    ensemble: MLPEnsemble, shards: Any, max_rows: int, device: torch.device | str = "cpu", chunk_mb: float = 32.0
 ) -> None:
     """Set every BatchNorm layer's running mean and (unbiased) variance to the exact statistics of its input over
     ALL labelled rows of `shards` (label >= 0), one streamed pass per BatchNorm layer, in order, so each layer sees
-    the inputs that the already-updated layers before it produce at test time (eval mode). Per member."""
+    the inputs that the already-updated layers before it produce at test time (eval mode). Per member. Rows go
+    through in chunks of `chunk_mb` of float32 features, so the pass adds little to the window's memory."""
+    chunk = max(64, int(chunk_mb * 2**20 // (4 * ensemble.in_dim)))
     was_training = ensemble.training
     ensemble.eval()
     layers = list(ensemble.layers)
@@ -416,7 +418,8 @@ def train_ensemble(
     last_loss = [math.nan] * e_count
     rng = np.random.default_rng(cfg.seed)
     max_rows = buffer_rows(cfg, dim)
-    it, epoch, peak, windows = 0, 0, 0, 0
+    windows = shards.num_windows(max_rows, seed=cfg.seed * 100003)  # the first epoch's (1 = the whole set at once)
+    it, epoch, peak = 0, 0, 0
     t0 = time.perf_counter()
     done = False
     for epoch in range(cfg.max_epochs):
@@ -425,8 +428,6 @@ def train_ensemble(
         )
         for batch in stream:
             peak = max(peak, batch.window_rows)
-            if epoch == 0:
-                windows = max(windows, batch.window + 1)
             x = batch.x.to(device, torch.float32)  # (E, b, D)
             y = batch.y.to(device)
             del batch

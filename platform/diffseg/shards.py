@@ -278,6 +278,10 @@ class ShardSet:
             yield shard
             del shard
 
+    def num_windows(self, max_rows: int, seed: int = 0) -> int:
+        """How many windows `iter_windows(max_rows, seed)` yields (1 = the whole set at once)."""
+        return len(window_groups([rows for _, _, rows in self.pieces], max_rows, np.random.default_rng(seed)))
+
     def iter_windows(self, max_rows: int, seed: int = 0) -> Iterator[Window]:
         """Windows of at most `max_rows` rows (features and labels): the row groups of all shards in a seeded random
         order, gathered consecutively (a row group larger than `max_rows` is a window of its own). Each row of the
@@ -302,6 +306,7 @@ class ShardSet:
                 source[pos : pos + rows] = s
                 pos += rows
                 del table
+            pa.default_memory_pool().release_unused()  # hand Arrow's decoding buffers back before the next window
             yield Window(feats, labels, source)
             del feats, labels, source
 
@@ -344,6 +349,9 @@ class MemoryShardSet:
         empty = np.zeros(0)
         for part in np.array_split(idx, self.parts):
             yield Shard(self.features[part], self.labels[part], empty, empty, empty)
+
+    def num_windows(self, max_rows: int, seed: int = 0) -> int:
+        return 1 if len(self.labels) <= max_rows else -(-len(self.labels) // max(1, max_rows))
 
     def iter_windows(self, max_rows: int, seed: int = 0) -> Iterator[Window]:
         """As `ShardSet.iter_windows`; the "shards" are `parts` contiguous blocks of the rows (their `shard_index`)."""
