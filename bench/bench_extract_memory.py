@@ -7,8 +7,8 @@ on this machine, and memory and speed do not depend on the values), decoder bloc
 Each run is ONE process (run it once per image count and compare): it extracts features batch by batch with the
 same callable class the Ray actors run (`FeatureExtractor`, here in-process so that its memory is this process's),
 writes float16 Parquet shards, then trains the E-member ensemble by streaming the shards (shuffled windows of at most
---buffer-mb of features). It prints the peak RSS after each stage. The reference implementation (ddpm-segmentation) holds every training pixel's float32 features
-in memory: images x size^2 x 8448 x 4 bytes (2.2 GB per 256x256 image).
+--buffer-mb of features). It prints the peak RSS after each stage. The reference implementation (ddpm-segmentation)
+holds every training pixel's float32 features in memory: images x size^2 x 8448 x 4 bytes (2.2 GB per 256x256 image).
 
 python bench/bench_extract_memory.py --num-images 8 --size 256
 python bench/bench_extract_memory.py --num-images 64 --size 64 --max-iters 300
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--timesteps", default="50,150,250")
     ap.add_argument("--members", type=int, default=10)
     ap.add_argument("--max-iters", type=int, default=300, help="ensemble iterations (0 = the paper's stopping rule)")
-    ap.add_argument("--buffer-mb", type=float, default=128.0, help="the ensemble's shuffle_buffer_mb (the memory bound)")
+    ap.add_argument("--buffer-mb", type=float, default=128.0, help="the ensemble's shuffle_buffer_mb (memory bound)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "celebamask-hq-800"))
     ap.add_argument("--out", default="", help="shard folder (default: a temporary one, deleted)")
