@@ -129,8 +129,18 @@ def _segmenter(tmp_path, ckpt, class_names):
     return seg.save(tmp_path / "seg" / "segmenter.pt")
 
 
-def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path):
+def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, monkeypatch):
+    from diffseg import dataset_ddpm
     from diffseg.dataset_ddpm import DatasetDDPMConfig, run_dataset_ddpm
+
+    calls = []  # the reference samples with the full DDPM chain: method ddpm over all T steps (respacing None)
+    real_sample = dataset_ddpm.sample
+
+    def recording_sample(model, diffusion, n, **kw):
+        calls.append((kw["method"], kw["steps"], diffusion.num_timesteps))
+        return real_sample(model, diffusion, n, **kw)
+
+    monkeypatch.setattr(dataset_ddpm, "sample", recording_sample)
 
     root = write_synthetic_folder(tmp_path / "data", num_images=4, image_size=16)
     data = DataConfig(name="folder", root=str(root), image_size=16, num_train=2, num_test=2)
@@ -142,9 +152,7 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path):
         output_dir=str(tmp_path / "out"),
         segmenter=str(_segmenter(tmp_path, ckpt, names)),
         num_samples=10,
-        sampler="ddim",
-        sample_steps=4,
-        sample_batch_size=4,
+        sample_batch_size=5,
         drop_fraction=0.2,
         drop_most_certain=0,  # the reference's 30 needs more than 300 samples
         arch="mobilenet_v3_large",
@@ -160,6 +168,7 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path):
     res = run_dataset_ddpm(cfg)
     out = tmp_path / "out" / "d"
     assert res["num_samples"] == 10 and res["kept"] == 8 and 0.0 <= res["miou"] <= 1.0
+    assert calls == [("ddpm", None, 100)] * 2  # defaults: ancestral sampling over the checkpoint's T = 100 steps
     # two epochs of 8 // 4 = 2 steps, each validated on the 2 labelled images; the better one was kept
     epochs = json.loads((out / "epochs.json").read_text())
     assert [e["epoch"] for e in epochs[:2]] == [1, 2] and epochs[-1]["selected_epoch"] in (1, 2)
