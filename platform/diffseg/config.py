@@ -183,9 +183,23 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# The project's shipped configs: a relative config path that is not found from the working directory is looked up
+# here, so `--config ablation_tiny.yaml` and configs that name other configs work from any directory.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config file: `path` itself when it exists, else the shipped config of that name (CONFIG_DIR)."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    shipped = CONFIG_DIR / path
+    return shipped if shipped.is_file() else path
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults of `cls`, then the YAML file at `path`, then `a.b=value` overrides."""
-    data: dict[str, Any] = load_yaml(path) if path else {}
+    data: dict[str, Any] = load_yaml(find_config(path)) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)
