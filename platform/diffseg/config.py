@@ -184,17 +184,21 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # The project's shipped configs: a relative config path that is not found from the working directory is looked up
-# here, so `--config ablation_tiny.yaml` and configs that name other configs work from any directory.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+# from the repository root, then in jobs/configs, so `--config ablation_tiny.yaml`, `jobs/configs/x.yaml` and configs
+# that name other configs work from any directory (Ray workers and submitted jobs run elsewhere).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
 
 
 def find_config(path: str | os.PathLike) -> Path:
-    """A config file: `path` itself when it exists, else the shipped config of that name (CONFIG_DIR)."""
+    """A config file: `path` itself when it exists, else `<repo>/path`, else the shipped `jobs/configs/path`."""
     path = Path(path).expanduser()
     if path.is_file() or path.is_absolute():
         return path
-    shipped = CONFIG_DIR / path
-    return shipped if shipped.is_file() else path
+    for candidate in (REPO_ROOT / path, CONFIG_DIR / path):
+        if candidate.is_file():
+            return candidate
+    return path
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
