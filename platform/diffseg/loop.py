@@ -548,13 +548,16 @@ def fit(
             loss_count += 1
             step = state.step
             last = step >= cfg.loop.num_steps
+            if cfg.loop.max_minutes > 0 and not last and (world == 1 or step % cfg.loop.log_every == 0):
+                # The time box; with several workers every rank must stop at the same step, so they agree at log steps.
+                over = time.perf_counter() - started > 60 * cfg.loop.max_minutes
+                if world > 1 and dist.is_available() and dist.is_initialized():
+                    flag = torch.tensor(float(over), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    over = bool(flag.item())
+                stopped_early = last = over
 
             if step % cfg.loop.log_every == 0 or last:
-                if cfg.loop.max_minutes > 0 and not last:  # a time box: every rank stops at the same step
-                    over = torch.tensor(float(time.perf_counter() - started > 60 * cfg.loop.max_minutes), device=device)
-                    if world > 1 and dist.is_available() and dist.is_initialized():
-                        dist.all_reduce(over, op=dist.ReduceOp.MAX)
-                    stopped_early = last = bool(over.item())
                 if world > 1 and dist.is_available() and dist.is_initialized():
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
