@@ -378,6 +378,9 @@ class Kit:
             )
         return spec
 
+    def stage_command(self, spec_path: Path) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--run-stage", str(spec_path)]
+
     def run_stage(self, stage: dict, record: dict, box: float) -> None:
         stage_work = self.work / stage["id"].replace(":", "_")
         stage_work.mkdir(parents=True, exist_ok=True)
@@ -395,7 +398,7 @@ class Kit:
         cut = False
         with open(stage_log, "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--run-stage", str(spec_path)],
+                self.stage_command(spec_path),
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
