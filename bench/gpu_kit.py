@@ -711,17 +711,44 @@ def _memory(r: dict) -> list[str]:
         f"{s.get('architecture')} ({_f(s.get('params_m'))}M params, random weights), {s.get('image_size')} px, "
         f"blocks {','.join(s.get('blocks', []))} at t={','.join(map(str, s.get('timesteps', [])))} -> D="
         f"{s.get('feature_dim')}, batch {s.get('batch_size')}, {s.get('precision')}; {s.get('images')}; "
-        "diffseg.features.FeatureExtractor called directly (shards written, then deleted)",
+        "diffseg.features.FeatureExtractor called directly (shards written, then deleted). Rows: the first "
+        "call (1 image), each target, the last; "
+        "peaks are running maxima; 'network s/image' is the U-Net forwards and upsampling, the rest of s/image is "
+        "the host (copy to the CPU, reshaping, float16, the Parquet shard).",
         "",
     ]
+    targets = s.get("targets", [])
+    points = r.get("points", [])
+    shown = [p for p in points if p["images"] in targets or p is points[-1] or p is points[0]]
     rows = [
-        [p["images"], p["seconds"], p["s_per_image"], p["gpu_peak_gib"], p["rss_peak_gib"], p["shard_gb_per_image"]]
-        for p in r.get("points", [])
+        [
+            f"**{p['images']}**" if p["images"] in targets else p["images"],
+            p.get("batch"),
+            p["seconds"],
+            p["s_per_image"],
+            p.get("network_s_per_image"),
+            p["gpu_peak_gib"],
+            p["rss_peak_gib"],
+            p["shard_gb_per_image"],
+        ]
+        for p in shown
     ]
-    out += _table(["images", "s", "s/image", "GPU peak GiB", "host peak RSS GiB", "shard GB/image"], rows)
-    if "progress" in r and (not r.get("points") or r["progress"]["images"] != r["points"][-1]["images"]):
-        p = r["progress"]
-        out += [f"last progress: {p['images']} images in {p['seconds']:.1f} s", ""]
+    out += _table(
+        [
+            "images",
+            "last batch",
+            "s",
+            "s/image",
+            "network s/image",
+            "GPU peak GiB",
+            "host peak RSS GiB",
+            "shard GB/image",
+        ],
+        rows,
+    )
+    missing = [t for t in targets if not any(p["images"] == t for p in points)]
+    if missing:
+        out += [f"Not reached within the time box: {', '.join(map(str, missing))} images.", ""]
     return out
 
 

@@ -81,7 +81,9 @@ def test_smoke_runs_every_stage_without_ray_or_mlflow(tmp_path):
         assert r["train_step"][key]["images_per_s"] > 0 and r["train_step"][key]["tflops"] > 0
     assert r["train_step"]["gflop_per_step"] > 0 and r["unet"]["ratio"] > 0 and r["ensemble"]["result"]["speedup"] > 0
     assert r["sampling"]["eager"]["images_per_s"] > 0 and r["sampling"]["compiled"]["images_per_s"] > 0
-    assert [p["images"] for p in r["memory"]["points"]] == [2, 4] and r["memory"]["setup"]["feature_dim"] > 0
+    points = r["memory"]["points"]
+    assert [p["images"] for p in points] == [1, 2, 4] and points[0]["network_s_per_image"] > 0
+    assert r["memory"]["setup"]["feature_dim"] > 0 and all(p["rss_peak_gib"] > 0 for p in points)
     train = r["train:gpu_kit_factorized64"]
     assert train["training"]["steps"] == 6 and train["checkpoint"]["file"] == f"{name}.pt"
     assert set(train["eval"]["rows"]) == {"all_foreground", "centred_box", "kmeans_rgb", "grabcut", "factorized"}
