@@ -265,6 +265,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         flexible = sum(1 for _, m in jobs if m is None)
         for path, minutes in jobs:
             sid = f"train:{Path(path).stem}"
+            if any(s["id"] == sid for s in stages):  # the same config twice (e.g. with other overrides later)
+                sid += f"-{sum(1 for s in stages if s['id'].startswith(sid)) + 1}"
             fixed = minutes * 60 if minutes is not None else boxes.get(sid, boxes.get("train"))
             stages.append(
                 {
@@ -755,8 +757,9 @@ def _memory(r: dict) -> list[str]:
 def _train(r: dict) -> list[str]:
     s, t = r.get("setup", {}), r.get("training", {})
     u = s.get("unet", {})
+    k_text = f" K={s['K']}" if s.get("K") else ""
     out = [
-        f"{s.get('kind')} K={s.get('K')}, {_f(s.get('params_m'))}M params (C={u.get('model_channels')}, mult "
+        f"{s.get('kind')}{k_text}, {_f(s.get('params_m'))}M params (C={u.get('model_channels')}, mult "
         f"{u.get('channel_mult')}, {u.get('num_res_blocks')} res blocks, attention {u.get('attention_resolutions')}), "
         f"{s.get('image_size')} px, data {Path(str(s.get('data'))).name} ({s.get('train_images')} training images, "
         f"masks unused), batch {s.get('batch')}, lr {s.get('lr')}, EMA {s.get('ema_decay')}, {s.get('precision')}"
@@ -801,20 +804,21 @@ def _train(r: dict) -> list[str]:
         out += [f"fp16 export vs fp32 EMA: {100 * r['fp16_label_agreement']:.2f}% of pixels get the same region.", ""]
     c = r.get("checkpoint")
     if c:
+        use = (
+            f"`python jobs/segment.py checkpoint={c['file']} data.root=...` and Serve's segmenter read it on a CPU"
+            if s.get("kind") == "factorized"
+            else "every job that takes a checkpoint reads it (`load_model`)"
+        )
         out += [
             f"Checkpoint: `{c['file']}` ({c['bytes'] / 2**20:.1f} MiB, {c['dtype']} {c['weights']} weights, step "
-            f"{c['step']}); `python jobs/segment.py checkpoint={c['file']} data.root=...` or Serve read it.",
+            f"{c['step']}); {use}.",
             "",
         ]
-    for key in ("mask_figure", "samples"):
-        if key in r:
-            x = r[key]
-            what = (
-                f"columns {x['columns']}"
-                if key == "mask_figure"
-                else f"{x['num']} {x['sampler']} samples (image | mask | overlay)"
-            )
-            out += [f"Figure `{x['file']}`: {what}.", ""]
+    if "mask_figure" in r:
+        out += [f"Figure `{r['mask_figure']['file']}`: columns {r['mask_figure']['columns']}.", ""]
+    if "samples" in r:
+        x = r["samples"]
+        out += [f"Figure `{x['file']}`: {x['num']} {x['sampler']} samples of the EMA weights, {x.get('layout')}.", ""]
     return out
 
 

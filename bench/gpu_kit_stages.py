@@ -746,7 +746,8 @@ def stage_train(spec: dict, rec: Recorder) -> None:
             state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
         )
         path = save_png(sample_grid(images, masks), Path(spec["work"]) / f"{cfg.name}_samples.png")
-        rec.set("samples", {"file": path.name, "num": n, "sampler": f"DDIM-{cfg.loop.sample_steps}", "weights": "EMA"})
+        layout = "image | mask | overlay per sample" if masks is not None else "a grid of images"
+        rec.set("samples", {"file": path.name, "num": n, "sampler": f"DDIM-{cfg.loop.sample_steps}", "layout": layout})
         rec.add_file(path, "figure", priority=30)
 
 
