@@ -21,7 +21,7 @@ from harness import add_common_args, autocast, command_line, machine_line, setup
 from torch import nn
 
 from diffseg.diffusion import DiffusionConfig, build_diffusion
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet
+from diffseg.factorized import FactorizedConfig, FactorizedUNet
 from diffseg.sampling import sample
 from diffseg.unet import UNET_SIZES, UNet
 
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--model", choices=["unet", "factorized"], default="unet")
-    p.add_argument("--size", default="tiny", help="a named size (unet.UNET_SIZES / factorized.FACTORIZED_SIZES)")
+    p.add_argument("--size", default="tiny", help="a named size (unet.UNET_SIZES)")
     p.add_argument("--num-components", "-K", type=int, default=3)
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument(
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     if args.model == "unet":
         model: nn.Module = UNet(UNET_SIZES[args.size]())
     else:
-        model = FactorizedUNet(FACTORIZED_SIZES[args.size](), FactorizedConfig(num_components=args.num_components))
+        model = FactorizedUNet(UNET_SIZES[args.size](), FactorizedConfig(num_components=args.num_components))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     diffusion = build_diffusion(DiffusionConfig(num_timesteps=args.num_timesteps))

@@ -112,6 +112,7 @@ def test_round_trip_save_load(tmp_path):
 # Which job's config class reads a shipped YAML, by file-name prefix (the first match wins; the rest are training).
 CONFIG_CLASSES = [
     ("eval_", "diffseg.evaluate:EvalConfig"),
+    ("ablation_", "diffseg.ablation:AblationConfig"),
     ("segment", "diffseg.segment:SegmentJobConfig"),
     ("sweep_", "diffseg.sweep:SweepConfig"),
     ("label_celeba_analysis", "diffseg.analysis:AnalysisConfig"),

@@ -183,9 +183,27 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# The project's shipped configs: a relative config path that is not found from the working directory is looked up
+# from the repository root, then in jobs/configs, so `--config ablation_tiny.yaml`, `jobs/configs/x.yaml` and configs
+# that name other configs work from any directory (Ray workers and submitted jobs run elsewhere).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config file: `path` itself when it exists, else `<repo>/path`, else the shipped `jobs/configs/path`."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    for candidate in (REPO_ROOT / path, CONFIG_DIR / path):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults of `cls`, then the YAML file at `path`, then `a.b=value` overrides."""
-    data: dict[str, Any] = load_yaml(path) if path else {}
+    data: dict[str, Any] = load_yaml(find_config(path)) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)

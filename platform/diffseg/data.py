@@ -71,6 +71,8 @@ class DataConfig:
     split_seed: int | None = None  # shuffle ids with this seed before splitting (None = sorted order)
     class_merge: str | None = None  # merge classes by name, e.g. "face3" (skin/hair/background)
     flip: bool = False  # random horizontal flips for training
+    roll: bool = False  # random circular shifts for training (with unet.padding_mode=circular: no position cue)
+    crop_scale: float = 1.0  # random crops of [crop_scale, 1] of each side, resized back, for training (1 = off)
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -90,6 +92,41 @@ def resize_pair(image: Image.Image, mask: Image.Image | None, size: int) -> tupl
 def to_tensor_image(image: Image.Image) -> torch.Tensor:
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1  # (3, H, W) in [-1, 1]
+
+
+def augment(
+    item: dict[str, Any], generator: torch.Generator, flip: bool = False, roll: bool = False, crop_scale: float = 1.0
+) -> dict[str, Any]:
+    """Training augmentation of an item {"image" (3, H, W), "mask" (H, W)?, ...}, image and mask alike.
+
+    flip: horizontal, p = 0.5. roll: a uniform circular shift in both axes (the object lands anywhere, wrapped
+    around). crop_scale < 1: a random square crop of side s * H, s ~ U[crop_scale, 1], at a uniform position, resized
+    back to H (bilinear image, nearest mask). These take away the cue "where in the frame" from a model.
+    """
+    image, mask = item["image"], item.get("mask")
+    h, w = image.shape[-2:]
+    if crop_scale < 1:
+        s = float(torch.empty(()).uniform_(crop_scale, 1.0, generator=generator))
+        side = max(1, round(min(h, w) * s))
+        top = int(torch.randint(0, h - side + 1, (), generator=generator))
+        left = int(torch.randint(0, w - side + 1, (), generator=generator))
+        crop = image[None, :, top : top + side, left : left + side]  # (1, 3, side, side)
+        image = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if mask is not None:
+            crop_m = mask[None, None, top : top + side, left : left + side].float()
+            mask = torch.nn.functional.interpolate(crop_m, size=(h, w), mode="nearest")[0, 0].long()
+    if roll:
+        dy, dx = (int(v) for v in torch.randint(0, max(h, w), (2,), generator=generator))
+        image = torch.roll(image, (dy % h, dx % w), dims=(-2, -1))
+        if mask is not None:
+            mask = torch.roll(mask, (dy % h, dx % w), dims=(-2, -1))
+    if flip and torch.rand((), generator=generator) < 0.5:
+        image = image.flip(-1)
+        mask = mask.flip(-1) if mask is not None else None
+    out = {**item, "image": image}
+    if mask is not None:
+        out["mask"] = mask
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- folders
@@ -138,13 +175,15 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         flip: bool = False,
         require_masks: bool = False,
         seed: int = 0,
+        roll: bool = False,
+        crop_scale: float = 1.0,
     ):
         self.root = Path(root)
         meta = read_dataset_json(self.root)
         self.ignore_index = int(meta.get("ignore_index", 255))
         self.source_classes = list(meta["classes"])
         self.ids = list(ids) if ids is not None else list_ids(self.root)
-        self.image_size, self.flip = image_size, flip
+        self.image_size, self.flip, self.roll, self.crop_scale = image_size, flip, roll, crop_scale
         self.has_masks = (self.root / "masks").is_dir()
         if require_masks and not self.has_masks:
             raise DataError(f"{self.root / 'masks'}: no masks folder")
@@ -218,11 +257,7 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"image": x, "id": id_}
         if mask is not None:
             item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
-        if self.flip and torch.rand((), generator=self._gen) < 0.5:
-            item["image"] = item["image"].flip(-1)
-            if "mask" in item:
-                item["mask"] = item["mask"].flip(-1)
-        return item
+        return augment(item, self._gen, self.flip, self.roll, self.crop_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- synthetic
@@ -286,8 +321,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
     class_names = SYNTHETIC_CLASSES
     ignore_index = 255
 
-    def __init__(self, num_images: int = 512, image_size: int = 32, seed: int = 0, offset: int = 0, flip=False):
-        self.num_images, self.image_size, self.seed, self.offset, self.flip = num_images, image_size, seed, offset, flip
+    def __init__(
+        self,
+        num_images: int = 512,
+        image_size: int = 32,
+        seed: int = 0,
+        offset: int = 0,
+        flip: bool = False,
+        roll: bool = False,
+        crop_scale: float = 1.0,
+    ):
+        self.num_images, self.image_size, self.seed, self.offset = num_images, image_size, seed, offset
+        self.flip, self.roll, self.crop_scale = flip, roll, crop_scale
         self._gen = torch.Generator().manual_seed(seed)
 
     @property
@@ -303,9 +348,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         image, mask = synthetic_scene(self.seed, self.offset + idx, self.image_size)
         x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
         m = torch.from_numpy(mask.astype(np.int64))
-        if self.flip and torch.rand((), generator=self._gen) < 0.5:
-            x, m = x.flip(-1), m.flip(-1)
-        return {"image": x, "mask": m, "foreground": (m > 0).long(), "id": f"{self.offset + idx:06d}"}
+        item = augment({"image": x, "mask": m, "id": f"{self.offset + idx:06d}"}, self._gen, self.flip, self.roll,
+                       self.crop_scale)  # fmt: skip
+        return {**item, "foreground": (item["mask"] > 0).long()}
 
 
 def write_synthetic_folder(root: str | os.PathLike, num_images: int, image_size: int, seed: int = 0) -> Path:
@@ -337,7 +382,8 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "tra
         if split == "all":
             return SyntheticDataset(cfg.num_images, cfg.image_size, cfg.seed)
         if split == "train":
-            return SyntheticDataset(n_train, cfg.image_size, cfg.seed, flip=cfg.flip)
+            return SyntheticDataset(n_train, cfg.image_size, cfg.seed, flip=cfg.flip, roll=cfg.roll,
+                                    crop_scale=cfg.crop_scale)  # fmt: skip
         return SyntheticDataset(n_test, cfg.image_size, cfg.seed, offset=n_train)
     if cfg.root is None:
         raise DataError("data.root: a folder data set needs a root")
@@ -345,8 +391,16 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "tra
     if split != "all":
         train, test = split_ids(ids, cfg.num_train, cfg.num_test, cfg.split_seed)
         ids = train if split == "train" else test
+    train = split == "train"
     return PairedFolderDataset(
-        cfg.root, ids, cfg.image_size, cfg.class_merge, flip=cfg.flip and split == "train", seed=cfg.split_seed or 0
+        cfg.root,
+        ids,
+        cfg.image_size,
+        cfg.class_merge,
+        flip=cfg.flip and train,
+        seed=cfg.split_seed or 0,
+        roll=cfg.roll and train,
+        crop_scale=cfg.crop_scale if train else 1.0,
     )
 
 

@@ -39,7 +39,7 @@ from diffseg import baselines
 from diffseg.config import save_config, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.metrics import ConfusionMatrix, HungarianIoU, foreground_scores
+from diffseg.metrics import ConfusionMatrix, HungarianIoU, foreground_scores, mask_image_dependence
 from diffseg.tracking import Tracker, TrackingConfig
 from diffseg.viz import comparison_grid, save_png, to_uint8
 
@@ -353,6 +353,7 @@ def score(cfg: EvalConfig, data: EvalData, pred: Prediction) -> dict[str, float]
         if cfg.foreground.strict:
             strict = foreground_scores(pred.labels, gt, "fixed", num_regions=k, ignore_index=ignore)
             out["iou_strict"] = strict.iou
+        out["dependence"] = mask_image_dependence(pred.labels)
         return out
     c = len(data.class_names)
     gt = data.masks.numpy()
@@ -367,6 +368,7 @@ def score(cfg: EvalConfig, data: EvalData, pred: Prediction) -> dict[str, float]
         per_image = HungarianIoU(k, c, per_image=True, ignore_index=ignore).update(pred.labels, gt).compute()
         iou = res.iou
         out = {"miou": res.miou, "miou_per_image_match": per_image.miou}
+    out["dependence"] = mask_image_dependence(pred.labels)
     for name, v in zip(names, iou):
         out[f"iou_{name}"] = float(v)
     return out
@@ -377,13 +379,16 @@ def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[
     """(key, header) of the table columns for a protocol."""
     if protocol == "foreground":
         cols = [("acc", "Acc"), ("iou", "IoU"), ("dice", "DICE")]
-        return cols + ([("iou_strict", "IoU (fixed fg)")] if strict else [])
+        return cols + ([("iou_strict", "IoU (fixed fg)")] if strict else []) + [("dependence", "Image dep.")]
     cols = [("miou", "mIoU"), ("miou_per_image_match", "mIoU (per-image match)")]
-    return cols + [(f"iou_{n}", f"IoU {n}") for n in class_names]
+    return cols + [(f"iou_{n}", f"IoU {n}") for n in class_names] + [("dependence", "Image dep.")]
 
 
-def _fmt(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+def _fmt(v: Any, key: str = "") -> str:
+    """Scores in %; the image dependence (`metrics.mask_image_dependence`, a share in [0, 1]) as it is."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if key == "dependence" else f"{100 * v:.1f}"
 
 
 def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
@@ -398,11 +403,11 @@ def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
             names += [n for n in r.get("class_names", []) if n not in names]
         cols = columns(protocol, names, cfg.foreground.strict)
         head = ["Data set", "Method", *[h for _, h in cols], "N", "s"]
-        out.append(f"**{protocol}** protocol (scores in %)\n")
+        out.append(f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1)\n")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
         for r in prow:
-            vals = [_fmt(r["metrics"].get(k)) for k, _ in cols]
+            vals = [_fmt(r["metrics"].get(k), k) for k, _ in cols]
             out.append(f"| {r['dataset']} | {METHOD_TITLES.get(r['method'], r['method'])} | " + " | ".join(vals)
                        + f" | {r['num_images']} | {r['seconds']:.1f} |")  # fmt: skip
         out.append("")

@@ -30,10 +30,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from diffseg.config import atomic_write, dumps, to_dict
-from diffseg.data import DataConfig, build_dataset
+from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
+from diffseg.factorized import FactorizedUNet
 from diffseg.models import EMA, ModelConfig, build_model
 from diffseg.sampling import sample
+from diffseg.segment import mask_diagnostics
 from diffseg.tracking import Tracker, TrackingConfig
 from diffseg.viz import sample_grid, save_png
 
@@ -42,9 +44,10 @@ from diffseg.viz import sample_grid, save_png
 class OptimConfig:
     lr: float = 1e-4  # Adam learning rate (the factorized paper: 1e-4)
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (ADM and the factorized paper do not clip)
     ema_decay: float = 0.9999  # EMA of the weights used for sampling and segmentation
     batch_size: int = 16  # GLOBAL batch size, split evenly over the workers
+    mask_lr_scale: float = 1.0  # factorized: the mask generator's learning rate as a multiple of lr (1 = the paper)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,20 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory format; auto = on for CUDA
     num_data_workers: int = 0  # DataLoader worker processes per training worker
+    eval_every: int = 0  # factorized: steps between mask diagnostics on held-out images (see `eval`; 0 = never)
+    max_minutes: float = 0.0  # stop (final checkpoint, samples, diagnostics) after this much training; 0 = no limit
+
+
+@dataclass(frozen=True)
+class MaskEvalConfig:
+    """Mask diagnostics of a factorized run (`loop.eval_every`): held-out images whose masks are used ONLY to score."""
+
+    data: DataConfig | None = None  # images with masks; None = the training data's held-out split (data.num_test)
+    split: Literal["train", "test", "all"] = "test"  # which split of `data`
+    num_images: int = 32  # the first N images of the split
+    protocol: Literal["foreground", "multiclass"] = "foreground"  # fg IoU (binary gt) or Hungarian mIoU (classes)
+    t: int = 30  # noise level of the segmentation pass
+    seed: int = 0  # noise seed (image i has its own generator: paired across runs)
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,7 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # steps, logging, checkpoints, samples
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers, GPUs, fault tolerance
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    eval: MaskEvalConfig = field(default_factory=MaskEvalConfig)  # factorized mask diagnostics (loop.eval_every)
 
 
 def is_remote_path(path: str) -> bool:
@@ -194,9 +212,15 @@ class TrainState:
     history: list[list[float]] = field(default_factory=list)  # [[step, mean loss], ...] at every log step
     starts: list[int] = field(default_factory=list)  # the step of every (re)start: a resume is visible
     mlflow_run_id: str | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)  # mask diagnostics, each with its "step"
 
     def extra(self) -> dict[str, Any]:
-        return {"loss_history": self.history, "starts": self.starts, "mlflow_run_id": self.mlflow_run_id}
+        return {
+            "loss_history": self.history,
+            "starts": self.starts,
+            "mlflow_run_id": self.mlflow_run_id,
+            "mask_diagnostics": self.evals,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Model, EMA, optimizer, step and history in our checkpoint format (atomic)."""
@@ -243,6 +267,7 @@ def build_train_state(
             "history": list(resume.extra.get("loss_history", [])),
             "starts": list(resume.extra.get("starts", [])),
             "mlflow_run_id": resume.extra.get("mlflow_run_id"),
+            "evals": list(resume.extra.get("mask_diagnostics", [])),
         }
         source = f"step {resume.step}"
     elif cfg.init_from:
@@ -256,7 +281,7 @@ def build_train_state(
     model = model.to(device, memory_format=memory_format)
     ema.model.to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        param_groups(model, cfg.optim),
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         fused=device.type == "cuda",  # one kernel per step on GPU
@@ -279,6 +304,25 @@ def build_train_state(
     return state, source
 
 
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """One group at optim.lr, plus the factorized mask generator's own group when `mask_lr_scale` != 1."""
+    if cfg.mask_lr_scale == 1 or not isinstance(model, FactorizedUNet):
+        return [{"params": list(model.parameters())}]
+    is_mask = lambda name: name.startswith(("mask_blocks.", "mask_out."))  # noqa: E731
+    return [
+        {"params": [p for n, p in model.named_parameters() if not is_mask(n)]},
+        {"params": [p for n, p in model.named_parameters() if is_mask(n)], "lr": cfg.lr * cfg.mask_lr_scale},
+    ]
+
+
+def mask_mode(cfg: TrainConfig, step: int) -> str | None:
+    """The factorized warm-up's mask mode for the step about to run (None: no warm-up, or not factorized)."""
+    fcfg = cfg.model.factorized
+    if cfg.model.kind != "factorized" or step >= fcfg.mask_warmup_steps:
+        return None
+    return fcfg.mask_warmup
+
+
 def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
     """One optimizer step on one (local) batch; returns the detached mean loss (no host sync: read it when logging).
 
@@ -296,11 +340,12 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
         y = batch["label"].to(device)  # (B,)
     t = sample_timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
+    model_kwargs: dict[str, Any] = {"y": y} if y is not None else {}
+    if (mode := mask_mode(cfg, state.step)) is not None:
+        model_kwargs["mask_mode"] = mode
     dtype = state.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        losses = state.diffusion.training_losses(
-            state.model, x0, t, noise, model_kwargs={"y": y} if y is not None else None
-        )
+        losses = state.diffusion.training_losses(state.model, x0, t, noise, model_kwargs=model_kwargs or None)
     loss = losses["loss"].mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -358,6 +403,26 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
         epoch += 1
 
 
+def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The held-out images and masks of the mask diagnostics (`eval`), or None when `loop.eval_every` is 0."""
+    if not cfg.loop.eval_every or cfg.model.kind != "factorized":
+        return None
+    data = cfg.eval.data or cfg.data
+    dataset = build_dataset(data, split=cfg.eval.split)
+    if len(dataset) < 2:
+        raise ValueError(
+            f"eval: the {cfg.eval.split!r} split of {data.root or data.name!r} has {len(dataset)} image(s); mask "
+            "diagnostics need >= 2 (set data.num_test, or eval.data / eval.split)"
+        )
+    items = stack(dataset, limit=cfg.eval.num_images)
+    if "mask" not in items:
+        raise ValueError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
+    if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
+        raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+    num_classes = getattr(dataset, "num_classes", 2)
+    return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
+
+
 def format_duration(seconds: float) -> str:
     """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
     minutes, secs = divmod(int(seconds), 60)
@@ -396,6 +461,7 @@ def fit(
     batches = build_batches(cfg, rank, world, start_step, device)
     gen = step_generator(cfg, rank, start_step, device)
 
+    eval_set = build_eval_set(cfg) if rank == 0 else None
     tracker = None
     if rank == 0:
         tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
@@ -414,16 +480,50 @@ def fit(
             flush=True,
         )
 
-    def checkpoint_and_report(metrics: dict[str, float]) -> None:
+    def checkpoint_and_report(metrics: dict[str, float], final: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_dir = None
             if rank == 0:
                 path = state.save(Path(tmp) / CHECKPOINT_NAME)
                 put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
-                if state.step >= cfg.loop.num_steps:  # the final checkpoint, also on remote storage
+                if final:  # the final checkpoint, also on remote storage
                     tracker.log_artifact(path, "checkpoint")
                 ckpt_dir = path.parent
             ctx.report({**metrics, "step": state.step}, ckpt_dir)
+
+    def run_diagnostics() -> None:
+        m = mask_diagnostics(
+            state.ema.model,
+            state.diffusion,
+            eval_set["image"],
+            eval_set["mask"],
+            cfg.eval.protocol,
+            eval_set["num_classes"],
+            t=cfg.eval.t,
+            seed=cfg.eval.seed,
+        )
+        raw = mask_diagnostics(
+            unwrap(state.model),
+            state.diffusion,
+            eval_set["image"],
+            eval_set["mask"],
+            cfg.eval.protocol,
+            eval_set["num_classes"],
+            t=cfg.eval.t,
+            seed=cfg.eval.seed,
+            mse_timesteps=(),
+            prefix="val_raw",
+        )
+        m.update(raw)
+        state.evals.append({"step": state.step, **m})
+        tracker.log_metrics(m, state.step)
+        score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
+        print(
+            f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
+            f"mask_dependence {m['val/mask_dependence']:.3f} eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
+            f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}",
+            flush=True,
+        )
 
     def write_samples() -> None:
         n = cfg.loop.num_samples
@@ -441,15 +541,23 @@ def fit(
     try:
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        started = time.perf_counter()
         metrics: dict[str, float] = {}
+        stopped_early = False
         while state.step < cfg.loop.num_steps:
             batch = next(batches)
             loss_sum += train_step(state, batch, gen)
             images_seen += batch["image"].shape[0] * world
             loss_count += 1
             step = state.step
+            last = step >= cfg.loop.num_steps
 
-            if step % cfg.loop.log_every == 0 or step == cfg.loop.num_steps:
+            if step % cfg.loop.log_every == 0 or last:
+                if cfg.loop.max_minutes > 0 and not last:  # a time box: every rank stops at the same step
+                    over = torch.tensor(float(time.perf_counter() - started > 60 * cfg.loop.max_minutes), device=device)
+                    if world > 1 and dist.is_available() and dist.is_initialized():
+                        dist.all_reduce(over, op=dist.ReduceOp.MAX)
+                    stopped_early = last = bool(over.item())
                 if world > 1 and dist.is_available() and dist.is_initialized():
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
@@ -468,13 +576,19 @@ def fit(
                     tracker.log_metrics(metrics, step)
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
 
-            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and step < cfg.loop.num_steps:
+            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and not last:
                 write_samples()
-            if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.num_steps:
-                checkpoint_and_report(metrics)
+            if eval_set is not None and (step % cfg.loop.eval_every == 0 or last):
+                run_diagnostics()
+            if step % cfg.loop.checkpoint_every == 0 or last:
+                checkpoint_and_report(metrics, final=last)
+            if last:
+                break
 
+        if stopped_early and rank == 0:
+            print(f"[train] loop.max_minutes={cfg.loop.max_minutes} reached: stopped at step {state.step}", flush=True)
         if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
-            checkpoint_and_report(metrics)
+            checkpoint_and_report(metrics, final=True)
         if rank != 0:
             return None
         write_samples()
@@ -486,6 +600,9 @@ def fit(
             "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
             "mlflow_run_id": tracker.run_id,
             "world_size": world,
+            "mask_diagnostics": state.evals,
+            "stopped_early": stopped_early,
+            "train_seconds": time.perf_counter() - started,
         }
     except BaseException:
         if tracker is not None:

@@ -554,3 +554,32 @@ def hungarian_miou(
 ) -> HungarianResult:
     """Hungarian-matched mIoU of K regions (N, H, W) against C classes (N, H, W) in one call; see `HungarianIoU`."""
     return HungarianIoU(num_regions, num_classes, per_image, match_by, ignore_index).update(regions, gt).compute()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Image dependence of soft masks
+
+
+def mask_image_dependence(masks: ArrayLike) -> float:
+    """The across-image variance share of a set of soft masks (N, K, H, W) (or hard maps (N, H, W)).
+
+        share = mean_{k,h,w} Var_n(m[n, k, h, w]) / mean_k Var_{n,h,w}(m[n, k, h, w])
+
+    The numerator is how much a pixel's mask value changes from image to image; the denominator is the total
+    variance of the mask values (across images and positions). By the law of total variance the share is in [0, 1]:
+    0 for masks that are the same for every image (a fixed spatial split, however sharp), 1 for masks whose every
+    pixel's mean over images is the same (no positional prior at all). It is 0 for masks without any variance.
+    Ground-truth horse masks at 32 px score about 0.55. With hard maps (N, H, W) each region is one-hot encoded.
+    NaN for a single image.
+    """
+    a = _to_numpy(masks, "masks").astype(np.float64)
+    if a.ndim == 3:
+        k = int(a.max()) + 1
+        a = (a[:, None] == np.arange(k)[None, :, None, None]).astype(np.float64)  # (N, K, H, W)
+    if a.ndim != 4:
+        raise ValueError(f"masks must be (N, K, H, W) or (N, H, W), got shape {a.shape}")
+    if a.shape[0] < 2:
+        return float("nan")  # one image has no across-image variance to speak of
+    across = a.var(axis=0).mean()  # mean over (k, h, w) of the variance over images
+    total = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1).var(axis=1).mean()  # mean over k of the total variance
+    return float(across / total) if total > 1e-12 else 0.0
