@@ -94,7 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config override applied to every training job (e.g. optim.lr=3e-4)",
     )
-    p.add_argument("--train-compile", action="store_true", help="torch.compile the networks of the training jobs")
     p.add_argument("--box", action="append", default=[], metavar="STAGE=SECONDS", help="fix a stage's time box")
     p.add_argument(
         "--data", default=None, help=f"the kit's data folder (default <repo>/{DEFAULT_DATA}, from --prepare)"
@@ -376,7 +375,6 @@ class Kit:
                 config_label=_repo_relative(config),
                 overrides=self.args.train_override,
                 data_dir=str(self.args.data),
-                compile=self.args.train_compile,
             )
         return spec
 
@@ -427,7 +425,8 @@ class Kit:
             record["reason"] = f"time box of {box:.0f} s reached; results up to then are kept"
         elif status == "running" or (rc != 0 and status not in ("crashed", "failed")):
             record["status"] = "crashed"
-            record["reason"] = f"the stage process exited with {rc}"
+            last = [line for line in output.splitlines() if line.strip()][-1:] or [""]
+            record["reason"] = f"the stage process exited with {rc}: {last[0][:300]}"
         else:
             record["status"] = status
             record["reason"] = result.get("reason")
@@ -530,9 +529,9 @@ def _f(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+def _table(head: list[str], rows: list[list[Any]], digits: int = 1) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(_f(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
+    out += ["| " + " | ".join(_f(v, digits) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
     return out + [""]
 
 
@@ -763,7 +762,7 @@ def _train(r: dict) -> list[str]:
         f"{u.get('channel_mult')}, {u.get('num_res_blocks')} res blocks, attention {u.get('attention_resolutions')}), "
         f"{s.get('image_size')} px, data {Path(str(s.get('data'))).name} ({s.get('train_images')} training images, "
         f"masks unused), batch {s.get('batch')}, lr {s.get('lr')}, EMA {s.get('ema_decay')}, {s.get('precision')}"
-        f"{', compiled' if s.get('compile') else ''}; config `{s.get('config')}`"
+        f", time box loop.max_minutes={s.get('max_minutes')}; config `{s.get('config')}`"
         + (f" with {' '.join(s.get('overrides'))}" if s.get("overrides") else ""),
         "",
     ]
@@ -785,6 +784,12 @@ def _train(r: dict) -> list[str]:
     elif "progress" in r:
         p = r["progress"]
         out += [f"progress: step {p['step']} after {p['seconds']:.0f} s ({p['images_per_s']:.0f} images/s)", ""]
+    diags = r.get("mask_diagnostics")
+    if diags:
+        keys = [k for k in diags[-1] if k.startswith("val/")]
+        out += ["Mask diagnostics during training (`loop.eval_every`, EMA weights, held-out images):", ""]
+        rows = [[d["step"], *[d.get(k) for k in keys]] for d in diags]
+        out += _table(["step", *[k.removeprefix("val/") for k in keys]], rows, digits=3)
     e = r.get("eval")
     if e:
         out += [

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,24 +36,27 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from harness import count_flops  # noqa: E402
 
-from diffseg.checkpoint import CHECKPOINT_NAME, export_weights, load_model  # noqa: E402
-from diffseg.config import ConfigError, load_config, replace, to_dict  # noqa: E402
-from diffseg.data import SyntheticDataset, build_dataset, read_dataset_json  # noqa: E402
+from diffseg.checkpoint import export_weights, load_model  # noqa: E402
+from diffseg.config import ConfigError, from_dict, load_config, replace, to_dict  # noqa: E402
+from diffseg.data import CLASS_MERGES, SyntheticDataset, build_dataset, read_dataset_json  # noqa: E402
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet  # noqa: E402
+from diffseg.evaluate import DatasetSpec, EvalConfig, evaluate  # noqa: E402
+from diffseg.factorized import FactorizedConfig, FactorizedUNet  # noqa: E402
 from diffseg.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
 from diffseg.loop import (  # noqa: E402
+    LocalContext,
     TrainConfig,
-    build_batches,
     build_train_state,
-    check_finite,
+    fit,
+    resolve_precision,
     step_generator,
     train_step,
 )
+from diffseg.models import build_model  # noqa: E402
 from diffseg.sampling import sample  # noqa: E402
 from diffseg.segment import image_generators, segment_images  # noqa: E402
-from diffseg.unet import UNetConfig, build_unet, count_parameters  # noqa: E402
-from diffseg.viz import sample_grid, save_png  # noqa: E402
+from diffseg.tracking import TrackingConfig  # noqa: E402
+from diffseg.unet import UNetConfig, build_unet, count_parameters, named_size  # noqa: E402
 
 GIB = 2**30
 
@@ -71,6 +75,8 @@ SMOKE_TRAIN_OVERRIDES = [
     "loop.num_data_workers=0",
     "loop.num_samples=2",
     "loop.sample_steps=4",
+    "loop.checkpoint_every=3",
+    "eval.num_images=4",
 ]
 SMOKE_STEP_OVERRIDES = [o for o in SMOKE_TRAIN_OVERRIDES if o.startswith("model.")]
 SMOKE_ADM = UNetConfig(  # the LSUN-256 ADM's layout (6 levels, 18 decoder blocks) at toy width and size
@@ -413,7 +419,7 @@ def stage_sampling(spec: dict, rec: Recorder) -> None:
 
     device = torch.device(spec["device"])
     use_bf16 = device.type == "cuda"
-    ucfg = FACTORIZED_SIZES["tiny" if spec["smoke"] else "paper-64"]()
+    ucfg = named_size("tiny" if spec["smoke"] else "paper-64")
     if spec["smoke"]:
         ucfg = replace(ucfg, image_size=16, attention_resolutions=[8])
     model = FactorizedUNet(ucfg, FactorizedConfig(num_components=3))
@@ -556,16 +562,20 @@ def stage_memory(spec: dict, rec: Recorder) -> None:
 # ---------------------------------------------------------------------------------------------------- train
 def resolve_train_config(spec: dict) -> TrainConfig:
     """The job's TrainConfig: its YAML, the kit's overrides, data read from the kit's data folder (a folder data set
-    is looked up by its folder name there), output in the stage's work folder, no MLflow."""
+    is looked up by its folder name there, for training and for the mask diagnostics), output in the stage's work
+    folder, no MLflow."""
     overrides = list(spec.get("overrides", []))
     if spec["smoke"]:
         overrides = SMOKE_TRAIN_OVERRIDES + overrides
     cfg = load_config(TrainConfig, spec["config"], overrides)
     changes: dict[str, Any] = {"output_dir": str(Path(spec["work"]) / "runs"), "tracking.enabled": False}
-    if cfg.data.name == "folder":
-        if not cfg.data.root:
-            raise ConfigError(f"{spec['config']}: data.root is empty")
-        changes["data.root"] = str(Path(spec["data_dir"]) / Path(cfg.data.root).name)
+    if spec["smoke"] and cfg.loop.eval_every:
+        changes["loop.eval_every"] = 3  # the mask diagnostics run, at toy cost
+    for key, data in (("data", cfg.data), ("eval.data", cfg.eval.data)):
+        if data is not None and data.name == "folder":
+            if not data.root:
+                raise ConfigError(f"{spec['config']}: {key}.root is empty")
+            changes[f"{key}.root"] = str(Path(spec["data_dir"]) / Path(data.root).name)
     return replace(cfg, **changes)
 
 
@@ -577,33 +587,28 @@ def eval_protocol(cfg: TrainConfig) -> str | None:
         return None
     classes = read_dataset_json(Path(cfg.data.root))["classes"]
     if cfg.data.class_merge:
-        from diffseg.data import CLASS_MERGES
-
         classes = CLASS_MERGES[cfg.data.class_merge]["classes"]
     return "foreground" if len(classes) == 2 else "multiclass"
 
 
 def stage_train(spec: dict, rec: Recorder) -> None:
-    """Train a TrainConfig for the time box through the library's loop (build_train_state, train_step, the run's
-    checkpoint), then: export the EMA weights in fp16, evaluate them on the held-out split against the baselines
-    (factorized models), and draw samples. loop.num_steps is an upper bound; the time box sets the steps."""
-    from diffseg.evaluate import DatasetSpec, EvalConfig, evaluate
-    from diffseg.tracking import TrackingConfig
-
+    """Train a TrainConfig for the time box with the library's loop (`diffseg.loop.fit` in this process, its
+    `loop.max_minutes` set from the box), then: export the EMA weights in fp16, evaluate them on the held-out split
+    against the baselines with the project's evaluator (factorized models), and keep the final sample grid."""
     device = torch.device(spec["device"])
     cfg = resolve_train_config(spec)
-    if cfg.data.name == "folder" and not Path(cfg.data.root).is_dir():
-        raise Skip(f"data folder {cfg.data.root} is missing: run `python bench/gpu_kit.py --prepare` and carry .kit")
-    if cfg.data.image_size != cfg.model.unet.image_size:
-        raise ConfigError(f"data.image_size {cfg.data.image_size} != model.unet.image_size {cfg.model.unet.image_size}")
+    for data in (cfg.data, cfg.eval.data):
+        if data is not None and data.name == "folder" and not Path(data.root).is_dir():
+            raise Skip(f"data folder {data.root} is missing: run `python bench/gpu_kit.py --prepare` and carry .kit")
     protocol = eval_protocol(cfg)
-    run_dir = Path(cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state, _ = build_train_state(cfg, device)
-    if spec.get("compile"):
-        state.model = maybe_compile(state.model, spec)
+    # After training: the final checkpoint, samples, export, evaluation; before it: building the state and workers.
+    reserve = min(max(10.0, 0.15 * left(spec)), 30.0)
+    setup_s = 5.0 if device.type == "cuda" else 2.0
+    minutes = max(0.05, (left(spec) - reserve - setup_s) / 60)
+    cfg = replace(cfg, **{"loop.max_minutes": minutes})
+    with torch.device("meta"):  # the parameter count without building the weights
+        params = sum(p.numel() for p in build_model(cfg.model).parameters())
     n_train = len(build_dataset(cfg.data, "train"))
-    params = sum(p.numel() for p in state.model.parameters())
     rec.set(
         "setup",
         {
@@ -620,135 +625,107 @@ def stage_train(spec: dict, rec: Recorder) -> None:
             "batch": cfg.optim.batch_size,
             "lr": cfg.optim.lr,
             "ema_decay": cfg.optim.ema_decay,
-            "precision": str(state.autocast_dtype or "fp32").removeprefix("torch."),
-            "compile": bool(spec.get("compile")),
+            "precision": "bf16" if resolve_precision(cfg.loop, device) else "fp32",
+            "max_minutes": round(minutes, 2),
             "device": str(device),
             "eval_protocol": protocol,
+            "resolved": to_dict(cfg),
         },
     )
-    # What comes after training must fit too: export, evaluation, samples.
-    reserve = min(max(10.0, 0.15 * (spec["deadline"] - time.time())), 30.0)
-    train_until = spec["deadline"] - reserve
-    batches = build_batches(cfg, 0, 1, 0, device)
-    gen = step_generator(cfg, 0, 0, device)
-    log_every = cfg.loop.log_every
-    state.model.train()
-    t0 = last_save = time.perf_counter()
-    loss_sum, count, history = torch.zeros((), device=device), 0, []
-
-    def save() -> Path:
-        return state.save(run_dir / CHECKPOINT_NAME)
-
-    while state.step < cfg.loop.num_steps and time.time() < train_until:
-        loss_sum += train_step(state, next(batches), gen)
-        count += 1
-        if state.step % log_every == 0:
-            mean = loss_sum.item() / count
-            check_finite(mean, state.step, cfg.name)
-            elapsed = time.perf_counter() - t0
-            history.append([state.step, mean, elapsed])
-            loss_sum, count = torch.zeros((), device=device), 0
-            rec.set(
-                "progress",
-                {"step": state.step, "seconds": elapsed, "images_per_s": state.step * cfg.optim.batch_size / elapsed},
-            )
-            rec.set("loss_history", history)
-            if time.perf_counter() - last_save > 60:  # a stage cut later still leaves a recent checkpoint
-                save()
-                last_save = time.perf_counter()
-    sync(device)
-    seconds = time.perf_counter() - t0
-    if count:
-        history.append([state.step, loss_sum.item() / count, seconds])
+    t0 = time.perf_counter()
+    summary = fit(cfg, LocalContext(device))
+    wall = time.perf_counter() - t0
+    history = summary["loss_history"]
     rec.set("loss_history", history)
+    if summary.get("mask_diagnostics"):
+        rec.set("mask_diagnostics", summary["mask_diagnostics"])
+    seconds = summary.get("train_seconds", wall)
     rec.set(
         "training",
         {
-            "steps": state.step,
+            "steps": summary["step"],
             "seconds": seconds,
-            "images_seen": state.step * cfg.optim.batch_size,
-            "images_per_s": state.step * cfg.optim.batch_size / max(seconds, 1e-9),
-            "epochs": state.step * cfg.optim.batch_size / max(n_train, 1),
+            "wall_s": wall,
+            "images_seen": summary["step"] * cfg.optim.batch_size,
+            "images_per_s": summary["step"] * cfg.optim.batch_size / max(seconds, 1e-9),
+            "epochs": summary["step"] * cfg.optim.batch_size / max(n_train, 1),
             "loss_last": history[-1][1] if history else None,
-            "stopped_by": "num_steps" if state.step >= cfg.loop.num_steps else "time box",
+            "stopped_by": "time box (loop.max_minutes)" if summary.get("stopped_early") else "loop.num_steps",
         },
     )
-    full = save()
+    full = Path(summary["checkpoint"])
     export = Path(spec["work"]) / f"{cfg.name}.pt"
-    export_weights(
-        full,
-        export,
-        dtype=torch.float16,
-        extra={"made_by": "bench/gpu_kit.py", "device": str(device), "train_seconds": seconds},
-    )
-    rec.set(
-        "checkpoint",
-        {"file": export.name, "bytes": export.stat().st_size, "dtype": "float16", "step": state.step, "weights": "EMA"},
-    )
+    export_weights(full, export, dtype=torch.float16, extra={"made_by": "bench/gpu_kit.py", "device": str(device)})
+    info = {"file": export.name, "bytes": export.stat().st_size, "dtype": "float16", "step": summary["step"]}
+    rec.set("checkpoint", {**info, "weights": "EMA"})
     rec.add_file(export, "checkpoint", priority=10)
-
+    grids = sorted((full.parent / "samples").glob("step_*.png"))
+    if grids:  # fit's last sample grid (EMA weights)
+        named = Path(spec["work"]) / f"{cfg.name}_samples.png"
+        shutil.copyfile(grids[-1], named)
+        layout = "image | mask | overlay per sample" if cfg.model.kind == "factorized" else "a grid of images"
+        samples = {"file": named.name, "num": cfg.loop.num_samples, "sampler": f"DDIM-{cfg.loop.sample_steps}"}
+        rec.set("samples", {**samples, "layout": layout})
+        rec.add_file(named, "figure", priority=30)
     if protocol is not None:
-        eval_dir = Path(spec["work"]) / "eval"
-        ecfg = EvalConfig(
-            name=cfg.name,
-            output_dir=str(eval_dir),
-            datasets=(
-                DatasetSpec(
-                    name=Path(cfg.data.root).name,
-                    protocol=protocol,
-                    data=replace(cfg.data, flip=False),
-                    split="test",
-                    factorized=str(export),
-                ),
-            ),
-            methods=("all_foreground", "centred_box", "kmeans_rgb", "grabcut", "factorized"),
-            device=str(device),
-            tracking=TrackingConfig(enabled=False),
-            num_figure_images=8,
-        )
-        res = evaluate(ecfg, out_dir=eval_dir)
-        rows = {r["method"]: r["metrics"] for r in res["rows"]}
-        key = "iou" if protocol == "foreground" else "miou"
-        rec.set(
-            "eval",
-            {
-                "protocol": protocol,
-                "split": "test",
-                "num_images": res["rows"][0]["num_images"],
-                "t": ecfg.segment.t,
-                "key": key,
-                "rows": rows,
-                "markdown": res["markdown"],
-                "beats_centred_box": rows["factorized"][key] > rows["centred_box"][key],
-            },
-        )
-        figure = eval_dir / "figures" / f"{Path(cfg.data.root).name}.png"
-        if figure.is_file():
-            named = Path(spec["work"]) / f"{cfg.name}_masks.png"
-            figure.replace(named)
-            rec.set(
-                "mask_figure", {"file": named.name, "columns": "image | ground truth | " + " | ".join(ecfg.methods)}
-            )
-            rec.add_file(named, "figure", priority=20)
-        # The shipped fp16 weights must segment like the fp32 EMA they came from.
-        test = build_dataset(replace(cfg.data, flip=False), "test")
-        images = torch.stack([test[i]["image"] for i in range(min(16, len(test)))])
-        gens = image_generators(0, range(len(images)))
-        ref = segment_images(state.ema.model.float().eval(), state.diffusion, images, generator=gens)["labels"]
-        small, _ = load_model(export, map_location=device)
-        got = segment_images(small, state.diffusion, images, generator=image_generators(0, range(len(images))))
-        rec.set("fp16_label_agreement", float((got["labels"].cpu() == ref.cpu()).float().mean()))
+        evaluate_export(spec, rec, cfg, protocol, full, export, device)
 
-    if left(spec) > 5:
-        n = cfg.loop.num_samples
-        gens = [torch.Generator(device=device).manual_seed(cfg.loop.seed * 10_000 + i) for i in range(n)]
-        images, masks = sample(
-            state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
-        )
-        path = save_png(sample_grid(images, masks), Path(spec["work"]) / f"{cfg.name}_samples.png")
-        layout = "image | mask | overlay per sample" if masks is not None else "a grid of images"
-        rec.set("samples", {"file": path.name, "num": n, "sampler": f"DDIM-{cfg.loop.sample_steps}", "layout": layout})
-        rec.add_file(path, "figure", priority=30)
+
+def evaluate_export(
+    spec: dict, rec: Recorder, cfg: TrainConfig, protocol: str, full: Path, export: Path, device: torch.device
+) -> None:
+    """The fp16 export on the held-out split with the project's evaluator, against the trivial priors, k-means on
+    colour and GrabCut; the mask figure; and how often the fp16 weights pick the same region as the fp32 EMA."""
+    eval_dir = Path(spec["work"]) / "eval"
+    set_name = Path(cfg.data.root).name
+    ecfg = EvalConfig(
+        name=cfg.name,
+        output_dir=str(eval_dir),
+        datasets=(
+            DatasetSpec(
+                name=set_name,
+                protocol=protocol,
+                data=replace(cfg.data, flip=False),
+                split="test",
+                factorized=str(export),
+            ),
+        ),
+        methods=("all_foreground", "centred_box", "kmeans_rgb", "grabcut", "factorized"),
+        device=str(device),
+        tracking=TrackingConfig(enabled=False),
+        num_figure_images=8,
+    )
+    res = evaluate(ecfg, out_dir=eval_dir)
+    rows = {r["method"]: r["metrics"] for r in res["rows"]}
+    key = "iou" if protocol == "foreground" else "miou"
+    rec.set(
+        "eval",
+        {
+            "protocol": protocol,
+            "split": "test",
+            "num_images": res["rows"][0]["num_images"],
+            "t": ecfg.segment.t,
+            "key": key,
+            "rows": rows,
+            "markdown": res["markdown"],
+            "beats_centred_box": rows["factorized"][key] > rows["centred_box"][key],
+        },
+    )
+    figure = eval_dir / "figures" / f"{set_name}.png"
+    if figure.is_file():
+        named = Path(spec["work"]) / f"{cfg.name}_masks.png"
+        figure.replace(named)
+        rec.set("mask_figure", {"file": named.name, "columns": "image | ground truth | " + " | ".join(ecfg.methods)})
+        rec.add_file(named, "figure", priority=20)
+    test = build_dataset(replace(cfg.data, flip=False), "test")
+    images = torch.stack([test[i]["image"] for i in range(min(16, len(test)))])
+    labels = []
+    for path in (full, export):  # the fp32 EMA of the run's checkpoint, then the fp16 export of it
+        model, ckpt = load_model(path, map_location=device)
+        diffusion = GaussianDiffusion.from_config(from_dict(DiffusionConfig, ckpt.config["diffusion"], "diffusion"))
+        out = segment_images(model, diffusion, images, generator=image_generators(0, range(len(images))))
+        labels.append(out["labels"].cpu())
+    rec.set("fp16_label_agreement", float((labels[0] == labels[1]).float().mean()))
 
 
 STAGES = {
