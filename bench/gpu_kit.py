@@ -222,7 +222,10 @@ def prepare(args: argparse.Namespace) -> int:
     print("\nOn the GPU box (the device tool's run), from the repository root:")
     print(f"  command: {command}")
     print(f"  carry:   {json.dumps(carry)}")
-    print("  timeout_s: the budget plus ~90 s (start-up, the last report); keep time for one rerun")
+    print(
+        f"  timeout_s: {int(args.budget_min * 60 + 60)} (the budget, the wheel install, the last report); "
+        "a rerun goes at once, on the warm machine"
+    )
     return 0
 
 
