@@ -30,10 +30,11 @@ class _Compiled(nn.Module):
     """The model with a compiled forward and the `cfg` the sampler reads. A compiled factorized model is sampled
     through its eps-only forward (the same network calls; the masks are not kept)."""
 
-    def __init__(self, model: nn.Module, mode: str | None):
+    def __init__(self, model: nn.Module, mode: str | None, backend: str = "inductor"):
         super().__init__()
         self.model, self.cfg = model, model.cfg
-        self._forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        # backend="eager" only traces (dynamo, no code generation): the gpu_kit smoke test's cheap stand-in
+        self._forward = torch.compile(model.forward, mode=mode, dynamic=False, backend=backend)
 
     def forward(self, x, t, **kwargs):
         return self._forward(x, t, **kwargs)

@@ -156,3 +156,36 @@ def test_checkpoint_is_plain_data(tmp_path):
 
     assert plain(raw)
     assert json.loads(raw["config"])["unet"]["channel_mult"] == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_export_loads_as_fp32_model(tmp_path, dtype):
+    """The inference export (EMA weights only, fp16/bf16) is what the GPU kit ships: load_model (jobs, Serve)
+    rebuilds the fp32 network from it, and its outputs match the fp32 EMA's to the precision's rounding."""
+    from diffseg.checkpoint import export_weights
+
+    cfg, model, ema, opt = trained_state("factorized")
+    full = save_checkpoint(tmp_path / "full.pt", config=cfg, model=model, ema=ema.model, optimizer=opt, step=2)
+    small = export_weights(full, tmp_path / "small.pt", dtype=dtype, extra={"note": "test"})
+    ckpt = load_checkpoint(small)
+    assert ckpt.ema is None and ckpt.optimizer is None and ckpt.step == 2
+    assert all(v.dtype == dtype for v in ckpt.model.values() if torch.is_floating_point(v))
+    assert ckpt.extra["export"]["weights"] == "ema" and ckpt.extra["export"]["note"] == "test"
+    assert small.stat().st_size < full.stat().st_size / 3
+    loaded, _ = load_model(small)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 30])
+    with torch.no_grad():
+        ref, got = ema.model.eval()(x, t), loaded(x, t)
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    assert (got - ref).norm() / ref.norm().clamp(min=1e-6) < tol
+
+
+def test_half_precision_export_refuses_overflow(tmp_path):
+    from diffseg.checkpoint import export_weights
+
+    state = {"w": torch.tensor([1.0, 1e6])}
+    path = save_checkpoint(tmp_path / "c.pt", config={"model": {}}, model=state, step=0)
+    with pytest.raises(ValueError, match="'w' overflows"):
+        export_weights(path, tmp_path / "e.pt")
+    assert not (tmp_path / "e.pt").exists()

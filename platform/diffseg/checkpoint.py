@@ -169,3 +169,37 @@ def convert_guided_diffusion(
         "source": str(src),
     }
     return save_checkpoint(dst, config=config, model=model, step=0, extra={"imported_from": "guided-diffusion"})
+
+
+def export_weights(
+    src: str | os.PathLike | Checkpoint,
+    dst: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    use_ema: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """An inference checkpoint: only the (EMA) weights, floating tensors cast to `dtype`, no optimizer.
+
+    Half the size of the fp32 weights and a quarter of a training checkpoint (weights, EMA, AdamW moments), so a
+    small model fits where files are capped. It is an ordinary checkpoint of our format: `load_model` rebuilds the
+    fp32 network and `load_state_dict` casts the weights back (so jobs and Serve read it unchanged); it cannot resume
+    training. A weight outside `dtype`'s range is an error rather than a silent inf.
+    """
+    ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
+    weights = ckpt.ema if use_ema and ckpt.ema is not None else ckpt.model
+    cast: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if torch.is_floating_point(tensor):
+            low = tensor.to(dtype)
+            if not torch.isfinite(low).all() and torch.isfinite(tensor).all():
+                raise ValueError(f"weight {name!r} overflows {dtype} (max |w| = {tensor.abs().max():.3g})")
+            tensor = low
+        cast[name] = tensor
+    info = {
+        "exported_from": str(src) if not isinstance(src, Checkpoint) else "checkpoint",
+        "weights": "ema" if use_ema and ckpt.ema is not None else "model",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return save_checkpoint(
+        dst, config=ckpt.config, model=cast, step=ckpt.step, extra={**ckpt.extra, "export": {**info, **(extra or {})}}
+    )

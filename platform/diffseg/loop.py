@@ -389,6 +389,9 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.loop.num_data_workers,
+        # Kept across epochs: a small data set (150 images, batch 64) is 2 batches per epoch, and forking the
+        # workers again every epoch would cost more than the steps on a GPU.
+        persistent_workers=cfg.loop.num_data_workers > 0,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.loop.seed + start_step) if sampler is None else None,
     )
