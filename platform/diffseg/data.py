@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CACHE_AUTO_BYTES = 2**30  # data.cache=auto keeps a paired folder's decoded images in memory up to this size
 
 # Class merges by NAME, so they survive a different class order. face3: the 3-class skin/hair/background protocol.
 CLASS_MERGES: dict[str, dict[str, Any]] = {
@@ -73,6 +74,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flips for training
     roll: bool = False  # random circular shifts for training (with unet.padding_mode=circular: no position cue)
     crop_scale: float = 1.0  # random crops of [crop_scale, 1] of each side, resized back, for training (1 = off)
+    cache: Literal["auto", "on", "off"] = "auto"  # keep decoded, resized images in memory; auto = when <= 1 GiB
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -177,6 +179,7 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         seed: int = 0,
         roll: bool = False,
         crop_scale: float = 1.0,
+        cache: Literal["auto", "on", "off"] = "auto",
     ):
         self.root = Path(root)
         meta = read_dataset_json(self.root)
@@ -205,6 +208,12 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         missing = [i for i in self.ids if i not in self._files]
         if missing:
             raise DataError(f"{self.root / 'images'}: no image for id(s) {missing[:5]}")
+        # Decoding and resizing a JPEG costs more than a small model's step: a small set is decoded once. (Each
+        # DataLoader worker keeps its own copy; augmentation still runs per item.)
+        side = image_size or 256
+        self._cache: dict[int, dict[str, Any]] | None = None
+        if cache == "on" or (cache == "auto" and len(self.ids) * 3 * side * side * 4 <= CACHE_AUTO_BYTES):
+            self._cache = {}
 
     @property
     def num_classes(self) -> int:
@@ -249,15 +258,22 @@ class PairedFolderDataset(torch.utils.data.Dataset):
                 mask = Image.fromarray(arr)
         return image, mask, id_
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
+    def prepared(self, idx: int) -> dict[str, Any]:
+        """Item idx decoded and resized, before augmentation (from the cache when it is on)."""
+        if self._cache is not None and idx in self._cache:
+            return self._cache[idx]
         image, mask, id_ = self.load(idx)
         if self.image_size:
             image, mask = resize_pair(image, mask, self.image_size)
-        x = to_tensor_image(image)
-        item: dict[str, Any] = {"image": x, "id": id_}
+        item: dict[str, Any] = {"image": to_tensor_image(image), "id": id_}
         if mask is not None:
             item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
-        return augment(item, self._gen, self.flip, self.roll, self.crop_scale)
+        if self._cache is not None:
+            self._cache[idx] = item
+        return item
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return augment(self.prepared(idx), self._gen, self.flip, self.roll, self.crop_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- synthetic
@@ -401,6 +417,7 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "tra
         seed=cfg.split_seed or 0,
         roll=cfg.roll and train,
         crop_scale=cfg.crop_scale if train else 1.0,
+        cache=cfg.cache,
     )
 
 
