@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.config import Name, job_dir
 from diffseg.data import DataConfig
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 
@@ -311,7 +312,7 @@ def extract_to_shards(
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class ExtractJobConfig:
-    name: str = "features"  # output folder name under output_dir
+    name: Name = "features"  # output folder name under output_dir
     output_dir: str = "runs/features"  # shards go to <output_dir>/<name>/
     features: FeatureConfig = field(default_factory=FeatureConfig)  # the recipe (backbone, blocks, timesteps, noise)
     data: DataConfig = field(default_factory=DataConfig)  # the images (+ masks); flips are never applied here
@@ -325,7 +326,7 @@ class ExtractJobConfig:
 
 
 def shard_dir(cfg: ExtractJobConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.name
+    return job_dir(cfg.output_dir, cfg.name)
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffseg.config import from_dict
+from diffseg.config import Name, from_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.metrics import ConfusionMatrix
@@ -109,7 +109,7 @@ def metric_dict(result: dict[str, Any], class_names: list[str], prefix: str = "t
 # ---------------------------------------------------------------------------------------------------- pixel job
 @dataclass(frozen=True)
 class PixelJobConfig:
-    name: str = "pixel"  # run name: outputs go to <output_dir>/<name>/
+    name: Name = "pixel"  # run name: outputs go to <output_dir>/<name>/
     output_dir: str = "runs/pixel"
     train_shards: str = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
     data: DataConfig = field(default_factory=DataConfig)  # where the TEST images come from
@@ -194,7 +194,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- comparisons
 @dataclass(frozen=True)
 class CompareConfig:
-    name: str = "compare"
+    name: Name = "compare"
     output_dir: str = "runs/label"
     checkpoint: str = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
     features: FeatureConfig = field(default_factory=FeatureConfig)  # blocks / timesteps / noise for both U-Nets

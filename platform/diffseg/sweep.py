@@ -61,12 +61,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffseg.checkpoint import atomic_torch_save
-from diffseg.config import config_hash, from_dict, merge, replace, set_path, to_dict
+from diffseg.checkpoint import read_payload, write_payload
+from diffseg.config import Name, config_hash, from_dict, job_dir, merge, replace, set_path, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.features import FeatureConfig
 from diffseg.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri
 
+ENSEMBLE_FORMAT = "diffseg-ensemble-state/1"  # a trial's ensemble between reports
 JSON_PREFIX = "json:"  # list/dict choices travel through Tune (and Optuna) as "json:<value>" strings
 
 
@@ -98,7 +99,7 @@ class PixelTrialConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
+    name: Name = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
     task: Literal["auto", "pixel", "factorized"] = "auto"  # what a trial does; auto = from the base config's type
     base_config: str | None = None  # YAML of the base config (jobs/sweep.py); None = the task's defaults
     base_overrides: dict[str, Any] = field(default_factory=dict)  # applied to the base config (dotted or nested keys)
@@ -382,7 +383,7 @@ def pixel_chunks(cfg: PixelTrialConfig, sweep: SweepConfig, trial_dir: Path, sta
     ensemble = None
     if state.report > 0 and ckpt.is_file():
         ensemble = MLPEnsemble(train_set.meta.feature_dim, num_classes, pcfg.members, pcfg.hidden or None)
-        ensemble.load_state_dict(torch.load(ckpt, weights_only=True))
+        ensemble.load_state_dict(read_payload(ckpt, ENSEMBLE_FORMAT)["state"])
     n = sweep.num_reports
     for r in range(state.report, n):
         chunk = replace(
@@ -398,7 +399,7 @@ def pixel_chunks(cfg: PixelTrialConfig, sweep: SweepConfig, trial_dir: Path, sta
         for shard in test_set.iter_shards(columns=["features", "label"]):
             pred, _, _ = predict_pixels(ensemble, torch.tensor(shard.features))
             cm.update(pred.numpy()[None], shard.labels[None])
-        atomic_torch_save(ensemble.state_dict(), ckpt)
+        write_payload(ckpt, {"format": ENSEMBLE_FORMAT, "state": ensemble.state_dict()})
         finite = [x for x in res.final_loss if math.isfinite(x)]
         yield {
             **cm.as_dict("test", class_names),
@@ -721,7 +722,7 @@ def run_sweep(
 
         ray.init(runtime_env=code_runtime_env())
     out = Path(sweep.output_dir).resolve()
-    exp_dir = out / sweep.name
+    exp_dir = job_dir(out, sweep.name)
     cache_dir = Path(sweep.cache_dir).resolve() if sweep.cache_dir else out / "feature_cache"
     uri = resolve_tracking_uri(sweep.tracking.uri)
     state_file = exp_dir / "sweep.json"
