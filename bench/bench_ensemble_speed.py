@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffseg.pixel import MLPEnsemble, ensemble_train_step, make_optimizer  # noqa: E402
-from diffseg.shards import FeatureMeta, ShardSet, write_shard  # noqa: E402
+from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
 
 
 def batches(ss: ShardSet, members: int, batch: int, iters: int, seed: int = 0):
@@ -60,11 +60,13 @@ def main() -> None:
             blocks=["bench"], timesteps=[0], feature_dim=d, image_size=1, num_classes=k, backbone="bench"
         )
         per = args.rows // args.shards
+        begin_shard_set(tmp, ["x"])
         for s in range(args.shards):
             write_shard(
                 Path(tmp) / f"s{s}.parquet", rng.normal(size=(per, d)).astype(np.float16), rng.integers(0, k, per),
                 ["x"] * per, np.zeros(per), np.zeros(per), meta,
             )  # fmt: skip
+        end_shard_set(tmp)
         ss = ShardSet(tmp)
         data = list(batches(ss, e, 64, args.iters))  # identical batches for both, read once (I/O excluded)
         torch.manual_seed(0)

@@ -63,7 +63,7 @@ import torch
 
 from diffseg.checkpoint import read_payload, write_payload
 from diffseg.config import Name, config_hash, from_dict, job_dir, merge, replace, set_path, to_dict
-from diffseg.data import DataConfig, build_dataset
+from diffseg.data import DataConfig, build_dataset, item_ids
 from diffseg.features import FeatureConfig
 from diffseg.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri
 
@@ -299,11 +299,10 @@ def extract_split(cfg: PixelTrialConfig, split: Literal["train", "test"], out_di
     Ray Data actor pool, whose shards this cache layout accepts as well.
     """
     from diffseg.features import FeaturePipeline
-    from diffseg.shards import FeatureMeta, write_shard
+    from diffseg.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 
-    dataset = build_dataset(cfg.test_data or cfg.data if split == "test" else cfg.data, split)
-    if len(dataset) == 0:
-        raise ValueError(f"data: the {split} split is empty (set data.num_train / data.num_test)")
+    dataset = build_dataset(cfg.test_data or cfg.data if split == "test" else cfg.data, split)  # never empty
+    begin_shard_set(out_dir, item_ids(dataset), {"split": split})
     pipeline = FeaturePipeline(cfg.features, device)
     ignore = getattr(dataset, "ignore_index", 255)
     class_names = list(getattr(dataset, "class_names", []))
@@ -339,8 +338,10 @@ def extract_split(cfg: PixelTrialConfig, split: Literal["train", "test"], out_di
             ys.reshape(-1).repeat(b)[keep].numpy(),
             xs.reshape(-1).repeat(b)[keep].numpy(),
             meta,
+            images=[it["id"] for it in items],
         )
         total += int(keep.sum())
+    end_shard_set(out_dir)
     return total
 
 
