@@ -32,6 +32,11 @@ Tracking: the sweep is one MLflow run holding the results table (`results.csv`, 
 (`results.png`); every trial is an MLflow run nested under it (tag `mlflow.parentRunId`), with the trial's full
 config as params and its metrics per report.
 
+Trust: resuming unpickles Tune's state in the experiment folder, so it is restored only if `diffseg.trust` proves
+it is this user's (owner and permissions, and an HMAC recorded under a per-user key kept outside the folder when the
+driver stopped); otherwise the resume is refused before anything is read. `jobs/sweep.py --trust-state` signs a
+folder whose driver was killed before it could.
+
 Resuming: the experiment lives in `<output_dir>/<name>` (Tune's state, `sweep.json` with the parent MLflow run, and
 each trial's run folder under `trials/`). If a sweep is interrupted (Ctrl-C, a crashed driver, a lost node), call
 `run_sweep(..., resume=True)` with the same `name` and `output_dir` (or `python jobs/sweep.py --config S.yaml
@@ -45,6 +50,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -66,7 +72,9 @@ from diffseg.config import Name, config_hash, from_dict, job_dir, merge, replace
 from diffseg.data import DataConfig, build_dataset, item_ids
 from diffseg.features import FeatureConfig
 from diffseg.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri
+from diffseg.trust import UntrustedState, check_state, key_path, sign_state, trust_state
 
+logger = logging.getLogger(__name__)
 ENSEMBLE_FORMAT = "diffseg-ensemble-state/1"  # a trial's ensemble between reports
 JSON_PREFIX = "json:"  # list/dict choices travel through Tune (and Optuna) as "json:<value>" strings
 
@@ -718,12 +726,14 @@ def run_sweep(
         if probe_v is not None:
             replace(base, **{key: probe_v})
 
+    out = Path(sweep.output_dir).resolve()
+    exp_dir = job_dir(out, sweep.name)
+    if resume and (exp_dir / "tuner.pkl").exists():  # Tune's restore unpickles the folder: only the user's own
+        check_state(exp_dir)
     if not ray.is_initialized():
         from diffseg.train import code_runtime_env
 
         ray.init(runtime_env=code_runtime_env())
-    out = Path(sweep.output_dir).resolve()
-    exp_dir = job_dir(out, sweep.name)
     cache_dir = Path(sweep.cache_dir).resolve() if sweep.cache_dir else out / "feature_cache"
     uri = resolve_tracking_uri(sweep.tracking.uri)
     state_file = exp_dir / "sweep.json"
@@ -786,7 +796,13 @@ def run_sweep(
             ),
         )
     handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:  # however the driver stops (but SIGKILL), sign what Tune wrote, so that resume=True may restore it
+        try:
+            sign_state(exp_dir)
+        except (OSError, UntrustedState) as e:
+            logger.warning("could not sign the sweep state in %s (a resume will be refused): %s", exp_dir, e)
     interrupted = _tune_was_interrupted(handler) or grid.num_terminated + grid.num_errors < len(grid)
 
     table = results_table(grid, keys, sweep.metric, sweep.mode)
@@ -850,15 +866,21 @@ def run(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     return run_sweep(base, sweep=replace(cfg, task=task), resume=resume)
 
 
-def main(argv: list[str] | None = None) -> SweepResult:
+def main(argv: list[str] | None = None) -> SweepResult | None:
     import argparse
 
     from diffseg.config import parse_job_args
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--trust-state", action="store_true")
     known, rest = pre.parse_known_args(argv)
     cfg, args = parse_job_args(SweepConfig, rest, description=__doc__.splitlines()[0])
+    if known.trust_state:  # the user vouches for a folder whose driver could not sign it (see diffseg.trust)
+        exp_dir = job_dir(Path(cfg.output_dir).resolve(), cfg.name)
+        signed = trust_state(exp_dir)
+        print(f"[sweep] signed {len(signed)} state files of {exp_dir} with {key_path()}: {signed}")
+        return None
     if cfg.base_config and args.config and not Path(cfg.base_config).is_absolute():
         beside = Path(args.config).parent / cfg.base_config  # a base config is named relative to the sweep's YAML
         if beside.is_file() and not Path(cfg.base_config).is_file():
