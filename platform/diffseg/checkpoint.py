@@ -290,19 +290,25 @@ def load_checkpoint(
 
 
 def load_model(
-    path: str | os.PathLike, use_ema: bool = True, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    *,
+    source: str | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
-    """Rebuild the network a checkpoint was trained as and load its (EMA) weights; returns (model in eval, ckpt)."""
-    ckpt = load_checkpoint(path, map_location)
+    """Rebuild the network a checkpoint was trained as and load its (EMA) weights; returns (model in eval, ckpt).
+    `source` names the file in errors when `path` is a local copy (see `load_checkpoint`)."""
+    ckpt = load_checkpoint(path, map_location, source=source)
+    where = source or path
     try:
         model = build_model(ckpt.model_config)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: its config does not describe a model we can build ({e})") from e
+        raise CheckpointError(f"{where}: its config does not describe a model we can build ({e})") from e
     weights = ckpt.ema if use_ema and ckpt.ema is not None else ckpt.model
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the model its config describes ({e})") from e
+        raise CheckpointError(f"{where}: the weights do not fit the model its config describes ({e})") from e
     return model.eval().to(map_location), ckpt
 
 

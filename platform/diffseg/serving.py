@@ -585,7 +585,8 @@ def load_diffusion_model(source: str, device: str = "auto", use_ema: bool = True
     from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 
     dev = pick_device(device)
-    model, ckpt = load_model(resolve_source(source), use_ema=use_ema, map_location=dev)
+    uri = source if source.startswith(MLFLOW_SCHEMES) else None  # errors name the URI, not a download folder
+    model, ckpt = load_model(resolve_source(source), use_ema=use_ema, map_location=dev, source=uri)
     dcfg = from_dict(DiffusionConfig, ckpt.config.get("diffusion", {}), prefix="diffusion")
     return model.requires_grad_(False), GaussianDiffusion.from_config(dcfg), ckpt.step
 
