@@ -227,7 +227,7 @@ def test_malformed_requests_get_4xx_and_replicas_survive(app_url):
         ("valid sample", "post", f"{app_url}/v1/sample", {"json": {"num_images": 1, "steps": 2}}, 200),
     ]  # fmt: skip
     plan = []
-    for i in range(6):  # 6 x 41 kinds = 246 bad requests, one valid one after every 8
+    for i in range(6):  # 6 x 46 kinds = 276 bad requests, one valid one after every 8
         for j, case in enumerate(bad):
             plan.append(case)
             if j % 8 == 7:
