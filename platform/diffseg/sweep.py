@@ -878,6 +878,8 @@ def main(argv: list[str] | None = None) -> SweepResult | None:
     cfg, args = parse_job_args(SweepConfig, rest, description=__doc__.splitlines()[0])
     if known.trust_state:  # the user vouches for a folder whose driver could not sign it (see diffseg.trust)
         exp_dir = job_dir(Path(cfg.output_dir).resolve(), cfg.name)
+        if not exp_dir.is_dir():
+            raise FileNotFoundError(f"{exp_dir}: no sweep folder to sign (check name and output_dir)")
         signed = trust_state(exp_dir)
         print(f"[sweep] signed {len(signed)} state files of {exp_dir} with {key_path()}: {signed}")
         return None
