@@ -71,6 +71,7 @@ from diffseg.checkpoint import read_payload, write_payload
 from diffseg.config import Name, config_hash, from_dict, job_dir, merge, replace, set_path, to_dict
 from diffseg.data import DataConfig, build_dataset, item_ids
 from diffseg.features import FeatureConfig
+from diffseg.shards import MANIFEST_FORMAT
 from diffseg.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri
 from diffseg.trust import UntrustedState, check_state, key_path, sign_state, trust_state
 
@@ -246,7 +247,7 @@ def feature_key(features: FeatureConfig, data: DataConfig, test_data: DataConfig
     f = to_dict(features)
     f.pop("batch_size"), f.pop("precision")  # how, not what
     f["backbone"] = backbone_fingerprint(features.backbone)
-    key = {"features": f, "data": to_dict(data)}
+    key = {"features": f, "data": to_dict(data), "layout": MANIFEST_FORMAT}  # entries without manifests never match
     if test_data is not None:
         key["test_data"] = to_dict(test_data)
     return key
