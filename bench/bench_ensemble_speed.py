@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffseg.pixel import MLPEnsemble, ensemble_train_step, make_optimizer  # noqa: E402
-from diffseg.shards import FeatureMeta, ShardSet, write_shard  # noqa: E402
+from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
 
 
 def batches(ss: ShardSet, members: int, batch: int, iters: int, seed: int = 0):
@@ -66,11 +66,13 @@ def measure(
             blocks=["bench"], timesteps=[0], feature_dim=d, image_size=1, num_classes=k, backbone="bench"
         )
         per = rows // shards
+        begin_shard_set(tmp, ["x"])
         for s in range(shards):
             write_shard(
                 Path(tmp) / f"s{s}.parquet", rng.normal(size=(per, d)).astype(np.float16), rng.integers(0, k, per),
                 ["x"] * per, np.zeros(per), np.zeros(per), meta,
             )  # fmt: skip
+        end_shard_set(tmp)
         ss = ShardSet(tmp)
         # identical batches for both, read once (I/O excluded)
         data = [(x.to(device), y.to(device)) for x, y in batches(ss, e, 64, iters)]

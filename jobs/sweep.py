@@ -1,11 +1,13 @@
 """Run a Ray Tune sweep over config paths (feature recipes, pixel-MLP sizes, K, learning rates).
 
-python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume] [key.path=value ...]
+python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume | --trust-state] [key.path=value ...]
 ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep_blocks_tiny.yaml
 
 The YAML is a `diffseg.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig YAML),
 `base_overrides` (dotted or nested overrides of it), `space` (config path -> values), metric/mode, search,
-num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same name (Tune's restore).
+num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same name (Tune's restore),
+only if its folder is provably this user's (diffseg.trust: permissions and an HMAC under a per-user key recorded when
+the driver stopped). `--trust-state` signs a folder whose driver was killed before it could, and exits.
 """
 
 import sys

@@ -3,7 +3,10 @@ memory formats, the FLOP counter sees attention on CPU, and every bench script r
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +150,18 @@ def test_sampling_bench_runs(bench_modules, capsys):
     sampling.main(["--num-images", "1", "--num-timesteps", "25", "--ddim-steps", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "DDPM-25" in out and "DDIM-2" in out
+
+
+def test_serve_latency_bench_runs():
+    """bench/serve_bounds.py latency: a small sample request behind a 16 x 250 one, with the real tiny model; the
+    large run gets no more steps than the scheduler's bound while the small one is served."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "serve_bounds.py"), "latency", "--steps", "4"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["large_steps_during_small"] <= m["bound_large_steps"] == 3 and m["t16_s"] > 0
 
 
 def _quick() -> list[str]:

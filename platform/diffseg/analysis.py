@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffseg.config import Name
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.features import FeatureConfig, FeaturePipeline, shared_noise
 from diffseg.metrics import ConfusionMatrix
@@ -34,7 +35,7 @@ from diffseg.tracking import TrackingConfig, start_job
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    name: str = "analysis"
+    name: Name = "analysis"
     output_dir: str = "runs/analysis"
     backbone: str = ""  # checkpoint path, random:<ckpt> or diffusers:<dir>
     blocks: tuple[str, ...] = ()  # cells' blocks; empty = every decoder block (dec.N / up.N)

@@ -358,6 +358,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def ids(self) -> list[str]:
+        return [f"{self.offset + i:06d}" for i in range(self.num_images)]
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         if not 0 <= idx < self.num_images:
             raise IndexError(idx)
@@ -391,34 +395,56 @@ def write_synthetic_folder(root: str | os.PathLike, num_images: int, image_size:
 
 # ---------------------------------------------------------------------------------------------------- build
 def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "train") -> torch.utils.data.Dataset:
-    """The data set a config names; `split` follows num_train/num_test (see split_ids)."""
+    """The data set a config names; `split` follows num_train/num_test (see split_ids). An empty split is a DataError:
+    a job over zero images would otherwise "succeed" with nothing done, or report a metric over nothing."""
     if cfg.name == "synthetic":
         n_test = cfg.num_test
         n_train = cfg.num_train or cfg.num_images - n_test
         if split == "all":
-            return SyntheticDataset(cfg.num_images, cfg.image_size, cfg.seed)
-        if split == "train":
-            return SyntheticDataset(n_train, cfg.image_size, cfg.seed, flip=cfg.flip, roll=cfg.roll,
-                                    crop_scale=cfg.crop_scale)  # fmt: skip
-        return SyntheticDataset(n_test, cfg.image_size, cfg.seed, offset=n_train)
-    if cfg.root is None:
-        raise DataError("data.root: a folder data set needs a root")
-    ids = list_ids(cfg.root)
-    if split != "all":
-        train, test = split_ids(ids, cfg.num_train, cfg.num_test, cfg.split_seed)
-        ids = train if split == "train" else test
-    train = split == "train"
-    return PairedFolderDataset(
-        cfg.root,
-        ids,
-        cfg.image_size,
-        cfg.class_merge,
-        flip=cfg.flip and train,
-        seed=cfg.split_seed or 0,
-        roll=cfg.roll and train,
-        crop_scale=cfg.crop_scale if train else 1.0,
-        cache=cfg.cache,
-    )
+            ds = SyntheticDataset(cfg.num_images, cfg.image_size, cfg.seed)
+        elif split == "train":
+            ds = SyntheticDataset(n_train, cfg.image_size, cfg.seed, flip=cfg.flip, roll=cfg.roll,
+                                  crop_scale=cfg.crop_scale)  # fmt: skip
+        else:
+            ds = SyntheticDataset(n_test, cfg.image_size, cfg.seed, offset=n_train)
+        where = f"the synthetic data set (num_images={cfg.num_images})"
+    else:
+        if cfg.root is None:
+            raise DataError("data.root: a folder data set needs a root")
+        all_ids = ids = list_ids(cfg.root)
+        if split != "all":
+            train, test = split_ids(all_ids, cfg.num_train, cfg.num_test, cfg.split_seed)
+            ids = train if split == "train" else test
+        train = split == "train"
+        ds = PairedFolderDataset(
+            cfg.root,
+            ids,
+            cfg.image_size,
+            cfg.class_merge,
+            flip=cfg.flip and train,
+            seed=cfg.split_seed or 0,
+            roll=cfg.roll and train,
+            crop_scale=cfg.crop_scale if train else 1.0,
+            cache=cfg.cache,
+        )
+        where = f"{Path(cfg.root) / 'images'} ({len(all_ids)} images)"
+    if len(ds) == 0:
+        raise DataError(
+            f"data: the {split!r} split of {where} is empty (data.num_train={cfg.num_train}, "
+            f"data.num_test={cfg.num_test}); a job over zero images has nothing to do"
+        )
+    return ds
+
+
+def item_ids(dataset: torch.utils.data.Dataset) -> list[str]:
+    """The ids of a data set's items without loading any image (paired folders, synthetic scenes, Subsets of them)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = item_ids(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        return [str(dataset[i]["id"]) for i in range(len(dataset))]
+    return list(ids)
 
 
 def stack(dataset: torch.utils.data.Dataset, limit: int | None = None) -> dict[str, Any]:

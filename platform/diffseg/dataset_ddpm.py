@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffseg.config import Name
 from diffseg.data import DataConfig, build_dataset
 from diffseg.models import resolve_device
 from diffseg.tracking import TrackingConfig, start_job
@@ -30,7 +31,7 @@ from diffseg.tracking import TrackingConfig, start_job
 
 @dataclass(frozen=True)
 class DatasetDDPMConfig:
-    name: str = "dataset-ddpm"
+    name: Name = "dataset-ddpm"
     output_dir: str = "runs/label"
     segmenter: str = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
     checkpoint: str = ""  # the DDPM to sample from ("" = the segmenter's backbone)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from diffseg import baselines
-from diffseg.config import save_config, to_dict
+from diffseg.config import Name, job_dir, save_config, to_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.metrics import ConfusionMatrix, HungarianIoU, foreground_scores, mask_image_dependence
@@ -57,7 +57,7 @@ METHOD_TITLES = {
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str = "data"  # the data set's name in the table
+    name: Name = "data"  # the data set's name in the table
     protocol: Literal["foreground", "multiclass"] = "foreground"  # binary fg/bg ground truth, or C classes
     data: DataConfig = field(default_factory=DataConfig)  # the folder, size, split (and class_merge)
     split: Literal["train", "test", "all"] = "test"  # which images are scored (num_train/num_test in data)
@@ -117,7 +117,7 @@ class ForegroundSection:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    name: str = "eval"  # the run's folder under output_dir and its MLflow run name
+    name: Name = "eval"  # the run's folder under output_dir and its MLflow run name
     output_dir: str = "runs/eval"  # where tables and figures go
     datasets: tuple[DatasetSpec, ...] = ()  # the data sets (rows are grouped by data set)
     methods: tuple[str, ...] = ("all_foreground", "centred_box", "grabcut", "kmeans_ddpm", "factorized")  # columns
@@ -437,7 +437,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(PREDICTORS)}")
     if not cfg.datasets:
         raise ValueError("no data sets to evaluate: set datasets in the config")
-    out = Path(out_dir or Path(cfg.output_dir) / cfg.name)
+    out = Path(out_dir or job_dir(cfg.output_dir, cfg.name))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg.tracking, cfg.name)

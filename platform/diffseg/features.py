@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.config import Name, job_dir
 from diffseg.data import DataConfig
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 
@@ -271,7 +272,14 @@ class FeatureExtractor:
         )
         keep_t = torch.from_numpy(keep)
         write_shard(
-            path, feats[keep_t].to(torch.float16).numpy(), labels[keep], image_ids[keep], ys[keep], xs[keep], meta
+            path,
+            feats[keep_t].to(torch.float16).numpy(),
+            labels[keep],
+            image_ids[keep],
+            ys[keep],
+            xs[keep],
+            meta,
+            images=ids,
         )
         return {"shard": np.array([str(path)]), "num_pixels": np.array([int(keep.sum())])}
 
@@ -311,7 +319,7 @@ def extract_to_shards(
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class ExtractJobConfig:
-    name: str = "features"  # output folder name under output_dir
+    name: Name = "features"  # output folder name under output_dir
     output_dir: str = "runs/features"  # shards go to <output_dir>/<name>/
     features: FeatureConfig = field(default_factory=FeatureConfig)  # the recipe (backbone, blocks, timesteps, noise)
     data: DataConfig = field(default_factory=DataConfig)  # the images (+ masks); flips are never applied here
@@ -325,7 +333,7 @@ class ExtractJobConfig:
 
 
 def shard_dir(cfg: ExtractJobConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.name
+    return job_dir(cfg.output_dir, cfg.name)
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
@@ -336,8 +344,8 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     import ray
 
     from diffseg.config import save_config, to_dict
-    from diffseg.data import build_dataset, read_images_ray
-    from diffseg.shards import ShardSet
+    from diffseg.data import build_dataset, item_ids, read_images_ray
+    from diffseg.shards import ShardSet, begin_shard_set, end_shard_set
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {}
@@ -372,10 +380,13 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
         "num_images": n,
         "feature_config": to_dict(cfg.features),
     }
+    expected = item_ids(dataset)[:n]
+    begin_shard_set(out, expected, {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)})
     t0 = time.perf_counter()
     paths = extract_to_shards(cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus)
     seconds = time.perf_counter() - t0
-    ss = ShardSet(paths)
+    end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones
+    ss = ShardSet(out)
     summary = {
         "shard_dir": str(out),
         "num_shards": len(paths),

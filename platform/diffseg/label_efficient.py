@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffseg.config import from_dict
+from diffseg.config import Name, from_dict
 from diffseg.data import DataConfig, build_dataset
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.metrics import ConfusionMatrix
@@ -50,6 +50,8 @@ def evaluate_segmenter(
     """
     from diffseg.viz import grid, overlay, save_png, to_uint8
 
+    if len(dataset) == 0:
+        raise ValueError("evaluate_segmenter: the test set is empty; a metric over zero images is not a result")
     cm = ConfusionMatrix(num_classes, ignore_index)
     rows: list[dict[str, Any]] = []
     tiles: list[np.ndarray] = []
@@ -109,13 +111,14 @@ def metric_dict(result: dict[str, Any], class_names: list[str], prefix: str = "t
 # ---------------------------------------------------------------------------------------------------- pixel job
 @dataclass(frozen=True)
 class PixelJobConfig:
-    name: str = "pixel"  # run name: outputs go to <output_dir>/<name>/
+    name: Name = "pixel"  # run name: outputs go to <output_dir>/<name>/
     output_dir: str = "runs/pixel"
     train_shards: str = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
     data: DataConfig = field(default_factory=DataConfig)  # where the TEST images come from
     test_split: Literal["train", "test", "all"] = "test"
     test_limit: int = 0  # first N test images (0 = all)
     train: PixelTrainConfig = field(default_factory=PixelTrainConfig)  # ensemble size and the paper's training
+    allow_incomplete_shards: bool = False  # train on a shard folder whose extraction did not finish (logged)
     device: str = "auto"  # auto = cuda when available
     save_overlays: int = 16  # test images shown in overlays.png (all prediction maps are saved)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -135,9 +138,16 @@ def recipe_from_shards(ss: ShardSet) -> FeatureConfig:
 
 
 def train_segmenter(
-    train_shards: str | Path, train_cfg: PixelTrainConfig, device: torch.device, tracker: Tracker | None = None
+    train_shards: str | Path | ShardSet,
+    train_cfg: PixelTrainConfig,
+    device: torch.device,
+    tracker: Tracker | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[PixelSegmenter, Any]:
-    ss = ShardSet(train_shards)
+    if isinstance(train_shards, ShardSet):
+        ss = train_shards
+    else:
+        ss = ShardSet(train_shards, allow_incomplete=allow_incomplete)
     names = ss.meta.class_names
     if not names:
         raise ValueError(f"{train_shards}: the shards carry no class names (were they extracted from labelled data?)")
@@ -149,7 +159,7 @@ def train_segmenter(
         names,
         ss.meta.image_size,
         {
-            "train_shards": str(train_shards),
+            "train_shards": ss.source,
             "recipe_hash": ss.meta.recipe_hash,
             "train_rows": ss.num_rows,
             "train_images": ss.meta.extra.get("num_images"),
@@ -164,16 +174,18 @@ def train_segmenter(
 def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
-    seg, res = train_segmenter(cfg.train_shards, cfg.train, device, tracker)
+    shards = ShardSet(cfg.train_shards, allow_incomplete=cfg.allow_incomplete_shards)
+    # the test images first: an empty or unreadable test set fails before any training
+    test = build_dataset(dataclasses.replace(cfg.data, flip=False, image_size=shards.meta.image_size), cfg.test_split)
+    if cfg.test_limit:
+        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
+    seg, res = train_segmenter(shards, cfg.train, device, tracker)
     seg.save(out / "segmenter.pt")
     print(
         f"[pixel] trained {seg.ensemble.members} members on {seg.extra['train_rows']} pixels "
         f"(D={seg.ensemble.in_dim}): {res.iterations} iterations, {res.epochs} epochs, {res.seconds:.1f}s, "
         f"stopped at {res.stopped_at}"
     )
-    test = build_dataset(dataclasses.replace(cfg.data, flip=False, image_size=seg.image_size), cfg.test_split)
-    if cfg.test_limit:
-        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
     result = evaluate_segmenter(
         seg, test, seg.num_classes, int(seg.extra["ignore_index"]), out, cfg.save_overlays, class_names=seg.class_names
     )
@@ -194,7 +206,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- comparisons
 @dataclass(frozen=True)
 class CompareConfig:
-    name: str = "compare"
+    name: Name = "compare"
     output_dir: str = "runs/label"
     checkpoint: str = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
     features: FeatureConfig = field(default_factory=FeatureConfig)  # blocks / timesteps / noise for both U-Nets

@@ -13,10 +13,10 @@ so a run started one way can be continued the other.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
-from diffseg.config import atomic_write, dumps, to_dict
+from diffseg.config import Name, atomic_write, check_name, dumps, job_dir, staging_dir, to_dict
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
 from diffseg.factorized import FactorizedUNet
@@ -88,7 +88,7 @@ class ScalingSection:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    name: str = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
+    name: Name = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
     output_dir: str = "runs"  # where runs live: a local folder or shared storage (s3://...) for clusters
     init_from: str | None = None  # start a NEW run from these weights (e.g. a DDPM's encoder for the factorized net)
     model: ModelConfig = field(default_factory=ModelConfig)  # which network, its size and K
@@ -111,7 +111,7 @@ def storage_path(cfg: TrainConfig) -> str:
 
 def run_dir(cfg: TrainConfig) -> Path | None:
     """The run's local folder; None on remote storage (`run_uri` then names it)."""
-    return None if is_remote_path(cfg.output_dir) else Path(storage_path(cfg)) / cfg.name
+    return None if is_remote_path(cfg.output_dir) else job_dir(storage_path(cfg), cfg.name)
 
 
 def run_uri(cfg: TrainConfig, *parts: str) -> str:
@@ -119,7 +119,7 @@ def run_uri(cfg: TrainConfig, *parts: str) -> str:
     local = run_dir(cfg)
     if local is not None:
         return str(local.joinpath(*parts))
-    return "/".join([cfg.output_dir.rstrip("/"), cfg.name, *parts])
+    return "/".join([cfg.output_dir.rstrip("/"), check_name(cfg.name), *parts])
 
 
 def put_file(src: str | os.PathLike, dst: str) -> None:
@@ -153,9 +153,12 @@ def fetch_file(src: str, dst: str | os.PathLike) -> bool:
 
 def load_run_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
     """The run's exported checkpoint (`<output_dir>/<name>/checkpoint.pt`, local or remote), or None."""
-    with tempfile.TemporaryDirectory() as tmp:
+    uri = run_uri(cfg, CHECKPOINT_NAME)
+    if not is_remote_path(uri):  # read in place: errors name the real file
+        return load_checkpoint(uri) if Path(uri).is_file() else None
+    with staging_dir(uri) as tmp:
         local = Path(tmp) / CHECKPOINT_NAME
-        return load_checkpoint(local) if fetch_file(run_uri(cfg, CHECKPOINT_NAME), local) else None
+        return load_checkpoint(local, source=uri) if fetch_file(uri, local) else None
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -481,7 +484,8 @@ def fit(
         )
 
     def checkpoint_and_report(metrics: dict[str, float], final: bool) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
+        # rank 0 stages the checkpoint beside the run's export (never a full-size copy in the system temp folder)
+        with staging_dir(run_uri(cfg, CHECKPOINT_NAME)) if rank == 0 else contextlib.nullcontext() as tmp:
             ckpt_dir = None
             if rank == 0:
                 path = state.save(Path(tmp) / CHECKPOINT_NAME)
@@ -532,7 +536,7 @@ def fit(
             state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
         )
         name = f"step_{state.step:07d}.png"
-        with tempfile.TemporaryDirectory() as tmp:
+        with staging_dir(run_uri(cfg, "samples", name)) as tmp:
             path = save_png(sample_grid(images, masks), Path(tmp) / name)
             put_file(path, run_uri(cfg, "samples", name))
             tracker.log_artifact(path, "samples")

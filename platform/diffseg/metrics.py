@@ -98,9 +98,15 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)  # (C_target, C_pred)
+        self.num_pixels = 0  # pixels given, ignored ones included: 0 means nothing was scored at all
 
     def reset(self) -> None:
         self.matrix[:] = 0
+        self.num_pixels = 0
+
+    def _check_nonempty(self) -> None:
+        if self.num_pixels == 0:
+            raise ValueError("ConfusionMatrix: a metric over zero images (no update had a pixel): is the data empty?")
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> ConfusionMatrix:
         """Add a batch. `pred` and `target` are label maps of one shape ((N, H, W) or any), or `pred` soft masks
@@ -114,6 +120,7 @@ class ConfusionMatrix:
         _check_same_shape(p, t, "pred", "target")
         p = p.reshape(-1).astype(np.int64)
         t = t.reshape(-1).astype(np.int64)
+        self.num_pixels += t.size
         keep = t != self.ignore_index if self.ignore_index is not None else np.ones_like(t, dtype=bool)
         p, t = p[keep], t[keep]
         C = self.num_classes
@@ -130,6 +137,7 @@ class ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class counts into {self.num_classes}-class counts")
         self.matrix += other.matrix
+        self.num_pixels += other.num_pixels
         return self
 
     def intersection(self) -> np.ndarray:
@@ -139,7 +147,9 @@ class ConfusionMatrix:
         return self.matrix.sum(0) + self.matrix.sum(1) - np.diag(self.matrix)  # (C,)
 
     def iou(self) -> np.ndarray:
-        """(C,) per-class IoU; NaN for a class absent from both target and prediction (union 0)."""
+        """(C,) per-class IoU; NaN for a class absent from both target and prediction (union 0). Over zero images
+        it is an error, not NaN."""
+        self._check_nonempty()
         return _safe_div(self.intersection(), self.union(), empty=np.nan)
 
     def miou(self) -> float:
@@ -148,7 +158,9 @@ class ConfusionMatrix:
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
     def pixel_accuracy(self) -> float:
-        """Fraction of non-ignored pixels labelled correctly; NaN if no pixel was counted."""
+        """Fraction of non-ignored pixels labelled correctly; NaN if every pixel was ignored; an error over zero
+        images."""
+        self._check_nonempty()
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
@@ -495,6 +507,7 @@ class HungarianIoU:
         self._inter = np.zeros(num_classes, dtype=np.int64)  # (C,) per-image matching, summed
         self._union = np.zeros(num_classes, dtype=np.int64)  # (C,)
         self._mappings: list[np.ndarray] = []  # each (K,)
+        self._num_pixels = 0  # pixels given (ignored ones included)
 
     def update(self, regions: ArrayLike, gt: ArrayLike) -> HungarianIoU:
         """Add a batch: `regions` (N, H, W) ints in [0, K) or (N, K, H, W) soft masks; `gt` (N, H, W) in [0, C)."""
@@ -509,6 +522,7 @@ class HungarianIoU:
             g = g[None]
         _check_same_shape(r, g, "regions", "gt")
         counts = _region_class_counts(r, g, self.num_regions, self.num_classes, self.ignore_index)  # (N, K, C)
+        self._num_pixels += g.size
         self.counts += counts.sum(0)
         if self.per_image:
             for c_img in counts:
@@ -537,6 +551,8 @@ class HungarianIoU:
                 raise ValueError("HungarianIoU.compute() called before any update()")
             inter, union, mapping = self._inter, self._union, np.stack(self._mappings)
         else:
+            if not self._num_pixels:
+                raise ValueError("HungarianIoU.compute() over zero images (no update() with any pixel)")
             inter, union, m = self._score(self.counts)
             mapping = {int(k): int(c) for k, c in enumerate(m) if c >= 0}
         iou = _safe_div(inter, union, empty=np.nan)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.checkpoint import CheckpointError, read_payload, write_payload
 from diffseg.features import FeatureConfig, FeaturePipeline
 
 BUNDLE_FORMAT = "diffseg-pixel-segmenter/1"
@@ -448,7 +449,6 @@ class PixelSegmenter:
     def save(self, path: str | os.PathLike) -> Path:
         import json
 
-        from diffseg.checkpoint import atomic_torch_save
         from diffseg.config import to_dict
 
         payload = {
@@ -460,9 +460,7 @@ class PixelSegmenter:
             "image_size": self.image_size,
             "extra": json.dumps(self.extra, default=str),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_torch_save(payload, path)
+        return write_payload(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> PixelSegmenter:
@@ -470,13 +468,14 @@ class PixelSegmenter:
 
         from diffseg.config import from_dict
 
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{path}: not a pixel segmenter bundle (format {BUNDLE_FORMAT!r})")
-        ecfg = json.loads(payload["ensemble_config"])
-        ens = MLPEnsemble(ecfg["in_dim"], ecfg["num_classes"], ecfg["members"], ecfg["hidden"])
-        ens.load_state_dict(payload["ensemble"])
-        recipe = from_dict(FeatureConfig, json.loads(payload["recipe"]))
+        payload = read_payload(path, BUNDLE_FORMAT)
+        try:
+            ecfg = json.loads(payload["ensemble_config"])
+            ens = MLPEnsemble(ecfg["in_dim"], ecfg["num_classes"], ecfg["members"], ecfg["hidden"])
+            ens.load_state_dict(payload["ensemble"])
+            recipe = from_dict(FeatureConfig, json.loads(payload["recipe"]))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: a pixel-segmenter bundle that does not fit together ({e})") from e
         return cls(
             ens,
             recipe,

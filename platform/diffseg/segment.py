@@ -15,13 +15,13 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffseg.config import Name, job_dir
 from diffseg.data import DataConfig
 from diffseg.diffusion import GaussianDiffusion, randn
 from diffseg.factorized import FactorizedUNet
@@ -182,7 +182,7 @@ def mask_diagnostics(
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class SegmentJobConfig:
-    name: str = "segment"  # output folder under output_dir
+    name: Name = "segment"  # output folder under output_dir
     output_dir: str = "runs/segment"  # where masks and overlays go
     checkpoint: str = ""  # a trained factorized model (checkpoint.pt of jobs/train_factorized.py)
     data: DataConfig = field(default_factory=lambda: DataConfig(name="folder", image_size=0))  # image_size 0 = native
@@ -220,7 +220,7 @@ def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
     dataset = build_dataset(cfg.data, split=cfg.split)
     if cfg.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))
-    out = Path(cfg.output_dir) / cfg.name
+    out = job_dir(cfg.output_dir, cfg.name)
     for sub in ("masks", "overlays") + (("soft",) if cfg.save_soft else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -32,6 +32,11 @@ Tracking: the sweep is one MLflow run holding the results table (`results.csv`, 
 (`results.png`); every trial is an MLflow run nested under it (tag `mlflow.parentRunId`), with the trial's full
 config as params and its metrics per report.
 
+Trust: resuming unpickles Tune's state in the experiment folder, so it is restored only if `diffseg.trust` proves
+it is this user's (owner and permissions, and an HMAC recorded under a per-user key kept outside the folder when the
+driver stopped); otherwise the resume is refused before anything is read. `jobs/sweep.py --trust-state` signs a
+folder whose driver was killed before it could.
+
 Resuming: the experiment lives in `<output_dir>/<name>` (Tune's state, `sweep.json` with the parent MLflow run, and
 each trial's run folder under `trials/`). If a sweep is interrupted (Ctrl-C, a crashed driver, a lost node), call
 `run_sweep(..., resume=True)` with the same `name` and `output_dir` (or `python jobs/sweep.py --config S.yaml
@@ -45,6 +50,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -61,12 +67,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffseg.checkpoint import atomic_torch_save
-from diffseg.config import config_hash, from_dict, merge, replace, set_path, to_dict
-from diffseg.data import DataConfig, build_dataset
+from diffseg.checkpoint import read_payload, write_payload
+from diffseg.config import Name, config_hash, from_dict, job_dir, merge, replace, set_path, to_dict
+from diffseg.data import DataConfig, build_dataset, item_ids
 from diffseg.features import FeatureConfig
+from diffseg.shards import MANIFEST_FORMAT
 from diffseg.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri
+from diffseg.trust import UntrustedState, check_state, key_path, sign_state, trust_state
 
+logger = logging.getLogger(__name__)
+ENSEMBLE_FORMAT = "diffseg-ensemble-state/1"  # a trial's ensemble between reports
 JSON_PREFIX = "json:"  # list/dict choices travel through Tune (and Optuna) as "json:<value>" strings
 
 
@@ -98,7 +108,7 @@ class PixelTrialConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
+    name: Name = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
     task: Literal["auto", "pixel", "factorized"] = "auto"  # what a trial does; auto = from the base config's type
     base_config: str | None = None  # YAML of the base config (jobs/sweep.py); None = the task's defaults
     base_overrides: dict[str, Any] = field(default_factory=dict)  # applied to the base config (dotted or nested keys)
@@ -237,7 +247,7 @@ def feature_key(features: FeatureConfig, data: DataConfig, test_data: DataConfig
     f = to_dict(features)
     f.pop("batch_size"), f.pop("precision")  # how, not what
     f["backbone"] = backbone_fingerprint(features.backbone)
-    key = {"features": f, "data": to_dict(data)}
+    key = {"features": f, "data": to_dict(data), "layout": MANIFEST_FORMAT}  # entries without manifests never match
     if test_data is not None:
         key["test_data"] = to_dict(test_data)
     return key
@@ -298,11 +308,10 @@ def extract_split(cfg: PixelTrialConfig, split: Literal["train", "test"], out_di
     Ray Data actor pool, whose shards this cache layout accepts as well.
     """
     from diffseg.features import FeaturePipeline
-    from diffseg.shards import FeatureMeta, write_shard
+    from diffseg.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 
-    dataset = build_dataset(cfg.test_data or cfg.data if split == "test" else cfg.data, split)
-    if len(dataset) == 0:
-        raise ValueError(f"data: the {split} split is empty (set data.num_train / data.num_test)")
+    dataset = build_dataset(cfg.test_data or cfg.data if split == "test" else cfg.data, split)  # never empty
+    begin_shard_set(out_dir, item_ids(dataset), {"split": split})
     pipeline = FeaturePipeline(cfg.features, device)
     ignore = getattr(dataset, "ignore_index", 255)
     class_names = list(getattr(dataset, "class_names", []))
@@ -338,8 +347,10 @@ def extract_split(cfg: PixelTrialConfig, split: Literal["train", "test"], out_di
             ys.reshape(-1).repeat(b)[keep].numpy(),
             xs.reshape(-1).repeat(b)[keep].numpy(),
             meta,
+            images=[it["id"] for it in items],
         )
         total += int(keep.sum())
+    end_shard_set(out_dir)
     return total
 
 
@@ -382,7 +393,7 @@ def pixel_chunks(cfg: PixelTrialConfig, sweep: SweepConfig, trial_dir: Path, sta
     ensemble = None
     if state.report > 0 and ckpt.is_file():
         ensemble = MLPEnsemble(train_set.meta.feature_dim, num_classes, pcfg.members, pcfg.hidden or None)
-        ensemble.load_state_dict(torch.load(ckpt, weights_only=True))
+        ensemble.load_state_dict(read_payload(ckpt, ENSEMBLE_FORMAT)["state"])
     n = sweep.num_reports
     for r in range(state.report, n):
         chunk = replace(
@@ -398,7 +409,7 @@ def pixel_chunks(cfg: PixelTrialConfig, sweep: SweepConfig, trial_dir: Path, sta
         for shard in test_set.iter_shards(columns=["features", "label"]):
             pred, _, _ = predict_pixels(ensemble, torch.tensor(shard.features))
             cm.update(pred.numpy()[None], shard.labels[None])
-        atomic_torch_save(ensemble.state_dict(), ckpt)
+        write_payload(ckpt, {"format": ENSEMBLE_FORMAT, "state": ensemble.state_dict()})
         finite = [x for x in res.final_loss if math.isfinite(x)]
         yield {
             **cm.as_dict("test", class_names),
@@ -716,12 +727,14 @@ def run_sweep(
         if probe_v is not None:
             replace(base, **{key: probe_v})
 
+    out = Path(sweep.output_dir).resolve()
+    exp_dir = job_dir(out, sweep.name)
+    if resume and (exp_dir / "tuner.pkl").exists():  # Tune's restore unpickles the folder: only the user's own
+        check_state(exp_dir)
     if not ray.is_initialized():
         from diffseg.train import code_runtime_env
 
         ray.init(runtime_env=code_runtime_env())
-    out = Path(sweep.output_dir).resolve()
-    exp_dir = out / sweep.name
     cache_dir = Path(sweep.cache_dir).resolve() if sweep.cache_dir else out / "feature_cache"
     uri = resolve_tracking_uri(sweep.tracking.uri)
     state_file = exp_dir / "sweep.json"
@@ -784,7 +797,13 @@ def run_sweep(
             ),
         )
     handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:  # however the driver stops (but SIGKILL), sign what Tune wrote, so that resume=True may restore it
+        try:
+            sign_state(exp_dir)
+        except (OSError, UntrustedState) as e:
+            logger.warning("could not sign the sweep state in %s (a resume will be refused): %s", exp_dir, e)
     interrupted = _tune_was_interrupted(handler) or grid.num_terminated + grid.num_errors < len(grid)
 
     table = results_table(grid, keys, sweep.metric, sweep.mode)
@@ -848,15 +867,23 @@ def run(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     return run_sweep(base, sweep=replace(cfg, task=task), resume=resume)
 
 
-def main(argv: list[str] | None = None) -> SweepResult:
+def main(argv: list[str] | None = None) -> SweepResult | None:
     import argparse
 
     from diffseg.config import parse_job_args
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--trust-state", action="store_true")
     known, rest = pre.parse_known_args(argv)
     cfg, args = parse_job_args(SweepConfig, rest, description=__doc__.splitlines()[0])
+    if known.trust_state:  # the user vouches for a folder whose driver could not sign it (see diffseg.trust)
+        exp_dir = job_dir(Path(cfg.output_dir).resolve(), cfg.name)
+        if not exp_dir.is_dir():
+            raise FileNotFoundError(f"{exp_dir}: no sweep folder to sign (check name and output_dir)")
+        signed = trust_state(exp_dir)
+        print(f"[sweep] signed {len(signed)} state files of {exp_dir} with {key_path()}: {signed}")
+        return None
     if cfg.base_config and args.config and not Path(cfg.base_config).is_absolute():
         beside = Path(args.config).parent / cfg.base_config  # a base config is named relative to the sweep's YAML
         if beside.is_file() and not Path(cfg.base_config).is_file():
