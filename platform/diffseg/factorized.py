@@ -147,16 +147,23 @@ class FactorizedUNet(UNetTrunk):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         mask_mode: MaskMode = "learned",
+        masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (eps (B, C, H, W), masks (B, K, H, W), eps per region (B, K, C, H, W)).
 
         `mask_mode` (training warm-ups): "uniform" uses masks 1/K, "frozen" the learned masks with no gradient to the
         mask generator. In training mode, `mask_grad_max_t` cuts the mask gradient of rows with t >= it.
+        `masks` (B, K, H, W) replaces the mask generator with given masks (the oracle experiment, `diffseg.oracle`).
         """
         b, k = x.shape[0], self.num_components
         emb = self.embed(t, y)  # (B, 4C)
         h_mid, skips = self.encode(x, emb)  # (B, C_mid, h, w), skips
-        masks = self.masks(h_mid, skips, emb)  # (B, K, H, W)
+        if masks is not None:
+            if masks.shape != (b, k, *x.shape[2:]):
+                raise ValueError(f"masks must be (B, K={k}, H, W) = {(b, k, *x.shape[2:])}, got {tuple(masks.shape)}")
+            masks = masks.float()
+        else:
+            masks = self.masks(h_mid, skips, emb)  # (B, K, H, W)
         if mask_mode == "uniform":
             masks = _ScaleGrad.apply(masks, 0.0) * 0 + 1.0 / k  # still in the graph: DDP sees the parameters used
         elif mask_mode == "frozen":
@@ -183,9 +190,14 @@ class FactorizedUNet(UNetTrunk):
         return decoder["out"](self.run_decoder(decoder["blocks"], h_mid, skips_i, emb))
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, mask_mode: MaskMode = "learned"
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        mask_mode: MaskMode = "learned",
+        masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.forward_with_masks(x, t, y, mask_mode)[0]
+        return self.forward_with_masks(x, t, y, mask_mode, masks)[0]
 
     def forward_looped(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The same function (default decoding) with a Python loop over the K regions: the reference the batched

@@ -346,6 +346,8 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
     model_kwargs: dict[str, Any] = {"y": y} if y is not None else {}
     if (mode := mask_mode(cfg, state.step)) is not None:
         model_kwargs["mask_mode"] = mode
+    if "fixed_masks" in batch:  # the oracle experiment: given masks instead of the mask generator's
+        model_kwargs["masks"] = batch["fixed_masks"].to(device, non_blocking=True)  # (B, K, H, W)
     dtype = state.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         losses = state.diffusion.training_losses(state.model, x0, t, noise, model_kwargs=model_kwargs or None)
