@@ -208,6 +208,20 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
         data_rows = _score(cfg, ds.eval, methods, out / "eval" / f"{ds.name}--baselines")
         for r in data_rows:
             rows.append({"dataset": ds.name, "kind": "baseline", "name": r["method"], "metrics": r["metrics"]})
+        # The clustering baselines at every other K a variant uses: k-means with k = 3 is the fair rival of a K=3 model.
+        default_k = (
+            2 if ds.eval.protocol == "foreground" else len(load_eval_data(replace(ds.eval, limit=1)).class_names)
+        )
+        clustering = tuple(m for m in methods if m.startswith("kmeans"))
+        for k in sorted(
+            {s.config.model.factorized.num_components for s in specs if s.dataset == ds.name} - {default_k}
+        ):
+            if not clustering:
+                break
+            spec_k = replace(ds.eval, num_regions=k)
+            for r in _score(cfg, spec_k, clustering, out / "eval" / f"{ds.name}--baselines-k{k}"):
+                rows.append({"dataset": ds.name, "kind": "baseline", "name": f"{r['method']} (k={k})",
+                             "metrics": r["metrics"]})  # fmt: skip
         test = load_eval_data(ds.eval)
         figure_preds = []
         for v in cfg.variants:
@@ -261,9 +275,16 @@ def _score_key(metrics: dict[str, float]) -> str:
 
 def render_table(cfg: AblationConfig, rows: list[dict[str, Any]], device: str, minutes: float) -> str:
     """One Markdown table per data set: baselines, then variants (score, image dependence, eps-MSE, compute)."""
+    boxed = any(s["step"] < cfg.num_steps for r in rows if r["kind"] == "variant" for s in r["seeds"])
     lines = [
         f"Every variant: {cfg.num_steps} steps x batch {cfg.batch_size} = {cfg.num_steps * cfg.batch_size} training "
-        f"images, seeds {list(cfg.seeds)}, on {device}; masks at t={cfg.t}; total {minutes:.1f} min.\n"
+        f"images, seeds {list(cfg.seeds)}, on {device}; masks at t={cfg.t}; total {minutes:.1f} min."
+        + (
+            f" Time-boxed at {cfg.max_minutes} min per row: rows that hit it say the step they reached."
+            if boxed
+            else ""
+        )
+        + "\n"
     ]
     for ds in cfg.datasets:
         drows = [r for r in rows if r["dataset"] == ds.name]
