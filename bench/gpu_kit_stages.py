@@ -180,6 +180,11 @@ def maybe_compile(fn, spec: dict, **kwargs):
     return torch.compile(fn, **kwargs)
 
 
+def progress(text: str) -> None:
+    """A progress line: a stage cut at its time box shows in its log tail how far it got."""
+    print(f"[stage] {text}", flush=True)
+
+
 def tail(text: str, n: int = 3000) -> str:
     return text[-n:]
 
@@ -298,23 +303,31 @@ def stage_train_step(spec: dict, rec: Recorder) -> None:
         "fused_adamw": device.type == "cuda",
     }
     rec.set("setup", info)
-    flops = count_flops(lambda: train_step(state, batch, gen))  # forward+backward; AdamW and EMA are not counted
-    rec.set("gflop_per_step", flops / 1e9)
     peak = spec.get("peak_tflops")
+    progress("train_step: model built; timing the eager step")
+    # Throughput first (the figure that matters if the box runs out), FLOPs next (FlopCounterMode dispatches every op
+    # through Python: slow on a 210M-parameter network), compilation last (minutes of inductor on a cold cache).
+    eager = timed(lambda: train_step(state, batch, gen), device, spec)
+    flops: float | None = None
 
     def row(r: dict, **extra) -> dict:
-        tflops = flops / r["s"] / 1e12
+        tflops = flops / r["s"] / 1e12 if flops else None
         return {
             "ms_per_step": 1e3 * r["s"],
             "images_per_s": cfg.optim.batch_size / r["s"],
             "tflops": tflops,
-            "pct_peak": pct(tflops, peak),
+            "pct_peak": pct(tflops, peak) if tflops else None,
             "steps_timed": r["iters"],
             "gpu_peak_gib": gpu_peak_gib(device),
             **extra,
         }
 
-    rec.set("eager", row(timed(lambda: train_step(state, batch, gen), device, spec)))
+    rec.set("eager", row(eager))
+    progress(f"train_step: eager {1e3 * eager['s']:.1f} ms/step; counting FLOPs")
+    flops = count_flops(lambda: train_step(state, batch, gen))  # forward+backward; AdamW and EMA are not counted
+    rec.set("gflop_per_step", flops / 1e9)
+    rec.set("eager", row(eager))
+    progress("train_step: compiling")
     t0 = time.perf_counter()
     state.model = maybe_compile(state.model, spec)  # train_step and the EMA update see through the wrapper
     for _ in range(2):  # the first calls compile forward and backward
@@ -371,8 +384,8 @@ def stage_unet(spec: dict, rec: Recorder) -> None:
     t = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
     fwd_theirs = lambda x, t: theirs(x, t).sample  # noqa: E731
     pairs = {"ours": (ours, ours), "diffusers": (theirs, fwd_theirs)}
-    flops = {k: count_flops(unet_step.make_step(m, f, x, t, noise, device, use_bf16)[1]) for k, (m, f) in pairs.items()}
     steps = {k: unet_step.make_step(m, f, x, t, noise, device, use_bf16)[0] for k, (m, f) in pairs.items()}
+    progress("unet: both networks built; timing")
     rec.set(
         "setup",
         {
@@ -385,6 +398,9 @@ def stage_unet(spec: dict, rec: Recorder) -> None:
     )
     repeats = 3 if spec["smoke"] else 5
     secs = time_interleaved(steps, device, warmup=2, repeats=repeats, iters=1 if spec["smoke"] else 3)
+    rec.set("ratio", secs["diffusers"]["wall"] / secs["ours"]["wall"])  # the figure first; FLOPs (slow) after
+    progress(f"unet: diffusers/ours = {rec.data['results']['ratio']:.3f}; counting FLOPs")
+    flops = {k: count_flops(unet_step.make_step(m, f, x, t, noise, device, use_bf16)[1]) for k, (m, f) in pairs.items()}
     for k in steps:
         wall = secs[k]["wall"]
         tflops = flops[k] / wall / 1e12
@@ -398,14 +414,16 @@ def stage_unet(spec: dict, rec: Recorder) -> None:
                 "pct_peak": pct(tflops, spec.get("peak_tflops")),
             },
         )
-    rec.set("ratio", secs["diffusers"]["wall"] / secs["ours"]["wall"])
 
 
 def stage_ensemble(spec: dict, rec: Recorder) -> None:
     """The batched E=10 MLP ensemble vs ten MLPs trained one after another (bench/bench_ensemble_speed.py)."""
     import bench_ensemble_speed
 
-    kw = dict(members=10, dim=8448, classes=19, rows=20000, shards=4, iters=200)
+    # 4096 rows are enough for 200 batches of 64 per member (rows are drawn at random); 20000 rows of 8448 float16
+    # features cost more Parquet writing than the whole time box on the GPU run of 2026-11-26.
+    kw = dict(members=10, dim=8448, classes=19, rows=4096, shards=4, iters=200)
+    progress("ensemble: writing shards and timing")
     if spec["smoke"]:
         kw.update(dim=64, rows=2000, shards=2, iters=10)
     rec.set("result", bench_ensemble_speed.measure(**kw, device=spec["device"]))
@@ -452,8 +470,11 @@ def stage_sampling(spec: dict, rec: Recorder) -> None:
         s = sorted(secs)[len(secs) // 2]
         return {"s_per_batch": s, "images_per_s": n / s, "ms_per_step": 1e3 * s / steps, "runs": len(secs)}
 
+    progress("sampling: model built; warm-up")
     run(model)  # warm-up: cuDNN autotuning, allocator
+    progress("sampling: timing eager")
     rec.set("eager", row([run(model) for _ in range(3)]))
+    progress("sampling: compiling (CUDA graphs)")
     mode = "reduce-overhead" if device.type == "cuda" else None
     t0 = time.perf_counter()
     backend = "eager" if spec["smoke"] else "inductor"
