@@ -290,3 +290,16 @@ def test_hungarian_ignore_index():
     r = hungarian_miou(REG_H, gt, 2, 2)
     # region 1 (now 4 counted pixels) = class 0 exactly; region 0 (3) vs class 1 (3): exact.
     assert r.miou == 1.0
+
+
+def test_metrics_over_zero_images_are_errors_not_nan():
+    cm = ConfusionMatrix(3)
+    for metric in (cm.miou, cm.pixel_accuracy, cm.iou, cm.as_dict):
+        with pytest.raises(ValueError, match="zero images"):
+            metric()
+    cm.update(np.full((1, 2, 2), 255), np.full((1, 2, 2), 255))  # an image whose pixels are all ignored: NaN
+    assert np.isnan(cm.pixel_accuracy()) and np.isnan(cm.miou())
+    with pytest.raises(ValueError, match="zero images"):
+        HungarianIoU(2, 2).compute()
+    with pytest.raises(ValueError, match="before any update"):
+        HungarianIoU(2, 2, per_image=True).compute()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -348,3 +350,17 @@ def test_eval_configs_resolve():
     face = load_config(EvalConfig, REPO / "jobs" / "configs" / "eval_face3.yaml")
     assert face.datasets[0].protocol == "multiclass" and face.datasets[0].data.class_merge == "face3"
     assert from_dict(DataConfig, {"name": "folder", "root": "x"}).root == "x"
+
+
+def test_segment_job_on_an_empty_folder_exits_nonzero(tiny_setup, tmp_path):
+    """`jobs/segment.py` over zero images is a failure with a message, not exit 0 and "0 images"."""
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "dataset.json").write_text(json.dumps({"classes": ["bg", "fg"], "ignore_index": 255}))
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "segment.py"), f"checkpoint={tiny_setup['factorized']}",
+         f"data.root={empty}", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert f"{empty / 'images'} (0 images) is empty" in out.stderr, out.stderr[-2000:]
