@@ -17,7 +17,7 @@ from pathlib import Path
 # The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.config import replace  # noqa: E402
+from diffseg.config import find_config, replace  # noqa: E402
 from diffseg.launch import run_job  # noqa: E402
 from diffseg.sweep import SweepConfig, run  # noqa: E402
 
@@ -25,7 +25,7 @@ from diffseg.sweep import SweepConfig, run  # noqa: E402
 def base_beside_config(cfg: SweepConfig, args) -> SweepConfig:
     """A relative `base_config` names a file beside the sweep's YAML (unless it exists from here)."""
     if cfg.base_config and args.config and not Path(cfg.base_config).is_absolute():
-        beside = Path(args.config).parent / cfg.base_config
+        beside = find_config(args.config).parent / cfg.base_config  # --config may name a shipped config
         if beside.is_file() and not Path(cfg.base_config).is_file():
             return replace(cfg, base_config=str(beside))
     return cfg

@@ -335,3 +335,23 @@ def test_state_signature_catches_changes_and_permissions(tmp_path):
     (exp / SIGNATURE_NAME).unlink()
     assert trust_state(exp) == ["sweep.json", "trial_1/error.pkl", "tuner.pkl"]  # the explicit vouch
     check_state(exp)
+
+
+def test_trust_state_from_the_command_line(tmp_path, capsys):
+    """`jobs/sweep.py --trust-state` signs the named sweep folder and exits (a missing folder is a clear error, not a
+    traceback); afterwards the folder passes the check a resume makes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+    sweep_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep_job)
+    args = ["--config", "sweep_k_tiny.yaml", f"output_dir={tmp_path}", "name=killed", "--trust-state"]
+    with pytest.raises(SystemExit, match=r"killed is no sweep folder to sign"):
+        sweep_job.main(args)
+    exp = tmp_path / "killed"
+    exp.mkdir(mode=0o700)
+    (exp / "tuner.pkl").write_bytes(b"state a killed driver left")
+    with pytest.raises(UntrustedState, match="not signed"):
+        check_state(exp)
+    assert sweep_job.main(args) is None and (exp / SIGNATURE_NAME).is_file()
+    check_state(exp)

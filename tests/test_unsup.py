@@ -286,6 +286,10 @@ tracking: {{uri: "sqlite:///{tiny_setup["tmp"]}/mlflow.db", experiment: test}}
         assert 0.0 <= float(r[key]) <= 1.0
     md = (run / "table.md").read_text()
     assert "| syn-fg | GrabCut |" in md and "mIoU" in md and "IoU (fixed fg)" in md
+    assert "Image dep." in md  # the masks' image dependence (wt-15), a share in [0, 1]: priors are 0 by construction
+    for r in rows:
+        dep = float(r["dependence"])
+        assert 0.0 <= dep <= 1.0 and (dep == 0.0 or r["method"] not in ("all_foreground", "centred_box")), r
     fig = np.asarray(Image.open(run / "figures" / "syn-fg.png"))
     assert fig.shape[1] == (2 + 7) * (SIZE + 2) + 2  # image | ground truth | 7 methods
     assert json.loads((run / "results.json").read_text())[0]["dataset"] == "syn-fg"

@@ -44,8 +44,10 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.sample import Domain
 
 from diffseg.config import (
+    ConfigError,
     Name,
     atomic_write_text,
+    find_config,
     from_dict,
     job_dir,
     load_config,
@@ -401,7 +403,7 @@ def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> Sw
     if trust_state:
         exp_dir = job_dir(Path(cfg.output_dir).resolve(), cfg.name)
         if not exp_dir.is_dir():
-            raise FileNotFoundError(f"{exp_dir}: no sweep folder to sign (check name and output_dir)")
+            raise ConfigError(f"name, output_dir: {exp_dir} is no sweep folder to sign (check name and output_dir)")
         signed = vouch_for_state(exp_dir)
         log.info(f"[sweep] signed {len(signed)} state files of {exp_dir} with {key_path()}: {signed}")
         return None
@@ -409,7 +411,7 @@ def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> Sw
     if task == "auto":
         if cfg.base_config is None:
             raise ValueError("task: with no base_config, say which trials to run (task=pixel or task=factorized)")
-        data = load_yaml(cfg.base_config)
+        data = load_yaml(find_config(cfg.base_config))
         task = "factorized" if data.get("model", {}).get("kind") == "factorized" else "pixel"
         if task == "pixel" and "features" not in data:
             raise ValueError(f"{cfg.base_config}: neither a factorized TrainConfig nor a PixelTrialConfig")
