@@ -4,6 +4,7 @@ Both train on the same Parquet shards, with the same per-member batches (batch 6
 architecture), for a fixed number of iterations, so the ratio is pure throughput. Prints measured figures.
 
 python bench/bench_ensemble_speed.py [--members 10] [--dim 8448] [--classes 19] [--rows 20000] [--iters 200]
+python bench/bench_ensemble_speed.py --device cuda        # the GPU speed-up (also stage `ensemble` of gpu_kit.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffseg.pixel import MLPEnsemble, ensemble_train_step, make_optimizer  # noqa: E402
-from diffseg.shards import FeatureMeta, ShardSet, write_shard  # noqa: E402
+from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
 
 
 def batches(ss: ShardSet, members: int, batch: int, iters: int, seed: int = 0):
@@ -41,6 +42,71 @@ def batches(ss: ShardSet, members: int, batch: int, iters: int, seed: int = 0):
                     return
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    members: int = 10,
+    dim: int = 8448,
+    classes: int = 19,
+    rows: int = 20000,
+    shards: int = 4,
+    iters: int = 200,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Seconds for `iters` iterations of the batched ensemble and of `members` separate MLPs on the same batches
+    (read once from shards, then held on `device`: I/O excluded). -> {"batched_s", "separate_s", "speedup", ...}."""
+    device = torch.device(device)
+    e, d, k = members, dim, classes
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        meta = FeatureMeta(
+            blocks=["bench"], timesteps=[0], feature_dim=d, image_size=1, num_classes=k, backbone="bench"
+        )
+        per = rows // shards
+        begin_shard_set(tmp, ["x"])
+        for s in range(shards):
+            write_shard(
+                Path(tmp) / f"s{s}.parquet", rng.normal(size=(per, d)).astype(np.float16), rng.integers(0, k, per),
+                ["x"] * per, np.zeros(per), np.zeros(per), meta,
+            )  # fmt: skip
+        end_shard_set(tmp)
+        ss = ShardSet(tmp)
+        # identical batches for both, read once (I/O excluded)
+        data = [(x.to(device), y.to(device)) for x, y in batches(ss, e, 64, iters)]
+        num_rows = ss.num_rows
+    torch.manual_seed(0)
+    mlps = [MLPEnsemble.member_mlp(d, k).to(device) for _ in range(e)]
+    ens = MLPEnsemble.from_members(mlps).to(device)
+
+    # warm-up (allocator, kernels), then time
+    opt = make_optimizer(ens.parameters(), 1e-3)
+    ensemble_train_step(ens, opt, *data[0])
+    sync(device)
+    t0 = time.perf_counter()
+    for x, y in data:
+        ensemble_train_step(ens, opt, x, y)
+    sync(device)
+    t_ens = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for m_i, mlp in enumerate(mlps):
+        o = make_optimizer(mlp.parameters(), 1e-3)  # the same (fused) Adam
+        for x, y in data:
+            loss = F.cross_entropy(mlp(x[m_i]), y[m_i])
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+    sync(device)
+    t_sep = time.perf_counter() - t0
+    return {
+        "members": e, "dim": d, "classes": k, "batch": 64, "iters": len(data), "rows": num_rows, "shards": shards,
+        "device": str(device), "batched_s": t_ens, "separate_s": t_sep, "speedup": t_sep / t_ens,
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=10)
@@ -50,51 +116,22 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the batches are moved there before timing)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    e, d, k = args.members, args.dim, args.classes
-    with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        meta = FeatureMeta(
-            blocks=["bench"], timesteps=[0], feature_dim=d, image_size=1, num_classes=k, backbone="bench"
-        )
-        per = args.rows // args.shards
-        for s in range(args.shards):
-            write_shard(
-                Path(tmp) / f"s{s}.parquet", rng.normal(size=(per, d)).astype(np.float16), rng.integers(0, k, per),
-                ["x"] * per, np.zeros(per), np.zeros(per), meta,
-            )  # fmt: skip
-        ss = ShardSet(tmp)
-        data = list(batches(ss, e, 64, args.iters))  # identical batches for both, read once (I/O excluded)
-        torch.manual_seed(0)
-        mlps = [MLPEnsemble.member_mlp(d, k) for _ in range(e)]
-        ens = MLPEnsemble.from_members(mlps)
-
-        # warm-up (allocator, kernels) on copies, then time
-        opt = make_optimizer(ens.parameters(), 1e-3)
-        ensemble_train_step(ens, opt, *data[0])
-        t0 = time.perf_counter()
-        for x, y in data:
-            ensemble_train_step(ens, opt, x, y)
-        t_ens = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        for m_i, mlp in enumerate(mlps):
-            o = make_optimizer(mlp.parameters(), 1e-3)  # the same (fused) Adam
-            for x, y in data:
-                loss = F.cross_entropy(mlp(x[m_i]), y[m_i])
-                o.zero_grad(set_to_none=True)
-                loss.backward()
-                o.step()
-        t_sep = time.perf_counter() - t0
+    r = measure(args.members, args.dim, args.classes, args.rows, args.shards, args.iters, args.device)
+    e, iters = r["members"], r["iters"]
     print(
-        f"E={e} D={d} K={k} batch=64 iterations={args.iters} threads={torch.get_num_threads()} "
-        f"rows={ss.num_rows} in {args.shards} shards"
+        f"E={e} D={r['dim']} K={r['classes']} batch=64 iterations={iters} threads={torch.get_num_threads()} "
+        f"rows={r['rows']} in {r['shards']} shards on {r['device']}"
     )
-    print(f"batched ensemble : {t_ens:8.2f} s  ({args.iters / t_ens:7.1f} it/s, all {e} members per iteration)")
-    print(f"{e} separate MLPs : {t_sep:8.2f} s  ({args.iters * e / t_sep:7.1f} member-it/s)")
-    print(f"speed-up (separate / batched) = {t_sep / t_ens:.2f}x")
+    print(
+        f"batched ensemble : {r['batched_s']:8.2f} s  ({iters / r['batched_s']:7.1f} it/s, "
+        f"all {e} members per iteration)"
+    )
+    print(f"{e} separate MLPs : {r['separate_s']:8.2f} s  ({iters * e / r['separate_s']:7.1f} member-it/s)")
+    print(f"speed-up (separate / batched) = {r['speedup']:.2f}x")
 
 
 if __name__ == "__main__":

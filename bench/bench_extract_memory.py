@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffseg.data import DataConfig, build_dataset  # noqa: E402
+from diffseg.data import DataConfig, build_dataset, item_ids  # noqa: E402
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from diffseg.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
 from diffseg.pixel import PixelTrainConfig, train_ensemble  # noqa: E402
-from diffseg.shards import ShardSet  # noqa: E402
+from diffseg.shards import ShardSet, begin_shard_set, end_shard_set  # noqa: E402
 from diffseg.unet import build_unet, count_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         fx = FeatureExtractor.from_pipeline(pipe, str(out), {"num_classes": len(names), "class_names": names})
+        begin_shard_set(out, item_ids(ds)[: args.num_images])
         t1 = time.perf_counter()
         for start in range(0, args.num_images, args.batch_size):
             items = [ds[i] for i in range(start, min(start + args.batch_size, args.num_images))]
@@ -94,6 +95,7 @@ def main() -> None:
             print(f"  extracted {done}/{args.num_images} images ({el:.0f}s, peak RSS {peak_gb():.2f} GB)", flush=True)
         t_extract = time.perf_counter() - t1
         peak_extract = peak_gb()
+        end_shard_set(out)
         ss = ShardSet(out)
         size_gb = sum(Path(p).stat().st_size for p in ss.paths) / 1024**3
         print(f"extraction: {ss.num_rows} labelled pixels x {ss.meta.feature_dim} dims in {len(ss)} shards "

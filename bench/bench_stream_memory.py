@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from diffseg import pixel  # noqa: E402
 from diffseg.data import DataConfig, build_dataset  # noqa: E402
 from diffseg.pixel import PixelTrainConfig, buffer_rows, train_ensemble  # noqa: E402
-from diffseg.shards import FeatureMeta, ShardSet, write_shard  # noqa: E402
+from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,7 @@ def main() -> None:
         t0 = time.perf_counter()
         meta = FeatureMeta(blocks=["bench"], timesteps=[0], feature_dim=args.dim, image_size=args.size,
                            num_classes=len(names), class_names=names, backbone="bench (random features)")  # fmt: skip
+        begin_shard_set(tmp, [str(ds[i]["id"]) for i in range(args.num_images)])
         for start in range(0, args.num_images, args.batch_size):
             idx = range(start, min(start + args.batch_size, args.num_images))
             labels = np.concatenate([ds[i]["mask"].numpy().reshape(-1) for i in idx])
@@ -73,6 +74,7 @@ def main() -> None:
             ys, xs = np.tile(yx[0], len(idx)), np.tile(yx[1], len(idx))
             write_shard(Path(tmp) / f"shard-{start:05d}.parquet", feats, labels, ids, ys, xs, meta)
             del feats
+        end_shard_set(tmp)
         ss = ShardSet(tmp)
         disk = sum(Path(p).stat().st_size for p in ss.paths) / 1024**3
         t_write = time.perf_counter() - t0

@@ -31,14 +31,14 @@ from harness import (
 )
 from torch import nn
 
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet
-from diffseg.unet import UNet, UNetConfig, count_parameters
+from diffseg.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.unet import UNET_SIZES, UNet, UNetConfig, count_parameters
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--size", default=None, help="a named size from factorized.FACTORIZED_SIZES (e.g. paper-64)")
+    p.add_argument("--size", default=None, help="a named size from unet.UNET_SIZES (e.g. paper-64)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--model-channels", type=int, default=32)
     p.add_argument("--channel-mult", default="1,2,2")
@@ -79,7 +79,7 @@ def make_step(model: nn.Module, forward, x, t, noise, device, use_bf16: bool, wi
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, use_bf16 = setup(args)
-    cfg = FACTORIZED_SIZES[args.size]() if args.size else UNetConfig(
+    cfg = UNET_SIZES[args.size]() if args.size else UNetConfig(
         image_size=args.image_size,
         model_channels=args.model_channels,
         num_res_blocks=args.num_res_blocks,

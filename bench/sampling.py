@@ -21,7 +21,7 @@ from harness import add_common_args, autocast, command_line, machine_line, setup
 from torch import nn
 
 from diffseg.diffusion import DiffusionConfig, build_diffusion
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet
+from diffseg.factorized import FactorizedConfig, FactorizedUNet
 from diffseg.sampling import sample
 from diffseg.unet import UNET_SIZES, UNet
 
@@ -30,10 +30,11 @@ class _Compiled(nn.Module):
     """The model with a compiled forward and the `cfg` the sampler reads. A compiled factorized model is sampled
     through its eps-only forward (the same network calls; the masks are not kept)."""
 
-    def __init__(self, model: nn.Module, mode: str | None):
+    def __init__(self, model: nn.Module, mode: str | None, backend: str = "inductor"):
         super().__init__()
         self.model, self.cfg = model, model.cfg
-        self._forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        # backend="eager" only traces (dynamo, no code generation): the gpu_kit smoke test's cheap stand-in
+        self._forward = torch.compile(model.forward, mode=mode, dynamic=False, backend=backend)
 
     def forward(self, x, t, **kwargs):
         return self._forward(x, t, **kwargs)
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--model", choices=["unet", "factorized"], default="unet")
-    p.add_argument("--size", default="tiny", help="a named size (unet.UNET_SIZES / factorized.FACTORIZED_SIZES)")
+    p.add_argument("--size", default="tiny", help="a named size (unet.UNET_SIZES)")
     p.add_argument("--num-components", "-K", type=int, default=3)
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument(
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     if args.model == "unet":
         model: nn.Module = UNet(UNET_SIZES[args.size]())
     else:
-        model = FactorizedUNet(FACTORIZED_SIZES[args.size](), FactorizedConfig(num_components=args.num_components))
+        model = FactorizedUNet(UNET_SIZES[args.size](), FactorizedConfig(num_components=args.num_components))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     diffusion = build_diffusion(DiffusionConfig(num_timesteps=args.num_timesteps))

@@ -5,8 +5,11 @@
             ──► SamplerModel                  (DDIM samples, with masks from a factorized model)
 
 The ingress reads and checks every request (size, format, declared pixels, parameters) and answers 4xx JSON for bad
-ones; model replicas only ever see validated fixed-size float arrays, batched with `@serve.batch`. Everything that is
-not a deployment class (validation, decoding, models, rendering) lives in `diffseg.serving`, which has no Ray in it.
+ones; model replicas only ever see validated fixed-size float arrays (segmenters batched with `@serve.batch`, the
+sampler through its cost-bounded, step-by-step `SampleScheduler`). Uploads are decoded and rendered within the
+ingress's pixel budget; a model call that times out or whose client leaves is cancelled in the replica. Everything
+that is not a deployment class (validation, decoding, budgets, scheduling, models, rendering) lives in
+`diffseg.serving`, which has no Ray in it.
 
     serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
     serve.run(build_app({"segmenter": "runs/x/checkpoint.pt"}))
@@ -14,6 +17,7 @@ not a deployment class (validation, decoding, models, rendering) lives in `diffs
 
 import asyncio
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,20 +40,26 @@ from diffseg.serving import (
     DiffusionSampler,
     FactorizedSegmenter,
     Limits,
+    PixelBudget,
     PixelEnsembleSegmenter,
     RequestError,
     SampleParams,
+    SampleScheduler,
     ServeAppConfig,
-    decode_image,
+    await_model,
     parse_sample_request,
     parse_segment_params,
+    public_info,
     render_samples,
-    render_segmentation,
-    to_model_input,
+    safe_text,
+    segment_upload,
 )
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
+
+
+CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -135,36 +145,40 @@ class SegmenterModel(_ModelReplica):
         return await self._compute(self.model.segment, np.stack(images), list(ts), list(seeds))
 
 
-def _num_images(items: list[SampleParams]) -> int:
-    return sum(p.num_images for p in items)
-
-
 @serve.deployment
 class SamplerModel(_ModelReplica):
-    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, num_threads: int, max_num_images: int):
+    """DDIM sampling through a `SampleScheduler`: admission by image-steps (503 over the replica's budget), requests
+    interleaved step by step, fairly by image-steps, and a request cancelled by the ingress (timeout, client gone)
+    dropped between two steps."""
+
+    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, num_threads: int, limits: dict):
         self._setup(num_threads, batching)
+        lim = from_dict(Limits, limits, prefix="limits")
         self.model = DiffusionSampler.load(source, device, use_ema)
-        # The sampler's batch counts images, and one request (up to max_num_images) must always fit.
-        self.sample_batched.set_max_batch_size(max(self.batching.max_batch_size, max_num_images))
-        self.sample_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+        self.scheduler = SampleScheduler(
+            self.model.sample_steps,
+            max_inflight_cost=lim.max_inflight_cost,
+            max_batch_images=max(self.batching.max_batch_size, lim.max_num_images),  # one request always fits
+            batch_wait_s=self.batching.batch_wait_timeout_s,
+            batching=self.batching.enabled,
+        )
 
     def info(self) -> dict[str, Any]:
-        return {**self.model.info(), **self._replica_info()}
+        return {**self.model.info(), **self._replica_info(), "scheduler": self.scheduler.stats()}
+
+    def check_health(self) -> None:
+        busy = self.scheduler.busy_since
+        if busy is not None and time.monotonic() - busy > self.STALL_S:
+            raise RuntimeError(f"a sampling step has run for more than {self.STALL_S:.0f} s")
 
     async def sample(self, params: SampleParams) -> dict[str, np.ndarray | None]:
         self.counts["requests"] += 1
-        if self.batching.enabled:
-            return await self.sample_batched(params)
-        return (await self._run([params]))[0]
-
-    # The batch is counted in images, not requests: a request for 16 images fills a batch of 16.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_num_images)
-    async def sample_batched(self, requests: list[SampleParams]) -> list[dict]:
-        return await self._run(requests)
-
-    async def _run(self, requests):
-        self.counts["largest_batch"] = max(self.counts["largest_batch"], _num_images(requests))
-        return await self._compute(self.model.sample, list(requests))
+        req = self.scheduler.submit(params)  # RequestError 503 when the replica's image-step budget is full
+        try:
+            return await asyncio.wrap_future(req.future)
+        except asyncio.CancelledError:  # the ingress cancelled the call: stop the work, not just the wait
+            self.scheduler.cancel(req)
+            raise
 
 
 api = FastAPI(title="diffseg", summary="segmentation and sampling with diffusion models", docs_url="/docs")
@@ -188,7 +202,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     # Not the client's fault (bad input never gets here): still JSON, and the message names the exception.
-    return _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:500]}")
+    return _error(500, f"internal error: {type(exc).__name__}: {safe_text(exc, 500)}")
 
 
 @serve.deployment
@@ -202,29 +216,30 @@ class Ingress:
         self.segmenters = {name: h for name, h in (("factorized", factorized), ("pixel", pixel)) if h is not None}
         self.sampler = sampler
         self._infos: dict[str, dict[str, Any]] = {}
+        self.pixels = PixelBudget(self.limits.max_inflight_pixels)  # decoded/rendered upload pixels in flight
         self.page = PAGE.read_text() if PAGE.is_file() else "<h1>diffseg</h1>"
 
     # ---- helpers
     async def _call(self, response):
-        """Await a model call within the request timeout; overload and timeouts are 503/504, never a hang."""
+        """Await a model call within the request timeout; overload and timeouts are 503/504, never a hang, and a
+        timed-out or abandoned call is cancelled in the replica (`await_model`)."""
         try:
-            return await asyncio.wait_for(response, timeout=self.limits.request_timeout_s)
-        except TimeoutError:
-            raise RequestError(504, f"the model did not answer within {self.limits.request_timeout_s} s") from None
+            return await await_model(response, self.limits.request_timeout_s)
         except BackPressureError as e:
             raise RequestError(503, f"the model is overloaded, retry later ({e})") from None
 
     async def _info(self, name: str) -> dict[str, Any]:
-        if name not in self._infos:  # static per model: fetched once, then cached
+        """A model's info as clients may see it (no paths or pids unless expose_internals); static, so cached."""
+        if name not in self._infos:
             handle = self.segmenters.get(name) if name != "sampler" else self.sampler
             self._infos[name] = await self._call(handle.info.remote())
-        return self._infos[name]
+        return public_info(self._infos[name], self.cfg.expose_internals)
 
     async def _read_body(self, request: Request, cap: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.strip().isdigit():
-                raise RequestError(400, f"bad Content-Length {declared!r}")
+            if not CONTENT_LENGTH.fullmatch(declared.strip()):
+                raise RequestError(400, f"bad Content-Length {safe_text(declared, 40)!r}")
             if int(declared) > cap:
                 raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {cap}")
         body = bytearray()
@@ -278,14 +293,17 @@ class Ingress:
 
     @api.get("/v1/info")
     async def info(self) -> JSONResponse:
-        """Model info, fresh from each model replica (pid, counters), plus the ingress's own pid and limits."""
+        """Model info, fresh from each model replica (counters), the limits, and the ingress's pixel budget. Paths,
+        devices and pids only with `expose_internals` (they tell an attacker where the weights are and what runs)."""
         models = {}
         for name, handle in [*self.segmenters.items(), *([("sampler", self.sampler)] if self.sampler else [])]:
-            models[name] = await self._call(handle.info.remote())
-            self._infos[name] = models[name]
+            self._infos[name] = await self._call(handle.info.remote())
+            models[name] = public_info(self._infos[name], self.cfg.expose_internals)
+        ingress = {"pid": os.getpid(), "pixels_in_flight": self.pixels.used, "peak_pixels": self.pixels.peak,
+                   "pixel_waits": self.pixels.waits}  # fmt: skip
         return JSONResponse(
             {
-                "ingress": {"pid": os.getpid()},
+                "ingress": public_info(ingress, self.cfg.expose_internals),
                 "models": models,
                 "limits": to_dict(self.limits),
                 "batching": to_dict(self.cfg.batching),
@@ -300,12 +318,13 @@ class Ingress:
             raise RequestError(422, "a query parameter is given twice")
         infos = {name: await self._info(name) for name in self.segmenters}
         params = parse_segment_params(query, self.limits, infos)
-        info = infos[params.method]
-        image = await asyncio.to_thread(decode_image, data, self.limits)
-        x = await asyncio.to_thread(to_model_input, image, int(info["image_size"]))
-        result = await self._call(self.segmenters[params.method].segment.remote(x, params.t, params.seed))
-        media, out = await asyncio.to_thread(render_segmentation, image, result, params, info)
-        return JSONResponse(out) if media == "application/json" else Response(out, media_type=media)
+        handle = self.segmenters[params.method]
+
+        def call_model(x):
+            return self._call(handle.segment.remote(x, params.t, params.seed))
+
+        media, out = await segment_upload(data, params, infos[params.method], self.limits, self.pixels, call_model)
+        return Response(out, media_type=media)
 
     @api.post("/v1/sample")
     async def sample(self, request: Request) -> Response:
@@ -367,8 +386,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", cfg.pixel, **common)
     if cfg.sampler_source:
         opts = _deployment_options(cfg.models, "Sampler", gpu_capable=True)
-        handles["sampler"] = SamplerModel.options(**opts).bind(
-            cfg.sampler_source, **common, max_num_images=cfg.limits.max_num_images
-        )
+        handles["sampler"] = SamplerModel.options(**opts).bind(cfg.sampler_source, **common, limits=to_dict(cfg.limits))
     ingress_opts = _deployment_options(cfg.ingress, "Ingress", gpu_capable=False)
     return Ingress.options(**ingress_opts).bind(to_dict(cfg), **handles)

@@ -45,6 +45,21 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_state_key(tmp_path_factory):
+    """Sweep-state signing (diffseg.trust) uses a per-user key file: tests use their own, never ~/.config's. Set in
+    the environment, so job subprocesses inherit it."""
+    from diffseg.trust import KEY_ENV
+
+    before = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("trust") / "state.key")
+    yield
+    if before is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

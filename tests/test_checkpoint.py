@@ -4,6 +4,12 @@ guided-diffusion importer."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +17,7 @@ import torch
 
 from diffseg.checkpoint import (
     FORMAT,
+    CheckpointError,
     atomic_torch_save,
     convert_guided_diffusion,
     import_guided_diffusion,
@@ -20,9 +27,12 @@ from diffseg.checkpoint import (
 )
 from diffseg.config import from_dict, to_dict
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
+from diffseg.features import FeatureConfig
 from diffseg.models import EMA, ModelConfig, build_model
+from diffseg.pixel import MLPEnsemble, PixelSegmenter
 from diffseg.unet import UNet, UNetConfig
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,))
 
 
@@ -50,7 +60,8 @@ def test_round_trip_carries_everything(tmp_path, kind):
     path = save_checkpoint(tmp_path / "run" / "checkpoint.pt", config=cfg, model=model, ema=ema.model, optimizer=opt,
                            step=2, extra={"loss": 0.5})  # fmt: skip
     raw = torch.load(path, weights_only=True)  # tensors, numbers, strings, lists and dicts only
-    assert raw["format"] == FORMAT and set(raw) == {"format", "config", "model", "ema", "optimizer", "step", "extra"}
+    keys = {"format", "config", "model", "ema", "optimizer", "step", "extra", "integrity"}
+    assert raw["format"] == FORMAT and set(raw) == keys
     ckpt = load_checkpoint(tmp_path / "run")  # a run folder resolves to its checkpoint.pt
     assert ckpt.step == 2 and ckpt.extra == {"loss": 0.5}
     assert ckpt.config == json.loads(json.dumps(cfg)) and ckpt.model_config == ModelConfig(kind=kind, unet=TINY)
@@ -107,11 +118,11 @@ def test_weights_only_refuses_pickled_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "config": "{}", "model": {}, "step": 0, "payload": Evil()}, path)
-    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+    with pytest.raises(ValueError, match="pickled Python objects .* would run code"):
         load_checkpoint(path)
     path2 = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, path2)
-    with pytest.raises(ValueError, match="not a diffseg checkpoint"):
+    with pytest.raises(ValueError, match="no 'format' key, not a diffseg model checkpoint"):
         load_checkpoint(path2)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
@@ -183,3 +194,224 @@ def test_checkpoint_is_plain_data(tmp_path):
 
     assert plain(raw)
     assert json.loads(raw["config"])["unet"]["channel_mult"] == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_export_loads_as_fp32_model(tmp_path, dtype):
+    """The inference export (EMA weights only, fp16/bf16) is what the GPU kit ships: load_diffusion_model (jobs, Serve)
+    rebuilds the fp32 network from it, and its outputs match the fp32 EMA's to the precision's rounding."""
+    from diffseg.checkpoint import export_weights
+
+    cfg, model, ema, opt = trained_state("factorized")
+    full = save_checkpoint(tmp_path / "full.pt", config=cfg, model=model, ema=ema.model, optimizer=opt, step=2)
+    small = export_weights(full, tmp_path / "small.pt", dtype=dtype, extra={"note": "test"})
+    ckpt = load_checkpoint(small)
+    assert ckpt.ema is None and ckpt.optimizer is None and ckpt.step == 2
+    assert all(v.dtype == dtype for v in ckpt.model.values() if torch.is_floating_point(v))
+    assert ckpt.extra["export"]["weights"] == "ema" and ckpt.extra["export"]["note"] == "test"
+    assert small.stat().st_size < full.stat().st_size / 3
+    loaded = load_diffusion_model(small, "cpu").model
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 30])
+    with torch.no_grad():
+        ref, got = ema.model.eval()(x, t), loaded(x, t)
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    assert (got - ref).norm() / ref.norm().clamp(min=1e-6) < tol
+
+
+def test_half_precision_export_refuses_overflow(tmp_path):
+    from diffseg.checkpoint import export_weights
+
+    state = {"w": torch.tensor([1.0, 1e6])}
+    path = save_checkpoint(tmp_path / "c.pt", config={"model": {}}, model=state, step=0)
+    with pytest.raises(ValueError, match="'w' overflows"):
+        export_weights(path, tmp_path / "e.pt")
+    assert not (tmp_path / "e.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- integrity
+def _flip_byte_in_record(path: Path, record_suffix: str, at: int = 5) -> str:
+    """Flip one byte inside the stored (uncompressed) zip record whose name ends with `record_suffix`; returns its
+    name. This is damage torch itself does not notice: the file still loads."""
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(record_suffix))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    assert info.compress_type == zipfile.ZIP_STORED and info.file_size > at
+    data[start + at] ^= 0x10
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bit_flipped_checkpoint_is_refused_naming_the_tensor(tmp_path, dtype):
+    cfg, model, ema, opt = trained_state()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path / "checkpoint.pt", config=cfg, model=state, ema=state, optimizer=opt, step=2)
+    assert load_checkpoint(path).model["out.2.weight"].dtype == dtype  # any dtype round-trips with its checksum
+    original = torch.load(path, weights_only=True)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(path.read_bytes())
+    _flip_byte_in_record(damaged, "/data/3")
+    raw = torch.load(damaged, weights_only=True)  # torch alone loads the damaged file without a word
+    changed = [n for n, t in _tensors(raw) if not torch.equal(t, dict(_tensors(original))[n])]
+    assert len(changed) >= 1
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(damaged)
+    msg = str(e.value)
+    assert str(damaged) in msg and "does not match its SHA-256" in msg
+    assert any(f"'{n}'" in msg for n in changed), (msg, changed)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_diffusion_model(damaged, "cpu")  # the loader every job and Serve use
+
+
+def _tensors(obj, prefix=""):
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}" if prefix else str(k))
+
+
+def test_altered_config_is_refused(tmp_path):
+    cfg, model, _, _ = trained_state()
+    path = save_checkpoint(tmp_path / "c.pt", config=cfg, model=model, step=2)
+    raw = torch.load(path, weights_only=True)
+    raw["step"] = 999  # an edit that keeps every tensor
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"non-tensor part .* does not match"):
+        load_checkpoint(path)
+
+
+def test_each_damaged_file_error_names_the_file(tmp_path):
+    """Every way a file can be wrong gets an error naming the real file and saying what is wrong with it."""
+    cfg, model, _, _ = trained_state()
+    good = save_checkpoint(tmp_path / "good.pt", config=cfg, model=model, step=1).read_bytes()
+    bundle = PixelSegmenter(
+        MLPEnsemble(4, 2, members=2), FeatureConfig(backbone="rgb"), ["a", "b"], 16, {}, "cpu"
+    ).save(tmp_path / "bundle.pt")
+    cases = {
+        "empty.pt": (b"", "empty file"),
+        "half.pt": (good[: len(good) // 2], "truncated or damaged"),
+        "tail.pt": (good[:-30], "truncated or damaged"),
+        "random.pt": (bytes(range(256)) * 4, "not a torch zip file"),
+        "text.pt": (b"model weights\n", "not a torch zip file"),
+    }
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "foreign.pt")
+    cases["foreign.pt"] = (None, "no 'format' key, not a diffseg model checkpoint")
+    torch.save({"format": FORMAT, "x": _Evil()}, tmp_path / "code.pt")
+    cases["code.pt"] = (None, "would run code")
+    cases["bundle.pt"] = (None, "this is a pixel-segmenter bundle")
+    for name, (_, phrase) in cases.items():
+        path = tmp_path / name
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        assert str(path) in str(e.value) and phrase in str(e.value), (name, str(e.value))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'good.pt'}: this is a diffseg model checkpoint"):
+        PixelSegmenter.load(tmp_path / "good.pt")
+    assert PixelSegmenter.load(bundle).class_names == ["a", "b"]
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'run'}: a folder without checkpoint.pt"):
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'missing.pt'}: no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_resume_from_a_truncated_export_names_the_run_checkpoint(tmp_path):
+    from diffseg.loop import TrainConfig, load_run_checkpoint
+
+    cfg = TrainConfig(name="r", output_dir=str(tmp_path))
+    cfg_, model, _, _ = trained_state()
+    path = save_checkpoint(tmp_path / "r" / "checkpoint.pt", config=cfg_, model=model, step=4)
+    assert load_run_checkpoint(cfg).step == 4
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"^{path}: truncated"):
+        load_run_checkpoint(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- kills
+_KILLED_WRITER = r"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+import diffseg.config as config
+from diffseg.checkpoint import save_checkpoint
+
+config._use_anonymous_temp = sys.argv[3] == "anonymous"
+real_save = torch.save
+
+def slow_save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)  # the file is fully written ...
+    print("writing", flush=True)
+    time.sleep(60)  # ... and the writer is killed before it can publish it
+
+torch.save = slow_save
+save_checkpoint(sys.argv[2], config={"model": {}}, model={"w": torch.randn(256, 256)}, step=2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["anonymous", "named"])
+def test_kill_during_a_save_leaves_no_temp_files(tmp_path, mode, monkeypatch):
+    """SIGKILL in the middle of a checkpoint save: the old checkpoint is intact, nothing is left in the system temp
+    folder, and no temp file stays in the run folder (O_TMPFILE: none is ever named; the portable fallback: the dead
+    writer's named temp file is removed by the next save into the folder)."""
+    import diffseg.config as config
+
+    run = tmp_path / "run"
+    sys_tmp = tmp_path / "systmp"
+    sys_tmp.mkdir()
+    cfg, model, _, _ = trained_state()
+    path = save_checkpoint(run / "checkpoint.pt", config=cfg, model=model, step=1)
+    before = path.read_bytes()
+    env = {**os.environ, "TMPDIR": str(sys_tmp), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(REPO / "platform"), str(path), mode],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert path.read_bytes() == before  # the old checkpoint is whole
+    assert list(sys_tmp.iterdir()) == []  # nothing in the system temp folder
+    left = sorted(p.name for p in run.iterdir() if p.name != "checkpoint.pt")
+    if mode == "anonymous" and config._open_anonymous(run) is not None:
+        assert left == []  # an unnamed file dies with its writer
+    else:
+        assert len(left) == 1 and left[0].startswith(".checkpoint.pt.") and left[0].endswith(".tmp"), left
+        monkeypatch.setattr(config, "_use_anonymous_temp", mode == "anonymous")
+        save_checkpoint(path, config=cfg, model=model, step=3)  # the next save clears what the dead writer left
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+    assert load_checkpoint(path).step in (1, 3)
+
+
+def test_staging_dir_is_beside_the_target_and_cleaned(tmp_path):
+    from diffseg.config import remove_stale_temps, staging_dir
+
+    target = tmp_path / "run" / "checkpoint.pt"
+    with staging_dir(target) as d:
+        assert d.parent == target.parent and d.name.startswith(".checkpoint.pt.")
+        (d / "x").write_text("x")
+    assert list(target.parent.iterdir()) == []
+    dead = target.parent / ".checkpoint.pt.someone-999999999.abcd1234.tmpdir"  # another host: left alone
+    mine = target.parent / f".checkpoint.pt.{_host()}-999999999.abcd1234.tmpdir"  # this host, no such pid
+    dead.mkdir()
+    mine.mkdir()
+    assert remove_stale_temps(target.parent) == [mine] and dead.exists() and not mine.exists()
+
+
+def _host():
+    from diffseg.config import _HOST
+
+    return _HOST

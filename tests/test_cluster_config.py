@@ -64,3 +64,48 @@ def test_cluster_installs_this_checkout_and_shares_storage(cluster_cfg):
     for name, node in cluster_cfg["available_node_types"].items():
         if name != head:  # workers reach the bucket through an instance profile
             assert "IamInstanceProfile" in node["node_config"], name
+
+
+def _all_commands(cfg: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")  # fmt: skip
+    return [c for k in keys for c in cfg.get(k, [])]
+
+
+def test_cluster_has_an_explicit_security_group(cluster_cfg):
+    """Every node type names its security group, so the launcher never creates its default one (which opens SSH to
+    0.0.0.0/0: ray/autoscaler/_private/aws/config.py, _create_default_ssh_inbound_rules); nor does the file ask the
+    launcher for any rule open to the world."""
+    groups = set()
+    for name, node in cluster_cfg["available_node_types"].items():
+        ids = node["node_config"].get("SecurityGroupIds")
+        assert ids and all(isinstance(i, str) and i.startswith("sg-") for i in ids), name
+        groups.add(tuple(ids))
+    assert len(groups) == 1, "one group for every node (node-to-node traffic is allowed within it)"
+    rules = cluster_cfg["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert not any(r.get("CidrIp") in ("0.0.0.0/0", "::/0") for rule in rules for r in rule.get("IpRanges", []))
+
+
+def _flag_value(command: str, flag: str) -> str | None:
+    m = re.search(rf"{re.escape(flag)}[ =](\"[^\"]*\"|'[^']*'|\S+)", command)
+    return m.group(1).strip("\"'") if m else None
+
+
+def test_services_are_not_bound_to_every_interface(cluster_cfg):
+    """The MLflow server (no auth) listens on the head's private address, the dashboard on loopback; nothing binds
+    0.0.0.0."""
+    commands = _all_commands(cluster_cfg)
+    (mlflow,) = [c for c in commands if "mlflow server" in c]
+    host = _flag_value(mlflow, "--host")
+    assert host is not None, "mlflow server without --host"
+    assert host not in ("0.0.0.0", "::", "[::]", "*", "") and "hostname -I" in host  # the head's private address
+    (head_start,) = [c for c in cluster_cfg["head_start_ray_commands"] if "ray start --head" in c]
+    assert _flag_value(head_start, "--dashboard-host") in ("127.0.0.1", "localhost")
+    assert not any("0.0.0.0" in c for c in commands)
+
+
+def test_token_file_is_owner_only(cluster_cfg):
+    """The Ray token is copied to every node (each needs it to join) and made 0600 before anything else runs."""
+    (token,) = [dst for dst, src in cluster_cfg["file_mounts"].items() if "auth_token" in str(src)]
+    first = cluster_cfg["setup_commands"][0]
+    assert f"chmod 600 {token}" in first and f"chmod 700 {str(Path(token).parent)}" in first

@@ -15,6 +15,7 @@ from diffseg.config import (
     config_hash,
     dumps,
     from_dict,
+    job_dir,
     load_config,
     parse_job_args,
     replace,
@@ -112,6 +113,8 @@ def test_round_trip_save_load(tmp_path):
 # Which job's config class reads a shipped YAML, by file-name prefix (the first match wins; the rest are training).
 CONFIG_CLASSES = [
     ("eval_", "diffseg.evaluate:EvalConfig"),
+    ("ablation_", "diffseg.ablation:AblationConfig"),
+    ("oracle_", "diffseg.oracle:OracleConfig"),
     ("segment", "diffseg.segment:SegmentJobConfig"),
     ("sweep_", "diffseg.sweep:SweepConfig"),
     ("label_celeba_analysis", "diffseg.analysis:AnalysisConfig"),
@@ -248,3 +251,48 @@ def test_configs_share_blocks_through_base():
         3,
     )
     assert face.data.class_merge == "face3" and face.data.root.endswith("celebamask-hq-800") and face.optim.lr == 3e-4
+
+
+BAD_NAMES = ["../x", "../..", "..", ".", "a/b", "/abs", "a\\b", "", ".hidden", "-flag", "x" * 200, "a b", "é"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_names_are_one_path_component(bad):
+    """Run names become folders under output_dir: a name that could point elsewhere is refused, naming the key."""
+    from diffseg.evaluate import EvalConfig
+    from diffseg.sweep import SweepConfig
+    from diffseg.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^name: .* is not a valid name"):
+        from_dict(TrainConfig, {"name": bad})
+    with pytest.raises(ConfigError, match=r"^name: "):
+        load_config(SweepConfig, None, [f"name={bad}"] if bad else ["name="])
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.name: "):
+        from_dict(EvalConfig, {"datasets": [{"name": bad}]})
+    with pytest.raises(ConfigError):
+        job_dir("runs", bad)
+
+
+def test_good_names_and_direct_construction(tmp_path):
+    from diffseg.loop import run_dir, run_uri
+    from diffseg.train import TrainConfig
+
+    for good in ("ddpm-tiny", "unsup-face-factorized-k3", "a_b.c", "k=3", "trial_0a1b2_00003", "x" * 128):
+        assert from_dict(TrainConfig, {"name": good}).name == good
+    assert job_dir(tmp_path, "r") == tmp_path / "r"
+    bad = TrainConfig(name="../escape", output_dir=str(tmp_path / "runs"))  # built directly, not from YAML
+    with pytest.raises(ConfigError, match="not a valid name"):
+        run_dir(bad)
+    with pytest.raises(ConfigError, match="not a valid name"):
+        run_uri(dataclasses.replace(bad, output_dir="s3://bucket/runs"), "checkpoint.pt")
+
+
+def test_job_command_line_refuses_a_path_as_name(tmp_path, capsys):
+    """`name=../x` on a job's command line exits 2 before anything is written."""
+    from diffseg.segment import SegmentJobConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_job_args(SegmentJobConfig, [f"output_dir={tmp_path}", "name=../x", "checkpoint=c.pt"])
+    assert exit_.value.code == 2
+    assert "name: '../x' is not a valid name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -267,3 +267,16 @@ def test_celebamask_face3_merge_by_class_name(data_dir):
             expected = merged.class_names.index(merge[name])
             assert (b[a == k] == expected).all(), name
         assert (b == 1).any() and (b == 2).any()  # every face has skin and hair
+
+
+def test_empty_data_sets_are_errors(tmp_path):
+    """Zero images is never a data set: a folder without images, a split asked to hold none."""
+    root = write_synthetic_folder(tmp_path / "syn", num_images=3, image_size=8)
+    with pytest.raises(DataError, match=r"the 'test' split of .*syn/images \(3 images\) is empty .*num_test=0"):
+        build_dataset(DataConfig(name="folder", root=str(root)), "test")
+    with pytest.raises(DataError, match=r"the 'test' split of the synthetic data set .* is empty"):
+        build_dataset(DataConfig(name="synthetic", num_images=4), "test")
+    for p in (root / "images").iterdir():
+        p.unlink()
+    with pytest.raises(DataError, match=r"the 'all' split of .*syn/images \(0 images\) is empty"):
+        build_dataset(DataConfig(name="folder", root=str(root)), "all")

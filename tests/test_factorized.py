@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from diffseg.config import load_config
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet
-from diffseg.unet import UNetConfig
+from diffseg.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.unet import UNET_SIZES, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_paper_sizes_are_named_configs(config, size, stages, blocks):
     unet = cfg.model.unet
     assert cfg.model.kind == "factorized" and unet.model_channels == 128
     assert unet.channel_mult == stages and unet.num_res_blocks == blocks
-    assert unet == FACTORIZED_SIZES[size](), "the YAML config and the named size agree"
+    assert unet == UNET_SIZES[size](), "the YAML config and the named size agree"
     assert cfg.data.image_size == unet.image_size
     assert cfg.optim.lr == 1e-4 and cfg.optim.ema_decay == 0.9999 and cfg.diffusion.num_timesteps == 1000
     # Built on the meta device: the real network's layout without allocating its weights.

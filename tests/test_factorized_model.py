@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffseg.factorized import FACTORIZED_SIZES, FactorizedConfig, FactorizedUNet, build_factorized
-from diffseg.unet import UNet, UNetConfig, count_parameters
+from diffseg.factorized import FactorizedConfig, FactorizedUNet, build_factorized
+from diffseg.unet import UNET_SIZES, UNet, UNetConfig, count_parameters
 
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))
 
@@ -57,7 +57,7 @@ def test_decoder_gets_gradient_from_every_branch():
 def test_sizes_and_errors():
     for name in ("tiny", "small-64"):
         model = build_factorized(name, FactorizedConfig(num_components=2)).eval()
-        s = FACTORIZED_SIZES[name]().image_size
+        s = UNET_SIZES[name]().image_size
         assert model(torch.randn(1, 3, s, s), torch.tensor([3])).shape == (1, 3, s, s)
     with pytest.raises(ValueError, match="learn_sigma"):
         FactorizedUNet(UNetConfig(learn_sigma=True))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from diffseg.dataset_ddpm import select_confident
 from diffseg.features import FeatureConfig, FeatureExtractor
 from diffseg.label_efficient import PixelJobConfig, run_pixel_job
 from diffseg.pixel import PixelSegmenter, PixelTrainConfig
+from diffseg.shards import IncompleteShardSet, ShardSet, begin_shard_set, end_shard_set
 from diffseg.tracking import TrackingConfig
 from diffseg.viz import overlay, to_uint8
 
@@ -29,13 +34,17 @@ def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):
         str(tmp_path / "shards"),
         {"num_classes": train.num_classes, "class_names": train.class_names, "ignore_index": 255},
     )
-    for s in range(0, 4, 2):
-        items = [train[i] for i in (s, s + 1)]
+    begin_shard_set(tmp_path / "shards", [train[i]["id"] for i in range(4)])
+
+    def extract(batch):
+        items = [train[i] for i in batch]
         fx({
             "id": np.array([it["id"] for it in items]),
             "image": np.stack([((it["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy() for it in items]),
             "mask": np.stack([it["mask"].numpy().astype(np.uint8) for it in items]),
         })  # fmt: skip
+
+    extract([0, 1])  # the extraction "fails" after its first batch
     cfg = PixelJobConfig(
         name="p",
         output_dir=str(tmp_path / "out"),
@@ -45,6 +54,11 @@ def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):
         device="cpu",
         tracking=TrackingConfig(enabled=False),
     )
+    with pytest.raises(IncompleteShardSet, match=r"2 of 4 images have no shard \(e.g. \['000002', '000003'\]\)"):
+        run_pixel_job(cfg)  # never trains on part of the data silently
+    assert ShardSet(tmp_path / "shards", allow_incomplete=True).image_ids() == ["000000", "000001"]  # if asked to
+    extract([2, 3])  # the rerun finishes it
+    end_shard_set(tmp_path / "shards")
     res = run_pixel_job(cfg)
     out = tmp_path / "out" / "p"
     assert 0.0 <= res["miou"] <= 1.0 and len(res["iou"]) == train.num_classes
@@ -116,3 +130,29 @@ def test_deeplab_imagenet_backbone_errors_clearly_offline_and_loads_when_cached(
     x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)
     expected = (torch.tensor([0.0, 0.5, 1.0]) - torch.tensor(dd.IMAGENET_MEAN)) / torch.tensor(dd.IMAGENET_STD)
     torch.testing.assert_close(dd.ImageNetInput()(x).view(3), expected)
+
+
+def test_pixel_job_with_an_empty_test_set_exits_nonzero_before_training(tmp_path):
+    """`jobs/train_pixel_classifier.py` with no test images fails (exit != 0) instead of reporting mIoU NaN."""
+    root = write_synthetic_folder(tmp_path / "data", num_images=3, image_size=8)
+    data = DataConfig(name="folder", root=str(root), image_size=8)
+    from diffseg.data import build_dataset
+
+    ds = build_dataset(data, "all")
+    fx = FeatureExtractor(to_dict(FeatureConfig(backbone="rgb")), str(tmp_path / "shards"),
+                          {"num_classes": ds.num_classes, "class_names": ds.class_names})  # fmt: skip
+    begin_shard_set(tmp_path / "shards", ["000000"])
+    it = ds[0]
+    fx({"id": np.array([it["id"]]), "image": ((it["image"].permute(1, 2, 0) + 1) * 127.5).byte().numpy()[None],
+        "mask": it["mask"].numpy().astype(np.uint8)[None]})  # fmt: skip
+    end_shard_set(tmp_path / "shards")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "jobs" / "train_pixel_classifier.py"), f"train_shards={tmp_path / 'shards'}",
+         f"data.root={root}", "data.name=folder", "data.num_test=0", "test_split=test", f"output_dir={tmp_path}",
+         "tracking.enabled=false", "device=cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "the 'test' split of" in out.stderr and "is empty" in out.stderr, out.stderr[-2000:]
+    assert "[pixel] trained" not in out.stdout  # it failed before training

@@ -10,10 +10,12 @@ from diffseg.metrics import (
     ConfusionMatrix,
     ForegroundAccumulator,
     HungarianIoU,
+    ImageDependence,
     binary_scores,
     foreground_metrics,
     foreground_scores,
     hungarian_miou,
+    mask_image_dependence,
     mean_iou,
 )
 
@@ -320,3 +322,46 @@ def test_hungarian_ignore_index():
     r = hungarian_miou(REG_H, gt, 2, 2)
     # region 1 (now 4 counted pixels) = class 0 exactly; region 0 (3) vs class 1 (3): exact.
     assert r.miou == 1.0
+
+
+def test_metrics_over_zero_images_are_errors_not_nan():
+    cm = ConfusionMatrix(3)
+    for metric in (cm.miou, cm.pixel_accuracy, cm.iou, cm.as_dict):
+        with pytest.raises(ValueError, match="zero images"):
+            metric()
+    cm.update(np.full((1, 2, 2), 255), np.full((1, 2, 2), 255))  # an image whose pixels are all ignored: NaN
+    assert np.isnan(cm.pixel_accuracy()) and np.isnan(cm.miou())
+    with pytest.raises(ValueError, match="zero images"):
+        HungarianIoU(2, 2).compute()
+    with pytest.raises(ValueError, match="before any update"):
+        HungarianIoU(2, 2, per_image=True).compute()
+
+
+def _dependence_two_pass(masks: np.ndarray) -> float:
+    """The formula of `mask_image_dependence` written out with numpy's variances (the reference)."""
+    a = masks.astype(np.float64)
+    if a.ndim == 3:
+        a = (a[:, None] == np.arange(int(a.max()) + 1)[None, :, None, None]).astype(np.float64)
+    across = a.var(axis=0).mean()
+    total = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1).var(axis=1).mean()
+    return float(across / total)
+
+
+def test_image_dependence_streams_batch_by_batch():
+    """evaluate_segmenter adds `split/dependence` batch by batch: the same number as one call over the whole set,
+    also when a higher label first appears in a later batch, for hard maps and for soft masks."""
+    rng = np.random.default_rng(0)
+    hard = rng.integers(0, 3, (7, 5, 6))
+    hard[:3] = np.minimum(hard[:3], 1)  # label 2 only from the fourth image on
+    soft = rng.random((7, 3, 5, 6))
+    soft /= soft.sum(1, keepdims=True)
+    for masks in (hard, soft):
+        acc = ImageDependence()
+        for i in range(0, 7, 3):
+            acc.update(masks[i : i + 3])
+        assert acc.compute() == pytest.approx(_dependence_two_pass(masks), rel=1e-9)
+        assert mask_image_dependence(masks) == pytest.approx(_dependence_two_pass(masks), rel=1e-9)
+    fixed = np.broadcast_to(hard[:1], hard.shape)
+    assert ImageDependence().update(fixed[:4]).update(fixed[4:]).compute() == 0.0  # one layout for every image
+    assert np.isnan(ImageDependence().update(hard[:1]).compute())  # one image
+    assert np.isnan(ImageDependence().update(hard[:2]).update(rng.integers(0, 2, (2, 4, 4))).compute())  # sizes

@@ -27,7 +27,7 @@ from diffseg.pixel import (
     train_ensemble,
     vote_and_uncertainty,
 )
-from diffseg.shards import FeatureMeta, ShardSet, write_shard
+from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
 
 
 def _members(e, d, k, seed=0):
@@ -120,10 +120,12 @@ def _write_toy_shards(root, n_shards=4, rows=300, d=6, k=3, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 3, (k, d))
     meta = FeatureMeta(blocks=["dec.1"], timesteps=[5], feature_dim=d, image_size=10, num_classes=k, backbone="toy")
+    begin_shard_set(root, [f"img{s}" for s in range(n_shards)])
     for s in range(n_shards):
         y = rng.integers(0, k, rows)
         x = centers[y] + rng.normal(0, 0.5, (rows, d))
         write_shard(root / f"s{s}.parquet", x, y, [f"img{s}"] * rows, np.arange(rows) // 10, np.arange(rows) % 10, meta)
+    end_shard_set(root)
     return ShardSet(root), centers
 
 
@@ -206,11 +208,13 @@ def _shifted_shards(root, n_shards=4, rows=400, d=6, k=3, seed=0):
     centers = rng.normal(0, 2, (k, d))
     meta = FeatureMeta(blocks=["dec.1"], timesteps=[5], feature_dim=d, image_size=20, num_classes=k, backbone="toy")
     xs = []
+    begin_shard_set(root, [f"img{s}" for s in range(n_shards)])
     for s in range(n_shards):
         y = rng.integers(0, k, rows)
         x = (centers[y] + rng.normal(0, 0.5, (rows, d)) + 10.0 * s).astype(np.float16)
         xs.append(x)
         write_shard(root / f"s{s}.parquet", x, y, [f"img{s}"] * rows, np.arange(rows) // 20, np.arange(rows) % 20, meta)
+    end_shard_set(root)
     return (
         ShardSet(root),
         torch.from_numpy(np.concatenate(xs).astype(np.float32)),

@@ -8,10 +8,12 @@ import base64
 import importlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,8 +31,10 @@ MAX_BODY = 200_000
 ARGS = {
     "device": "cpu",
     "batching": {"enabled": True, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+    "expose_internals": True,  # the tests compare replica pids
     "limits": {"max_body_bytes": MAX_BODY, "max_image_pixels": 512 * 512, "max_image_side": 1024,
-               "max_num_images": 4, "max_steps": 20, "request_timeout_s": 60},
+               "max_num_images": 4, "max_steps": 20, "max_sample_cost": 40, "max_inflight_cost": 400,
+               "request_timeout_s": 60},
     "models": {"num_cpus": 0.5, "max_ongoing_requests": 32},
     "ingress": {"num_cpus": 0.25, "use_gpu": "no", "max_ongoing_requests": 128},
 }  # fmt: skip
@@ -233,7 +237,15 @@ def _bad_requests(url):
         ("sample no type", "post", smp, {"data": b"num_images=2"}, 400),  # read as JSON, which it is not
         ("sample oversize", "post", smp, {"json": {"x": "y" * 70_000}}, 413),
         ("sample output", "post", smp, {"json": {"output": "tiff"}}, 422),
+        ("sample cost", "post", smp, {"json": {"num_images": 4, "steps": 20}}, 422),  # 80 image-steps > 40
+        ("sample giant int", "post", smp, {"data": b'{"seed": 1' + b"0" * 5000 + b"}", "headers": JSON}, 422),
+        ("sample surrogate key", "post", smp, {"data": b'{"\\ud800": 1}', "headers": JSON}, 400),
+        ("sample surrogate value", "post", smp, {"data": b'{"output": "\\udfff"}', "headers": JSON}, 400),
+        ("t giant", "post", f"{seg}?t={'9' * 5000}", {"data": good}, 422),
     ]
+
+
+JSON = {"Content-Type": "application/json"}
 
 
 def _send(method, url, kwargs):
@@ -254,7 +266,7 @@ def test_malformed_requests_get_4xx_and_replicas_survive(app_url):
         ("valid sample", "post", f"{app_url}/v1/sample", {"json": {"num_images": 1, "steps": 2}}, 200),
     ]  # fmt: skip
     plan = []
-    for i in range(6):  # 6 x 41 kinds = 246 bad requests, one valid one after every 8
+    for i in range(6):  # 6 x 46 kinds = 276 bad requests, one valid one after every 8
         for j, case in enumerate(bad):
             plan.append(case)
             if j % 8 == 7:
@@ -318,3 +330,84 @@ def test_web_page_in_headless_chromium(app_url, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def _raw(url, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Send bytes as they are (a client that writes its own headers) -> (status, headers, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                headers, _, rest = data.partition(b"\r\n\r\n")
+                m = [h for h in headers.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+                if m and len(rest) >= int(m[0].split(b":")[1]):
+                    break
+    status = int(data.split(b" ", 2)[1])
+    headers, _, rest = data.partition(b"\r\n\r\n")
+    return status, headers, rest
+
+
+def test_bad_content_length_gets_4xx(app_url):
+    """Content-Lengths that reach the app get its JSON 400; framing the HTTP server itself cannot parse is answered
+    by it (Serve's uvicorn proxy) with a 400 before the app sees the request: a 4xx either way, never a 500."""
+    png = png_bytes(8, 8)
+    for value in (b"\xc2\xb2", b"1" * 30, b"12 34"):  # reach the app or not: each is a 4xx, never a 500 or a hang
+        status, headers, body = _raw(
+            app_url, b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\n"
+            b"Content-Length: " + value, png,
+        )  # fmt: skip
+        assert 400 <= status < 500, (value, status, body[:200])
+        if b"application/json" in headers.lower():
+            assert json.loads(body)["error"]["status"] == status
+
+
+@pytest.fixture(scope="module")
+def slow_sampler_url(app_url, tmp_path_factory):
+    """A second app on the same Serve instance: a sampler whose 16-image x 100-step request takes seconds, a 1 s model
+    timeout, and the default (closed) info."""
+    from ray import serve
+
+    build_app = importlib.import_module("serve.app").build_app
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("slow") / "checkpoint.pt", image_size=64)
+    args = {
+        "sampler": str(ckpt), "device": "cpu",
+        "limits": {"max_num_images": 16, "max_steps": 100, "max_sample_cost": 1600, "max_inflight_cost": 1600,
+                   "request_timeout_s": 1.0},
+        "models": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.25, "use_gpu": "no"},
+    }  # fmt: skip
+    serve.run(build_app(args), name="slow", route_prefix="/slow")
+    yield f"{app_url}/slow"
+    serve.delete("slow")
+
+
+def test_timed_out_sampling_is_cancelled_in_the_replica(slow_sampler_url):
+    """A request that outlives the model timeout gets a 504 JSON, and its work stops in the replica: the budget it
+    held is free again (a second large request is admitted, not refused as busy) and a small one is answered."""
+    url = slow_sampler_url
+    r = requests.post(f"{url}/v1/sample", json={"num_images": 16, "steps": 100}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["status"] == 504, r.text
+
+    def scheduler():
+        return requests.get(f"{url}/v1/info", timeout=30).json()["models"]["sampler"]["scheduler"]
+
+    deadline = time.time() + 30
+    while (stats := scheduler())["active_runs"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert stats["cancelled"] == 1 and stats["active_runs"] == 0 and stats["inflight_cost"] == 0, stats
+    assert stats["steps"] < 100 and stats["completed"] == 0, stats  # it stopped early, with no answer to give
+    steps = stats["steps"]
+    time.sleep(1.0)
+    assert scheduler()["steps"] == steps  # nothing keeps running for nobody
+    r = requests.post(f"{url}/v1/sample", json={"num_images": 1, "steps": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "source" not in r.json()["model"]
+
+
+def test_info_is_closed_by_default(slow_sampler_url):
+    info = requests.get(f"{slow_sampler_url}/v1/info", timeout=30).json()
+    text = json.dumps(info)
+    assert "pid" not in info["ingress"] and "pid" not in info["models"]["sampler"]
+    assert "source" not in info["models"]["sampler"] and "checkpoint.pt" not in text

@@ -1,8 +1,15 @@
 """The Ray-free half of serving: image decoding and limits, parameter checks, model wrappers, rendering."""
 
+import asyncio
+import importlib
 import io
 import json
+import os
+import pickle
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -11,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.checkpoint import save_checkpoint
+from diffseg.checkpoint import resolve_source, save_checkpoint
 from diffseg.config import ConfigError, from_dict, to_dict
 from diffseg.factorized import FactorizedConfig
 from diffseg.models import ModelConfig, build_model
@@ -19,17 +26,21 @@ from diffseg.serving import (
     DiffusionSampler,
     FactorizedSegmenter,
     Limits,
+    PixelBudget,
     PixelEnsembleSegmenter,
     RequestError,
     SampleParams,
+    SampleScheduler,
     SegmentParams,
     ServeAppConfig,
+    await_model,
     decode_image,
     parse_sample_request,
     parse_segment_params,
+    public_info,
     render_samples,
     render_segmentation,
-    resolve_source,
+    segment_labels,
     segmentation_stats,
     to_model_input,
     upsample_result,
@@ -411,3 +422,291 @@ def test_segment_job_and_serve_segmenter_give_identical_masks(ckpt, tmp_path):
     assert media == "image/png" and served_mask.shape == job_mask.shape == (24, 40)
     np.testing.assert_array_equal(served_mask, job_mask)
     assert len(np.unique(job_mask)) > 1  # a real segmentation, not a constant map that would match trivially
+
+
+# ---------------------------------------------------------------------------------------------------- hostile input
+def test_giant_integers_and_lone_surrogates_get_4xx():
+    """Numbers and strings are checked before any conversion that could raise: 4xx with a JSON-safe message."""
+    info = {"num_timesteps": 100, "num_classes": None}
+    cases = {
+        b'{"num_images": 1' + b"0" * 5000 + b"}": 422,  # over Python's int-string limit: int() would raise
+        b'{"seed": -' + b"9" * 30 + b"}": 422,
+        b'{"steps": 1e999999}': 422,  # inf
+        b'{"seed": NaN}': 422,
+        b'{"\\ud800": 1}': 400,  # a key that is a lone surrogate
+        b'{"output": "\\udfff"}': 400,
+        b'{"output": "\\ud83d\\ude00"}': 422,  # a valid surrogate pair (an emoji) is just a wrong value
+    }
+    for body, status in cases.items():
+        with pytest.raises(RequestError) as e:
+            parse_sample_request(body, LIMITS, info)
+        assert e.value.status == status, body[:40]
+        encoded = json.dumps(e.value.to_json(), ensure_ascii=False).encode("utf-8")  # what Starlette sends
+        assert len(encoded) < 2000
+    for raw in ("1" * 5000, "9" * 19, "-" + "1" * 300):
+        with pytest.raises(RequestError, match="must be an integer") as e:
+            parse_segment_params({"t": raw}, LIMITS, INFO)
+        assert e.value.status == 422 and len(e.value.message) < 300
+    with pytest.raises(RequestError) as e:
+        parse_segment_params({"\udcff": "1"}, LIMITS, INFO)
+    json.dumps(e.value.to_json(), ensure_ascii=False).encode("utf-8")  # the unknown key is quoted safely
+    err = RequestError(422, "bad \ud800 value", "\udfff")
+    assert json.dumps(err.to_json(), ensure_ascii=False).encode("utf-8")
+    assert pickle.loads(pickle.dumps(err)).to_json() == err.to_json()  # crosses Ray's process boundary intact
+
+
+def test_sample_cost_is_bounded_per_request():
+    info = {"num_timesteps": 1000, "num_classes": None}
+    limits = Limits(max_num_images=16, max_steps=250, max_sample_cost=1000, max_inflight_cost=2000)
+    assert parse_sample_request(b'{"num_images": 4, "steps": 250}', limits, info).cost == 1000
+    with pytest.raises(RequestError, match=r"16 x 250 = 4000 image-steps; the limit per request is 1000") as e:
+        parse_sample_request(b'{"num_images": 16, "steps": 250}', limits, info)
+    assert e.value.status == 422
+    with pytest.raises(ConfigError, match="max_sample_cost <= max_inflight_cost"):
+        from_dict(ServeAppConfig, {"segmenter": "x.pt", "limits": {"max_sample_cost": 10, "max_inflight_cost": 5}})
+    with pytest.raises(ConfigError, match="max_inflight_pixels must be >= max_image_pixels"):
+        from_dict(ServeAppConfig, {"segmenter": "x.pt", "limits": {"max_inflight_pixels": 10}})
+
+
+def test_info_hides_paths_and_pids_unless_exposed():
+    info = {"kind": "factorized", "source": "/runs/x/checkpoint.pt", "pid": 42, "device": "cuda:0", "step": 3,
+            "image_size": 16, "class_names": ["a"], "extra": {"train_shards": "/data/shards"}}  # fmt: skip
+    public = public_info(info, expose=False)
+    assert set(public) == {"kind", "step", "image_size", "class_names"}
+    assert public_info(info, expose=True) == info
+    res = {"probs": np.ones((1, 4, 4), np.float32)}
+    _, body = render_segmentation(Image.new("RGB", (4, 4)), res, SegmentParams("factorized", 3, 0, "json", 0, 0.5),
+                                  public)  # fmt: skip
+    assert body["model"] == {"kind": "factorized", "step": 3, "image_size": 16}
+    assert not ServeAppConfig(segmenter="x.pt").expose_internals  # closed by default
+
+
+def test_banded_rendering_equals_full_size_upsampling(monkeypatch):
+    """The band-wise path (bounded memory) gives exactly the labels and stats of upsampling whole."""
+    import diffseg.serving as serving
+
+    rng = np.random.default_rng(0)
+    for c, s, h, w, band in [(3, 16, 37, 301, 500), (2, 32, 300, 7, 64), (5, 16, 16, 16, 50), (3, 8, 200, 90, 1)]:
+        monkeypatch.setattr(serving, "BAND_PIXELS", band)
+        names = [str(i) for i in range(c)]
+        probs = rng.random((c, s, s)).astype(np.float32) ** 3
+        ref_labels, ref_unc = upsample_result({"probs": probs}, (h, w))
+        labels, stats = segment_labels({"probs": probs}, (h, w), names)
+        np.testing.assert_array_equal(labels, ref_labels)
+        ref_stats = segmentation_stats(ref_labels, ref_unc, names)
+        assert [x["area_px"] for x in stats["classes"]] == [x["area_px"] for x in ref_stats["classes"]]
+        assert stats["uncertainty"]["mean"] == pytest.approx(ref_stats["uncertainty"]["mean"], abs=2e-6)
+        hard = {"labels": rng.integers(0, c, (s, s)), "uncertainty": rng.random((s, s)).astype(np.float32)}
+        ref_labels, _ = upsample_result(hard, (h, w))
+        np.testing.assert_array_equal(segment_labels(hard, (h, w), names)[0], ref_labels)
+
+
+def test_concurrent_max_size_decodes_stay_under_the_memory_bound():
+    """Six concurrent uploads of a few-KB PNG that declares the maximum size (2048 x 2048 here), each decoded,
+    segmented and rendered as JSON + overlay at full size: the ingress never holds more than its pixel budget (two
+    maximum-size images), and its peak RSS grows by at most 24 bytes per pixel per budget slot + 96 MB (measured in a
+    fresh process by bench/serve_bounds.py; the issue saw 0.9 GB per 16 Mpx upload and 5.5 GB for six)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "serve_bounds.py"), "memory", "--side", "2048", "--n", "6",
+         "--slots", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["file_bytes"] < 20_000 and m["max_images_at_once"] == 2 and m["peak_pixels"] == 2 * 2048 * 2048
+    assert m["peak_rss_growth"] <= m["bound"], m
+
+
+# ---------------------------------------------------------------------------------------------------- budgets
+class StubSteps:
+    """A sampler whose every denoising step sleeps `delay` seconds per image: the scheduler's timing is then known
+    exactly (t(n) = n * delay), whatever the machine. Records which runs were closed early."""
+
+    def __init__(self, delay: float):
+        self.delay, self.closed = delay, []
+
+    def __call__(self, params: list[SampleParams]):
+        n = sum(p.num_images for p in params)
+
+        def steps():
+            done = 0
+            try:
+                for _ in range(params[0].steps):
+                    time.sleep(self.delay * n)
+                    done += 1
+                    yield n
+            finally:
+                if done < params[0].steps:
+                    self.closed.append((n, done))
+            return [{"images": p.num_images, "seed": p.seed} for p in params]
+
+        return steps()
+
+
+def _wait_until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_small_sample_request_is_not_stuck_behind_a_large_one_and_cancel_stops_work():
+    """A 1-image x 20-step request submitted while a 16 x 250 one runs: the large run gets at most ceil(20/16) + 2
+    of its steps before the small one is answered (the stated bound: latency <= S*t(1) + (S/16 + 2)*t(16)), instead
+    of all its remaining ~247 steps. Cancelling the large request stops its steps within the one in progress."""
+    delay, s = 0.002, 20
+    stub = StubSteps(delay)
+    sched = SampleScheduler(stub, max_inflight_cost=8000, max_batch_images=16)
+    sched.trace = []
+    try:
+        big = sched.submit(SampleParams(16, 250, 0, None, "json"))
+        _wait_until(lambda: sched.counts["steps"] >= 3)
+        mark = len(sched.trace)
+        t0 = time.perf_counter()
+        small = sched.submit(SampleParams(1, s, 1, None, "json"))
+        assert small.future.result(timeout=60) == {"images": 1, "seed": 1}
+        latency = time.perf_counter() - t0
+        big_steps = sum(1 for seq, _ in sched.trace[mark:] if seq == 1)
+        assert big_steps <= -(-s // 16) + 2, sched.trace[mark:]
+        assert sum(1 for seq, _ in sched.trace[mark:] if seq == 2) == s
+        bound = s * delay + (-(-s // 16) + 2) * 16 * delay  # 0.168 s with this stub
+        assert latency < 4 * bound + 1.0  # loose: a loaded CI box stretches sleeps; FIFO would be ~7.9 s
+        assert not big.future.done()  # the large request is still running: the small one did not wait for it
+
+        before = sched.counts["steps"]
+        sched.cancel(big)
+        assert big.future.cancelled()
+        _wait_until(lambda: stub.closed)  # the run's generator was closed ...
+        time.sleep(10 * 16 * delay)
+        assert sched.counts["steps"] - before <= 1  # ... after at most the step that was in progress
+        assert stub.closed[0][0] == 16 and stub.closed[0][1] < 250
+        stats = sched.stats()
+        assert stats["inflight_cost"] == 0 and stats["cancelled"] == 1 and stats["active_runs"] == 0
+    finally:
+        sched.close()
+
+
+def test_sampler_admission_by_cost():
+    sched = SampleScheduler(StubSteps(0.001), max_inflight_cost=4000, max_batch_images=16)
+    try:
+        big = sched.submit(SampleParams(16, 250, 0, None, "json"))
+        with pytest.raises(RequestError, match=r"busy: 4000 image-steps in flight, this request needs 2") as e:
+            sched.submit(SampleParams(1, 2, 0, None, "json"))
+        assert e.value.status == 503 and sched.stats()["rejected"] == 1
+        sched.cancel(big)
+        _wait_until(lambda: sched.stats()["inflight_cost"] == 0)
+        assert sched.submit(SampleParams(1, 2, 0, None, "json")).future.result(timeout=30)["images"] == 1
+    finally:
+        sched.close()
+
+
+def test_scheduler_batches_requests_that_arrive_together(ckpt):
+    """Requests with the same step count that arrive together share a run, and each answer equals the same request
+    sampled alone (per-image generators)."""
+    sampler = DiffusionSampler.load(str(ckpt), device="cpu")
+    reqs = [
+        SampleParams(2, 4, 7, None, "json"),
+        SampleParams(1, 4, 9, None, "json"),
+        SampleParams(1, 3, 8, None, "json"),
+    ]
+    sched = SampleScheduler(sampler.sample_steps, max_inflight_cost=100, max_batch_images=16, batch_wait_s=0.3)
+    try:
+        pending = [sched.submit(p) for p in reqs]
+        got = [p.future.result(timeout=120) for p in pending]
+        assert sched.counts["runs"] == 2 and sched.counts["steps"] == 4 + 3
+    finally:
+        sched.close()
+    for g, alone in zip(got, (sampler.sample([r])[0] for r in reqs)):
+        np.testing.assert_array_equal(g["images"], alone["images"])
+        np.testing.assert_array_equal(g["labels"], alone["labels"])
+
+
+class FakeResponse:
+    """Stands in for a Serve DeploymentResponse: awaitable, and records cancel()."""
+
+    def __init__(self, seconds: float = 10.0):
+        self.seconds, self.cancelled = seconds, False
+
+    def __await__(self):
+        return asyncio.sleep(self.seconds, result="late").__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_await_model_cancels_the_model_call_on_timeout_and_disconnect():
+    async def main():
+        r = FakeResponse()
+        with pytest.raises(RequestError, match="did not answer within 0.05 s; the request was cancelled") as e:
+            await await_model(r, 0.05)
+        assert e.value.status == 504 and r.cancelled
+        r = FakeResponse()  # the client goes away: Serve cancels the ingress's handler
+        task = asyncio.ensure_future(await_model(r, 10))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert r.cancelled
+
+        class RayWrapped(Exception):  # how Ray hands back a replica's exception: the original is `cause`
+            cause = RequestError(503, "the sampler is busy")
+
+        async def failing():
+            raise RayWrapped()
+
+        with pytest.raises(RequestError, match="busy") as e:
+            await await_model(failing(), 1)
+        assert e.value.status == 503
+        assert await await_model(FakeResponse(0.01), 1) == "late"
+
+    asyncio.run(main())
+
+
+def test_replica_cancels_the_scheduled_work_when_its_call_is_cancelled():
+    """The sampler deployment's own `sample` (serve/app.py, called as a plain coroutine): the ingress's timeout
+    cancels the call, and the replica drops the request from its scheduler, which stops the run."""
+    sys.path.insert(0, str(REPO))
+    try:
+        app = importlib.import_module("serve.app")
+    finally:
+        sys.path.remove(str(REPO))
+    replica = app.SamplerModel.func_or_class.__new__(app.SamplerModel.func_or_class)
+    stub = StubSteps(0.002)
+    replica.counts = {"requests": 0}
+    replica.scheduler = SampleScheduler(stub, max_inflight_cost=8000, max_batch_images=16)
+
+    async def main():
+        call = asyncio.ensure_future(replica.sample(SampleParams(16, 250, 0, None, "json")))
+        with pytest.raises(RequestError) as e:
+            await await_model(call, 0.3)  # Task.cancel() plays DeploymentResponse.cancel()
+        assert e.value.status == 504
+        await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(main())
+        _wait_until(lambda: stub.closed)
+        assert replica.scheduler.stats()["cancelled"] == 1 and replica.scheduler.stats()["inflight_cost"] == 0
+        assert stub.closed[0][1] < 250
+    finally:
+        replica.scheduler.close()
+
+
+def test_pixel_budget_bounds_and_first_fit():
+    async def main():
+        budget = PixelBudget(10)
+        log = []
+
+        async def upload(name, pixels, hold):
+            async with budget.reserve(pixels):
+                log.append((name, budget.used))
+                await asyncio.sleep(hold)
+
+        await asyncio.gather(upload("a", 6, 0.2), upload("b", 6, 0.05), upload("c", 4, 0.05))
+        assert budget.peak <= 10 and budget.used == 0
+        assert [n for n, _ in log] == ["a", "c", "b"]  # c fits beside a at once; b waits for room
+        with pytest.raises(RequestError) as e:
+            async with budget.reserve(11):
+                pass
+        assert e.value.status == 413
+
+    asyncio.run(main())

@@ -6,7 +6,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from diffseg.shards import FeatureMeta, ShardSet, read_meta, read_shard, recipe_hash, write_shard
+from diffseg.shards import (
+    MANIFEST_NAME,
+    FeatureMeta,
+    IncompleteShardSet,
+    ShardSet,
+    begin_shard_set,
+    end_shard_set,
+    read_meta,
+    read_shard,
+    recipe_hash,
+    shard_images,
+    write_shard,
+)
 
 
 def _meta(d=5, backbone="ckpt.pt"):
@@ -42,16 +54,18 @@ def test_shardset_rejects_mixed_recipes_and_dims(tmp_path):
     write_shard(tmp_path / "a.parquet", x, [0, 1], ["i", "i"], [0, 0], [0, 1], _meta())
     write_shard(tmp_path / "b.parquet", x, [0, 1], ["j", "j"], [0, 0], [0, 1], _meta(backbone="other.pt"))
     with pytest.raises(ValueError, match="recipe"):
-        ShardSet(tmp_path)
+        ShardSet([tmp_path / "a.parquet", tmp_path / "b.parquet"])
     with pytest.raises(ValueError, match="dims"):
         write_shard(tmp_path / "c.parquet", np.zeros((2, 4)), [0, 1], ["k", "k"], [0, 0], [0, 1], _meta())
 
 
 def test_iter_shards_shuffles_and_covers_all_rows(tmp_path):
+    begin_shard_set(tmp_path, ["i0", "i1", "i2"])
     for s in range(3):
         n = 10 + s
         write_shard(tmp_path / f"s{s}.parquet", np.full((n, 5), s), np.full(n, s), [f"i{s}"] * n, np.arange(n),
                     np.arange(n), _meta())  # fmt: skip
+    end_shard_set(tmp_path)
     ss = ShardSet(tmp_path)
     assert ss.num_rows == 33 and ss.max_shard_rows == 12 and len(ss) == 3
     orders = []
@@ -69,9 +83,11 @@ def test_iter_shards_shuffles_and_covers_all_rows(tmp_path):
 
 def test_iter_windows_cover_every_row_once_within_the_bound(tmp_path):
     # 3 shards of 10 rows written in row groups of 4 rows: 9 pieces the windows are shuffled in
+    begin_shard_set(tmp_path, ["i0", "i1", "i2"])
     for s in range(3):
         write_shard(tmp_path / f"s{s}.parquet", np.full((10, 5), s), np.arange(10) + 10 * s, [f"i{s}"] * 10,
                     np.arange(10), np.arange(10), _meta(), row_group_size=4)  # fmt: skip
+    end_shard_set(tmp_path)
     ss = ShardSet(tmp_path)
     assert [rows for _, _, rows in ss.pieces] == [4, 4, 2] * 3
     for seed in range(3):
@@ -86,3 +102,43 @@ def test_iter_windows_cover_every_row_once_within_the_bound(tmp_path):
     whole = list(ss.iter_windows(max_rows=10**6))
     assert len(whole) == 1 and len(whole[0]) == 30  # the whole set fits: one window
     assert len(list(ss.iter_windows(max_rows=1))) == 9  # a row group larger than the bound is a window of its own
+
+
+def _shard(folder, name, ids, rows=3, images=None):
+    x = np.zeros((rows, 5))
+    owners = [ids[i % len(ids)] for i in range(rows)] if ids else []
+    return write_shard(folder / name, x, [0] * rows, owners, [0] * rows, [0] * rows, _meta(), images=images)
+
+
+def test_incomplete_sets_are_refused_naming_what_is_missing(tmp_path):
+    """A feature run records the images it must cover; a set that lacks any of them, has no manifest, or changed
+    after it was completed is refused with a message that says what is wrong, unless asked for explicitly."""
+    folder = tmp_path / "feats"
+    begin_shard_set(folder, ["a", "b", "c", "d"])
+    _shard(folder, "shard-a.parquet", ["a", "b"])
+    with pytest.raises(IncompleteShardSet, match=r"feats: incomplete feature set: 2 of 4 images have no shard"):
+        ShardSet(folder)  # the extraction stopped half way: never used silently
+    with pytest.raises(IncompleteShardSet, match=r"\['c', 'd'\]"):
+        end_shard_set(folder)  # nor marked complete
+    assert len(ShardSet(folder, allow_incomplete=True)) == 1  # unless the caller says so
+    # an image whose pixels are all ignored has no row but is covered by the shard made from it
+    _shard(folder, "shard-c.parquet", ["c"], images=["c", "d"])
+    assert shard_images(folder / "shard-c.parquet") == ["c", "d"]
+    manifest = end_shard_set(folder)
+    assert manifest["complete"] and manifest["shards"] == {"shard-a.parquet": 3, "shard-c.parquet": 3}
+    assert ShardSet(folder).image_ids() == ["a", "b", "c"]
+    # changed after completion: an extra shard, a missing shard
+    extra = _shard(folder, "shard-z.parquet", ["z"])
+    with pytest.raises(IncompleteShardSet, match=r"\['shard-z.parquet'\] are not part of the set"):
+        ShardSet(folder)
+    extra.unlink()
+    (folder / "shard-c.parquet").unlink()
+    with pytest.raises(IncompleteShardSet, match=r"\['shard-c.parquet'\] of the complete set are missing"):
+        ShardSet(folder)
+    # no manifest at all: nothing says what the set should hold
+    bare = tmp_path / "bare"
+    _shard(bare, "s.parquet", ["a"])
+    with pytest.raises(IncompleteShardSet, match=rf"{bare}: no {MANIFEST_NAME}"):
+        ShardSet(bare)
+    with pytest.raises(ValueError, match="zero images"):
+        begin_shard_set(tmp_path / "empty", [])

@@ -20,7 +20,8 @@ import yaml
 from diffseg.config import replace
 from diffseg.report import decode, plot_sweep, trial_overrides
 from diffseg.shards import FeatureCache, feature_key
-from diffseg.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials
+from diffseg.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials, run_sweep
+from diffseg.trust import SIGNATURE_NAME, UntrustedState, check_state, sign_state, trust_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,7 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "resume=True" in out, out[-3000:]
+    assert (exp_dir / SIGNATURE_NAME).is_file()  # the interrupted driver signed Tune's state: resume may trust it
     interrupted_events = FeatureCache(tmp_path / "sweeps" / "feature_cache").events()
     assert 1 <= len(interrupted_events) < 4
 
@@ -252,3 +254,104 @@ def test_base_overrides_merge_and_searchers():
     sweep = replace(SweepConfig(), num_reports=4, search="optuna", **{"scheduler.kind": "asha"})
     assert isinstance(_scheduler(sweep), ASHAScheduler) and _scheduler(SweepConfig()) is None
     assert isinstance(_search_alg(sweep), OptunaSearch)
+
+
+# ---------------------------------------------------------------------------------------------------- trust
+class _Boom:
+    """Unpickling this touches a marker file: the stand-in for code an attacker plants in a sweep folder."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _planted_sweep(tmp_path):
+    import pickle
+
+    exp = tmp_path / "sweeps" / "victim"
+    exp.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Boom(marker)))
+    (exp / "sweep.json").write_text(json.dumps({"parent_run_id": None}))
+    return exp, marker
+
+
+def test_crafted_tuner_pkl_is_refused_and_nothing_runs(tmp_path):
+    """A sweep folder someone else wrote (or a copy from a shared bucket) is never unpickled by `resume`."""
+    import pickle
+
+    exp, marker = _planted_sweep(tmp_path)
+    base = PixelTrialConfig()
+    with pytest.raises(UntrustedState, match=r"refusing to restore .* not signed"):
+        run_sweep(base, {"pixel.lr": [1e-3]}, name="victim", output_dir=str(tmp_path / "sweeps"), resume=True,
+                  **{"tracking.enabled": False})  # fmt: skip
+    assert not marker.exists()  # nothing was unpickled
+    # a signature made with another user's key is refused just the same
+    sign_state(exp)
+    os.environ["DIFFSEG_STATE_KEY"], own = str(tmp_path / "other.key"), os.environ["DIFFSEG_STATE_KEY"]
+    try:
+        sign_state(exp)  # "another user" signs with their key
+    finally:
+        os.environ["DIFFSEG_STATE_KEY"] = own
+    with pytest.raises(UntrustedState, match="not made with your state key"):
+        check_state(exp)
+    assert not marker.exists()
+    pickle.loads((exp / "tuner.pkl").read_bytes())  # control: the payload is live, so the test could fail
+    assert marker.exists()
+
+
+def test_state_signature_catches_changes_and_permissions(tmp_path):
+    exp, _ = _planted_sweep(tmp_path)
+    (exp / "trial_1").mkdir()
+    (exp / "trial_1" / "error.pkl").write_bytes(b"x")
+    sign_state(exp)
+    check_state(exp)  # signed by this user, unchanged: trusted
+    (exp / "trial_1" / "error.pkl").write_bytes(b"y")
+    with pytest.raises(UntrustedState, match=r"\['trial_1/error.pkl'\] changed after the state was signed"):
+        check_state(exp)
+    sign_state(exp)
+    (exp / "searcher-state-x.pkl").write_bytes(b"z")
+    with pytest.raises(UntrustedState, match=r"searcher-state-x.pkl'\] appeared after"):
+        check_state(exp)
+    (exp / "searcher-state-x.pkl").unlink()
+    check_state(exp)
+    os.chmod(exp / "tuner.pkl", 0o664)
+    with pytest.raises(UntrustedState, match=r"tuner.pkl: a file Tune restores from can be written by other users"):
+        check_state(exp)
+    os.chmod(exp / "tuner.pkl", 0o644)
+    os.chmod(exp, 0o777)
+    with pytest.raises(UntrustedState, match="the sweep folder can be written by other users"):
+        check_state(exp)
+    os.chmod(exp, 0o755)
+    key = Path(os.environ["DIFFSEG_STATE_KEY"])
+    os.chmod(key, 0o644)
+    try:
+        with pytest.raises(UntrustedState, match="state key is accessible to other users"):
+            check_state(exp)
+    finally:
+        os.chmod(key, 0o600)
+    (exp / SIGNATURE_NAME).unlink()
+    assert trust_state(exp) == ["sweep.json", "trial_1/error.pkl", "tuner.pkl"]  # the explicit vouch
+    check_state(exp)
+
+
+def test_trust_state_from_the_command_line(tmp_path, capsys):
+    """`jobs/sweep.py --trust-state` signs the named sweep folder and exits (a missing folder is a clear error, not a
+    traceback); afterwards the folder passes the check a resume makes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+    sweep_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep_job)
+    args = ["--config", "sweep_k_tiny.yaml", f"output_dir={tmp_path}", "name=killed", "--trust-state"]
+    with pytest.raises(SystemExit, match=r"killed is no sweep folder to sign"):
+        sweep_job.main(args)
+    exp = tmp_path / "killed"
+    exp.mkdir(mode=0o700)
+    (exp / "tuner.pkl").write_bytes(b"state a killed driver left")
+    with pytest.raises(UntrustedState, match="not signed"):
+        check_state(exp)
+    assert sweep_job.main(args) is None and (exp / SIGNATURE_NAME).is_file()
+    check_state(exp)

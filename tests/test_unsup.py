@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -284,6 +286,10 @@ tracking: {{uri: "sqlite:///{tiny_setup["tmp"]}/mlflow.db", experiment: test}}
         assert 0.0 <= float(r[key]) <= 1.0
     md = (run / "table.md").read_text()
     assert "| syn-fg | GrabCut |" in md and "mIoU" in md and "IoU (fixed fg)" in md
+    assert "Image dep." in md  # the masks' image dependence (wt-15), a share in [0, 1]: priors are 0 by construction
+    for r in rows:
+        dep = float(r["dependence"])
+        assert 0.0 <= dep <= 1.0 and (dep == 0.0 or r["method"] not in ("all_foreground", "centred_box")), r
     fig = np.asarray(Image.open(run / "figures" / "syn-fg.png"))
     assert fig.shape[1] == (2 + 7) * (SIZE + 2) + 2  # image | ground truth | 7 methods
     assert json.loads((run / "results.json").read_text())[0]["dataset"] == "syn-fg"
@@ -348,3 +354,17 @@ def test_eval_configs_resolve():
     face = load_config(EvalConfig, REPO / "jobs" / "configs" / "eval_face3.yaml")
     assert face.datasets[0].protocol == "multiclass" and face.datasets[0].data.class_merge == "face3"
     assert from_dict(DataConfig, {"name": "folder", "root": "x"}).root == "x"
+
+
+def test_segment_job_on_an_empty_folder_exits_nonzero(tiny_setup, tmp_path):
+    """`jobs/segment.py` over zero images is a failure with a message, not exit 0 and "0 images"."""
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "dataset.json").write_text(json.dumps({"classes": ["bg", "fg"], "ignore_index": 255}))
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "segment.py"), f"checkpoint={tiny_setup['factorized']}",
+         f"data.root={empty}", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert f"{empty / 'images'} (0 images) is empty" in out.stderr, out.stderr[-2000:]

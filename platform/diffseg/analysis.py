@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffseg.baselines import kmeans_segment
+from diffseg.config import Name
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.features import FeatureConfig, FeaturePipeline, drop_small_annotations, load_backbone
 from diffseg.metrics import ConfusionMatrix
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    name: str = "analysis"
+    name: Name = "analysis"
     output_dir: str = "runs/analysis"
     backbone: str = ""  # checkpoint path, random:<ckpt> or diffusers:<dir>
     blocks: tuple[str, ...] = ()  # cells' blocks; empty = every decoder block (dec.N / up.N)

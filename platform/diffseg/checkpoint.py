@@ -4,9 +4,18 @@ Our format is one file written by `torch.save` holding only tensors, numbers, st
 with `weights_only=True` (no pickled code runs on load):
 
     {"format": "diffseg/1", "config": <resolved run config as JSON>, "model": state_dict, "ema": state_dict | None,
-     "optimizer": optimizer state | None, "step": int, "extra": {...}}
+     "optimizer": optimizer state | None, "step": int, "extra": {...},
+     "integrity": {"algorithm": "sha256", "tensors": {"model/<key>": hex, ...}, "meta": hex}}
 
-Writes are atomic (a temp file in the same folder, then `os.replace`), so a killed writer never leaves a torn file.
+Every file we write this way (checkpoints, pixel-segmenter bundles, sweep ensembles) goes through `write_payload` /
+`read_payload`: the payload carries a SHA-256 of every tensor (of its dtype, shape and raw bytes, so any dtype works:
+fp32, bf16, fp16, int) and one of everything else (config, step, extra), and loading recomputes them. A flipped bit
+is an error that names the file and the tensor, never a model that silently serves wrong weights. Every load error is
+a `CheckpointError` naming the real file and what is wrong with it: empty, truncated, pickled code, not ours, the
+wrong kind of file, or damaged.
+
+Writes are atomic (`diffseg.config.atomic_write`: a temp file beside the target, fsync, one rename), so a killed
+writer never leaves a torn file, nor a temp file.
 
 Every job, the sweeps and the Serve replicas get a network the same way:
 
@@ -16,8 +25,12 @@ Every job, the sweeps and the Serve replicas get a network the same way:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +46,159 @@ from diffseg.unet import UNet, UNetConfig, unet_config_from_guided_flags
 
 FORMAT = "diffseg/1"
 CHECKPOINT_NAME = "checkpoint.pt"
+INTEGRITY_KEY = "integrity"
 # Config keys that checkpoints written by an older diffseg hold and this one no longer has (they were never read):
 # dropped when a checkpoint's config is parsed, so old runs still load.
 RETIRED_KEYS: dict[str, tuple[str, ...]] = {"diffusion": ("sample_steps", "eta", "clip_denoised")}
 # Sources that are downloaded through MLflow's artifact API rather than read as local paths.
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "hdfs://", "dbfs:/")
+log = logging.getLogger(__name__)
+
+# What each of our file formats is, for errors that say "this is a <kind>, not a <kind>".
+KINDS = {
+    FORMAT: "a diffseg model checkpoint (diffseg.checkpoint.load_checkpoint)",
+    "diffseg-pixel-segmenter/1": "a pixel-segmenter bundle (diffseg.pixel.PixelSegmenter.load)",
+    "diffseg-ensemble-state/1": "a sweep trial's ensemble state (diffseg.sweep)",
+}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as the kind of file asked for; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------------- integrity
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (any dtype: the bytes are read as uint8)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{prefix}/{i}" if prefix else str(i))
+
+
+def _skeleton(obj: Any) -> Any:
+    """The payload without tensor data, in a canonical JSON-able form (dict keys of any type, sorted)."""
+    if torch.is_tensor(obj):
+        return "<tensor>"
+    if isinstance(obj, dict):
+        return [[repr(k), _skeleton(v)] for k, v in sorted(obj.items(), key=lambda kv: repr(kv[0]))]
+    if isinstance(obj, (list, tuple)):
+        return [_skeleton(v) for v in obj]
+    return repr(obj) if isinstance(obj, float) else obj
+
+
+def payload_integrity(payload: dict[str, Any]) -> dict[str, Any]:
+    """{"algorithm": "sha256", "tensors": {path: digest}, "meta": digest of everything that is not tensor data}."""
+    body = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
+    meta = json.dumps(_skeleton(body), sort_keys=True, default=repr).encode()
+    return {
+        "algorithm": "sha256",
+        "tensors": {name: tensor_digest(t) for name, t in _walk(body, "")},
+        "meta": hashlib.sha256(meta).hexdigest(),
+    }
+
+
+def verify_integrity(payload: dict[str, Any], where: str) -> None:
+    """Raise CheckpointError naming `where` and the first tensor whose bytes do not match the stored SHA-256."""
+    stored = payload.get(INTEGRITY_KEY)
+    if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
+        raise CheckpointError(f"{where}: the file's integrity record is missing or unreadable")
+    actual = payload_integrity(payload)
+    expected = stored.get("tensors") or {}
+    for name, digest in actual["tensors"].items():
+        if name not in expected:
+            raise CheckpointError(f"{where}: tensor {name!r} is not in the file's integrity record (altered file)")
+        if digest != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} does not match its SHA-256: the file is damaged or was altered"
+            )
+    missing = sorted(set(expected) - set(actual["tensors"]))
+    if missing:
+        raise CheckpointError(f"{where}: tensor(s) {missing[:5]} listed in the integrity record are missing")
+    if actual["meta"] != stored.get("meta"):
+        raise CheckpointError(
+            f"{where}: the non-tensor part (format, config, step, extra) does not match its SHA-256: "
+            "the file is damaged or was altered"
+        )
+
+
+def write_payload(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Save a dict of tensors and plain data atomically, with its integrity record (see the module docstring)."""
+    if "format" not in payload:
+        raise ValueError("a payload needs a 'format' key")
+    body = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
+    body[INTEGRITY_KEY] = payload_integrity(body)
+    return atomic_torch_save(body, path)
+
+
+def _describe(fmt: Any) -> str:
+    return KINDS.get(fmt, f"a file of format {fmt!r}") if fmt is not None else "a file with no 'format' key"
+
+
+def read_payload(
+    path: str | os.PathLike,
+    expected: str,
+    *,
+    source: str | None = None,
+    require_integrity: bool = False,
+) -> dict[str, Any]:
+    """Load a payload written by `write_payload` (weights_only: no pickled code runs), check that its format is
+    `expected` and that every tensor matches its SHA-256. Errors are CheckpointError (FileNotFoundError for no file)
+    and name `source` (the file as the user knows it, e.g. a URI that was downloaded to `path`) or `path`.
+
+    Files written before checksums existed have no integrity record: they load with a warning, or are refused with
+    `require_integrity=True`.
+    """
+    path = Path(path)
+    where = source or str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{where}: empty file (0 bytes): not {_describe(expected)}; was its write interrupted?")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(
+            f"{where}: not {_describe(expected)}: not a torch zip file (starts with {head!r}, {size} bytes)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{where}: truncated or damaged: the end of the zip archive is missing ({size} bytes); "
+            "was its write interrupted or its copy cut short?"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{where}: holds pickled Python objects other than tensors and plain data; refused, because "
+                "loading it would run code from the file"
+            ) from None
+        raise CheckpointError(f"{where}: damaged: torch cannot read it ({type(e).__name__}: {msg[:200]})") from e
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != expected:
+        hint = " (guided-diffusion files: diffseg.checkpoint.import_guided_diffusion)" if fmt is None else ""
+        raise CheckpointError(f"{where}: this is {_describe(fmt)}, not {_describe(expected)}{hint}")
+    if INTEGRITY_KEY in payload:
+        verify_integrity(payload, where)
+    elif require_integrity:
+        raise CheckpointError(f"{where}: has no integrity record (SHA-256 of its tensors); refused")
+    else:
+        log.warning("%s: written before checksums existed; its integrity cannot be checked (save it again)", where)
+    return payload
 
 
 @dataclass
@@ -91,7 +252,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; `config` is a config dataclass or a plain dict."""
+    """Write a checkpoint atomically, with the SHA-256 of every tensor; `config` is a config dataclass or a dict."""
 
     def sd(obj):
         if obj is None or isinstance(obj, dict):
@@ -107,32 +268,45 @@ def save_checkpoint(
         "step": int(step),
         "extra": extra or {},
     }
-    return atomic_torch_save(payload, path)
+    return write_payload(path, payload)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, source: str | None = None
+) -> Checkpoint:
+    """Read a checkpoint (a file, or a run folder holding checkpoint.pt), verifying every tensor's SHA-256.
+
+    `source` is how errors name the file when `path` is a local copy of it (a downloaded URI). Every failure is a
+    CheckpointError (FileNotFoundError when there is no file) that names the file and says what is wrong with it.
+    """
     path = Path(path)
     if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(f"{source or path}: a folder without {CHECKPOINT_NAME}")
         path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        source = f"{source}/{CHECKPOINT_NAME}" if source else None
+    where = source or str(path)
+    payload = read_payload(path, FORMAT, source=source)
+    missing = [k for k in ("config", "model", "step") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{where}: a diffseg checkpoint without {missing}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a loadable checkpoint ({e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(
-            f"{path}: not a diffseg checkpoint (no format {FORMAT!r}); "
-            "use import_guided_diffusion for guided-diffusion files"
-        )
-    return Checkpoint(
-        config=json.loads(payload["config"]),
+        config = json.loads(payload["config"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: its config is not JSON ({e})") from None
+    ckpt = Checkpoint(
+        config=config,
         model=payload["model"],
         ema=payload.get("ema"),
         optimizer=payload.get("optimizer"),
         step=int(payload["step"]),
         extra=payload.get("extra") or {},
     )
+    if torch.device(map_location).type != "cpu":  # verified on the CPU, then moved
+        ckpt.model = {k: v.to(map_location) if torch.is_tensor(v) else v for k, v in ckpt.model.items()}
+        if ckpt.ema is not None:
+            ckpt.ema = {k: v.to(map_location) if torch.is_tensor(v) else v for k, v in ckpt.ema.items()}
+    return ckpt
 
 
 def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -183,24 +357,37 @@ def load_diffusion_model(
     The network is rebuilt from the config inside and gets the EMA weights (`use_ema`, when the checkpoint has them)
     or the raw ones; `random_init=True` keeps the architecture and a fixed random init (seed 0, without touching the
     caller's RNG) for the random-features baseline. The model comes back in eval mode with gradients off.
+
+    Every tensor's SHA-256 is verified (`load_checkpoint`); a file that is damaged, not ours, or whose config or
+    weights do not make a model is a CheckpointError naming the file (the URI, for a downloaded one).
     """
     path = resolve_source(source)
-    ckpt = load_checkpoint(path)
+    uri = str(source) if str(source).startswith(MLFLOW_SCHEMES) else None  # errors name the URI, not a download
+    ckpt = load_checkpoint(path, source=uri)
+    where = uri or str(path)
     dev = resolve_device(device)
-    if random_init:
-        with torch.random.fork_rng(devices=[]):  # a fixed random init that leaves the caller's RNG alone
-            torch.manual_seed(0)
+    try:
+        if random_init:
+            with torch.random.fork_rng(devices=[]):  # a fixed random init that leaves the caller's RNG alone
+                torch.manual_seed(0)
+                model = build_model(ckpt.model_config)
+            weights = "random"
+        else:
             model = build_model(ckpt.model_config)
-        weights = "random"
-    else:
-        model = build_model(ckpt.model_config)
-        use = use_ema and ckpt.ema is not None
-        model.load_state_dict(ckpt.ema if use else ckpt.model)
-        weights = "ema" if use else "model"
+            use = use_ema and ckpt.ema is not None
+            weights = "ema" if use else "model"
+        diffusion = GaussianDiffusion.from_config(ckpt.diffusion_config)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: its config does not describe a model we can build ({e})") from e
+    if weights != "random":
+        try:
+            model.load_state_dict(ckpt.ema if weights == "ema" else ckpt.model)
+        except RuntimeError as e:
+            raise CheckpointError(f"{where}: the weights do not fit the model its config describes ({e})") from e
     model = model.eval().requires_grad_(False).to(dev)
     return LoadedModel(
         model=model,
-        diffusion=GaussianDiffusion.from_config(ckpt.diffusion_config),
+        diffusion=diffusion,
         config=ckpt.config,
         step=ckpt.step,
         source=str(source),
@@ -252,3 +439,37 @@ def convert_guided_diffusion(
         "source": str(src),
     }
     return save_checkpoint(dst, config=config, model=model, step=0, extra={"imported_from": "guided-diffusion"})
+
+
+def export_weights(
+    src: str | os.PathLike | Checkpoint,
+    dst: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    use_ema: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """An inference checkpoint: only the (EMA) weights, floating tensors cast to `dtype`, no optimizer.
+
+    Half the size of the fp32 weights and a quarter of a training checkpoint (weights, EMA, AdamW moments), so a
+    small model fits where files are capped. It is an ordinary checkpoint of our format: `load_diffusion_model`
+    rebuilds the fp32 network and `load_state_dict` casts the weights back (so jobs and Serve read it unchanged); it
+    cannot resume training. A weight outside `dtype`'s range is an error rather than a silent inf.
+    """
+    ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
+    weights = ckpt.ema if use_ema and ckpt.ema is not None else ckpt.model
+    cast: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if torch.is_floating_point(tensor):
+            low = tensor.to(dtype)
+            if not torch.isfinite(low).all() and torch.isfinite(tensor).all():
+                raise ValueError(f"weight {name!r} overflows {dtype} (max |w| = {tensor.abs().max():.3g})")
+            tensor = low
+        cast[name] = tensor
+    info = {
+        "exported_from": str(src) if not isinstance(src, Checkpoint) else "checkpoint",
+        "weights": "ema" if use_ema and ckpt.ema is not None else "model",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return save_checkpoint(
+        dst, config=ckpt.config, model=cast, step=ckpt.step, extra={**ckpt.extra, "export": {**info, **(extra or {})}}
+    )

@@ -9,29 +9,73 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import inspect
 import io
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import sys
 import tempfile
 import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type; the message names the dotted key."""
+
+
+# ---------------------------------------------------------------------------------------------------- names
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*")
+NAME_MAX = 128
+
+
+def check_name(value: str, key: str = "name") -> str:
+    """`value` if it is one safe path component, else ConfigError naming `key`.
+
+    A name becomes a folder or file name under an output folder (`<output_dir>/<name>`), so it must not be able to
+    point anywhere else: no separators, no `..`, not empty, not hidden (a leading dot), printable ASCII letters,
+    digits and `._+=@-` only, at most NAME_MAX characters.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a name (a string), got {value!r}")
+    if not value or len(value) > NAME_MAX or not _NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid name: one path component of letters, digits and ._+=@- "
+            f"(not starting with . or -, no / or \\, at most {NAME_MAX} characters)"
+        )
+    return value
+
+
+class _NameCheck:
+    """Marks a str config field as a path component (see `Name`)."""
+
+    def __call__(self, value: str, key: str) -> str:
+        return check_name(value, key)
+
+
+Name = Annotated[str, _NameCheck()]  # a config field that names a folder or file: checked by `check_name`
+
+
+def job_dir(output_dir: str | os.PathLike, name: str, key: str = "name") -> Path:
+    """`<output_dir>/<name>` after checking that `name` is one path component (never `..` or `a/b`)."""
+    return Path(output_dir) / check_name(name, key)
 
 
 def _type_name(tp: Any) -> str:
@@ -42,6 +86,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`. Only lossless coercions are made."""
     origin = get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        base, *marks = get_args(tp)
+        value = _coerce(base, value, key)
+        for mark in marks:
+            if isinstance(mark, _NameCheck):
+                value = mark(value, key)
         return value
     if origin in (typing.Union, types.UnionType):
         options = get_args(tp)
@@ -110,7 +161,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a nested dict; missing keys take the defaults, unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -188,9 +239,27 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# The project's shipped configs: a relative config path that is not found from the working directory is looked up
+# from the repository root, then in jobs/configs, so `--config ablation_tiny.yaml`, `jobs/configs/x.yaml` and configs
+# that name other configs work from any directory (Ray workers and submitted jobs run elsewhere).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config file: `path` itself when it exists, else `<repo>/path`, else the shipped `jobs/configs/path`."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    for candidate in (REPO_ROOT / path, CONFIG_DIR / path):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults of `cls`, then the YAML file at `path`, then `a.b=value` overrides."""
-    data: dict[str, Any] = load_yaml(path) if path else {}
+    data: dict[str, Any] = load_yaml(find_config(path)) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)
@@ -223,21 +292,154 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(tmp|tmpdir)$")
+_use_anonymous_temp = True  # O_TMPFILE where the OS and file system have it (tests turn it off for the fallback)
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temp names carry the target, the host and the writer's pid, so a later writer can tell a dead writer's file."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files and folders that writers on this host left behind when they were killed (SIGKILL, OOM):
+    names `.<target>.<host>-<pid>.<random>.tmp[dir]` whose pid no longer runs. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if not m or m["host"] != _HOST or _pid_alive(int(m["pid"])):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+            log.info("removed %s, left by a writer (pid %s) that was killed", path, m["pid"])
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a crash right after it cannot bring the old file back)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open_anonymous(folder: Path) -> int | None:
+    """An unnamed file in `folder` (Linux O_TMPFILE): if the writer dies, the kernel frees it, so nothing is left
+    behind. None where the OS or the file system has no O_TMPFILE (then a named temp file is used)."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if not _use_anonymous_temp or flag is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, flag | os.O_WRONLY, 0o666)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Replace `path` all at once: `write(tmp)` fills a hidden temp file beside it (ending in .tmp, so no glob for
-    the real extension ever picks it up; writers must not infer the format from the name), then one rename. On any
-    error the temp file goes and `path` is untouched, so a reader never sees half a file."""
+    """Replace `path` all at once: `write(tmp)` fills a temp file BESIDE it (never in the system temp folder), the
+    data is fsynced, then one rename publishes it and the folder is fsynced. A reader never sees half a file; on any
+    error the temp file goes and `path` is untouched.
+
+    On Linux the temp file is unnamed (O_TMPFILE; `tmp` is its /proc/self/fd path) and gets a name only for the
+    instant of the rename, so even a writer killed with SIGKILL leaves nothing behind. Elsewhere it is a hidden
+    `.<name>.<host>-<pid>.<random>.tmp`, removed on error, and removed by the next write into the folder if its
+    writer was killed. Writers must not infer the format from the temp name.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    fd = _open_anonymous(folder)
+    if fd is not None:
+        try:
+            proc = f"/proc/self/fd/{fd}"
+            write(proc)
+            os.fsync(fd)
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for _ in range(100):  # a name for the instant of the rename (linkat cannot replace a file)
+                    name = f"{_temp_prefix(path)}{os.urandom(4).hex()}.tmp"
+                    try:
+                        os.link(proc, name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                        break
+                    except FileExistsError:
+                        continue
+                try:
+                    os.replace(name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=dir_fd)
+                    raise
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            os.close(fd)
+        return path
+    tmp_fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(path), suffix=".tmp")
+    os.close(tmp_fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(folder)
     return path
+
+
+@contextlib.contextmanager
+def staging_dir(near: str | os.PathLike) -> Iterator[Path]:
+    """A private temp folder for files that are published elsewhere afterwards (a checkpoint handed to Ray Train, a
+    file copied to its final place). It sits beside `near` (a local target path), never in the system temp folder,
+    so a large file never lands on another disk; it is removed on exit, and by the next `staging_dir` or
+    `atomic_write` in that folder if its process was killed. A remote `near` (`s3://...`) has no local folder:
+    then the system temp folder is used."""
+    near_s = str(near)
+    if "://" in near_s:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+        return
+    target = Path(near_s)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmpdir"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

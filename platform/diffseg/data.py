@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CACHE_AUTO_BYTES = 2**30  # data.cache=auto keeps a paired folder's decoded images in memory up to this size
 
 # Class merges by NAME, so they survive a different class order. face3: the 3-class skin/hair/background protocol.
 CLASS_MERGES: dict[str, dict[str, Any]] = {
@@ -72,6 +73,9 @@ class DataConfig:
     split_seed: int | None = None  # shuffle ids with this seed before splitting (None = sorted order)
     class_merge: str | None = None  # merge classes by name, e.g. "face3" (skin/hair/background)
     flip: bool = False  # random horizontal flips for training
+    roll: bool = False  # random circular shifts for training (with unet.padding_mode=circular: no position cue)
+    crop_scale: float = 1.0  # random crops of [crop_scale, 1] of each side, resized back, for training (1 = off)
+    cache: Literal["auto", "on", "off"] = "auto"  # keep decoded, resized images in memory; auto = when <= 1 GiB
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -89,8 +93,10 @@ def resize_pair(image: Image.Image, mask: Image.Image | None, size: int) -> tupl
 
 
 def to_tensor_image(image: Image.Image) -> torch.Tensor:
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1  # (3, H, W) in [-1, 1]
+    """An RGB image -> (3, H, W) float32 in [-1, 1]; one float copy (4 bytes per value): Serve bounds its memory."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # (H, W, 3) uint8
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1)  # (3, H, W) in [-1, 1]
 
 
 # The ONE resize policy for an image given to a network of a fixed square size (a segmenter, a feature backbone), used
@@ -112,12 +118,12 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Te
 
 
 def resize_probs(probs: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Soft masks (B, K, h, w) summing to 1 over K -> (B, K, *size), bilinear and renormalised."""
+    """Soft masks (B, K, h, w) summing to 1 over K -> (B, K, *size), bilinear and renormalised (also at the same
+    size, so that every path to a label map, Serve's banded one included, takes the argmax of the same numbers)."""
     size = _size(size)
     p = probs.float()
-    if tuple(p.shape[-2:]) == size:
-        return p
-    p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+    if tuple(p.shape[-2:]) != size:
+        p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
     return p / p.sum(dim=1, keepdim=True).clamp(min=1e-8)
 
 
@@ -138,6 +144,41 @@ def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
     squeeze = x.dim() == 3
     x = F.interpolate(x[:, None] if squeeze else x, size=size, mode="bilinear", align_corners=False)
     return x[:, 0] if squeeze else x
+
+
+def augment(
+    item: dict[str, Any], generator: torch.Generator, flip: bool = False, roll: bool = False, crop_scale: float = 1.0
+) -> dict[str, Any]:
+    """Training augmentation of an item {"image" (3, H, W), "mask" (H, W)?, ...}, image and mask alike.
+
+    flip: horizontal, p = 0.5. roll: a uniform circular shift in both axes (the object lands anywhere, wrapped
+    around). crop_scale < 1: a random square crop of side s * H, s ~ U[crop_scale, 1], at a uniform position, resized
+    back to H (bilinear image, nearest mask). These take away the cue "where in the frame" from a model.
+    """
+    image, mask = item["image"], item.get("mask")
+    h, w = image.shape[-2:]
+    if crop_scale < 1:
+        s = float(torch.empty(()).uniform_(crop_scale, 1.0, generator=generator))
+        side = max(1, round(min(h, w) * s))
+        top = int(torch.randint(0, h - side + 1, (), generator=generator))
+        left = int(torch.randint(0, w - side + 1, (), generator=generator))
+        crop = image[None, :, top : top + side, left : left + side]  # (1, 3, side, side)
+        image = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if mask is not None:
+            crop_m = mask[None, None, top : top + side, left : left + side].float()
+            mask = torch.nn.functional.interpolate(crop_m, size=(h, w), mode="nearest")[0, 0].long()
+    if roll:
+        dy, dx = (int(v) for v in torch.randint(0, max(h, w), (2,), generator=generator))
+        image = torch.roll(image, (dy % h, dx % w), dims=(-2, -1))
+        if mask is not None:
+            mask = torch.roll(mask, (dy % h, dx % w), dims=(-2, -1))
+    if flip and torch.rand((), generator=generator) < 0.5:
+        image = image.flip(-1)
+        mask = mask.flip(-1) if mask is not None else None
+    out = {**item, "image": image}
+    if mask is not None:
+        out["mask"] = mask
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- folders
@@ -186,13 +227,16 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         flip: bool = False,
         require_masks: bool = False,
         seed: int = 0,
+        roll: bool = False,
+        crop_scale: float = 1.0,
+        cache: Literal["auto", "on", "off"] = "auto",
     ):
         self.root = Path(root)
         meta = read_dataset_json(self.root)
         self.ignore_index = int(meta.get("ignore_index", 255))
         self.source_classes = list(meta["classes"])
         self.ids = list(ids) if ids is not None else list_ids(self.root)
-        self.image_size, self.flip = image_size, flip
+        self.image_size, self.flip, self.roll, self.crop_scale = image_size, flip, roll, crop_scale
         self.has_masks = (self.root / "masks").is_dir()
         if require_masks and not self.has_masks:
             raise DataError(f"{self.root / 'masks'}: no masks folder")
@@ -214,6 +258,12 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         missing = [i for i in self.ids if i not in self._files]
         if missing:
             raise DataError(f"{self.root / 'images'}: no image for id(s) {missing[:5]}")
+        # Decoding and resizing a JPEG costs more than a small model's step: a small set is decoded once. (Each
+        # DataLoader worker keeps its own copy; augmentation still runs per item.)
+        side = image_size or 256
+        self._cache: dict[int, dict[str, Any]] | None = None
+        if cache == "on" or (cache == "auto" and len(self.ids) * 3 * side * side * 4 <= CACHE_AUTO_BYTES):
+            self._cache = {}
 
     @property
     def num_classes(self) -> int:
@@ -258,19 +308,22 @@ class PairedFolderDataset(torch.utils.data.Dataset):
                 mask = Image.fromarray(arr)
         return image, mask, id_
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
+    def prepared(self, idx: int) -> dict[str, Any]:
+        """Item idx decoded and resized, before augmentation (from the cache when it is on)."""
+        if self._cache is not None and idx in self._cache:
+            return self._cache[idx]
         image, mask, id_ = self.load(idx)
         if self.image_size:
             image, mask = resize_pair(image, mask, self.image_size)
-        x = to_tensor_image(image)
-        item: dict[str, Any] = {"image": x, "id": id_}
+        item: dict[str, Any] = {"image": to_tensor_image(image), "id": id_}
         if mask is not None:
             item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
-        if self.flip and torch.rand((), generator=self._gen) < 0.5:
-            item["image"] = item["image"].flip(-1)
-            if "mask" in item:
-                item["mask"] = item["mask"].flip(-1)
+        if self._cache is not None:
+            self._cache[idx] = item
         return item
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return augment(self.prepared(idx), self._gen, self.flip, self.roll, self.crop_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- synthetic
@@ -334,8 +387,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
     class_names = SYNTHETIC_CLASSES
     ignore_index = 255
 
-    def __init__(self, num_images: int = 512, image_size: int = 32, seed: int = 0, offset: int = 0, flip=False):
-        self.num_images, self.image_size, self.seed, self.offset, self.flip = num_images, image_size, seed, offset, flip
+    def __init__(
+        self,
+        num_images: int = 512,
+        image_size: int = 32,
+        seed: int = 0,
+        offset: int = 0,
+        flip: bool = False,
+        roll: bool = False,
+        crop_scale: float = 1.0,
+    ):
+        self.num_images, self.image_size, self.seed, self.offset = num_images, image_size, seed, offset
+        self.flip, self.roll, self.crop_scale = flip, roll, crop_scale
         self._gen = torch.Generator().manual_seed(seed)
 
     @property
@@ -345,15 +408,19 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def ids(self) -> list[str]:
+        return [f"{self.offset + i:06d}" for i in range(self.num_images)]
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         if not 0 <= idx < self.num_images:
             raise IndexError(idx)
         image, mask = synthetic_scene(self.seed, self.offset + idx, self.image_size)
         x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
         m = torch.from_numpy(mask.astype(np.int64))
-        if self.flip and torch.rand((), generator=self._gen) < 0.5:
-            x, m = x.flip(-1), m.flip(-1)
-        return {"image": x, "mask": m, "foreground": (m > 0).long(), "id": f"{self.offset + idx:06d}"}
+        item = augment({"image": x, "mask": m, "id": f"{self.offset + idx:06d}"}, self._gen, self.flip, self.roll,
+                       self.crop_scale)  # fmt: skip
+        return {**item, "foreground": (item["mask"] > 0).long()}
 
 
 def write_synthetic_folder(root: str | os.PathLike, num_images: int, image_size: int, seed: int = 0) -> Path:
@@ -378,24 +445,56 @@ def write_synthetic_folder(root: str | os.PathLike, num_images: int, image_size:
 
 # ---------------------------------------------------------------------------------------------------- build
 def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "train") -> torch.utils.data.Dataset:
-    """The data set a config names; `split` follows num_train/num_test (see split_ids)."""
+    """The data set a config names; `split` follows num_train/num_test (see split_ids). An empty split is a DataError:
+    a job over zero images would otherwise "succeed" with nothing done, or report a metric over nothing."""
     if cfg.name == "synthetic":
         n_test = cfg.num_test
         n_train = cfg.num_train or cfg.num_images - n_test
         if split == "all":
-            return SyntheticDataset(cfg.num_images, cfg.image_size, cfg.seed)
-        if split == "train":
-            return SyntheticDataset(n_train, cfg.image_size, cfg.seed, flip=cfg.flip)
-        return SyntheticDataset(n_test, cfg.image_size, cfg.seed, offset=n_train)
-    if cfg.root is None:
-        raise DataError("data.root: a folder data set needs a root")
-    ids = list_ids(cfg.root)
-    if split != "all":
-        train, test = split_ids(ids, cfg.num_train, cfg.num_test, cfg.split_seed)
-        ids = train if split == "train" else test
-    return PairedFolderDataset(
-        cfg.root, ids, cfg.image_size, cfg.class_merge, flip=cfg.flip and split == "train", seed=cfg.split_seed or 0
-    )
+            ds = SyntheticDataset(cfg.num_images, cfg.image_size, cfg.seed)
+        elif split == "train":
+            ds = SyntheticDataset(n_train, cfg.image_size, cfg.seed, flip=cfg.flip, roll=cfg.roll,
+                                  crop_scale=cfg.crop_scale)  # fmt: skip
+        else:
+            ds = SyntheticDataset(n_test, cfg.image_size, cfg.seed, offset=n_train)
+        where = f"the synthetic data set (num_images={cfg.num_images})"
+    else:
+        if cfg.root is None:
+            raise DataError("data.root: a folder data set needs a root")
+        all_ids = ids = list_ids(cfg.root)
+        if split != "all":
+            train, test = split_ids(all_ids, cfg.num_train, cfg.num_test, cfg.split_seed)
+            ids = train if split == "train" else test
+        train = split == "train"
+        ds = PairedFolderDataset(
+            cfg.root,
+            ids,
+            cfg.image_size,
+            cfg.class_merge,
+            flip=cfg.flip and train,
+            seed=cfg.split_seed or 0,
+            roll=cfg.roll and train,
+            crop_scale=cfg.crop_scale if train else 1.0,
+            cache=cfg.cache,
+        )
+        where = f"{Path(cfg.root) / 'images'} ({len(all_ids)} images)"
+    if len(ds) == 0:
+        raise DataError(
+            f"data: the {split!r} split of {where} is empty (data.num_train={cfg.num_train}, "
+            f"data.num_test={cfg.num_test}); a job over zero images has nothing to do"
+        )
+    return ds
+
+
+def item_ids(dataset: torch.utils.data.Dataset) -> list[str]:
+    """The ids of a data set's items without loading any image (paired folders, synthetic scenes, Subsets of them)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = item_ids(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        return [str(dataset[i]["id"]) for i in range(len(dataset))]
+    return list(ids)
 
 
 def stack(dataset: torch.utils.data.Dataset, limit: int | None = None) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from torch import nn
 
 from diffseg.baselines import DictOutput, NetworkSegmenter, train_supervised
 from diffseg.checkpoint import load_diffusion_model
+from diffseg.config import Name
 from diffseg.data import DataConfig, build_dataset
 from diffseg.evaluate import evaluate_segmenter
 from diffseg.pixel import PixelSegmenter
@@ -69,7 +70,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class DatasetDDPMConfig:
-    name: str = "dataset-ddpm"
+    name: Name = "dataset-ddpm"
     output_dir: str = "runs/label"
     segmenter: str = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
     checkpoint: str = ""  # the DDPM to sample from ("" = the segmenter's backbone)

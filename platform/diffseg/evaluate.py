@@ -47,10 +47,10 @@ from PIL import Image
 
 from diffseg import baselines
 from diffseg.checkpoint import load_checkpoint, load_diffusion_model
-from diffseg.config import save_config, to_dict
+from diffseg.config import Name, job_dir, save_config, to_dict
 from diffseg.data import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
 from diffseg.features import FeatureConfig, FeaturePipeline
-from diffseg.metrics import ConfusionMatrix, ForegroundAccumulator, HungarianIoU
+from diffseg.metrics import ConfusionMatrix, ForegroundAccumulator, HungarianIoU, ImageDependence
 from diffseg.pixel import image_score
 from diffseg.report import markdown_table
 from diffseg.runtime import resolve_device
@@ -76,7 +76,7 @@ METHOD_TITLES = {
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str = "data"  # the data set's name in the table
+    name: Name = "data"  # the data set's name in the table
     protocol: Literal["foreground", "multiclass"] = "foreground"  # binary fg/bg ground truth, or C classes
     data: DataConfig = field(default_factory=DataConfig)  # the folder, size, split (and class_merge)
     split: Literal["train", "test", "all"] = "test"  # which images are scored (num_train/num_test in data)
@@ -136,7 +136,7 @@ class ForegroundSection:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    name: str = "eval"  # the run's folder under output_dir and its MLflow run name
+    name: Name = "eval"  # the run's folder under output_dir and its MLflow run name
     output_dir: str = "runs/eval"  # where tables and figures go
     datasets: tuple[DatasetSpec, ...] = ()  # the data sets (rows are grouped by data set)
     methods: tuple[str, ...] = ("all_foreground", "centred_box", "grabcut", "kmeans_ddpm", "factorized")  # columns
@@ -280,9 +280,13 @@ def evaluate_segmenter(
 
     Image i is segmented with noise seed `image_seed(seed, i)`; the labels are scored by `Scorer` under `protocol`
     (or under each of several protocols, e.g. ("foreground", "multiclass") for regions against part masks: the
-    foreground and the Hungarian-matched scores of one segmentation). Metric keys are `split/name`. With `out_dir`:
+    foreground and the Hungarian-matched scores of one segmentation), plus `split/dependence`, the image dependence of
+    the label maps (`metrics.mask_image_dependence`: 0 when every image gets the same layout, as a prior does; NaN for
+    one image or mixed sizes). Metric keys are `split/name`. With `out_dir`:
     predictions/<id>.png, overlays.png (image | ground truth | prediction, per row), per_image.csv and metrics.json.
     """
+    if len(dataset) == 0:
+        raise ValueError("evaluate_segmenter: the test set is empty; a metric over zero images is not a result")
     names = list(class_names or getattr(dataset, "class_names", None) or seg.class_names)
     protocols = [protocol] if isinstance(protocol, str) else list(protocol)
     scorers = [Scorer(p, seg.kind, num_labels(seg), names, ignore_index, reduction, strict, split) for p in protocols]
@@ -292,6 +296,7 @@ def evaluate_segmenter(
     rows: list[dict[str, Any]] = []
     tiles: list[np.ndarray] = []
     kept: list[np.ndarray] = []
+    dependence = ImageDependence()  # do the label maps follow the image, or a fixed layout? (0 = fixed)
     t0 = time.perf_counter()
     for _, items, res in segment_dataset(seg, dataset, seed, batch_size):
         if "mask" not in items[0]:
@@ -299,6 +304,7 @@ def evaluate_segmenter(
         labels = res.labels.numpy()  # (B, H, W)
         masks = torch.stack([it["mask"] for it in items]).numpy()
         per_scorer = [sc.update(labels, masks) for sc in scorers]
+        dependence.update(labels)
         scores = [{k: v for rows_j in per for k, v in rows_j.items()} for per in zip(*per_scorer)]
         for j, it in enumerate(items):
             row = {"id": str(it["id"]), **scores[j]}
@@ -314,6 +320,7 @@ def evaluate_segmenter(
         if keep_labels:
             kept.append(labels)
     metrics = {k: v for sc in scorers for k, v in sc.compute().items()}
+    metrics[f"{split}/dependence"] = dependence.compute()
     seconds = time.perf_counter() - t0
     if out:
         if tiles and all(t.shape == tiles[0].shape for t in tiles):
@@ -436,20 +443,25 @@ def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[
     """(metric keys, header) of the table columns for a protocol; a cell shows the first key a row has."""
     if protocol == "foreground":
         cols = [(("fg_acc",), "Acc"), (("fg_iou",), "IoU"), (("fg_dice",), "DICE")]
-        return cols + ([(("fg_iou_strict",), "IoU (fixed fg)")] if strict else [])
+        cols += [(("fg_iou_strict",), "IoU (fixed fg)")] if strict else []
+        return cols + [(("dependence",), "Image dep.")]
     cols = [
         (("miou", "hungarian_miou"), "mIoU"),
         (("hungarian_miou_per_image", "miou"), "mIoU (per-image match)"),
     ]
-    return cols + [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
+    cols += [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
+    return cols + [(("dependence",), "Image dep.")]
 
 
 def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
     return next((metrics[k] for k in keys if k in metrics), None)
 
 
-def _fmt(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+def _fmt(v: Any, keys: tuple[str, ...] = ()) -> str:
+    """Scores in %; the image dependence (`metrics.mask_image_dependence`, a share in [0, 1]) as it is."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if "dependence" in keys else f"{100 * v:.1f}"
 
 
 def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
@@ -466,10 +478,10 @@ def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
         head = ["Data set", "Method", *[h for _, h in cols], "N", "s"]
         body = []
         for r in prow:
-            cells = [_fmt(_cell(r["metrics"], k)) for k, _ in cols]
+            cells = [_fmt(_cell(r["metrics"], k), k) for k, _ in cols]
             title = METHOD_TITLES.get(r["method"], r["method"])
             body.append([r["dataset"], title, *cells, str(r["num_images"]), f"{r['seconds']:.1f}"])
-        out.append(f"**{protocol}** protocol (scores in %)\n")
+        out.append(f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1)\n")
         out.append(markdown_table(head, body, align=["---"] * 2 + ["---:"] * (len(head) - 2)))
     return "\n".join(out)
 
@@ -497,7 +509,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
         raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     if not cfg.datasets:
         raise ValueError("no data sets to evaluate: set datasets in the config")
-    out = Path(out_dir or Path(cfg.output_dir) / cfg.name)
+    out = Path(out_dir or job_dir(cfg.output_dir, cfg.name))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg.tracking, cfg.name)
@@ -526,7 +538,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
                     "num_images": res.num_images, "seconds": seconds, "info": info,
                     "class_names": data.class_names if spec.protocol == "multiclass" else [],
                 })  # fmt: skip
-                shown = ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if "/" not in k)
+                shown = ", ".join(f"{k} {_fmt(v, (k,))}" for k, v in metrics.items() if "/" not in k)
                 log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s)")
                 child = Tracker(cfg.tracking, f"{spec.name}/{method}", parent_run_id=tracker.run_id)
                 child.log_params({"dataset": spec.name, "method": method, **info})

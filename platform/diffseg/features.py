@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import from_dict, save_config, to_dict
-from diffseg.data import DataConfig, build_dataset, read_images_ray
+from diffseg.config import Name, from_dict, job_dir, save_config, to_dict
+from diffseg.data import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.runtime import init_ray, resolve_device
-from diffseg.shards import FeatureMeta, ShardSet, write_shard
+from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ def write_feature_shard(
         extra={"ignore_index": ignore, "feature_config": to_dict(pipeline.cfg), **extra},
     )
     keep_t = torch.from_numpy(keep)
-    write_shard(path, feats[keep_t].to(torch.float16).numpy(), labels[keep], image_ids[keep], ys[keep], xs[keep], meta)
+    rows = feats[keep_t].to(torch.float16).numpy()
+    write_shard(path, rows, labels[keep], image_ids[keep], ys[keep], xs[keep], meta, images=[str(i) for i in ids])
     return int(keep.sum())
 
 
@@ -294,11 +295,13 @@ def extract_dataset(
 ) -> dict[str, Any]:
     """In-process extraction of a data set of {"image", "mask"?, "id"} items into shards under `out_dir` (one per
     batch, named by its first id; existing shards are skipped). Large sets belong to the Ray Data job
-    (`run_extract_job`), which writes the same shards. `min_class_pixels`: see `write_feature_shard`.
+    (`run_extract_job`), which writes the same shards, with the same manifest: the set is complete (usable by
+    `ShardSet`) only once every image is in a shard. `min_class_pixels`: see `write_feature_shard`.
     Returns {"num_shards", "num_rows"}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**dataset_meta(dataset), "num_images": len(dataset), **(meta_extra or {})}
+    begin_shard_set(out, item_ids(dataset), {"features": to_dict(pipeline.cfg), **(meta_extra or {})})
     bs = batch_size or pipeline.cfg.batch_size
     rows = shards = 0
     for start in range(0, len(dataset), bs):
@@ -311,6 +314,7 @@ def extract_dataset(
         images = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
         ids = [it["id"] for it in items]
         rows += write_feature_shard(pipeline, images, ids, path, masks, meta, min_class_pixels)
+    end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones
     return {"num_shards": shards, "num_rows": rows}
 
 
@@ -406,7 +410,7 @@ def extract_to_shards(
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class ExtractJobConfig:
-    name: str = "features"  # output folder name under output_dir
+    name: Name = "features"  # output folder name under output_dir
     output_dir: str = "runs/features"  # shards go to <output_dir>/<name>/
     features: FeatureConfig = field(default_factory=FeatureConfig)  # the recipe (backbone, blocks, timesteps, noise)
     data: DataConfig = field(default_factory=DataConfig)  # the images (+ masks); flips are never applied here
@@ -430,7 +434,7 @@ class ExtractJobConfig:
 
 
 def shard_dir(cfg: ExtractJobConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.name
+    return job_dir(cfg.output_dir, cfg.name)
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
@@ -451,12 +455,15 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     meta_extra = {**dataset_meta(dataset), "data": data.root or data.name, "split": cfg.split, "num_images": n}
+    expected = item_ids(dataset)[:n]
+    begin_shard_set(out, expected, {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)})
     t0 = time.perf_counter()
     paths = extract_to_shards(
         cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus, cfg.min_class_pixels
     )
     seconds = time.perf_counter() - t0
-    ss = ShardSet(paths)
+    end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones
+    ss = ShardSet(out)
     summary = {
         "shard_dir": str(out),
         "num_shards": len(paths),

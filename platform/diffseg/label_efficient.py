@@ -31,7 +31,7 @@ import torch
 
 from diffseg.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.checkpoint import load_checkpoint
-from diffseg.config import from_dict
+from diffseg.config import Name, from_dict
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.evaluate import EvalResult, evaluate_segmenter
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
@@ -76,13 +76,14 @@ def class_ious(result: EvalResult, class_names: list[str], split: str = "test") 
 # ---------------------------------------------------------------------------------------------------- pixel job
 @dataclass(frozen=True)
 class PixelJobConfig:
-    name: str = "pixel"  # run name: outputs go to <output_dir>/<name>/
+    name: Name = "pixel"  # run name: outputs go to <output_dir>/<name>/
     output_dir: str = "runs/pixel"
     train_shards: str = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
     data: DataConfig = field(default_factory=DataConfig)  # where the TEST images come from
     test_split: Literal["train", "test", "all"] = "test"
     test_limit: int = 0  # first N test images (0 = all)
     train: PixelTrainConfig = field(default_factory=PixelTrainConfig)  # ensemble size and the paper's training
+    allow_incomplete_shards: bool = False  # train on a shard folder whose extraction did not finish (logged)
     device: str = "auto"  # auto = cuda when available
     save_overlays: int = 16  # test images shown in overlays.png (all prediction maps are saved)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -112,10 +113,12 @@ def train_segmenter(
     device: torch.device | str = "cpu",
     tracker: Tracker | None = None,
     ensemble: MLPEnsemble | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[PixelSegmenter, TrainResult]:
     """THE way to a servable pixel segmenter: train the ensemble on a shard set (continuing `ensemble` if given) and
-    bundle it with the shards' feature recipe and class names (`PixelSegmenter.save` writes what Serve loads)."""
-    ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    bundle it with the shards' feature recipe and class names (`PixelSegmenter.save` writes what Serve loads).
+    A shard folder must be a complete set (`diffseg.shards`) unless `allow_incomplete`."""
+    ss = shards if isinstance(shards, ShardSet) else ShardSet(shards, allow_incomplete=allow_incomplete)
     names = ss.meta.class_names
     if not names:
         raise ValueError(f"{ss.paths[0]}: the shards carry no class names (were they extracted from labelled data?)")
@@ -127,7 +130,7 @@ def train_segmenter(
         names,
         ss.meta.image_size,
         {
-            "train_shards": str(Path(ss.paths[0]).parent),
+            "train_shards": ss.source,
             "recipe_hash": ss.meta.recipe_hash,
             "train_rows": ss.num_rows,
             "train_images": ss.meta.extra.get("num_images"),
@@ -142,16 +145,18 @@ def train_segmenter(
 def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     out, tracker = start_job(cfg)
     device = resolve_device(cfg.device)
-    seg, res = train_segmenter(cfg.train_shards, cfg.train, device, tracker)
+    shards = ShardSet(cfg.train_shards, allow_incomplete=cfg.allow_incomplete_shards)
+    # the test images first: an empty or unreadable test set fails before any training
+    test = build_dataset(dataclasses.replace(cfg.data, flip=False, image_size=shards.meta.image_size), cfg.test_split)
+    if cfg.test_limit:
+        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
+    seg, res = train_segmenter(shards, cfg.train, device, tracker)
     seg.save(out / "segmenter.pt")
     log.info(
         f"[pixel] trained {seg.ensemble.members} members on {seg.extra['train_rows']} pixels "
         f"(D={seg.ensemble.in_dim}): {res.iterations} iterations, {res.epochs} epochs, {res.seconds:.1f}s, "
         f"stopped at {res.stopped_at}"
     )
-    test = build_dataset(dataclasses.replace(cfg.data, flip=False, image_size=seg.image_size), cfg.test_split)
-    if cfg.test_limit:
-        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
     result = evaluate_segmenter(
         seg, test, class_names=seg.class_names, ignore_index=int(seg.extra["ignore_index"]), out_dir=out,
         save_overlays=cfg.save_overlays,
@@ -175,7 +180,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- comparisons
 @dataclass(frozen=True)
 class CompareConfig:
-    name: str = "compare"
+    name: Name = "compare"
     output_dir: str = "runs/label"
     checkpoint: str = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
     features: FeatureConfig = field(default_factory=FeatureConfig)  # blocks / timesteps / noise for both U-Nets

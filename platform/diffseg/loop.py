@@ -13,11 +13,11 @@ so a run started one way can be continued the other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,12 +30,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
-from diffseg.config import atomic_write, dumps, to_dict
-from diffseg.data import DataConfig, build_dataset
+from diffseg.config import Name, atomic_write, check_name, dumps, job_dir, staging_dir, to_dict
+from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
+from diffseg.factorized import FactorizedUNet
 from diffseg.models import EMA, ModelConfig, build_model
 from diffseg.runtime import image_generators, resolve_device
 from diffseg.sampling import sample
+from diffseg.segment import mask_diagnostics
 from diffseg.tracking import Tracker, TrackingConfig
 from diffseg.viz import sample_grid, save_png
 
@@ -46,9 +48,10 @@ log = logging.getLogger(__name__)
 class OptimConfig:
     lr: float = 1e-4  # Adam learning rate (the factorized paper: 1e-4)
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (ADM and the factorized paper do not clip)
     ema_decay: float = 0.9999  # EMA of the weights used for sampling and segmentation
     batch_size: int = 16  # GLOBAL batch size, split evenly over the workers
+    mask_lr_scale: float = 1.0  # factorized: the mask generator's learning rate as a multiple of lr (1 = the paper)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,20 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory format; auto = on for CUDA
     num_data_workers: int = 0  # DataLoader worker processes per training worker
+    eval_every: int = 0  # factorized: steps between mask diagnostics on held-out images (see `eval`; 0 = never)
+    max_minutes: float = 0.0  # stop (final checkpoint, samples, diagnostics) after this much training; 0 = no limit
+
+
+@dataclass(frozen=True)
+class MaskEvalConfig:
+    """Mask diagnostics of a factorized run (`loop.eval_every`): held-out images whose masks are used ONLY to score."""
+
+    data: DataConfig | None = None  # images with masks; None = the training data's held-out split (data.num_test)
+    split: Literal["train", "test", "all"] = "test"  # which split of `data`
+    num_images: int = 32  # the first N images of the split
+    protocol: Literal["foreground", "multiclass"] = "foreground"  # fg IoU (binary gt) or Hungarian mIoU (classes)
+    t: int = 30  # noise level of the segmentation pass
+    seed: int = 0  # noise seed (image i has its own generator: paired across runs)
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,7 @@ class ScalingSection:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    name: str = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
+    name: Name = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
     output_dir: str = "runs"  # where runs live: a local folder or shared storage (s3://...) for clusters
     init_from: str | None = None  # start a NEW run from these weights (e.g. a DDPM's encoder for the factorized net)
     model: ModelConfig = field(default_factory=ModelConfig)  # which network, its size and K
@@ -85,6 +102,7 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # steps, logging, checkpoints, samples
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers, GPUs, fault tolerance
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    eval: MaskEvalConfig = field(default_factory=MaskEvalConfig)  # factorized mask diagnostics (loop.eval_every)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and by `fit`)."""
@@ -108,7 +126,7 @@ def storage_path(cfg: TrainConfig) -> str:
 
 def run_dir(cfg: TrainConfig) -> Path | None:
     """The run's local folder; None on remote storage (`run_uri` then names it)."""
-    return None if is_remote_path(cfg.output_dir) else Path(storage_path(cfg)) / cfg.name
+    return None if is_remote_path(cfg.output_dir) else job_dir(storage_path(cfg), cfg.name)
 
 
 def run_uri(cfg: TrainConfig, *parts: str) -> str:
@@ -116,7 +134,7 @@ def run_uri(cfg: TrainConfig, *parts: str) -> str:
     local = run_dir(cfg)
     if local is not None:
         return str(local.joinpath(*parts))
-    return "/".join([cfg.output_dir.rstrip("/"), cfg.name, *parts])
+    return "/".join([cfg.output_dir.rstrip("/"), check_name(cfg.name), *parts])
 
 
 def put_file(src: str | os.PathLike, dst: str) -> None:
@@ -150,9 +168,12 @@ def fetch_file(src: str, dst: str | os.PathLike) -> bool:
 
 def load_run_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
     """The run's exported checkpoint (`<output_dir>/<name>/checkpoint.pt`, local or remote), or None."""
-    with tempfile.TemporaryDirectory() as tmp:
+    uri = run_uri(cfg, CHECKPOINT_NAME)
+    if not is_remote_path(uri):  # read in place: errors name the real file
+        return load_checkpoint(uri) if Path(uri).is_file() else None
+    with staging_dir(uri) as tmp:
         local = Path(tmp) / CHECKPOINT_NAME
-        return load_checkpoint(local) if fetch_file(run_uri(cfg, CHECKPOINT_NAME), local) else None
+        return load_checkpoint(local, source=uri) if fetch_file(uri, local) else None
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -209,9 +230,15 @@ class TrainState:
     history: list[list[float]] = field(default_factory=list)  # [[step, mean loss], ...] at every log step
     starts: list[int] = field(default_factory=list)  # the step of every (re)start: a resume is visible
     mlflow_run_id: str | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)  # mask diagnostics, each with its "step"
 
     def extra(self) -> dict[str, Any]:
-        return {"loss_history": self.history, "starts": self.starts, "mlflow_run_id": self.mlflow_run_id}
+        return {
+            "loss_history": self.history,
+            "starts": self.starts,
+            "mlflow_run_id": self.mlflow_run_id,
+            "mask_diagnostics": self.evals,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Model, EMA, optimizer, step and history in our checkpoint format (atomic)."""
@@ -258,6 +285,7 @@ def build_train_state(
             "history": list(resume.extra.get("loss_history", [])),
             "starts": list(resume.extra.get("starts", [])),
             "mlflow_run_id": resume.extra.get("mlflow_run_id"),
+            "evals": list(resume.extra.get("mask_diagnostics", [])),
         }
         source = f"step {resume.step}"
     elif cfg.init_from:
@@ -271,7 +299,7 @@ def build_train_state(
     model = model.to(device, memory_format=memory_format)
     ema.model.to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        param_groups(model, cfg.optim),
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         fused=device.type == "cuda",  # one kernel per step on GPU
@@ -294,6 +322,25 @@ def build_train_state(
     return state, source
 
 
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """One group at optim.lr, plus the factorized mask generator's own group when `mask_lr_scale` != 1."""
+    if cfg.mask_lr_scale == 1 or not isinstance(model, FactorizedUNet):
+        return [{"params": list(model.parameters())}]
+    is_mask = lambda name: name.startswith(("mask_blocks.", "mask_out."))  # noqa: E731
+    return [
+        {"params": [p for n, p in model.named_parameters() if not is_mask(n)]},
+        {"params": [p for n, p in model.named_parameters() if is_mask(n)], "lr": cfg.lr * cfg.mask_lr_scale},
+    ]
+
+
+def mask_mode(cfg: TrainConfig, step: int) -> str | None:
+    """The factorized warm-up's mask mode for the step about to run (None: no warm-up, or not factorized)."""
+    fcfg = cfg.model.factorized
+    if cfg.model.kind != "factorized" or step >= fcfg.mask_warmup_steps:
+        return None
+    return fcfg.mask_warmup
+
+
 def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
     """One optimizer step on one (local) batch; returns the detached mean loss (no host sync: read it when logging).
 
@@ -311,11 +358,14 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
         y = batch["label"].to(device)  # (B,)
     t = sample_timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
+    model_kwargs: dict[str, Any] = {"y": y} if y is not None else {}
+    if (mode := mask_mode(cfg, state.step)) is not None:
+        model_kwargs["mask_mode"] = mode
+    if "fixed_masks" in batch:  # the oracle experiment: given masks instead of the mask generator's
+        model_kwargs["masks"] = batch["fixed_masks"].to(device, non_blocking=True)  # (B, K, H, W)
     dtype = state.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        losses = state.diffusion.training_losses(
-            state.model, x0, t, noise, model_kwargs={"y": y} if y is not None else None
-        )
+        losses = state.diffusion.training_losses(state.model, x0, t, noise, model_kwargs=model_kwargs or None)
     loss = losses["loss"].mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -359,6 +409,9 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.loop.num_data_workers,
+        # Kept across epochs: a small data set (150 images, batch 64) is 2 batches per epoch, and forking the
+        # workers again every epoch would cost more than the steps on a GPU.
+        persistent_workers=cfg.loop.num_data_workers > 0,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.loop.seed + start_step) if sampler is None else None,
     )
@@ -368,6 +421,26 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
             sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The held-out images and masks of the mask diagnostics (`eval`), or None when `loop.eval_every` is 0."""
+    if not cfg.loop.eval_every or cfg.model.kind != "factorized":
+        return None
+    data = cfg.eval.data or cfg.data
+    dataset = build_dataset(data, split=cfg.eval.split)
+    if len(dataset) < 2:
+        raise ValueError(
+            f"eval: the {cfg.eval.split!r} split of {data.root or data.name!r} has {len(dataset)} image(s); mask "
+            "diagnostics need >= 2 (set data.num_test, or eval.data / eval.split)"
+        )
+    items = stack(dataset, limit=cfg.eval.num_images)
+    if "mask" not in items:
+        raise ValueError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
+    if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
+        raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+    num_classes = getattr(dataset, "num_classes", 2)
+    return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
 
 
 def format_duration(seconds: float) -> str:
@@ -404,6 +477,7 @@ def fit(
     batches = build_batches(cfg, rank, world, start_step, device)
     gen = step_generator(cfg, rank, start_step, device)
 
+    eval_set = build_eval_set(cfg) if rank == 0 else None
     tracker = None
     if rank == 0:
         tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
@@ -421,16 +495,33 @@ def fit(
             f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})"
         )
 
-    def checkpoint_and_report(metrics: dict[str, float]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
+    def checkpoint_and_report(metrics: dict[str, float], final: bool) -> None:
+        # rank 0 stages the checkpoint beside the run's export (never a full-size copy in the system temp folder)
+        with staging_dir(run_uri(cfg, CHECKPOINT_NAME)) if rank == 0 else contextlib.nullcontext() as tmp:
             ckpt_dir = None
             if rank == 0:
                 path = state.save(Path(tmp) / CHECKPOINT_NAME)
                 put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
-                if state.step >= cfg.loop.num_steps:  # the final checkpoint, also on remote storage
+                if final:  # the final checkpoint, also on remote storage
                     tracker.log_artifact(path, "checkpoint")
                 ckpt_dir = path.parent
             ctx.report({**metrics, "step": state.step}, ckpt_dir)
+
+    def run_diagnostics() -> None:
+        data = (state.diffusion, eval_set["image"], eval_set["mask"], cfg.eval.protocol, eval_set["num_classes"])
+        m = mask_diagnostics(state.ema.model, *data, t=cfg.eval.t, seed=cfg.eval.seed)
+        raw = mask_diagnostics(  # the raw weights: their masks only (no held-out eps-MSE)
+            unwrap(state.model), *data, t=cfg.eval.t, seed=cfg.eval.seed, mse_timesteps=(), prefix="val_raw"
+        )
+        m.update(raw)
+        state.evals.append({"step": state.step, **m})
+        tracker.log_metrics(m, state.step)
+        score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
+        log.info(
+            f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
+            f"mask_dependence {m['val/mask_dependence']:.3f} eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
+            f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
+        )
 
     def write_samples() -> None:
         n = cfg.loop.num_samples
@@ -439,7 +530,7 @@ def fit(
             state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
         )
         name = f"step_{state.step:07d}.png"
-        with tempfile.TemporaryDirectory() as tmp:
+        with staging_dir(run_uri(cfg, "samples", name)) as tmp:
             path = save_png(sample_grid(images, masks), Path(tmp) / name)
             put_file(path, run_uri(cfg, "samples", name))
             tracker.log_artifact(path, "samples")
@@ -448,15 +539,26 @@ def fit(
     try:
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        started = time.perf_counter()
         metrics: dict[str, float] = {}
+        stopped_early = False
         while state.step < cfg.loop.num_steps:
             batch = next(batches)
             loss_sum += train_step(state, batch, gen)
             images_seen += batch["image"].shape[0] * world
             loss_count += 1
             step = state.step
+            last = step >= cfg.loop.num_steps
+            if cfg.loop.max_minutes > 0 and not last and (world == 1 or step % cfg.loop.log_every == 0):
+                # The time box; with several workers every rank must stop at the same step, so they agree at log steps.
+                over = time.perf_counter() - started > 60 * cfg.loop.max_minutes
+                if world > 1 and dist.is_available() and dist.is_initialized():
+                    flag = torch.tensor(float(over), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    over = bool(flag.item())
+                stopped_early = last = over
 
-            if step % cfg.loop.log_every == 0 or step == cfg.loop.num_steps:
+            if step % cfg.loop.log_every == 0 or last:
                 if world > 1 and dist.is_available() and dist.is_initialized():
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
@@ -474,13 +576,19 @@ def fit(
                     tracker.log_metrics(metrics, step)
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
 
-            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and step < cfg.loop.num_steps:
+            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and not last:
                 write_samples()
-            if step % cfg.loop.checkpoint_every == 0 or step == cfg.loop.num_steps:
-                checkpoint_and_report(metrics)
+            if eval_set is not None and (step % cfg.loop.eval_every == 0 or last):
+                run_diagnostics()
+            if step % cfg.loop.checkpoint_every == 0 or last:
+                checkpoint_and_report(metrics, final=last)
+            if last:
+                break
 
+        if stopped_early and rank == 0:
+            log.info(f"[train] loop.max_minutes={cfg.loop.max_minutes} reached: stopped at step {state.step}")
         if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
-            checkpoint_and_report(metrics)
+            checkpoint_and_report(metrics, final=True)
         if rank != 0:
             return None
         write_samples()
@@ -492,6 +600,9 @@ def fit(
             "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
             "mlflow_run_id": tracker.run_id,
             "world_size": world,
+            "mask_diagnostics": state.evals,
+            "stopped_early": stopped_early,
+            "train_seconds": time.perf_counter() - started,
         }
     except BaseException:
         if tracker is not None:

@@ -107,10 +107,16 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)  # (C_target, C_pred)
         self.ignored_pred = np.zeros(num_classes, dtype=np.int64)  # (C_pred,) predictions at ignore-index pixels
+        self.num_pixels = 0  # pixels given, ignored ones included: 0 means nothing was scored at all
 
     def reset(self) -> None:
         self.matrix[:] = 0
         self.ignored_pred[:] = 0
+        self.num_pixels = 0
+
+    def _check_nonempty(self) -> None:
+        if self.num_pixels == 0:
+            raise ValueError("ConfusionMatrix: a metric over zero images (no update had a pixel): is the data empty?")
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> ConfusionMatrix:
         """Add a batch. `pred` and `target` are label maps of one shape ((N, H, W) or any), or `pred` soft masks
@@ -124,6 +130,7 @@ class ConfusionMatrix:
         _check_same_shape(p, t, "pred", "target")
         p = p.reshape(-1).astype(np.int64)
         t = t.reshape(-1).astype(np.int64)
+        self.num_pixels += t.size
         keep = t != self.ignore_index if self.ignore_index is not None else np.ones_like(t, dtype=bool)
         C = self.num_classes
         at_ignored = p[~keep]
@@ -143,6 +150,7 @@ class ConfusionMatrix:
             raise ValueError(f"cannot merge {other.num_classes}-class counts into {self.num_classes}-class counts")
         self.matrix += other.matrix
         self.ignored_pred += other.ignored_pred
+        self.num_pixels += other.num_pixels
         return self
 
     def intersection(self) -> np.ndarray:
@@ -154,7 +162,9 @@ class ConfusionMatrix:
     def iou(self, averaging: Averaging = "present") -> np.ndarray:
         """(C,) per-class IoU. "present": NaN for a class absent from both target and prediction (union 0).
         "official" (ddpm-segmentation `compute_iou`): predictions at ignore-index pixels count in the union, and an
-        empty union gives 0 (the reference's I / (1e-8 + U); for a non-empty union the 1e-8 changes nothing)."""
+        empty union gives 0 (the reference's I / (1e-8 + U); for a non-empty union the 1e-8 changes nothing).
+        Over zero images it is an error, not NaN."""
+        self._check_nonempty()
         if averaging == "present":
             return _safe_div(self.intersection(), self.union(), empty=np.nan)
         if averaging == "official":
@@ -168,7 +178,9 @@ class ConfusionMatrix:
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
     def pixel_accuracy(self) -> float:
-        """Fraction of non-ignored pixels labelled correctly; NaN if no pixel was counted."""
+        """Fraction of non-ignored pixels labelled correctly; NaN if every pixel was ignored; an error over zero
+        images."""
+        self._check_nonempty()
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
@@ -525,6 +537,7 @@ class HungarianIoU:
         self._inter = np.zeros(num_classes, dtype=np.int64)  # (C,) per-image matching, summed
         self._union = np.zeros(num_classes, dtype=np.int64)  # (C,)
         self._mappings: list[np.ndarray] = []  # each (K,)
+        self._num_pixels = 0  # pixels given (ignored ones included)
 
     def update(self, regions: ArrayLike, gt: ArrayLike) -> HungarianIoU:
         """Add a batch: `regions` (N, H, W) ints in [0, K) or (N, K, H, W) soft masks; `gt` (N, H, W) in [0, C)."""
@@ -539,6 +552,7 @@ class HungarianIoU:
             g = g[None]
         _check_same_shape(r, g, "regions", "gt")
         counts = _region_class_counts(r, g, self.num_regions, self.num_classes, self.ignore_index)  # (N, K, C)
+        self._num_pixels += g.size
         self.counts += counts.sum(0)
         if self.per_image:
             for c_img in counts:
@@ -567,6 +581,8 @@ class HungarianIoU:
                 raise ValueError("HungarianIoU.compute() called before any update()")
             inter, union, mapping = self._inter, self._union, np.stack(self._mappings)
         else:
+            if not self._num_pixels:
+                raise ValueError("HungarianIoU.compute() over zero images (no update() with any pixel)")
             inter, union, m = self._score(self.counts)
             mapping = {int(k): int(c) for k, c in enumerate(m) if c >= 0}
         iou = _safe_div(inter, union, empty=np.nan)
@@ -584,3 +600,85 @@ def hungarian_miou(
 ) -> HungarianResult:
     """Hungarian-matched mIoU of K regions (N, H, W) against C classes (N, H, W) in one call; see `HungarianIoU`."""
     return HungarianIoU(num_regions, num_classes, per_image, match_by, ignore_index).update(regions, gt).compute()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Image dependence of soft masks
+
+
+class ImageDependence:
+    """Streaming `mask_image_dependence`: add batches of soft masks (B, K, H, W) or hard maps (B, H, W) of one size.
+
+    Keeps, per (k, h, w), the sum and the sum of squares of the mask values over the images (for hard maps: one-hot
+    counts, exact integers, with K growing as higher labels appear), so memory is one map, whatever the data set's
+    size. `compute()` is NaN for fewer than two images or when the images differ in size.
+    """
+
+    def __init__(self) -> None:
+        self.num_images = 0
+        self.hard: bool | None = None  # hard maps or soft masks (set by the first update)
+        self.s1: np.ndarray | None = None  # (K, H, W) sum over images
+        self.s2: np.ndarray | None = None  # (K, H, W) sum of squares (== s1 for one-hot maps)
+        self.mixed_sizes = False
+
+    def update(self, masks: ArrayLike) -> ImageDependence:
+        a = _to_numpy(masks, "masks")
+        if a.ndim not in (3, 4):
+            raise ValueError(f"masks must be (N, K, H, W) or (N, H, W), got shape {a.shape}")
+        hard = a.ndim == 3
+        if self.hard is not None and hard != self.hard:
+            raise ValueError("ImageDependence: hard maps and soft masks cannot be mixed")
+        self.hard = hard
+        if len(a) == 0:
+            return self
+        if hard:
+            k = int(a.max()) + 1
+            one_hot = a[:, None] == np.arange(k)[None, :, None, None]  # (N, K, H, W)
+            s1 = one_hot.sum(0, dtype=np.int64)
+            s2 = s1
+        else:
+            a = a.astype(np.float64)
+            s1, s2 = a.sum(0), (a * a).sum(0)
+        if self.s1 is not None and self.s1.shape[1:] != s1.shape[1:]:
+            self.mixed_sizes = True
+        elif self.s1 is None:
+            self.s1, self.s2 = s1, (s2.copy() if hard else s2)
+        else:
+            if s1.shape[0] > self.s1.shape[0]:  # a higher label: new one-hot planes, zero for the earlier images
+                pad = ((0, s1.shape[0] - self.s1.shape[0]), (0, 0), (0, 0))
+                self.s1, self.s2 = np.pad(self.s1, pad), np.pad(self.s2, pad)
+            elif s1.shape[0] < self.s1.shape[0]:
+                pad = ((0, self.s1.shape[0] - s1.shape[0]), (0, 0), (0, 0))
+                s1, s2 = np.pad(s1, pad), np.pad(s2, pad)
+            self.s1 = self.s1 + s1
+            self.s2 = self.s2 + s2
+        self.num_images += len(a)
+        return self
+
+    def compute(self) -> float:
+        n = self.num_images
+        if n < 2 or self.mixed_sizes:
+            return float("nan")  # one image has no across-image variance to speak of
+        s1, s2 = self.s1.astype(np.float64), self.s2.astype(np.float64)
+        mean = s1 / n  # (K, H, W)
+        across = np.clip(s2 / n - mean**2, 0, None).mean()  # mean over (k, h, w) of the variance over images
+        hw = s1[0].size
+        mean_k = s1.reshape(len(s1), -1).sum(1) / (n * hw)  # (K,)
+        total_k = s2.reshape(len(s2), -1).sum(1) / (n * hw) - mean_k**2  # (K,) variance over (n, h, w)
+        total = np.clip(total_k, 0, None).mean()
+        return float(across / total) if total > 1e-12 else 0.0
+
+
+def mask_image_dependence(masks: ArrayLike) -> float:
+    """The across-image variance share of a set of soft masks (N, K, H, W) (or hard maps (N, H, W)).
+
+        share = mean_{k,h,w} Var_n(m[n, k, h, w]) / mean_k Var_{n,h,w}(m[n, k, h, w])
+
+    The numerator is how much a pixel's mask value changes from image to image; the denominator is the total
+    variance of the mask values (across images and positions). By the law of total variance the share is in [0, 1]:
+    0 for masks that are the same for every image (a fixed spatial split, however sharp), 1 for masks whose every
+    pixel's mean over images is the same (no positional prior at all). It is 0 for masks without any variance.
+    Ground-truth horse masks at 32 px score about 0.55. With hard maps (N, H, W) each region is one-hot encoded.
+    NaN for a single image. `ImageDependence` computes the same batch by batch.
+    """
+    return ImageDependence().update(masks).compute()

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from diffseg.checkpoint import atomic_torch_save
+from diffseg.checkpoint import CheckpointError, read_payload, write_payload
 from diffseg.config import from_dict, to_dict
 from diffseg.data import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
 from diffseg.features import FeatureConfig, FeaturePipeline
@@ -571,19 +571,18 @@ class PixelSegmenter:
             "image_size": self.image_size,
             "extra": json.dumps(self.extra, default=str),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_torch_save(payload, path)
+        return write_payload(path, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> PixelSegmenter:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{path}: not a pixel segmenter bundle (format {BUNDLE_FORMAT!r})")
-        ecfg = json.loads(payload["ensemble_config"])
-        ens = MLPEnsemble(ecfg["in_dim"], ecfg["num_classes"], ecfg["members"], ecfg["hidden"])
-        ens.load_state_dict(payload["ensemble"])
-        recipe = from_dict(FeatureConfig, json.loads(payload["recipe"]))
+        payload = read_payload(path, BUNDLE_FORMAT)
+        try:
+            ecfg = json.loads(payload["ensemble_config"])
+            ens = MLPEnsemble(ecfg["in_dim"], ecfg["num_classes"], ecfg["members"], ecfg["hidden"])
+            ens.load_state_dict(payload["ensemble"])
+            recipe = from_dict(FeatureConfig, json.loads(payload["recipe"]))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: a pixel-segmenter bundle that does not fit together ({e})") from e
         return cls(
             ens,
             recipe,

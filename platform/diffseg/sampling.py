@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import save_config
+from diffseg.config import Name, job_dir, save_config
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.factorized import FactorizedUNet
 from diffseg.runtime import image_generators
@@ -147,7 +146,7 @@ def _record(step: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class SampleJobConfig:
-    name: str = "sample"  # output folder under output_dir
+    name: Name = "sample"  # output folder under output_dir
     output_dir: str = "runs/sample"  # where grids and images go
     checkpoint: str = ""  # a trained model (factorized: images AND masks; DDPM: images)
     method: Literal["ddpm", "ddim"] = "ddim"  # ancestral DDPM or deterministic DDIM (eta 0)
@@ -179,7 +178,7 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
     model, diffusion, device = loaded.model, loaded.diffusion, loaded.device
     num_steps = cfg.steps or diffusion.num_timesteps
     record_every = cfg.record_every or max(1, num_steps // 10)
-    out = Path(cfg.output_dir) / cfg.name
+    out = job_dir(cfg.output_dir, cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     num_classes = model.cfg.num_classes

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -25,10 +24,12 @@ import torch
 from PIL import Image
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import save_config
+from diffseg.config import Name, job_dir, save_config
 from diffseg.data import DataConfig, build_dataset, resize_images, resize_probs
 from diffseg.diffusion import GaussianDiffusion, randn
 from diffseg.factorized import FactorizedUNet
+from diffseg.metrics import foreground_scores, hungarian_miou, mask_image_dependence
+from diffseg.runtime import image_generators
 from diffseg.segmenter import Segmentation, default_seeds, segment_dataset
 from diffseg.viz import colorize, grid, overlay, save_png, to_uint8
 
@@ -113,10 +114,70 @@ class FactorizedSegmenter:
         return Segmentation(labels=out["labels"].cpu(), probs=out["masks"].cpu())
 
 
+@torch.no_grad()
+def mask_diagnostics(
+    model: FactorizedUNet,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    gt: torch.Tensor,
+    protocol: Literal["foreground", "multiclass"] = "foreground",
+    num_classes: int = 2,
+    t: int = 30,
+    seed: int = 0,
+    mse_timesteps: Sequence[int] = (30, 100, 300, 600, 900),
+    batch_size: int = 32,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """How well a factorized model's masks segment held-out images, and whether they depend on the image at all.
+
+    Returns `{prefix}/fg_iou` (foreground protocol: IEM/ReDO per-image polarity, K regions reduced by best_single,
+    which covers every union for K <= 3) or `{prefix}/hungarian_miou` (multiclass, pooled over the images),
+    `{prefix}/mask_dependence` (`metrics.mask_image_dependence` of the soft masks: 0 for a fixed split) and the
+    held-out denoising loss `{prefix}/eps_mse` (mean over `mse_timesteps`, also per t as `{prefix}/eps_mse_t<t>`),
+    with image i's noise from its own generator, so two models are scored on the same (paired) noise.
+
+    :param images: (N, 3, H, W) in [-1, 1], at the model's size. :param gt: (N, H, W) class indices (255 ignored).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        masks, sq = [], {tt: [] for tt in mse_timesteps}
+        for i in range(0, len(images), batch_size):
+            idx = range(i, min(i + batch_size, len(images)))
+            x0 = images[i : idx.stop]
+            masks.append(
+                segment_images(model, diffusion, x0, t=t, generator=image_generators(seed, idx))["masks"].cpu()
+            )
+            for tt in mse_timesteps:
+                gens = image_generators(seed + 1 + tt, idx)
+                noise = randn(x0.shape, gens, "cpu")  # (n, 3, H, W)
+                steps = torch.full((x0.shape[0],), tt, dtype=torch.long)
+                x_t = diffusion.q_sample(x0, steps, noise)
+                eps = model(x_t.to(device), steps.to(device)).float().cpu()
+                sq[tt].append(((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+        soft = torch.cat(masks)  # (N, K, H, W)
+    finally:
+        model.train(was_training)
+    out: dict[str, float] = {}
+    gt_np = gt.cpu().numpy()
+    if protocol == "foreground":
+        out[f"{prefix}/fg_iou"] = foreground_scores(soft, gt_np, "best_single").iou
+    else:
+        labels = soft.argmax(dim=1).numpy()
+        out[f"{prefix}/hungarian_miou"] = hungarian_miou(labels, gt_np, soft.shape[1], num_classes).miou
+    out[f"{prefix}/mask_dependence"] = mask_image_dependence(soft)
+    per_t = {tt: float(torch.cat(v).mean()) for tt, v in sq.items()}
+    if per_t:
+        out[f"{prefix}/eps_mse"] = float(np.mean(list(per_t.values())))
+        out.update({f"{prefix}/eps_mse_t{tt}": v for tt, v in per_t.items()})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class SegmentJobConfig:
-    name: str = "segment"  # output folder under output_dir
+    name: Name = "segment"  # output folder under output_dir
     output_dir: str = "runs/segment"  # where masks and overlays go
     checkpoint: str = ""  # a trained factorized model (checkpoint.pt of jobs/train_factorized.py)
     data: DataConfig = field(default_factory=lambda: DataConfig(name="folder", image_size=0))  # image_size 0 = native
@@ -148,7 +209,7 @@ def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
     dataset = build_dataset(cfg.data, split=cfg.split)
     if cfg.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))
-    out = Path(cfg.output_dir) / cfg.name
+    out = job_dir(cfg.output_dir, cfg.name)
     for sub in ("masks", "overlays") + (("soft",) if cfg.save_soft else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

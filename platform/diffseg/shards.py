@@ -13,6 +13,12 @@ The Parquet schema metadata (key `diffseg`) holds a JSON `FeatureMeta`: feature_
 class names, the backbone reference and a hash of the feature recipe. Every shard of a set must agree on the recipe
 (`ShardSet` checks this), so a classifier trained on a set knows exactly which features it expects.
 
+Completeness: a feature run records the images it must cover in `manifest.json` before writing any shard
+(`begin_shard_set`) and marks the set complete only when every one of them is in a shard (`end_shard_set`; each shard
+lists the images it was made from in its footer, key `diffseg_images`). `ShardSet` refuses a folder whose manifest is
+missing or not complete, or whose shards differ from the manifest's, with a message naming what is missing; pass
+`allow_incomplete=True` to use such a set anyway (logged). A failed extraction is never trained on silently.
+
 Reading. `ShardSet.iter_shards` loads ONE shard at a time (for inspection and the benches). The ensemble trains from
 `ShardSet.iter_windows`: the row groups of ALL shards (`ROW_GROUP_ROWS` rows each, a few image rows of one image) are
 shuffled, and consecutive ones are gathered into windows of at most `max_rows` rows, so one window mixes the pixels
@@ -32,6 +38,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -45,14 +52,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffseg.config import atomic_write, config_hash, to_dict
+from diffseg.config import atomic_write, atomic_write_text, config_hash, to_dict
 
 META_KEY = b"diffseg"
+IMAGES_KEY = b"diffseg_images"  # the ids of every image a shard was made from (also those with no labelled pixel)
 FORMAT = "diffseg-features/1"
 # Rows per Parquet row group: the unit a window is shuffled in. Small enough that a window of a few hundred MB gathers
 # pieces of many images even at 256 px (4096 rows = 16 image rows of a 256 px image; 69 MB at D = 8448), large
 # enough that the zstd pages stay efficient. A 32 px shard of 4 images is one row group.
 ROW_GROUP_ROWS = 4096
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "diffseg-shard-set/1"
+log = logging.getLogger(__name__)
+
+
+class IncompleteShardSet(ValueError):
+    """A shard folder that is not a complete feature set; the message names the folder and what is missing."""
 
 
 @dataclass
@@ -92,7 +107,7 @@ def recipe_hash(
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _schema(dim: int, meta: FeatureMeta) -> pa.Schema:
+def _schema(dim: int, meta: FeatureMeta, images: Sequence[str]) -> pa.Schema:
     return pa.schema(
         [
             ("features", pa.list_(pa.float16(), dim)),
@@ -101,7 +116,7 @@ def _schema(dim: int, meta: FeatureMeta) -> pa.Schema:
             ("y", pa.int16()),
             ("x", pa.int16()),
         ],
-        metadata={META_KEY: meta.to_json().encode()},
+        metadata={META_KEY: meta.to_json().encode(), IMAGES_KEY: json.dumps(list(images)).encode()},
     )
 
 
@@ -114,8 +129,12 @@ def write_shard(
     xs: np.ndarray,
     meta: FeatureMeta,
     row_group_size: int = ROW_GROUP_ROWS,
+    images: Sequence[str] | None = None,
 ) -> Path:
-    """Write one shard atomically (temp file, then rename). features (N, D) is stored as float16."""
+    """Write one shard atomically (temp file, then rename). features (N, D) is stored as float16.
+
+    `images`: the ids of every image this shard was made from (default: those with rows), which is what
+    `end_shard_set` counts; an image whose pixels are all ignored has no row but is still covered."""
     path = Path(path)
     features = np.ascontiguousarray(features, dtype=np.float16)
     n, d = features.shape
@@ -124,6 +143,8 @@ def write_shard(
     for name, arr in (("labels", labels), ("image_ids", image_ids), ("ys", ys), ("xs", xs)):
         if len(arr) != n:
             raise ValueError(f"{name} has {len(arr)} rows, features have {n}")
+    if images is None:
+        images = sorted({str(i) for i in image_ids})
     feats = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1), type=pa.float16()), d)
     table = pa.Table.from_arrays(
         [
@@ -133,17 +154,123 @@ def write_shard(
             pa.array(np.asarray(ys, dtype=np.int16)),
             pa.array(np.asarray(xs, dtype=np.int16)),
         ],
-        schema=_schema(d, meta),
+        schema=_schema(d, meta, images),
     )
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd"))
 
 
 def read_meta(path: str | os.PathLike) -> FeatureMeta:
     """The metadata of one shard (reads only the footer)."""
-    md = pq.read_schema(path).metadata or {}
+    md = _footer(path)
     if META_KEY not in md:
         raise ValueError(f"{path}: no diffseg metadata (not a feature shard)")
     return FeatureMeta.from_json(md[META_KEY])
+
+
+def _footer(path: str | os.PathLike) -> dict[bytes, bytes]:
+    try:
+        return pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as e:
+        raise IncompleteShardSet(f"{path}: not a readable Parquet shard ({e})") from e
+
+
+def shard_images(path: str | os.PathLike) -> list[str]:
+    """The ids of the images a shard was made from (its footer; older shards: the ids of its rows)."""
+    md = _footer(path)
+    if IMAGES_KEY in md:
+        return list(json.loads(md[IMAGES_KEY]))
+    return sorted(set(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()))
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IncompleteShardSet(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise IncompleteShardSet(f"{path}: not a shard-set manifest (format {MANIFEST_FORMAT!r})")
+    return data
+
+
+def begin_shard_set(folder: str | os.PathLike, expected_images: Sequence[str], info: dict[str, Any] | None = None):
+    """Record, before any shard is written, which images the set must cover; the set is incomplete until
+    `end_shard_set`. Re-running an interrupted extraction into the same folder keeps its shards."""
+    folder = Path(folder)
+    expected = [str(i) for i in expected_images]
+    if not expected:
+        raise ValueError(f"{folder}: a feature set over zero images")
+    if len(set(expected)) != len(expected):
+        raise ValueError(f"{folder}: image ids are not unique")
+    manifest = {"format": MANIFEST_FORMAT, "complete": False, "expected_images": expected, "info": info or {}}
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, default=str))
+    return folder / MANIFEST_NAME
+
+
+def _shard_paths(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet"))
+
+
+def end_shard_set(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check that the shards in `folder` cover every image `begin_shard_set` recorded, then mark the set complete
+    (listing each shard and its row count). Raises IncompleteShardSet naming the missing images otherwise."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise IncompleteShardSet(f"{folder}: no {MANIFEST_NAME} (begin_shard_set was not called)")
+    missing = _missing_images(folder, manifest)
+    if missing:
+        raise IncompleteShardSet(_missing_message(folder, manifest, missing))
+    manifest["shards"] = {p.name: pq.ParquetFile(p).metadata.num_rows for p in _shard_paths(folder)}
+    manifest["complete"] = True
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, default=str))
+    return manifest
+
+
+def _missing_images(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    covered: set[str] = set()
+    for p in _shard_paths(folder):
+        covered.update(shard_images(p))
+    return [i for i in manifest["expected_images"] if i not in covered]
+
+
+def _missing_message(folder: Path, manifest: dict[str, Any], missing: list[str]) -> str:
+    n = len(manifest["expected_images"])
+    return (
+        f"{folder}: incomplete feature set: {len(missing)} of {n} images have no shard "
+        f"(e.g. {missing[:5]}); the extraction failed or is still running. Rerun it (finished shards are kept), "
+        "or pass allow_incomplete=True to train on what is there"
+    )
+
+
+def check_shard_set(folder: str | os.PathLike) -> list[str]:
+    """The shard paths of a complete set, or IncompleteShardSet saying what is wrong (see the module docstring)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    present = {p.name: p for p in _shard_paths(folder)}
+    if manifest is None:
+        raise IncompleteShardSet(
+            f"{folder}: no {MANIFEST_NAME}: nothing records which images this set should cover, so it may be a "
+            f"partial extraction ({len(present)} shards present). Sets written by jobs/extract_features.py have one; "
+            "pass allow_incomplete=True to use the shards as they are"
+        )
+    if not manifest.get("complete"):
+        raise IncompleteShardSet(_missing_message(folder, manifest, _missing_images(folder, manifest)))
+    listed = manifest.get("shards") or {}
+    gone = sorted(set(listed) - set(present))
+    if gone:
+        raise IncompleteShardSet(f"{folder}: shard(s) {gone[:5]} of the complete set are missing")
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise IncompleteShardSet(f"{folder}: shard(s) {extra[:5]} are not part of the set its manifest describes")
+    for name, rows in listed.items():
+        actual = pq.ParquetFile(present[name]).metadata.num_rows
+        if actual != rows:
+            raise IncompleteShardSet(f"{present[name]}: {actual} rows, but the set's manifest says {rows}")
+    return [str(present[name]) for name in sorted(listed)]
 
 
 @dataclass
@@ -213,17 +340,30 @@ def window_groups(piece_rows: Sequence[int], max_rows: int, rng: np.random.Gener
 
 
 class ShardSet:
-    """The shards of one feature set (a directory of `*.parquet` or a list of files), checked to share a recipe."""
+    """The shards of one feature set, checked to share a recipe: a folder (which must be a complete set, see the
+    module docstring, unless `allow_incomplete`), one shard file, or an explicit list of shard files."""
 
-    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike]):
+    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], *, allow_incomplete: bool = False):
         if isinstance(source, (str, os.PathLike)):
             root = Path(source)
-            paths = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
+            if root.is_dir():
+                try:
+                    paths = [Path(p) for p in check_shard_set(root)]
+                except IncompleteShardSet as e:
+                    if not allow_incomplete:
+                        raise
+                    log.warning("using an incomplete feature set (allow_incomplete): %s", e)
+                    paths = _shard_paths(root)
+            elif root.is_file():
+                paths = [root]
+            else:
+                raise FileNotFoundError(f"{root}: no such shard folder or file")
         else:
             paths = [Path(p) for p in source]
         if not paths:
             raise FileNotFoundError(f"no .parquet shards in {source}")
         self.paths = [str(p) for p in paths]
+        self.source = str(source) if isinstance(source, (str, os.PathLike)) else str(Path(self.paths[0]).parent)
         metas = [read_meta(p) for p in self.paths]
         self.meta = metas[0]
         rule = self.meta.extra.get("min_class_pixels", 0)
@@ -395,7 +535,7 @@ def feature_key(features: Any, data: Any) -> dict[str, Any]:
     f = to_dict(features)
     f.pop("batch_size"), f.pop("precision")
     f["backbone"] = backbone_fingerprint(features.backbone)
-    return {"features": f, "data": to_dict(data)}
+    return {"features": f, "data": to_dict(data), "layout": MANIFEST_FORMAT}  # entries without manifests never match
 
 
 class FeatureCache:

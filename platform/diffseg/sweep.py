@@ -14,6 +14,11 @@ after each of `num_reports` chunks of its training (ASHA's time unit) and leaves
 The sweep is one MLflow run (results table, plot, best config, the best model); every trial a nested run. A sweep
 interrupted by Ctrl-C or a lost driver continues with `run_sweep(..., resume=True)` (Tune's restore, same parent
 run). Tables and plots: `diffseg.report`; the command line: `jobs/sweep.py`.
+
+Trust: resuming unpickles Tune's state in the experiment folder, so it is restored only if `diffseg.trust` proves
+it is this user's (owner and permissions, and an HMAC recorded under a per-user key kept outside the folder when the
+driver stopped); otherwise the resume is refused before anything is read. `jobs/sweep.py --trust-state` signs a
+folder whose driver was killed before it could.
 """
 
 from __future__ import annotations
@@ -39,8 +44,12 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.sample import Domain
 
 from diffseg.config import (
+    ConfigError,
+    Name,
     atomic_write_text,
+    find_config,
     from_dict,
+    job_dir,
     load_config,
     load_yaml,
     merge,
@@ -54,6 +63,8 @@ from diffseg.report import encode, frame_to_markdown, plot_sweep, sweep_table, t
 from diffseg.runtime import init_ray, resolve_device, setup_logging
 from diffseg.tracking import Tracker, TrackingConfig, find_nested_run, finish_nested_runs, flatten, resolve_tracking_uri
 from diffseg.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
+from diffseg.trust import UntrustedState, check_state, key_path, sign_state
+from diffseg.trust import trust_state as vouch_for_state
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +85,7 @@ class TrialResources:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
+    name: Name = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
     task: Literal["auto", "pixel", "factorized"] = "auto"  # what a trial does; auto = from the base config's type
     base_config: str | None = None  # YAML of the base config (relative paths: to the sweep's YAML); None = defaults
     base_overrides: dict[str, Any] = field(default_factory=dict)  # applied to the base config (dotted or nested keys)
@@ -276,9 +287,12 @@ def run_sweep(
         probe = sweep.space[key]
         if isinstance(probe, (list, tuple)) and probe:
             replace(base, **{key: probe[0]})
-    init_ray()
     out = Path(sweep.output_dir).resolve()
-    exp_dir, state_file = out / sweep.name, out / sweep.name / "sweep.json"
+    exp_dir = job_dir(out, sweep.name)
+    state_file = exp_dir / "sweep.json"
+    if resume and (exp_dir / "tuner.pkl").exists():  # Tune's restore unpickles the folder: only the user's own
+        check_state(exp_dir)
+    init_ray()
     cache_dir = Path(sweep.cache_dir).resolve() if sweep.cache_dir else out / "feature_cache"
     uri = resolve_tracking_uri(sweep.tracking.uri)
     restoring = resume and tune.Tuner.can_restore(str(exp_dir))
@@ -327,6 +341,10 @@ def run_sweep(
     finally:
         if handler is not None:
             signal.signal(signal.SIGINT, handler)
+        try:  # however the driver stops (but SIGKILL), sign what Tune wrote, so that resume=True may restore it
+            sign_state(exp_dir)
+        except (OSError, UntrustedState) as e:
+            log.warning("could not sign the sweep state in %s (a resume will be refused): %s", exp_dir, e)
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     table = sweep_table(grid, keys, sweep.metric, sweep.mode)
     if unfinished or len(grid) < expected_trials(param_space, sweep.num_samples):  # Ctrl-C: Tune saved its state
@@ -376,13 +394,24 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Any]:
     return from_dict(SweepConfig, data["sweep"]), from_dict(base_config_class(data["task"]), data["base"])
 
 
-def run(cfg: SweepConfig, resume: bool = False) -> SweepResult:
-    """The body of jobs/sweep.py: load the base config file (its task from its contents), then `run_sweep`."""
+def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> SweepResult | None:
+    """The body of jobs/sweep.py: load the base config file (its task from its contents), then `run_sweep`.
+
+    `trust_state=True` only signs the experiment folder `<output_dir>/<name>` (the user vouches for a folder whose
+    driver was killed before it could sign it, see `diffseg.trust`) and returns None.
+    """
+    if trust_state:
+        exp_dir = job_dir(Path(cfg.output_dir).resolve(), cfg.name)
+        if not exp_dir.is_dir():
+            raise ConfigError(f"name, output_dir: {exp_dir} is no sweep folder to sign (check name and output_dir)")
+        signed = vouch_for_state(exp_dir)
+        log.info(f"[sweep] signed {len(signed)} state files of {exp_dir} with {key_path()}: {signed}")
+        return None
     task = cfg.task
     if task == "auto":
         if cfg.base_config is None:
             raise ValueError("task: with no base_config, say which trials to run (task=pixel or task=factorized)")
-        data = load_yaml(cfg.base_config)
+        data = load_yaml(find_config(cfg.base_config))
         task = "factorized" if data.get("model", {}).get("kind") == "factorized" else "pixel"
         if task == "pixel" and "features" not in data:
             raise ValueError(f"{cfg.base_config}: neither a factorized TrainConfig nor a PixelTrialConfig")

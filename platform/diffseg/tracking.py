@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffseg.config import job_dir
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
@@ -165,7 +167,7 @@ def start_job(cfg: Any) -> tuple[Path, Tracker]:
     named after the job, with the flattened config as parameters. `cfg` has output_dir, name and tracking."""
     from diffseg.config import save_config, to_dict
 
-    out = Path(cfg.output_dir) / cfg.name
+    out = job_dir(cfg.output_dir, cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg.tracking, cfg.name)

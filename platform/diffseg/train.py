@@ -15,7 +15,6 @@ a finished run re-run with more steps continues from its step.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
-from diffseg.config import from_dict, save_config, to_dict
+from diffseg.config import from_dict, save_config, staging_dir, to_dict
 from diffseg.loop import (  # noqa: F401  (the configs are part of this module's API)
     LoopConfig,
     OptimConfig,
@@ -116,7 +115,7 @@ def run(cfg: TrainConfig) -> ray.train.Result:
     """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py."""
     if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process without a cluster
         init_ray()
-    with tempfile.TemporaryDirectory() as tmp:
+    with staging_dir(run_uri(cfg, "config.yaml")) as tmp:
         put_file(save_config(cfg, Path(tmp) / "config.yaml"), run_uri(cfg, "config.yaml"))
     result = build_trainer(cfg).fit()
     out = result.return_value or {}

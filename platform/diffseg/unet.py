@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ class UNetConfig:
     dropout: float = 0.0  # dropout in residual blocks
     learn_sigma: bool = False  # also predict the variance: 2 x in_channels outputs
     num_classes: int | None = None  # class-conditional with this many classes
+    padding_mode: Literal["zeros", "circular", "reflect"] = "zeros"  # 3x3 convs' padding; circular = no position cue
 
     @property
     def out_channels(self) -> int:
@@ -51,10 +52,33 @@ class UNetConfig:
         return tuple(self.image_size // res for res in self.attention_resolutions)
 
 
-# Named sizes: one-line factories, as DiT keeps them. Paper sizes are configs, not code paths.
+# Named sizes: one-line factories, as DiT keeps them, for both networks (`build_unet`, `build_factorized`). Paper sizes
+# are configs, not code paths.
 UNET_SIZES: dict[str, Callable[[], UNetConfig]] = {
     "tiny": lambda: UNetConfig(image_size=32, model_channels=16, channel_mult=(1, 2), attention_resolutions=(16,)),
     "small-64": lambda: UNetConfig(image_size=64, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2),
+    # The factorized paper (Yuan & Maire), 64 px: 4 stages of 3 res blocks, channels C, 2C, 3C, 4C with C = 128
+    "paper-64": lambda: UNetConfig(
+        image_size=64,
+        model_channels=128,
+        num_res_blocks=3,
+        channel_mult=(1, 2, 3, 4),
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    ),  # fmt: skip
+    # The factorized paper, 128 px: 5 stages of 2 res blocks, channels C, C, 2C, 3C, 4C with C = 128
+    "paper-128": lambda: UNetConfig(
+        image_size=128,
+        model_channels=128,
+        num_res_blocks=2,
+        channel_mult=(1, 1, 2, 3, 4),
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    ),  # fmt: skip
     # openai/guided-diffusion LSUN bedroom/cat/horse and FFHQ-256 (the label-efficient paper's backbones)
     "adm-lsun256": lambda: UNetConfig(
         image_size=256,
@@ -69,6 +93,13 @@ UNET_SIZES: dict[str, Callable[[], UNetConfig]] = {
         dropout=0.1,
     ),  # fmt: skip
 }
+
+
+def named_size(name: str) -> UNetConfig:
+    """A UNetConfig from UNET_SIZES, with an error that lists the names."""
+    if name not in UNET_SIZES:
+        raise KeyError(f"unknown model size {name!r}; known: {sorted(UNET_SIZES)}")
+    return UNET_SIZES[name]()
 
 
 def unet_config_from_guided_flags(flags: dict[str, Any]) -> UNetConfig:
@@ -366,26 +397,96 @@ def zero_init_residual_outputs(module: nn.Module) -> None:
             nn.init.zeros_(m.proj_out.bias)
 
 
-# ---------------------------------------------------------------------------------------------------- model
-class UNet(nn.Module):
-    """ADM U-Net: `forward(x_t, t, y=None) -> (B, out_channels, H, W)`; `features()` for named block outputs."""
+def set_padding_mode(module: nn.Module, mode: str) -> None:
+    """Every 3x3 convolution of `module` pads with `mode` ("zeros", "circular", "reflect").
+
+    Zero padding tells a conv net where the image border is, so its outputs can depend on absolute position; with
+    circular padding every layer is translation-equivariant (up to the stride of the downsampling layers), so a
+    network cannot produce a fixed spatial split. No parameter changes: state dicts load either way.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
+            m.padding_mode = mode
+
+
+# ---------------------------------------------------------------------------------------------------- models
+class UNetTrunk(nn.Module):
+    """What the ADM U-Net and the factorized U-Net share: the timestep (and class) embedding, the encoder
+    (`input_blocks`) and the middle block, under guided-diffusion's module names. Subclasses add their decoder(s)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        emb_dim = cfg.model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.emb_dim = cfg.model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(cfg.model_channels, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim)
+        )
         if cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
-        self.input_blocks, self.middle_block, self.layout = build_encoder(cfg, emb_dim)
-        self.output_blocks, ch = build_decoder(cfg, emb_dim, self.layout)
-        self.out = build_out(ch, cfg.out_channels)
-        self.initialize_weights()
+            self.label_emb = nn.Embedding(cfg.num_classes, self.emb_dim)
+        self.input_blocks, self.middle_block, self.layout = build_encoder(cfg, self.emb_dim)
 
     def initialize_weights(self) -> None:
+        """ADM's init: every residual branch and the output conv start at zero, so the network starts as a skip."""
         zero_init_residual_outputs(self)
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) timesteps (and class labels) -> (B, 4C). A class-conditional network needs y; others refuse one."""
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))  # (B, 4C)
+        if self.cfg.num_classes is not None:
+            if y is None:
+                raise ValueError(f"this {type(self).__name__} is class-conditional: pass class labels y")
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError(f"y was given but this {type(self).__name__} has num_classes=None")
+        return emb
+
+    def encode(
+        self, x: torch.Tensor, emb: torch.Tensor, taps: dict | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Input blocks and middle block: x (B, C, H, W) -> (h_mid (B, C_mid, H/ds, W/ds), skips, one per block)."""
+        skips, h = [], x
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb)
+            skips.append(h)
+            if taps is not None:
+                taps[f"enc.{i}"] = h
+        h = self.middle_block(h, emb)
+        if taps is not None:
+            taps["mid"] = h
+        return h, skips
+
+    @staticmethod
+    def run_decoder(
+        blocks: nn.ModuleList,
+        h: torch.Tensor,
+        skips: list[torch.Tensor],
+        emb: torch.Tensor,
+        taps: dict | None = None,
+        stop_after: int | None = None,
+    ) -> torch.Tensor:
+        """A decoder half: block N takes [h, the last unused skip] (guided-diffusion's wiring). `skips` is not
+        modified. `taps` collects `dec.N`; `stop_after` ends after block N (feature extraction)."""
+        skips = list(skips)
+        for i, block in enumerate(blocks):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_i, H_i, W_i)
+            if taps is not None:
+                taps[f"dec.{i}"] = h
+            if stop_after is not None and i >= stop_after:
+                break
+        return h
+
+
+class UNet(UNetTrunk):
+    """ADM U-Net: `forward(x_t, t, y=None) -> (B, out_channels, H, W)`; `features()` for named block outputs."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        self.output_blocks, ch = build_decoder(cfg, self.emb_dim, self.layout)
+        self.out = build_out(ch, cfg.out_channels)
+        self.initialize_weights()
+        set_padding_mode(self, cfg.padding_mode)
 
     @property
     def feature_names(self) -> list[str]:
@@ -411,35 +512,11 @@ class UNet(nn.Module):
             return self.cfg.out_channels
         raise KeyError(f"unknown feature {name!r}; known: enc.N, mid, dec.N, out")
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))  # (B, 4C)
-        if self.cfg.num_classes is not None:
-            if y is None:
-                raise ValueError("this U-Net is class-conditional: pass class labels y")
-            emb = emb + self.label_emb(y)
-        elif y is not None:
-            raise ValueError("y was given but the U-Net has num_classes=None")
-        return emb
-
-    def encode(self, x: torch.Tensor, emb: torch.Tensor, taps: dict | None = None):
-        """Input blocks and middle block -> (h_mid, skips)."""
-        skips, h = [], x
-        for i, block in enumerate(self.input_blocks):
-            h = block(h, emb)
-            skips.append(h)
-            if taps is not None:
-                taps[f"enc.{i}"] = h
-        h = self.middle_block(h, emb)
-        if taps is not None:
-            taps["mid"] = h
-        return h, skips
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(t, y)
-        h, skips = self.encode(x, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.type(x.dtype))
+        emb = self.embed(t, y)  # (B, 4C)
+        h, skips = self.encode(x, emb)  # (B, C_mid, h, w), skips
+        h = self.run_decoder(self.output_blocks, h, skips, emb)  # (B, C, H, W)
+        return self.out(h.type(x.dtype))  # (B, out_channels, H, W)
 
     def features(
         self, x: torch.Tensor, t: torch.Tensor, names: Iterable[str], y: torch.Tensor | None = None
@@ -454,16 +531,15 @@ class UNet(nn.Module):
         h, skips = self.encode(x, emb, taps)
         dec_needed = [int(n.split(".")[1]) for n in names if n.startswith("dec.")]
         last = len(self.output_blocks) - 1 if "out" in names else max(dec_needed, default=-1)
-        for i, block in enumerate(self.output_blocks[: last + 1]):
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-            taps[f"dec.{i}"] = h
+        if last >= 0:
+            h = self.run_decoder(self.output_blocks, h, skips, emb, taps, stop_after=last)
         if "out" in names:
             taps["out"] = self.out(h)
         return {n: taps[n] for n in names}
 
 
 def build_unet(cfg: UNetConfig | str) -> UNet:
-    return UNet(UNET_SIZES[cfg]() if isinstance(cfg, str) else cfg)
+    return UNet(named_size(cfg) if isinstance(cfg, str) else cfg)
 
 
 def count_parameters(module: nn.Module) -> int:
