@@ -123,6 +123,7 @@ CONFIG_CLASSES = [
     ("label_celeba_pixel", "diffseg.label_efficient:PixelJobConfig"),
     ("label_celeba_extract", "diffseg.features:ExtractJobConfig"),
     ("label_celeba_robustness", "diffseg.robustness:RobustnessConfig"),
+    ("label_celeba_gap_curve", "diffseg.label_efficient:GapCurveConfig"),
     ("", "diffseg.train:TrainConfig"),
 ]
 

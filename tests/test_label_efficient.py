@@ -16,7 +16,14 @@ from diffseg.config import to_dict
 from diffseg.data import DataConfig, write_synthetic_folder
 from diffseg.dataset_ddpm import select_confident
 from diffseg.features import FeatureConfig, FeatureExtractor
-from diffseg.label_efficient import PixelJobConfig, run_pixel_job
+from diffseg.label_efficient import (
+    GapCurveConfig,
+    PixelJobConfig,
+    gap_prediction,
+    gap_rows,
+    run_gap_curve,
+    run_pixel_job,
+)
 from diffseg.pixel import PixelSegmenter, PixelTrainConfig
 from diffseg.shards import IncompleteShardSet, ShardSet, begin_shard_set, end_shard_set
 from diffseg.tracking import TrackingConfig
@@ -156,3 +163,52 @@ def test_pixel_job_with_an_empty_test_set_exits_nonzero_before_training(tmp_path
     assert out.returncode != 0
     assert "the 'test' split of" in out.stderr and "is empty" in out.stderr, out.stderr[-2000:]
     assert "[pixel] trained" not in out.stdout  # it failed before training
+
+
+def _compare_run(folder, images, ddpm=None, random=None, seed=0):
+    """A finished comparison run as the compare job leaves it: results.json (+ config.yaml with the MLP seed)."""
+    folder.mkdir(parents=True)
+    rows = {}
+    if ddpm is not None:
+        rows["ddpm"] = {"dim": 672, "miou": ddpm, "backbone_steps": images // 64, "backbone_images": images}
+    if random is not None:
+        rows["random"] = {"dim": 672, "miou": random, "input": "random:x.pt"}
+    (folder / "results.json").write_text(json.dumps(rows))
+    (folder / "config.yaml").write_text(f"name: {folder.name}\ntrain: {{seed: {seed}}}\n")
+    return str(folder)
+
+
+def test_gap_curve_rows_prediction_and_job(tmp_path):
+    """Hand-computed: gaps 0, +1, +2 points at 16k, 32k, 64k images (+2 is the mean of +1.5 and +2.5 over two MLP
+    seeds) are a line of +1 per doubling through 0 at 16k, which reaches +3 at 128k images. A run without a random
+    row takes the one of the baseline run with its MLP seed."""
+    base0 = _compare_run(tmp_path / "base0", 32000, ddpm=0.21, random=0.20)
+    base1 = _compare_run(tmp_path / "base1", 64000, ddpm=0.225, random=0.19, seed=1)
+    runs = [
+        _compare_run(tmp_path / "a", 16000, ddpm=0.20),
+        base0,
+        _compare_run(tmp_path / "c", 64000, ddpm=0.215),
+        _compare_run(tmp_path / "d", 64000, ddpm=0.215, seed=1),
+    ]
+    rows = gap_rows(runs, baselines=[base0, base1])
+    assert [r["ddpm_images"] for r in rows] == [16000, 32000, 64000, 64000]
+    assert [round(r["gap"], 6) for r in rows] == [0.0, 1.0, 1.5, 2.5]
+    assert [r["random_from"] for r in rows] == [base0, base0, base0, base1] and rows[3]["seed"] == 1
+    pred = gap_prediction(rows, 3.0)
+    assert pred["points"] == 3 and pred["slope_per_doubling"] == pytest.approx(1.0)
+    assert pred["images_at_target"] == pytest.approx(128000) and pred["largest_gap"] == pytest.approx(2.0)
+    flat = gap_prediction([dict(r, gap=1.0 - 0.1 * i) for i, r in enumerate(rows)], 3.0)
+    assert flat["slope_per_doubling"] < 0 and flat["images_at_target"] is None  # a falling line never gets there
+    with pytest.raises(ValueError, match="no baseline run with MLP seed 1"):
+        gap_rows(runs, baselines=[base0])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        gap_rows([str(tmp_path / "missing")], baselines=[base0])
+    cfg = GapCurveConfig(output_dir=str(tmp_path / "out"), runs=tuple(runs), baselines=(base0, base1),
+                         tracking=TrackingConfig(enabled=False))  # fmt: skip
+    out = run_gap_curve(cfg)
+    assert out["prediction"]["images_at_target"] == pytest.approx(128000)
+    text = (tmp_path / "out" / "gap-curve" / "gap.md").read_text()
+    assert "| 64k | 1000 | 1 | 21.5 | 19.0 | +2.5 |" in text and "+1.00 mIoU points per doubling" in text
+    assert "reaches +3 at 128k images" in text and "| 64k | 2 | +2.0 | 0.7 | +1.5 .. +2.5 |" in text
+    assert pred["lengths"][0] == {"images": 16000, "seeds": 1, "mean": 0.0, "sd": None, "min": 0.0, "max": 0.0}
+    assert Image.open(tmp_path / "out" / "gap-curve" / "gap.png").size[0] > 100

@@ -5,6 +5,8 @@
     run_compare(CompareConfig)      the same ensemble on DDPM features, on a randomly initialised U-Net of the same
                                     architecture, and on raw RGB pixels, plus a supervised U-Net on the same
                                     labelled images; one table (markdown + JSON)
+    run_gap_curve(GapCurveConfig)   finished comparisons at several DDPM training lengths -> the DDPM-vs-random gap
+                                    against the DDPM's training images: table, fitted trend, plot
 
 Evaluation is THE evaluation path (`diffseg.evaluate.evaluate_segmenter`): the bundle segments the test images batch
 by batch (features are recomputed, never stored for the test set), so it measures exactly what a served segmenter
@@ -22,12 +24,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 
 from diffseg.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.checkpoint import load_checkpoint
@@ -336,3 +340,179 @@ def compare_table(rows: dict[str, dict[str, Any]]) -> str:
         ]
         out += "\n" + markdown_table(["class", *rows], per_class)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- the gap curve
+@dataclass(frozen=True)
+class GapCurveConfig:
+    name: Name = "gap-curve"  # output folder name under output_dir
+    output_dir: str = "runs/label"  # gap.md, gap.json and gap.png go to <output_dir>/<name>/
+    runs: tuple[str, ...] = ()  # comparison run folders (their results.json has a "ddpm" row), one per DDPM length
+    baselines: tuple[str, ...] = ()  # runs with a "random" row, for runs without one: the one of the same MLP seed
+    target_gap: float = 3.0  # mIoU points the DDPM features should gain over random-init features
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        if not self.runs:
+            raise ValueError("runs: give the comparison run folders, one per DDPM training length")
+
+
+def _read_results(run: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.json (is {run} a finished comparison run?)")
+    return json.loads(path.read_text())
+
+
+def _run_seed(run: str | os.PathLike) -> int | None:
+    """The ensemble's seed of a comparison run (its config.yaml), None if the run has no config."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return None
+    return int(((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("seed", 0))
+
+
+def gap_rows(runs: Sequence[str], baselines: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One row per comparison run: the DDPM's training images, its features' mIoU, the random-init features' mIoU
+    and the gap, in mIoU points. The random-init row is the run's own, else that of the baseline run with the same
+    ensemble seed: it is the same architecture with the same fixed init, so it does not depend on the DDPM's training,
+    but the ensemble's seed moves it (which is why seeds are matched)."""
+    by_seed: dict[int | None, tuple[dict[str, Any], str]] = {}
+    for b in baselines:
+        res = _read_results(b)
+        if "random" not in res:
+            raise ValueError(f"{b}/results.json: a baseline needs a 'random' row")
+        by_seed.setdefault(_run_seed(b), (res["random"], str(b)))
+    rows = []
+    for run in runs:
+        res = _read_results(run)
+        if "ddpm" not in res:
+            raise ValueError(f"{run}/results.json: no 'ddpm' row (variants must include ddpm)")
+        ddpm, seed = res["ddpm"], _run_seed(run)
+        if ddpm.get("backbone_images") is None:
+            raise ValueError(f"{run}/results.json: the ddpm row does not say how many images its DDPM was trained on")
+        if "random" in res:
+            random, source = res["random"], str(run)
+        elif seed in by_seed:
+            random, source = by_seed[seed]
+        else:
+            raise ValueError(
+                f"{run}/results.json: no 'random' row, and no baseline run with MLP seed {seed} has one "
+                f"(baselines: {list(baselines)})"
+            )
+        if ddpm.get("dim") != random.get("dim"):
+            raise ValueError(f"{run}: DDPM features have {ddpm.get('dim')} dims, random-init {random.get('dim')}")
+        rows.append({
+            "run": str(run),
+            "seed": seed,
+            "ddpm_steps": int(ddpm["backbone_steps"]),
+            "ddpm_images": int(ddpm["backbone_images"]),
+            "ddpm_miou": 100 * float(ddpm["miou"]),
+            "random_miou": 100 * float(random["miou"]),
+            "random_from": str(source),
+            "gap": 100 * (float(ddpm["miou"]) - float(random["miou"])),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["ddpm_images"], r["seed"] or 0))
+
+
+def gap_prediction(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
+    """What the curve predicts. Per training length: the seeds' gaps, their mean, standard deviation (ddof 1; None
+    for one seed) and range. Then a least-squares line of the mean gap against log2(training images) (the gain per
+    doubling of the DDPM's training) and the images at which that line reaches `target` (None when it does not
+    rise). With fewer than two lengths there is no line. "largest_gap" is the largest mean gap."""
+    by_images: dict[int, list[float]] = {}
+    for r in rows:
+        by_images.setdefault(r["ddpm_images"], []).append(r["gap"])
+    lengths = [
+        {"images": k, "seeds": len(g), "mean": float(np.mean(g)),
+         "sd": float(np.std(g, ddof=1)) if len(g) > 1 else None, "min": float(min(g)), "max": float(max(g))}
+        for k, g in sorted(by_images.items())
+    ]  # fmt: skip
+    x = np.log2(np.array([p["images"] for p in lengths], dtype=float))
+    y = np.array([p["mean"] for p in lengths])
+    out: dict[str, Any] = {"points": len(x), "target_gap": target, "largest_gap": float(y.max()) if len(y) else None}
+    out["lengths"] = lengths
+    if len(x) < 2:
+        return out | {"slope_per_doubling": None, "images_at_target": None}
+    slope, intercept = np.polyfit(x, y, 1)
+    at_target = float(2 ** ((target - intercept) / slope)) if slope > 0 else None
+    return out | {"slope_per_doubling": float(slope), "intercept": float(intercept), "images_at_target": at_target}
+
+
+def gap_table(rows: Sequence[dict[str, Any]]) -> str:
+    body = [
+        [f"{r['ddpm_images'] / 1000:.0f}k", r["ddpm_steps"], "-" if r["seed"] is None else r["seed"],
+         f"{r['ddpm_miou']:.1f}", f"{r['random_miou']:.1f}", f"{r['gap']:+.1f}", r["run"], r["random_from"]]
+        for r in rows
+    ]  # fmt: skip
+    head = ["DDPM images", "DDPM steps", "MLP seed", "DDPM mIoU", "random-init mIoU", "gap", "run", "random row from"]
+    return markdown_table(head, body)
+
+
+def plot_gap_curve(rows: Sequence[dict[str, Any]], prediction: dict[str, Any], path: str | os.PathLike) -> Path:
+    """mIoU of both feature types (left) and their gap (right) against the DDPM's training images (log scale)."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(8, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    images = np.array([r["ddpm_images"] for r in rows], dtype=float)
+    ax1.plot(images, [r["ddpm_miou"] for r in rows], "o", color="tab:blue", label="DDPM features")
+    ax1.plot(images, [r["random_miou"] for r in rows], "s", color="tab:gray", label="random-init features")
+    ax2.plot(images, [r["gap"] for r in rows], "o", color="tab:red", alpha=0.6, label="measured (one per seed)")
+    lengths = prediction.get("lengths", [])
+    ax2.plot([p["images"] for p in lengths], [p["mean"] for p in lengths], "-", color="tab:red", lw=1.5, label="mean")
+    ax2.axhline(prediction["target_gap"], color="k", ls=":", lw=1, label=f"target (+{prediction['target_gap']:g})")
+    ax2.axhline(0, color="0.7", lw=0.8)
+    if prediction.get("slope_per_doubling") is not None:
+        xs = np.geomspace(images.min(), images.max(), 50)
+        fit = prediction["intercept"] + prediction["slope_per_doubling"] * np.log2(xs)
+        ax2.plot(xs, fit, "--", color="tab:red", lw=1, label=f"fit: {prediction['slope_per_doubling']:+.1f} / doubling")
+    for ax, ylabel in ((ax1, "test mIoU (%)"), (ax2, "gap, DDPM - random (mIoU points)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("DDPM training images")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def run_gap_curve(cfg: GapCurveConfig) -> dict[str, Any]:
+    """The DDPM-vs-random gap against the DDPM's training images from finished comparison runs: gap.md (table and
+    prediction), gap.json, gap.png; MLflow."""
+    out, tracker = start_job(cfg)
+    rows = gap_rows(cfg.runs, cfg.baselines)
+    pred = gap_prediction(rows, cfg.target_gap)
+    text = gap_table(rows) + "\n" + gap_summary(pred)
+    (out / "gap.md").write_text(text)
+    (out / "gap.json").write_text(json.dumps({"rows": rows, "prediction": pred}, indent=1))
+    plot_gap_curve(rows, pred, out / "gap.png")
+    for r in rows:
+        tracker.log_metrics({"gap": r["gap"], "ddpm_miou": r["ddpm_miou"]}, step=r["ddpm_images"])
+    for name in ("gap.md", "gap.json", "gap.png"):
+        tracker.log_artifact(out / name)
+    tracker.finish()
+    log.info(text)
+    return {"rows": rows, "prediction": pred}
+
+
+def gap_summary(pred: dict[str, Any]) -> str:
+    """The gap per training length over the ensemble seeds, then the prediction in one sentence."""
+    body = [
+        [f"{p['images'] / 1000:.0f}k", p["seeds"], f"{p['mean']:+.1f}", "-" if p["sd"] is None else f"{p['sd']:.1f}",
+         f"{p['min']:+.1f} .. {p['max']:+.1f}"]
+        for p in pred.get("lengths", [])
+    ]  # fmt: skip
+    s = "\n" + markdown_table(["DDPM images", "seeds", "mean gap", "sd", "range"], body)
+    if pred.get("slope_per_doubling") is None:
+        return s + f"\nOne training length only ({pred['points']} point): no curve.\n"
+    s += (
+        f"\nFit over {pred['points']} training lengths: {pred['slope_per_doubling']:+.2f} mIoU points per doubling of "
+        f"the DDPM's training images; largest mean gap {pred['largest_gap']:+.1f}."
+    )
+    if pred["images_at_target"] is None:
+        return s + f" The line does not rise: it never reaches +{pred['target_gap']:g}.\n"
+    return s + f" The line reaches +{pred['target_gap']:g} at {pred['images_at_target'] / 1000:.0f}k images.\n"
