@@ -472,6 +472,9 @@ def plot_gap_curve(rows: Sequence[dict[str, Any]], prediction: dict[str, Any], p
         ax2.plot(xs, fit, "--", color="tab:red", lw=1, label=f"fit: {prediction['slope_per_doubling']:+.1f} / doubling")
     for ax, ylabel in ((ax1, "test mIoU (%)"), (ax2, "gap, DDPM - random (mIoU points)")):
         ax.set_xscale("log")
+        ticks = sorted({r["ddpm_images"] for r in rows})
+        ax.set_xticks(ticks, [f"{t / 1000:.0f}k" for t in ticks])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("DDPM training images")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
@@ -486,7 +489,7 @@ def run_gap_curve(cfg: GapCurveConfig) -> dict[str, Any]:
     out, tracker = start_job(cfg)
     rows = gap_rows(cfg.runs, cfg.baselines)
     pred = gap_prediction(rows, cfg.target_gap)
-    text = gap_table(rows) + "\n" + gap_summary(pred)
+    text = gap_table(rows) + gap_summary(pred)
     (out / "gap.md").write_text(text)
     (out / "gap.json").write_text(json.dumps({"rows": rows, "prediction": pred}, indent=1))
     plot_gap_curve(rows, pred, out / "gap.png")
