@@ -18,6 +18,7 @@ from diffseg.config import (
     job_dir,
     load_config,
     parse_job_args,
+    resolve_paths,
     replace,
     save_config,
     to_dict,
@@ -174,7 +175,9 @@ def test_dry_run_prints_the_resolved_config_of_a_job(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     cfg = from_dict(TrainConfig, printed)
     assert cfg.loop.num_steps == 7 and cfg.optim.lr == 3e-4
-    assert cfg == load_config(TrainConfig, CONFIGS / "ddpm_tiny.yaml", ["loop.num_steps=7", "optim.lr=3e-4"])
+    expected = load_config(TrainConfig, CONFIGS / "ddpm_tiny.yaml", ["loop.num_steps=7", "optim.lr=3e-4"])
+    assert cfg == resolve_paths(expected)  # locations printed as they will be used: absolute
+    assert cfg.output_dir == str(Path.cwd() / expected.output_dir) and cfg.tracking.uri.startswith("sqlite:////")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from diffseg.baselines import DictOutput, NetworkSegmenter, train_supervised
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name
+from diffseg.config import InputPath, Name, OutputPath
 from diffseg.data import DataConfig, build_dataset
 from diffseg.evaluate import evaluate_segmenter
 from diffseg.pixel import PixelSegmenter
@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DatasetDDPMConfig:
     name: Name = "dataset-ddpm"
-    output_dir: str = "runs/label"
-    segmenter: str = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
-    checkpoint: str = ""  # the DDPM to sample from ("" = the segmenter's backbone)
+    output_dir: OutputPath = "runs/label"  # samples, labels, the segmentation network
+    segmenter: InputPath = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
+    checkpoint: InputPath = ""  # the DDPM to sample from ("" = the segmenter's backbone)
     num_samples: int = 64  # N synthetic images
     sample_steps: int = 50  # DDIM steps
     sample_batch_size: int = 16

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -33,18 +33,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name, from_dict, job_dir, save_config, to_dict
+from diffseg.config import Name, OutputPath, PathField, from_dict, job_dir, resolve_location, save_config, to_dict
 from diffseg.data import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.runtime import init_ray, resolve_device
+from diffseg.runtime import decide_gpu, init_ray, resolve_device
 from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
 
 log = logging.getLogger(__name__)
 
 
+BACKBONE_KEYWORDS = ("", "random", "rgb")  # specs that name no file
+BACKBONE_PREFIXES = ("random:", "diffusers:")  # specs whose path follows a prefix
+
+
+def resolve_backbone(spec: str, section: Any = None, key: str = "backbone", base: Any = None) -> str:
+    """A backbone spec with its path made absolute (`random:<ckpt>` and `diffusers:<dir>` keep their prefix;
+    keywords and URIs stay as they are): `resolve_paths`' rule for `BackboneSpec` fields."""
+    if spec in BACKBONE_KEYWORDS:
+        return spec
+    prefix = next((p for p in BACKBONE_PREFIXES if spec.startswith(p)), "")
+    return prefix + resolve_location(spec[len(prefix) :], base, key, "input")
+
+
+BackboneSpec = Annotated[str, PathField("input", resolve_backbone)]  # a checkpoint, random:<ckpt>, diffusers:<dir>
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
-    backbone: str = "random"  # checkpoint path (ours or imported), "random" (random init), or "diffusers:<dir>"
+    backbone: BackboneSpec = "random"  # checkpoint path (ours or imported), "random" (random init) or "diffusers:<dir>"
     blocks: tuple[str, ...] = ("dec.5", "dec.6", "dec.7", "dec.8", "dec.12")  # named U-Net blocks to read
     timesteps: tuple[int, ...] = (50, 150, 250)  # diffusion steps at which the blocks are read
     noise_seed: int = 0  # seed of the ONE noise tensor shared by every image and timestep
@@ -365,14 +381,14 @@ def extract_to_shards(
 @dataclass(frozen=True)
 class ExtractJobConfig:
     name: Name = "features"  # output folder name under output_dir
-    output_dir: str = "runs/features"  # shards go to <output_dir>/<name>/
+    output_dir: OutputPath = "runs/features"  # shards go to <output_dir>/<name>/
     features: FeatureConfig = field(default_factory=FeatureConfig)  # the recipe (backbone, blocks, timesteps, noise)
     data: DataConfig = field(default_factory=DataConfig)  # the images (+ masks); flips are never applied here
     split: Literal["train", "test", "all"] = "train"  # which split of `data` (see data.num_train / data.num_test)
     limit: int = 0  # only the first N images of the split (0 = all), e.g. the 20 labelled training images
     num_actors: int = 1  # extraction actors (one per GPU on a cluster)
     cpus_per_actor: float = 0.5  # fractional on small CPU machines, so read tasks still get a slot
-    gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
+    gpus_per_actor: float = -1.0  # -1 = auto: 1 when the cluster has GPUs or can start GPU nodes, else 0
     read_batch_size: int = 8  # images per read task
     ray_num_cpus: int = 0  # logical CPUs of a locally started Ray (0 = Ray's default); ignored with RAY_ADDRESS
 
@@ -386,13 +402,20 @@ class ExtractJobConfig:
             )
 
 
+def gpus_per_actor(value: float) -> float:
+    """GPUs per extraction actor: `value` as configured, or for -1 (auto) 1 or 0 by the one `use_gpu` rule
+    (`diffseg.runtime.decide_gpu`: GPUs up, or a GPU node type the autoscaler can start), printed."""
+    if value >= 0:
+        return value
+    return 1.0 if decide_gpu("auto", "extract").use_gpu else 0.0
+
+
 def shard_dir(cfg: ExtractJobConfig) -> Path:
     return job_dir(cfg.output_dir, cfg.name)
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
-    import ray  # the Ray edge of this module
 
     init_ray(cfg.ray_num_cpus)
     out = shard_dir(cfg)
@@ -404,9 +427,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     ds = read_images_ray(data, cfg.split, batch_size=cfg.read_batch_size)
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    gpus = cfg.gpus_per_actor
-    if gpus < 0:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = gpus_per_actor(cfg.gpus_per_actor)
     meta_extra = {**dataset_meta(dataset), "data": data.root or data.name, "split": cfg.split, "num_images": n}
     expected = item_ids(dataset)[:n]
     begin_shard_set(out, expected, {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)})

@@ -26,7 +26,7 @@ import torch
 
 from diffseg.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.checkpoint import load_checkpoint
-from diffseg.config import Name, from_dict
+from diffseg.config import InputPath, Name, OutputPath, from_dict
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.evaluate import EvalResult, evaluate_segmenter
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
@@ -48,8 +48,8 @@ def class_ious(result: EvalResult, class_names: list[str], split: str = "test") 
 @dataclass(frozen=True)
 class PixelJobConfig:
     name: Name = "pixel"  # run name: outputs go to <output_dir>/<name>/
-    output_dir: str = "runs/pixel"
-    train_shards: str = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
+    output_dir: OutputPath = "runs/pixel"  # where the bundle, predictions and metrics go
+    train_shards: InputPath = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
     data: DataConfig = field(default_factory=DataConfig)  # where the TEST images come from
     test_split: Literal["train", "test", "all"] = "test"
     test_limit: int = 0  # first N test images (0 = all)
@@ -152,8 +152,8 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
 @dataclass(frozen=True)
 class CompareConfig:
     name: Name = "compare"
-    output_dir: str = "runs/label"
-    checkpoint: str = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
+    output_dir: OutputPath = "runs/label"  # tables, figures and feature shards
+    checkpoint: InputPath = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
     features: FeatureConfig = field(default_factory=FeatureConfig)  # blocks / timesteps / noise for both U-Nets
     train_data: DataConfig = field(default_factory=DataConfig)  # labelled training images (split "train")
     train_limit: int = 20  # the paper's few labelled images

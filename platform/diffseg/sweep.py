@@ -45,7 +45,9 @@ from ray.tune.search.sample import Domain
 
 from diffseg.config import (
     ConfigError,
+    ConfigPath,
     Name,
+    OutputPath,
     atomic_write_text,
     find_config,
     from_dict,
@@ -87,7 +89,7 @@ class TrialResources:
 class SweepConfig:
     name: Name = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
     task: Literal["auto", "pixel", "factorized"] = "auto"  # what a trial does; auto = from the base config's type
-    base_config: str | None = None  # YAML of the base config (relative paths: to the sweep's YAML); None = defaults
+    base_config: ConfigPath | None = None  # YAML of the base config (relative: to the sweep's YAML); None = defaults
     base_overrides: dict[str, Any] = field(default_factory=dict)  # applied to the base config (dotted or nested keys)
     space: dict[str, Any] = field(default_factory=dict)  # config path -> values (see the module docstring)
     search: Literal["grid", "random", "optuna"] = "grid"  # grid/random: Tune's variant generator; optuna: TPE
@@ -102,8 +104,8 @@ class SweepConfig:
     seed: int = 0  # seed of the random/optuna samplers
     segment_t: int = 30  # factorized: the noise level at which real images are segmented
     fg_reduction: Literal["best_single", "best_subset", "fixed"] = "best_single"  # factorized: K regions -> fg
-    output_dir: str = "runs/sweeps"  # experiments live in <output_dir>/<name>
-    cache_dir: str | None = None  # feature-shard cache; None = <output_dir>/feature_cache (shared across sweeps)
+    output_dir: OutputPath = "runs/sweeps"  # experiments live in <output_dir>/<name>
+    cache_dir: OutputPath | None = None  # feature-shard cache; None = <output_dir>/feature_cache (shared across sweeps)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (parent run + one nested run per trial)
 
     def __post_init__(self):
