@@ -18,8 +18,8 @@ from diffseg.config import (
     job_dir,
     load_config,
     parse_job_args,
-    resolve_paths,
     replace,
+    resolve_paths,
     save_config,
     to_dict,
 )
