@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -32,8 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg import storage
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name, OutputPath, PathField, from_dict, job_dir, resolve_location, save_config, to_dict
+from diffseg.config import (
+    Name,
+    OutputPath,
+    PathField,
+    check_name,
+    dumps,
+    from_dict,
+    resolve_location,
+    resolve_paths,
+    to_dict,
+)
 from diffseg.data import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.runtime import decide_gpu, init_ray, resolve_device
@@ -287,17 +297,17 @@ def extract_dataset(
     batch, named by its first id; existing shards are skipped). Large sets belong to the Ray Data job
     (`run_extract_job`), which writes the same shards, with the same manifest: the set is complete (usable by
     `ShardSet`) only once every image is in a shard. Returns {"num_shards", "num_rows"}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)
+    storage.makedirs(out)
     meta = {**dataset_meta(dataset), "num_images": len(dataset), **(meta_extra or {})}
     begin_shard_set(out, item_ids(dataset), {"features": to_dict(pipeline.cfg), **(meta_extra or {})})
     bs = batch_size or pipeline.cfg.batch_size
     rows = shards = 0
     for start in range(0, len(dataset), bs):
         items = [dataset[i] for i in range(start, min(start + bs, len(dataset)))]
-        path = out / f"shard-{items[0]['id']}.parquet"
+        path = storage.join(out, f"shard-{items[0]['id']}.parquet")
         shards += 1
-        if path.exists():  # idempotent: finished work is skipped
+        if storage.exists(path):  # idempotent: finished work is skipped
             continue
         masks = torch.stack([it["mask"] for it in items]).numpy() if "mask" in items[0] else None
         images = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
@@ -319,8 +329,8 @@ class FeatureExtractor:
     def __init__(self, cfg_dict: dict[str, Any], out_dir: str, meta_extra: dict[str, Any] | None = None):
         self.cfg = from_dict(FeatureConfig, cfg_dict)
         self.pipeline = FeaturePipeline(self.cfg)
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = str(out_dir)  # a folder or a URI
+        storage.makedirs(self.out_dir)
         self.meta_extra = dict(meta_extra or {})
 
     @classmethod
@@ -330,15 +340,15 @@ class FeatureExtractor:
         """An extractor around an already built pipeline (in-process use: benchmarks, notebooks)."""
         self = cls.__new__(cls)
         self.cfg, self.pipeline = pipeline.cfg, pipeline
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = str(out_dir)
+        storage.makedirs(self.out_dir)
         self.meta_extra = dict(meta_extra or {})
         return self
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["id"]]
-        path = self.out_dir / f"shard-{ids[0]}.parquet"
-        if path.exists():  # idempotent: finished work is skipped
+        path = storage.join(self.out_dir, f"shard-{ids[0]}.parquet")
+        if storage.exists(path):  # idempotent: finished work is skipped
             return {"shard": np.array([str(path)]), "num_pixels": np.array([-1])}
         images = torch.from_numpy(np.stack(batch["image"]))  # (B, H, W, 3) uint8
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
@@ -410,17 +420,19 @@ def gpus_per_actor(value: float) -> float:
     return 1.0 if decide_gpu("auto", "extract").use_gpu else 0.0
 
 
-def shard_dir(cfg: ExtractJobConfig) -> Path:
-    return job_dir(cfg.output_dir, cfg.name)
+def shard_dir(cfg: ExtractJobConfig) -> str:
+    """`<output_dir>/<name>`: a local folder or a URI (s3://, gs://, file://)."""
+    return storage.join(cfg.output_dir, check_name(cfg.name))
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
 
+    cfg = resolve_paths(cfg)  # in the driver: the actors run elsewhere
     init_ray(cfg.ray_num_cpus)
     out = shard_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "extract_config.yaml")
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "extract_config.yaml"), dumps(cfg))
     data = dataclasses.replace(cfg.data, flip=False)
     dataset = build_dataset(data, cfg.split)
     n = len(dataset) if not cfg.limit else min(cfg.limit, len(dataset))
@@ -437,7 +449,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones
     ss = ShardSet(out)
     summary = {
-        "shard_dir": str(out),
+        "shard_dir": out,
         "num_shards": len(paths),
         "num_images": n,
         "num_rows": ss.num_rows,
