@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     import diffseg
 
-    build_app = __import__("serve.app", fromlist=["build_app"]).build_app
+    build_app = __import__("serve.app", fromlist=["build_application"]).build_application
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     ckpt = args.checkpoint or str(tiny_checkpoint(tmp, Path(args.model_config)))
     levels = [int(c) for c in args.concurrency.split(",")]

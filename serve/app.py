@@ -16,7 +16,7 @@ that is not a deployment class (validation, decoding, budgets, scheduling, model
 
 Deployments are named (`FactorizedSegmenter`, `PixelSegmenter`, `Sampler`, `Ingress`) so that Serve's own
 `deployments:` section of a config file sets their replicas, autoscaling, queues and `ray_actor_options`; in Python,
-`build_app(args, deployments=[...])` takes the same entries. Model sources are resolved where the app is built
+`build_application(args, deployments=[...])` takes the same entries. Model sources are resolved where the app is built
 (`resolve_paths`: relative to $DIFFSEG_WORKDIR or the working directory of `serve run`), never in a replica.
 """
 
@@ -372,12 +372,18 @@ def _options(name: str, defaults: dict[str, Any], num_gpus: int, overrides: dict
     return opts
 
 
-def build_app(args: dict[str, Any] | None = None, deployments: list[dict[str, Any]] | None = None) -> serve.Application:
-    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`.
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`; Serve
+    wants a builder of exactly one parameter, and applies a config file's `deployments:` section itself."""
+    return build_application(args)
 
-    `deployments`: entries like those of a Serve config's `deployments:` section (`{"name": "Sampler",
-    "num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}`), for Python callers; a config file's own section is
-    applied by Serve. Model sources are resolved here, where the app is built, and must exist (or be URIs)."""
+
+def build_application(
+    args: dict[str, Any] | None = None, deployments: list[dict[str, Any]] | None = None
+) -> serve.Application:
+    """`build_app` for Python callers, with `deployments`: entries like those of a Serve config's `deployments:`
+    section (`{"name": "Sampler", "num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}`). Model sources are
+    resolved here, where the app is built, and must exist (or be URIs)."""
     args = dict(args or {})
     check_app_args(args)
     cfg = resolve_paths(from_dict(ServeAppConfig, args))

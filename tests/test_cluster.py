@@ -249,7 +249,7 @@ def test_a_working_directory_of_relative_paths_on_a_two_node_cluster(two_nodes, 
          "data.name=synthetic", "data.image_size=16", "limit=4"],
         work, env,
     )  # fmt: skip
-    assert len(list((work / "runs" / "segment" / "masks").glob("*.png"))) == 4
+    assert len(list((work / "runs" / "segment" / "segment" / "masks").glob("*.png"))) == 4
     (port,) = _free_ports(1)
     _run([str(SERVE), "start", "--address", two_nodes.address, "--proxy-location", "HeadOnly",
           "--http-host", "127.0.0.1", "--http-port", str(port)], work, env)  # fmt: skip

@@ -55,7 +55,7 @@ def app_url(tmp_path_factory):
     import diffseg
 
     sys.path.insert(0, str(REPO))  # the `serve` package at the repository root
-    build_app = importlib.import_module("serve.app").build_app
+    build_app = importlib.import_module("serve.app").build_application
     folder = tmp_path_factory.mktemp("serve")
     ckpt, bundle = tiny_checkpoint(folder / "checkpoint.pt"), tiny_pixel_bundle(folder)
     SERVED.update(checkpoint=ckpt, pixel=bundle)
@@ -375,7 +375,7 @@ def slow_sampler_url(app_url, tmp_path_factory):
     timeout, and the default (closed) info."""
     from ray import serve
 
-    build_app = importlib.import_module("serve.app").build_app
+    build_app = importlib.import_module("serve.app").build_application
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("slow") / "checkpoint.pt", image_size=64)
     args = {
         "sampler": str(ckpt), "device": "cpu",

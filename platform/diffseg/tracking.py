@@ -75,7 +75,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
     """The commit of the code being run: `$DIFFSEG_GIT_SHA` when set (a Ray job's unpacked working_dir has no .git,
-    so `ray job submit` passes it in the runtime env), else `git rev-parse HEAD`; None outside a git checkout."""
+    so jobs/submit.py passes it in the runtime env), else `git rev-parse HEAD`; None outside a git checkout."""
     if sha := os.environ.get("DIFFSEG_GIT_SHA"):
         return sha
     try:
