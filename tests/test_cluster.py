@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffseg.checkpoint import load_checkpoint
 
@@ -276,6 +277,35 @@ def test_a_working_directory_of_relative_paths_on_a_two_node_cluster(two_nodes, 
             assert answer["mask_png"] and answer["classes"], answer
             if names:
                 assert answer["classes"][0]["name"] == names
+
+        # 4. `serve deploy serve/config.yaml` on the cluster: the app is built there (serve.app imports where the
+        #    checkout is installed), its model from a storage URI, its replicas and queues from Serve's own
+        #    `deployments:` section. (Only this test's port and model source are changed in the shipped file.)
+        config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+        config["proxy_location"] = "HeadOnly"
+        config["http_options"]["port"] = port
+        (app,) = config["applications"]
+        app["args"]["segmenter"] = f"file://{run / 'checkpoint.pt'}"
+        sampler = next(d for d in app["deployments"] if d["name"] == "Sampler")
+        sampler["max_ongoing_requests"] = 48  # not the app's default: seen below only if Serve applied the section
+        (work / "serve.yaml").write_text(yaml.safe_dump(config))
+        _run([str(SERVE), "shutdown", "--address", two_nodes.dashboard, "-y"], work, env)  # the CPUs for this one
+        _run([str(SERVE), "deploy", "serve.yaml", "--address", two_nodes.dashboard], work, env)
+        deadline = time.time() + 180
+        while True:
+            apps = _get_json(f"{two_nodes.dashboard}/api/serve/applications/")["applications"]
+            if apps.get("diffseg", {}).get("status") == "RUNNING":
+                break
+            assert apps.get("diffseg", {}).get("status") != "DEPLOY_FAILED", apps
+            assert time.time() < deadline, apps
+            time.sleep(1)
+        deployments = apps["diffseg"]["deployments"]
+        assert sorted(deployments) == ["FactorizedSegmenter", "Ingress", "Sampler"]
+        assert deployments["Sampler"]["deployment_config"]["max_ongoing_requests"] == 48
+        assert deployments["Ingress"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.25
+        request = urllib.request.Request(f"{url}/v1/segment", data=_png(), headers={"Content-Type": "image/png"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["classes"][0]["name"] == "region 0"
     finally:
         subprocess.run([str(SERVE), "shutdown", "--address", two_nodes.dashboard, "-y"], cwd=work, env=env,
                        capture_output=True, timeout=120)  # fmt: skip

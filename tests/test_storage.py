@@ -112,3 +112,42 @@ def test_shards_cache_and_ensemble_round_trip_through_s3(s3_server, tmp_path):
     rebuilt = cache.get(torn_key, build)
     assert len(builds) == 2 and not storage.exists(f"{rebuilt}/shard-x.parquet")
     assert ShardSet(rebuilt).num_rows == summary["num_rows"]
+
+
+@pytest.mark.slow
+def test_a_sweep_keeps_its_outputs_in_the_bucket(s3_server, tmp_path, monkeypatch):
+    """A 2-trial sweep with output_dir=s3://...: Tune's state, the trials' bundles, the tables, the best model and the
+    feature cache all in the bucket; the best model loads from there; a resume from the bucket is refused."""
+    import ray
+
+    from diffseg.config import load_config
+    from diffseg.pixel import PixelSegmenter
+    from diffseg.runtime import code_runtime_env
+    from diffseg.sweep import SweepConfig
+    from diffseg.sweep import run as run_sweep_job
+    from diffseg.trust import UntrustedState
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        SweepConfig, "sweep_pixel_tiny.yaml", [f"output_dir={s3_server}/sweeps", "tracking.enabled=false"]
+    )
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,
+             runtime_env=code_runtime_env())  # fmt: skip
+    try:
+        result = run_sweep_job(cfg)
+        exp = f"{s3_server}/sweeps/pixel-tiny"
+        assert result.path == exp and result.best_model == f"{exp}/best/segmenter.pt"
+        assert len(storage.read_text(f"{exp}/results.csv").splitlines()) == 3
+        for name in ("results.md", "results.png", "best_config.yaml", "sweep.json", "best/segmenter.pt", "tuner.pkl"):
+            assert storage.is_file(f"{exp}/{name}"), name
+        trials = storage.list_files(f"{exp}/trials/{result.table['trial_id'].iloc[0]}")
+        assert [storage.name(t) for t in trials] == ["segmenter.pt"]
+        events = FeatureCache(f"{s3_server}/sweeps/feature_cache").events()
+        assert [e["event"] for e in events] == ["build", "hit"]
+        local = tmp_path / "best.pt"
+        assert storage.fetch_file(result.best_model, local) and PixelSegmenter.load(local, "cpu").class_names
+        with pytest.raises(UntrustedState, match="object storage cannot be proven yours"):
+            run_sweep_job(cfg, resume=True)
+        assert not list(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # nothing local
+    finally:
+        ray.shutdown()
