@@ -240,3 +240,35 @@ def test_serve_config_sets_deployments_where_serve_expects_them():
     assert all("num_replicas" in d or "autoscaling_config" in d for d in app["deployments"])
     with pytest.raises(ValueError, match=r"args.models: .*Serve's own `deployments:` section"):
         check_app_args({"segmenter": "x", "models": {"num_cpus": 1}})
+
+
+def test_submit_carries_the_checkout_its_commit_and_dirty_flag_and_the_working_directory(elsewhere, monkeypatch):
+    """jobs/submit.py's runtime env, built without a cluster: no JSON to paste for provenance or locations."""
+    import subprocess
+
+    from diffseg.submit import EXCLUDES, build_runtime_env, job_address, main
+
+    monkeypatch.delenv("DIFFSEG_GIT_SHA", raising=False)
+    monkeypatch.delenv("DIFFSEG_GIT_DIRTY", raising=False)
+    env = build_runtime_env()
+    assert env["working_dir"] == str(REPO) and {".git", ".venv", "runs", "mlflow.db", "mlartifacts"} <= set(EXCLUDES)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one)
+        porcelain = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        assert env["env_vars"]["DIFFSEG_GIT_SHA"] == head.stdout.strip()
+        assert env["env_vars"]["DIFFSEG_GIT_DIRTY"] == str(bool(porcelain.strip())).lower()
+    assert env["env_vars"]["DIFFSEG_WORKDIR"] == str(elsewhere) and "MLFLOW_TRACKING_URI" not in env["env_vars"]
+
+    # A relative SQLite store in your environment means your folder; --no-workdir leaves the job to refuse outputs.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    env = build_runtime_env(use_workdir=False, env={"K": "v"})
+    assert "DIFFSEG_WORKDIR" not in env["env_vars"] and env["env_vars"]["K"] == "v"
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{elsewhere}/mlflow.db"
+    assert build_runtime_env("sub")["env_vars"]["DIFFSEG_WORKDIR"] == str(elsewhere / "sub")
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address, not the Job API's
+    assert job_address() == "http://127.0.0.1:8265" and job_address("http://h:8265") == "http://h:8265"
+    with pytest.raises(SystemExit) as exit_:
+        main([])  # no entrypoint: an argparse error naming what to give
+    assert exit_.value.code == 2
