@@ -127,7 +127,9 @@ def test_a_sweep_keeps_its_outputs_in_the_bucket(s3_server, tmp_path, monkeypatc
     from diffseg.sweep import run as run_sweep_job
     from diffseg.trust import UntrustedState
 
-    monkeypatch.chdir(tmp_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
     cfg = load_config(
         SweepConfig, "sweep_pixel_tiny.yaml", [f"output_dir={s3_server}/sweeps", "tracking.enabled=false"]
     )
@@ -144,10 +146,10 @@ def test_a_sweep_keeps_its_outputs_in_the_bucket(s3_server, tmp_path, monkeypatc
         assert [storage.name(t) for t in trials] == ["segmenter.pt"]
         events = FeatureCache(f"{s3_server}/sweeps/feature_cache").events()
         assert [e["event"] for e in events] == ["build", "hit"]
-        local = tmp_path / "best.pt"
+        local = here / "best.pt"
         assert storage.fetch_file(result.best_model, local) and PixelSegmenter.load(local, "cpu").class_names
         with pytest.raises(UntrustedState, match="object storage cannot be proven yours"):
             run_sweep_job(cfg, resume=True)
-        assert not list(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # nothing local
+        assert [p.name for p in here.iterdir()] == ["best.pt"]  # nothing written to the working directory
     finally:
         ray.shutdown()
