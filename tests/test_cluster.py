@@ -176,6 +176,16 @@ def _git_head() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _serve_actors(dashboard: str) -> list[str]:
+    """Serve's controller and proxies on the cluster that are not dead (their states)."""
+    actors = _get_json(f"{dashboard}/api/v0/actors?limit=1000&detail=1")["data"]["result"]["result"]
+    return [
+        f"{a['class_name']}: {a['state']}"
+        for a in actors
+        if a.get("class_name") in ("ServeController", "ProxyActor") and a.get("state") != "DEAD"
+    ]
+
+
 def _png(seed: int = 0) -> bytes:
     import io
 
@@ -290,6 +300,12 @@ def test_a_working_directory_of_relative_paths_on_a_two_node_cluster(two_nodes, 
         sampler["max_ongoing_requests"] = 48  # not the app's default: seen below only if Serve applied the section
         (work / "serve.yaml").write_text(yaml.safe_dump(config))
         _run([str(SERVE), "shutdown", "--address", two_nodes.dashboard, "-y"], work, env)  # the CPUs for this one
+        # `serve shutdown` returns after a bounded wait (30 s); a controller still shutting down would kill the next
+        # deploy's proxy. Serve is gone once its controller and proxies are dead.
+        deadline = time.time() + 180
+        while _serve_actors(two_nodes.dashboard):
+            assert time.time() < deadline, _serve_actors(two_nodes.dashboard)
+            time.sleep(1)
         _run([str(SERVE), "deploy", "serve.yaml", "--address", two_nodes.dashboard], work, env)
         deadline = time.time() + 180
         while True:
