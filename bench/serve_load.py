@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     import diffseg
 
-    build_app = __import__("serve.app", fromlist=["build_app"]).build_app
+    build_app = __import__("serve.app", fromlist=["build_application"]).build_application
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     ckpt = args.checkpoint or str(tiny_checkpoint(tmp, Path(args.model_config)))
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -144,11 +144,15 @@ def main(argv=None) -> int:
             **only,
             "device": "auto",
             "batching": {"enabled": batching, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.005},
-            "models": {"num_cpus": args.num_cpus, "max_ongoing_requests": 64},
-            "ingress": {"num_cpus": 0.5, "use_gpu": "no", "max_ongoing_requests": 256},
         }
+        deployments = [  # what a Serve config's `deployments:` section says
+            {"name": n, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": args.num_cpus}}
+            for n in ("FactorizedSegmenter", "Sampler")
+        ] + [{"name": "Ingress", "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}]
         t1 = time.perf_counter()
-        serve.run(build_app(app_args), name="bench", route_prefix="/")
+        names = {"FactorizedSegmenter"} if args.endpoint == "segment" else {"Sampler"}
+        deployments = [d for d in deployments if d["name"] in names | {"Ingress"}]
+        serve.run(build_app(app_args, deployments=deployments), name="bench", route_prefix="/")
         asyncio.run(run_level(url, payload, 2, 2.0))  # warm-up, not counted
         print(f"[bench] app (batching {'on' if batching else 'off'}) ready in {time.perf_counter() - t1:.1f} s")
         for c in levels:

@@ -3,7 +3,7 @@
 python jobs/extract_features.py [--config FILE] [--dry-run] [--help] [key.path=value ...]
 python jobs/extract_features.py --config jobs/configs/label_celeba_extract.yaml \
     features.backbone=runs/label/ddpm_celeba/checkpoint.pt
-ray job submit --working-dir . -- python jobs/extract_features.py --config ... gpus_per_actor=1 num_actors=4
+python jobs/submit.py -- python jobs/extract_features.py --config ... gpus_per_actor=1 num_actors=4
 """
 
 import sys

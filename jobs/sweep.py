@@ -1,7 +1,7 @@
 """Run a Ray Tune sweep over config paths (feature recipes, pixel-MLP sizes, K, learning rates).
 
 python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume | --trust-state] [key.path=value ...]
-ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep_blocks_tiny.yaml
+python jobs/submit.py -- python jobs/sweep.py --config jobs/configs/sweep_blocks_tiny.yaml
 
 The YAML is a `diffseg.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig YAML, relative
 to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path -> values),

@@ -1,7 +1,7 @@
 """Train a DDPM (ADM U-Net) on Ray Train.
 
 python jobs/train_ddpm.py [--config FILE] [--dry-run] [--help] [key.path=value ...]
-ray job submit --working-dir . -- python jobs/train_ddpm.py --config jobs/configs/ddpm_tiny.yaml
+python jobs/submit.py -- python jobs/train_ddpm.py --config jobs/configs/ddpm_tiny.yaml
 """
 
 import sys

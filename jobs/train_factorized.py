@@ -1,7 +1,7 @@
 """Train the factorized-diffusion U-Net (K regions, one shared decoder) on Ray Train.
 
 python jobs/train_factorized.py [--config FILE] [--dry-run] [--help] [key.path=value ...]
-ray job submit --working-dir . -- python jobs/train_factorized.py --config jobs/configs/factorized_tiny.yaml
+python jobs/submit.py -- python jobs/train_factorized.py --config jobs/configs/factorized_tiny.yaml
 """
 
 import sys

@@ -13,6 +13,11 @@ that is not a deployment class (validation, decoding, budgets, scheduling, model
 
     serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
     serve.run(build_app({"segmenter": "runs/x/checkpoint.pt"}))
+
+Deployments are named (`FactorizedSegmenter`, `PixelSegmenter`, `Sampler`, `Ingress`) so that Serve's own
+`deployments:` section of a config file sets their replicas, autoscaling, queues and `ray_actor_options`; in Python,
+`build_application(args, deployments=[...])` takes the same entries. Model sources are resolved where the app is built
+(`resolve_paths`: relative to $DIFFSEG_WORKDIR or the working directory of `serve run`), never in a replica.
 """
 
 import asyncio
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +39,13 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffseg.config import from_dict, to_dict
+from diffseg.config import from_dict, resolve_paths, to_dict
 from diffseg.serving import (
+    DEPLOYMENT_NAMES,
+    INGRESS_DEFAULTS,
+    INGRESS_NAME,
+    MODEL_DEFAULTS,
     BatchingConfig,
-    DeploymentSection,
     DiffusionSampler,
     FactorizedSegmenter,
     Limits,
@@ -47,6 +56,10 @@ from diffseg.serving import (
     SampleScheduler,
     ServeAppConfig,
     await_model,
+    check_app_args,
+    check_sources,
+    deployment_names,
+    model_num_gpus,
     parse_sample_request,
     parse_segment_params,
     public_info,
@@ -76,8 +89,10 @@ class _ModelReplica:
 
     STALL_S = 600.0
 
-    def _setup(self, num_threads: int, batching: dict[str, Any]) -> None:
-        torch.set_num_threads(max(1, num_threads))
+    def _setup(self, batching: dict[str, Any]) -> None:
+        # torch threads = the CPUs this replica reserved (its ray_actor_options, from the config's deployments:)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
         self.batching = from_dict(BatchingConfig, batching, prefix="batching")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.started = time.time()
@@ -115,8 +130,8 @@ class _ModelReplica:
 
 @serve.deployment
 class SegmenterModel(_ModelReplica):
-    def __init__(self, method: str, source: str, device: str, use_ema: bool, batching: dict, num_threads: int):
-        self._setup(num_threads, batching)
+    def __init__(self, method: str, source: str, device: str, use_ema: bool, batching: dict):
+        self._setup(batching)
         if method == "factorized":
             self.model = FactorizedSegmenter.load(source, device, use_ema)
         elif method == "pixel":
@@ -151,8 +166,8 @@ class SamplerModel(_ModelReplica):
     interleaved step by step, fairly by image-steps, and a request cancelled by the ingress (timeout, client gone)
     dropped between two steps."""
 
-    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, num_threads: int, limits: dict):
-        self._setup(num_threads, batching)
+    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, limits: dict):
+        self._setup(batching)
         lim = from_dict(Limits, limits, prefix="limits")
         self.model = DiffusionSampler.load(source, device, use_ema)
         self.scheduler = SampleScheduler(
@@ -344,48 +359,50 @@ class Ingress:
 # ---------------------------------------------------------------------------------------------------- building
 
 
-def _deployment_options(section: DeploymentSection, name: str, *, gpu_capable: bool) -> dict[str, Any]:
-    use_gpu = section.use_gpu == "yes"
-    if section.use_gpu == "auto" and gpu_capable:
-        import ray
-
-        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    opts: dict[str, Any] = {
-        "name": name,
-        "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": 1 if use_gpu else 0},
-        "max_ongoing_requests": section.max_ongoing_requests,
-        "max_queued_requests": section.max_queued_requests,
-    }
-    if section.autoscaling.enabled:
-        a = section.autoscaling
-        opts["autoscaling_config"] = {
-            "min_replicas": a.min_replicas,
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-        }
-    else:
-        opts["num_replicas"] = section.num_replicas
+def _options(name: str, defaults: dict[str, Any], num_gpus: int, overrides: dict[str, dict[str, Any]]) -> dict:
+    """A deployment's options: the app's defaults (GPUs by `use_gpu`), then a Python caller's `deployments` entry
+    (Serve's config-file `deployments:` section is applied by Serve itself, after this, the same way)."""
+    opts = {**defaults, "name": name}
+    opts["ray_actor_options"] = {**defaults["ray_actor_options"], "num_gpus": num_gpus}
+    if name in overrides:
+        entry = dict(overrides[name])
+        if "num_replicas" in entry or "autoscaling_config" in entry:
+            opts.pop("num_replicas", None)
+        opts.update(entry)
     return opts
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`."""
-    cfg = from_dict(ServeAppConfig, dict(args or {}))
-    common = {
-        "device": cfg.device,
-        "use_ema": cfg.use_ema,
-        "batching": to_dict(cfg.batching),
-        "num_threads": max(1, int(cfg.models.num_cpus)),
-    }
+    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`; Serve
+    wants a builder of exactly one parameter, and applies a config file's `deployments:` section itself."""
+    return build_application(args)
+
+
+def build_application(
+    args: dict[str, Any] | None = None, deployments: list[dict[str, Any]] | None = None
+) -> serve.Application:
+    """`build_app` for Python callers, with `deployments`: entries like those of a Serve config's `deployments:`
+    section (`{"name": "Sampler", "num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}`). Model sources are
+    resolved here, where the app is built, and must exist (or be URIs)."""
+    args = dict(args or {})
+    check_app_args(args)
+    cfg = resolve_paths(from_dict(ServeAppConfig, args))
+    check_sources(cfg)
+    overrides = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in deployments or []}
+    unknown = sorted(set(overrides) - set(deployment_names(cfg)))
+    if unknown:
+        raise ValueError(f"deployments: no deployment named {unknown}; this app has {deployment_names(cfg)}")
+    gpus = model_num_gpus(cfg.use_gpu)
+    common = {"device": cfg.device, "use_ema": cfg.use_ema, "batching": to_dict(cfg.batching)}
     handles: dict[str, Any] = {}
     if cfg.segmenter:
-        opts = _deployment_options(cfg.models, "FactorizedSegmenter", gpu_capable=True)
+        opts = _options(DEPLOYMENT_NAMES["factorized"], MODEL_DEFAULTS, gpus, overrides)
         handles["factorized"] = SegmenterModel.options(**opts).bind("factorized", cfg.segmenter, **common)
     if cfg.pixel:
-        opts = _deployment_options(cfg.models, "PixelSegmenter", gpu_capable=True)
+        opts = _options(DEPLOYMENT_NAMES["pixel"], MODEL_DEFAULTS, gpus, overrides)
         handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", cfg.pixel, **common)
     if cfg.sampler_source:
-        opts = _deployment_options(cfg.models, "Sampler", gpu_capable=True)
+        opts = _options(DEPLOYMENT_NAMES["sampler"], MODEL_DEFAULTS, gpus, overrides)
         handles["sampler"] = SamplerModel.options(**opts).bind(cfg.sampler_source, **common, limits=to_dict(cfg.limits))
-    ingress_opts = _deployment_options(cfg.ingress, "Ingress", gpu_capable=False)
+    ingress_opts = _options(INGRESS_NAME, INGRESS_DEFAULTS, 0, overrides)
     return Ingress.options(**ingress_opts).bind(to_dict(cfg), **handles)

@@ -1,5 +1,8 @@
-"""A two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), a training job submitted to it
-through the Job API with the working directory, and its outputs (checkpoint, MLflow run) on the shared storage.
+"""A two-node Ray cluster on this machine (`ray start --head` + `ray start --address`) used as a researcher would, from
+a working directory of their own with relative paths only: a 2-worker training job submitted through the Job API
+(`jobs/submit.py`), a 2-trial Tune sweep driven from that directory, then the next jobs (segment, Serve) reading what
+they wrote, from the same directory. Every output must be where docs/cluster.md says ("From your own working
+directory"), and the commands are the ones it shows.
 
 Other Ray clusters may run on this machine at the same time, so the cluster gets its own temp dir (which also keeps
 `/tmp/ray/ray_current_cluster` untouched: nothing else auto-connects to it), its own free ports, and it is shut down by
@@ -22,13 +25,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffseg.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
-# Not shipped with the job: environments, outputs, caches, the VCS (Ray excludes .git and .venv by default).
-EXCLUDES = [".venv", "runs", "mlflow.db", "mlruns", "outputs", "notebooks/*.ipynb_checkpoints", "**/__pycache__"]
+SERVE = Path(sys.executable).parent / "serve"
+# This checkout's code, importable as an installed checkout's is (`pip install -e .`, which cluster.yaml runs on every
+# node): `diffseg` from platform/, `serve.app` from the root. The shared venv may hold another checkout's install.
+INSTALLED = {"PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{REPO}"}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -62,7 +68,7 @@ def _get_json(url: str):
 class LocalCluster:
     """A head and one worker node started with the `ray` CLI (`--block`, each in its own session)."""
 
-    def __init__(self, head_cpus: int = 1, worker_cpus: int = 1):
+    def __init__(self, head_cpus: int = 1, worker_cpus: int = 1, env: dict[str, str] | None = None):
         # Short: Ray's Unix sockets live under it and a socket path has at most 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="rdsg", dir="/tmp")
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -71,6 +77,7 @@ class LocalCluster:
             RAY_AUTH_MODE="disabled",
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONUNBUFFERED="1",
+            **(env or {}),
         )
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -152,98 +159,169 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = LocalCluster(head_cpus=1, worker_cpus=1)
+    cluster = LocalCluster(head_cpus=1, worker_cpus=1, env=INSTALLED)
     yield cluster
     cluster.shutdown()
     assert not _pids_using(cluster.temp_dir), "processes of the test cluster survived its shutdown"
 
 
-def _overrides(tmp_path: Path, name: str, **changes) -> dict:
-    return {
-        "name": name,
-        "output_dir": str(tmp_path / "runs"),  # shared storage: both nodes are this machine (an s3:// URI on clouds)
-        "scaling.num_workers": 2,  # one CPU per node and one per worker: a worker on each node
-        "scaling.cpus_per_worker": 1,
-        "model.unet.image_size": 16,
-        "model.unet.model_channels": 16,
-        "model.unet.channel_mult": "[1,2]",
-        "model.unet.attention_resolutions": "[8]",
-        "data.image_size": 16,
-        "optim.batch_size": 8,
-        "loop.num_steps": 6,
-        "loop.log_every": 3,
-        "loop.checkpoint_every": 3,
-        "loop.num_samples": 2,
-        "loop.sample_steps": 2,
-        **changes,
-    }
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 420) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{shlex.join(cmd)} failed:\n{(out.stdout + out.stderr)[-6000:]}"
+    return out.stdout + out.stderr
+
+
+def _git_head() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _serve_actors(dashboard: str) -> list[str]:
+    """Serve's controller and proxies on the cluster that are not dead (their states)."""
+    actors = _get_json(f"{dashboard}/api/v0/actors?limit=1000&detail=1")["data"]["result"]["result"]
+    return [
+        f"{a['class_name']}: {a['state']}"
+        for a in actors
+        if a.get("class_name") in ("ServeController", "ProxyActor") and a.get("state") != "DEAD"
+    ]
+
+
+def _png(seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.mark.slow
-def test_job_submitted_to_a_two_node_cluster_trains_on_both_nodes(two_nodes, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sha = "0123456789abcdef0123456789abcdef01234567"  # what `$(git rev-parse HEAD)` gives a real submission
-    overrides = _overrides(tmp_path, "cluster")
-    entrypoint = "python jobs/train_factorized.py " + " ".join(shlex.quote(f"{k}={v}") for k, v in overrides.items())
-    client = JobSubmissionClient(two_nodes.dashboard)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={
-            "working_dir": str(REPO),
-            "excludes": EXCLUDES,
-            "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri, "DIFFSEG_GIT_SHA": sha, "OMP_NUM_THREADS": "1"},
-        },
-    )
-    deadline = time.time() + 420
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, f"job {job_id} still {status}:\n{client.get_job_logs(job_id)[-4000:]}"
-        time.sleep(1)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, f"job {job_id} {status}:\n{logs[-6000:]}"
-    assert "[train] step 6/6 loss" in logs and "2 worker(s)" in logs
-
-    # The two training workers ran on the two nodes.
-    actors = _get_json(f"{two_nodes.dashboard}/api/v0/actors?limit=1000&detail=1")["data"]["result"]["result"]
-    workers = [a for a in actors if a.get("class_name") == "RayTrainWorker"]
-    assert len({a["node_id"] for a in workers}) == 2, workers
-
-    # Its checkpoint: our export and Ray Train's own, in the configured storage.
-    run = tmp_path / "runs" / "cluster"
-    ckpt = load_checkpoint(run / "checkpoint.pt")
-    assert ckpt.step == 6 and [s for s, _ in ckpt.extra["loss_history"]] == [3, 6]
-    assert list(run.glob("checkpoint_*/checkpoint.pt")), sorted(p.name for p in run.iterdir())
-    assert (run / "config.yaml").is_file()
-
-    # Its MLflow run, in the store MLFLOW_TRACKING_URI named.
+def test_a_working_directory_of_relative_paths_on_a_two_node_cluster(two_nodes, tmp_path):
+    """docs/cluster.md, "From your own working directory": every command run from `work/`, relative paths only."""
     import mlflow
 
-    mlflow_client = mlflow.MlflowClient(mlflow_uri)
-    (found,) = mlflow_client.search_runs(
-        [mlflow_client.get_experiment_by_name("diffseg").experiment_id], "attributes.run_name = 'cluster'"
-    )
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in two_nodes.env.items() if k not in ("MLFLOW_TRACKING_URI", "DIFFSEG_WORKDIR")}
+    env["OMP_NUM_THREADS"] = "1"
+    py = sys.executable
+
+    # 1. A 2-worker training job submitted through the Job API (jobs/submit.py): outputs land in work/, not in the
+    #    job's unpacked copy of the code, nor in a Ray worker's temp folder.
+    logs = _run(
+        [py, str(REPO / "jobs" / "submit.py"), "--address", two_nodes.dashboard, "--",
+         "python", "jobs/train_factorized.py", "--config", "factorized_tiny16.yaml", "scaling.num_workers=2",
+         "tracking.enabled=true"],
+        work, env,
+    )  # fmt: skip
+    assert "[train] step 6/6 loss" in logs and "2 worker(s)" in logs and "SUCCEEDED" in logs, logs[-3000:]
+    actors = _get_json(f"{two_nodes.dashboard}/api/v0/actors?limit=1000&detail=1")["data"]["result"]["result"]
+    workers = [a for a in actors if a.get("class_name") == "RayTrainWorker"]
+    assert len({a["node_id"] for a in workers}) == 2, workers  # one training worker on each node
+    run = work / "runs" / "factorized-tiny16"
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt.step == 6 and ckpt.config["output_dir"] == str(work / "runs")
+    assert (run / "config.yaml").is_file() and list((run / "samples").glob("*.png"))
+    assert list(run.glob("checkpoint_*/checkpoint.pt"))  # Ray Train's own, in the same storage
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("diffseg")
+    assert exp.artifact_location.removeprefix("file://") == str(work / "mlartifacts" / "diffseg")
+    (found,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'factorized-tiny16'")
     assert found.info.run_id == ckpt.extra["mlflow_run_id"] and found.info.status == "FINISHED"
-    assert found.data.tags["mlflow.source.git.commit"] == sha
-    assert found.data.tags["diffseg.world_size"] == "2" and found.data.params["scaling.num_workers"] == "2"
-    assert [m.step for m in mlflow_client.get_metric_history(found.info.run_id, "train/loss")] == [3, 6]
-    assert {a.path for a in mlflow_client.list_artifacts(found.info.run_id)} >= {"samples", "checkpoint"}
+    assert found.data.tags["diffseg.git_dirty"] in ("true", "false")
+    if _git_head():  # the commit travels with the submission (the upload has no .git)
+        assert found.data.tags["mlflow.source.git.commit"] == _git_head()
+    artifacts = work / "mlartifacts" / "diffseg" / found.info.run_id / "artifacts"
+    assert (artifacts / "checkpoint" / "checkpoint.pt").is_file() and list((artifacts / "samples").glob("*.png"))
 
+    # 2. A 2-trial Tune sweep driven from work/ on the cluster: tables, the best model and the feature shards (the
+    #    second trial hits the cache) in work/runs/sweeps, its runs in work/mlflow.db.
+    cluster_env = {**env, "RAY_ADDRESS": two_nodes.address}
+    _run([py, str(REPO / "jobs" / "sweep.py"), "--config", "sweep_pixel_tiny.yaml"], work, cluster_env)
+    sweep = work / "runs" / "sweeps" / "pixel-tiny"
+    table = (sweep / "results.csv").read_text().splitlines()
+    assert len(table) == 3 and "test/miou" in table[0]
+    assert (sweep / "results.md").is_file() and (sweep / "best_config.yaml").is_file()
+    assert (sweep / "best" / "segmenter.pt").is_file()
+    cache = work / "runs" / "sweeps" / "feature_cache"
+    (entry,) = [p for p in cache.iterdir() if (p / "_SUCCESS").is_file()]
+    assert list(entry.glob("*.parquet")) and (entry / "manifest.json").is_file()
+    assert sorted(json.loads(line)["event"] for line in (cache / "events.jsonl").read_text().splitlines()) == [
+        "build", "hit"]  # fmt: skip
+    (parent,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'pixel-tiny'")
+    assert (work / "mlartifacts" / "diffseg" / parent.info.run_id / "artifacts" / "results.csv").is_file()
 
-@pytest.mark.slow
-def test_job_script_runs_unchanged_against_ray_address(two_nodes, tmp_path):
-    """The same script, run as a plain driver with RAY_ADDRESS: it ships diffseg to the workers itself."""
-    overrides = _overrides(tmp_path, "driver", **{"loop.num_steps": 3, "tracking.enabled": "false"})
-    env = {**two_nodes.env, "RAY_ADDRESS": two_nodes.address}
-    out = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train_factorized.py"), *(f"{k}={v}" for k, v in overrides.items())],
-        cwd=tmp_path,  # not the repository: the workers can only get the code from the runtime env
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    assert "[train] step 3/3 loss" in out.stdout and "2 worker(s)" in out.stdout
-    ckpt = load_checkpoint(tmp_path / "runs" / "driver" / "checkpoint.pt")
-    assert ckpt.step == 3 and ckpt.extra["starts"] == [0]
+    # 3. The next jobs, from the same directory: masks from the checkpoint, then Serve with both models.
+    _run(
+        [py, str(REPO / "jobs" / "segment.py"), "checkpoint=runs/factorized-tiny16/checkpoint.pt",
+         "data.name=synthetic", "data.image_size=16", "limit=4"],
+        work, env,
+    )  # fmt: skip
+    assert len(list((work / "runs" / "segment" / "segment" / "masks").glob("*.png"))) == 4
+    (port,) = _free_ports(1)
+    _run([str(SERVE), "start", "--address", two_nodes.address, "--proxy-location", "HeadOnly",
+          "--http-host", "127.0.0.1", "--http-port", str(port)], work, env)  # fmt: skip
+    try:
+        _run([str(SERVE), "run", "--address", two_nodes.address, "--non-blocking", "serve.app:build_app",
+              "segmenter=runs/factorized-tiny16/checkpoint.pt", "pixel=runs/sweeps/pixel-tiny/best/segmenter.pt"],
+             work, env)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                if _get_json(f"{url}/healthz").get("status") == "ok":
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the Serve app did not become healthy"
+            time.sleep(1)
+        for method, names in (("factorized", "region 0"), ("pixel", None)):
+            request = urllib.request.Request(
+                f"{url}/v1/segment?method={method}&seed=0", data=_png(), headers={"Content-Type": "image/png"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as r:
+                answer = json.loads(r.read())
+            assert answer["mask_png"] and answer["classes"], answer
+            if names:
+                assert answer["classes"][0]["name"] == names
+
+        # 4. `serve deploy serve/config.yaml` on the cluster: the app is built there (serve.app imports where the
+        #    checkout is installed), its model from a storage URI, its replicas and queues from Serve's own
+        #    `deployments:` section. (Only this test's port and model source are changed in the shipped file.)
+        config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+        config["proxy_location"] = "HeadOnly"
+        config["http_options"]["port"] = port
+        (app,) = config["applications"]
+        app["args"]["segmenter"] = f"file://{run / 'checkpoint.pt'}"
+        sampler = next(d for d in app["deployments"] if d["name"] == "Sampler")
+        sampler["max_ongoing_requests"] = 48  # not the app's default: seen below only if Serve applied the section
+        (work / "serve.yaml").write_text(yaml.safe_dump(config))
+        _run([str(SERVE), "shutdown", "--address", two_nodes.dashboard, "-y"], work, env)  # the CPUs for this one
+        # `serve shutdown` returns after a bounded wait (30 s); a controller still shutting down would kill the next
+        # deploy's proxy. Serve is gone once its controller and proxies are dead.
+        deadline = time.time() + 180
+        while _serve_actors(two_nodes.dashboard):
+            assert time.time() < deadline, _serve_actors(two_nodes.dashboard)
+            time.sleep(1)
+        _run([str(SERVE), "deploy", "serve.yaml", "--address", two_nodes.dashboard], work, env)
+        deadline = time.time() + 180
+        while True:
+            apps = _get_json(f"{two_nodes.dashboard}/api/serve/applications/")["applications"]
+            if apps.get("diffseg", {}).get("status") == "RUNNING":
+                break
+            assert apps.get("diffseg", {}).get("status") != "DEPLOY_FAILED", apps
+            assert time.time() < deadline, apps
+            time.sleep(1)
+        deployments = apps["diffseg"]["deployments"]
+        assert sorted(deployments) == ["FactorizedSegmenter", "Ingress", "Sampler"]
+        assert deployments["Sampler"]["deployment_config"]["max_ongoing_requests"] == 48
+        assert deployments["Ingress"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.25
+        request = urllib.request.Request(f"{url}/v1/segment", data=_png(), headers={"Content-Type": "image/png"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["classes"][0]["name"] == "region 0"
+    finally:
+        subprocess.run([str(SERVE), "shutdown", "--address", two_nodes.dashboard, "-y"], cwd=work, env=env,
+                       capture_output=True, timeout=120)  # fmt: skip

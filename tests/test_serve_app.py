@@ -35,9 +35,13 @@ ARGS = {
     "limits": {"max_body_bytes": MAX_BODY, "max_image_pixels": 512 * 512, "max_image_side": 1024,
                "max_num_images": 4, "max_steps": 20, "max_sample_cost": 40, "max_inflight_cost": 400,
                "request_timeout_s": 60},
-    "models": {"num_cpus": 0.5, "max_ongoing_requests": 32},
-    "ingress": {"num_cpus": 0.25, "use_gpu": "no", "max_ongoing_requests": 128},
+    "use_gpu": "no",
 }  # fmt: skip
+DEPLOYMENTS = [  # the entries of a Serve config's `deployments:` section
+    *({"name": n, "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.5}}
+      for n in ("FactorizedSegmenter", "PixelSegmenter", "Sampler")),
+    {"name": "Ingress", "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0.25}},
+]  # fmt: skip
 
 
 SERVED: dict[str, Path] = {}  # what the app serves, for the tests that compare it with the jobs
@@ -51,7 +55,7 @@ def app_url(tmp_path_factory):
     import diffseg
 
     sys.path.insert(0, str(REPO))  # the `serve` package at the repository root
-    build_app = importlib.import_module("serve.app").build_app
+    build_app = importlib.import_module("serve.app").build_application
     folder = tmp_path_factory.mktemp("serve")
     ckpt, bundle = tiny_checkpoint(folder / "checkpoint.pt"), tiny_pixel_bundle(folder)
     SERVED.update(checkpoint=ckpt, pixel=bundle)
@@ -68,7 +72,8 @@ def app_url(tmp_path_factory):
         port = s.getsockname()[1]
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({**ARGS, "segmenter": str(ckpt), "pixel": str(bundle)}), name="diffseg", route_prefix="/")
+        app = build_app({**ARGS, "segmenter": str(ckpt), "pixel": str(bundle)}, deployments=DEPLOYMENTS)
+        serve.run(app, name="diffseg", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -370,13 +375,13 @@ def slow_sampler_url(app_url, tmp_path_factory):
     timeout, and the default (closed) info."""
     from ray import serve
 
-    build_app = importlib.import_module("serve.app").build_app
+    build_app = importlib.import_module("serve.app").build_application
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("slow") / "checkpoint.pt", image_size=64)
     args = {
         "sampler": str(ckpt), "device": "cpu",
         "limits": {"max_num_images": 16, "max_steps": 100, "max_sample_cost": 1600, "max_inflight_cost": 1600,
                    "request_timeout_s": 1.0},
-        "models": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.25, "use_gpu": "no"},
+        "use_gpu": "no",
     }  # fmt: skip
     serve.run(build_app(args), name="slow", route_prefix="/slow")
     yield f"{app_url}/slow"

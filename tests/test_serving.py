@@ -45,6 +45,7 @@ from diffseg.serving import (
     to_model_input,
     upsample_result,
 )
+from diffseg.tracking import experiment_id
 from diffseg.unet import UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,9 +366,10 @@ def test_resolve_source_paths_and_mlflow_uri(ckpt, tmp_path):
         resolve_source(str(tmp_path / "missing.pt"))
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("serving")
-    with mlflow.start_run() as run:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = experiment_id(mlflow.MlflowClient(uri), uri, "serving")  # artifacts beside the store, not in ./mlruns
+    with mlflow.start_run(experiment_id=exp) as run:
         mlflow.log_artifact(str(ckpt), "checkpoint")  # what training logs
     seg = FactorizedSegmenter.load(f"runs:/{run.info.run_id}/checkpoint", device="cpu")
     assert seg.info()["num_components"] == 3 and seg.info()["source"].startswith("runs:/")

@@ -339,3 +339,45 @@ def test_paper64_factorized_bf16_step_on_gpu():
         f"{torch.cuda.get_device_name()}: {ips:.1f} images/s, peak memory "
         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     )
+
+
+def test_resume_guard_allows_loop_reapplies_optim_and_refuses_architecture_or_data(tmp_path):
+    """Re-running a name with a changed config: loop.*/scaling.* carry on; optim.* is re-applied to the restored
+    optimizer (moments kept; the checkpoint's lr no longer wins); model/data changes are refused naming the keys,
+    before anything of the run is overwritten."""
+    from diffseg.config import ConfigError
+    from diffseg.loop import LocalContext, fit
+
+    cfg = tiny_cfg(tmp_path, name="guard", **{"loop.num_steps": 4, "loop.log_every": 2, "loop.checkpoint_every": 2,
+                                              "tracking.enabled": False})  # fmt: skip
+    ckpt_path = tmp_path / "runs" / "guard" / "checkpoint.pt"
+    fit(cfg, LocalContext("cpu"))
+
+    # 1. loop.* and scaling.* changes: the run continues from its step.
+    out = fit(replace(cfg, **{"loop.num_steps": 6, "loop.log_every": 3, "scaling.max_failures": 2}), LocalContext())
+    assert out["starts"] == [0, 4] and out["step"] == 6
+    assert load_checkpoint(ckpt_path).optimizer["param_groups"][0]["lr"] == 1e-3
+
+    # 2. optim.* changes are re-applied; Adam's moments and step count come from the checkpoint.
+    changed = {"loop.num_steps": 7, "optim.lr": 2.5e-4, "optim.weight_decay": 0.01, "optim.mask_lr_scale": 4.0}
+    out = fit(replace(cfg, **changed), LocalContext())
+    saved = load_checkpoint(ckpt_path)
+    groups = saved.optimizer["param_groups"]  # mask_lr_scale != 1 splits the mask generator off: 2 groups now
+    assert [g["lr"] for g in groups] == [2.5e-4, 1e-3] and all(g["weight_decay"] == 0.01 for g in groups)
+    steps = {float(s["step"]) for s in saved.optimizer["state"].values()}
+    assert steps == {7.0} and len(saved.optimizer["state"]) == sum(len(g["params"]) for g in groups)
+    assert out["starts"] == [0, 4, 6]
+
+    # 3. architecture or data: refused, naming each key, and the run is left as it was.
+    from diffseg.train import run
+
+    bad = replace(cfg, **{**changed, "loop.num_steps": 9, "model.factorized.num_components": 4, "data.num_images": 64})
+    run(replace(cfg, **changed))  # through the driver: it writes the run's config.yaml (nothing left to train)
+    for attempt in (lambda: fit(bad, LocalContext()), lambda: run(bad)):  # the loop, and the driver before Ray
+        with pytest.raises(ConfigError) as e:
+            attempt()
+        msg = str(e.value)
+        assert "model.factorized.num_components: 3 -> 4" in msg and "data.num_images: 512 -> 64" in msg
+        assert "optim." not in msg.split("(loop.*")[0] and "name=" in msg and "init_from=" in msg
+    assert load_checkpoint(ckpt_path).step == 7
+    assert "num_components: 3" in (ckpt_path.parent / "config.yaml").read_text()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from diffseg.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from diffseg.config import Name, find_config, job_dir, load_config, save_config, to_dict
+from diffseg.config import ConfigPath, Name, OutputPath, find_config, job_dir, load_config, save_config, to_dict
 from diffseg.evaluate import METHODS, DatasetSpec, EvalConfig, evaluate, load_eval_data
 from diffseg.loop import LocalContext, TrainConfig, fit
 from diffseg.runtime import resolve_device
@@ -54,7 +54,7 @@ class Variant:
 @dataclass(frozen=True)
 class AblationData:
     name: Name = "data"  # the data set's name in the table (part of its runs' folder names)
-    train_config: str = ""  # TrainConfig YAML: model size, data (WITHOUT masks in training), the paper's recipe
+    train_config: ConfigPath = ""  # TrainConfig YAML: model size, data (WITHOUT masks in training), the paper's recipe
     train_overrides: tuple[str, ...] = ()  # overrides applied to every variant (e.g. data.root=...)
     eval: DatasetSpec = field(default_factory=DatasetSpec)  # the held-out test split with masks (+ ddpm for k-means)
 
@@ -62,7 +62,7 @@ class AblationData:
 @dataclass(frozen=True)
 class AblationConfig:
     name: Name = "ablation"  # the folder under output_dir
-    output_dir: str = "runs/ablation"  # tables, figures and one training run per (data set, variant, seed)
+    output_dir: OutputPath = "runs/ablation"  # tables, figures and one training run per (data set, variant, seed)
     datasets: tuple[AblationData, ...] = ()  # the data sets
     variants: tuple[Variant, ...] = (Variant(),)  # the rows; the first is the reference
     num_steps: int = 2000  # training steps of EVERY variant (equal compute)

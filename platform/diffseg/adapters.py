@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from diffseg.config import atomic_write, save_config
+from diffseg.config import InputPath, OutputPath, atomic_write, save_config
 from diffseg.data import IMAGE_EXTS, DataError
 
 _log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ Layout = Literal["celebamask-hq", "weizmann-horse", "flowers17", "flowers102", "
 @dataclass(frozen=True)
 class PrepareConfig:
     layout: Layout = "weizmann-horse"  # which public layout `src` holds
-    src: str = ""  # the public download's root folder (the one holding e.g. rgb/ and figure_ground/)
-    dst: str = ""  # the paired folder to write (created; items already there are skipped)
+    src: InputPath = ""  # the public download's root folder (the one holding e.g. rgb/ and figure_ground/)
+    dst: OutputPath = ""  # the paired folder to write (created; items already there are skipped)
     name: str | None = None  # dataset.json "name" (None = the dst folder's name)
     size: int | None = None  # resize so the shorter side is this (images bicubic, masks nearest); None keeps sizes
     limit: int = 0  # convert only the first N items in sorted order (0 = all): quick subsets for development

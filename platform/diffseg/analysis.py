@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from diffseg.baselines import kmeans_segment
-from diffseg.config import Name
+from diffseg.config import Name, OutputPath
 from diffseg.data import DataConfig, build_dataset, stack
-from diffseg.features import FeatureConfig, FeaturePipeline, drop_small_annotations, load_backbone
+from diffseg.features import BackboneSpec, FeatureConfig, FeaturePipeline, drop_small_annotations, load_backbone
 from diffseg.metrics import ConfusionMatrix
 from diffseg.pixel import PixelTrainConfig, predict_pixels, train_ensemble
 from diffseg.runtime import resolve_device
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AnalysisConfig:
     name: Name = "analysis"
-    output_dir: str = "runs/analysis"
-    backbone: str = ""  # checkpoint path, random:<ckpt> or diffusers:<dir>
+    output_dir: OutputPath = "runs/analysis"  # figures and tables
+    backbone: BackboneSpec = ""  # checkpoint path, random:<ckpt> or diffusers:<dir>
     blocks: tuple[str, ...] = ()  # cells' blocks; empty = every decoder block (dec.N / up.N)
     timesteps: tuple[int, ...] = (50, 150, 250, 500, 800)  # cells' timesteps
     noise_seed: int = 0

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffseg import storage
 from diffseg.config import atomic_write, from_dict, to_dict
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.models import ModelConfig, build_model
@@ -310,8 +312,15 @@ def load_checkpoint(
 
 
 def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local path, or an MLflow artifact URI (`runs:/<run_id>/checkpoint`, `models:/name@alias`, `s3://...`)
-    downloaded with `mlflow.artifacts.download_artifacts` -> a local file or folder."""
+    """A local path, or a URI fetched to a local file or folder: an MLflow artifact URI (`runs:/<run_id>/checkpoint`,
+    `models:/name@alias`) with `mlflow.artifacts.download_artifacts`; a storage file (`s3://`, `gs://`, `file://`)
+    with pyarrow's filesystems, as every other location (`diffseg.storage`)."""
+    if str(source).startswith(("s3://", "gs://", "file://")) and storage.is_file(str(source)):
+        folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="diffseg-fetch-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        local = folder / storage.name(str(source))
+        storage.fetch_file(str(source), local)
+        return local
     if str(source).startswith(MLFLOW_SCHEMES):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
         import mlflow  # costs seconds: only when a URI asks for it

@@ -73,6 +73,142 @@ class _NameCheck:
 Name = Annotated[str, _NameCheck()]  # a config field that names a folder or file: checked by `check_name`
 
 
+# ---------------------------------------------------------------------------------------------------- locations
+# Ray Train workers and Tune trials change directory, and a submitted job runs in Ray's unpacked copy of its
+# working_dir: a relative path means something else in each of them. So every location in a config is typed (the
+# markers below), and `resolve_paths` makes them absolute ONCE, in the driver, against `workdir()`, before anything is
+# shipped. URIs (`s3://`, `gs://`, `file://`, `runs:/`, `models:/`) are left as they are.
+WORKDIR_ENV = "DIFFSEG_WORKDIR"  # relative paths resolve against this folder when set (jobs/submit.py sets it)
+SUBMITTED_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in the driver of a submitted job
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def is_uri(value: str) -> bool:
+    """`s3://...`, `file:///...`, `runs:/...`: a location Ray and pyarrow/MLflow resolve, never relative to a folder."""
+    return bool(_URI_RE.match(str(value)))
+
+
+def is_submitted_job() -> bool:
+    """True in the driver of a job submitted through Ray's Job API (`ray job submit`, `jobs/submit.py`)."""
+    return SUBMITTED_ENV in os.environ
+
+
+def workdir() -> Path:
+    """The folder relative paths mean: `$DIFFSEG_WORKDIR` when set, else the current working directory."""
+    env = os.environ.get(WORKDIR_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise ConfigError(
+                f"{WORKDIR_ENV}={env}: no such folder on this node ({socket.gethostname()}); relative paths in the "
+                "config resolve against it. On a remote cluster pass absolute paths on the nodes or URIs "
+                "(output_dir=s3://bucket/runs), or submit with --workdir naming a shared folder"
+            )
+        return path.resolve()
+    return Path.cwd().resolve()
+
+
+@dataclasses.dataclass(frozen=True)
+class PathField:
+    """Marks a str config field as a location: `kind` says how `resolve_paths` treats a relative value.
+
+    input: a file or folder the job reads; output: where it writes (refused when relative in a submitted job with
+    no DIFFSEG_WORKDIR, since that folder is deleted with the job); config: a YAML found like --config (left to
+    `find_config` when not found from the working directory). `resolver(value, section, key, base)` replaces the
+    default rule (a backbone spec with a prefix, a tracking URI); `section` is the dataclass holding the field and
+    `base()` returns the folder relative values mean.
+    """
+
+    kind: str = "input"
+    resolver: Callable[[Any, Any, str, Callable[[], Path]], Any] | None = None
+
+
+InputPath = Annotated[str, PathField("input")]  # a file or folder read by the job: local path or URI
+OutputPath = Annotated[str, PathField("output")]  # where a job writes: local folder or URI (s3://, gs://, file://)
+ConfigPath = Annotated[str, PathField("config")]  # a config YAML (relative: from here, else the repo's jobs/configs)
+
+
+def _submitted_refusal(key: str, value: str, what: str = "") -> ConfigError:
+    return ConfigError(
+        f"{key}: {value!r} is relative{what}, and this is a submitted Ray job: its working directory ({Path.cwd()}) is "
+        "Ray's unpacked copy of --working-dir, deleted with the job, so whatever is written there is lost. Pass an "
+        f"absolute path or a URI ({key}=/shared/runs, {key}=s3://bucket/runs), or submit with `python "
+        f"jobs/submit.py` (relative paths then resolve against the folder you submitted from), or set "
+        f"{WORKDIR_ENV} in the job's runtime_env env_vars"
+    )
+
+
+def resolve_location(
+    value: str, base: Path | Callable[[], Path] | None = None, key: str = "path", kind: str = "input"
+) -> str:
+    """One location made absolute against `base` (a folder, or a function returning it; default `workdir()`); see
+    `resolve_paths`. URIs and "" are returned as they are."""
+    if not value or is_uri(value):
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return os.path.normpath(path)
+    if kind == "output" and is_submitted_job() and not os.environ.get(WORKDIR_ENV):
+        raise _submitted_refusal(key, value)
+    folder = base() if callable(base) else Path(base) if base is not None else workdir()
+    if kind == "config" and not (folder / path).is_file():
+        return value  # a shipped config name (`factorized_tiny.yaml`): find_config looks in the repository
+    return os.path.normpath(folder / path)
+
+
+def resolve_paths(cfg: T, base: str | os.PathLike | None = None) -> T:
+    """`cfg` with every location field (InputPath, OutputPath, ConfigPath and the other `PathField`s) absolute.
+
+    Relative values resolve against `base` (default `workdir()`: $DIFFSEG_WORKDIR, else the current directory), so
+    call this in the driver, before a config is shipped to Ray workers, trials, actors or replicas. Idempotent.
+    In a submitted job without DIFFSEG_WORKDIR, a relative output location is refused with a ConfigError that says
+    what to pass (its working directory is a temporary copy); inputs resolve against that copy (what was uploaded).
+    """
+    root = Path(base) if base is not None else None
+
+    def base_dir() -> Path:  # looked up only when a relative value needs it (DIFFSEG_WORKDIR may name no folder)
+        nonlocal root
+        if root is None:
+            root = workdir()
+        return root
+
+    def walk(obj: Any, prefix: str) -> Any:
+        if isinstance(obj, (list, tuple)):
+            items = [walk(v, f"{prefix}[{i}]") for i, v in enumerate(obj)]
+            return type(obj)(items)
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            return obj
+        hints = get_type_hints(type(obj), include_extras=True)
+        changes = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            mark = _path_mark(hints[f.name])
+            if mark is not None and mark.resolver is not None:
+                new = mark.resolver(value, obj, key, base_dir)
+            elif mark is not None and isinstance(value, str):
+                new = resolve_location(value, base_dir, key, mark.kind)
+            else:
+                new = walk(value, key + ".")
+            if new is not value:
+                changes[f.name] = new
+        return dataclasses.replace(obj, **changes) if changes else obj
+
+    return walk(cfg, "")
+
+
+def _path_mark(tp: Any) -> PathField | None:
+    """The `PathField` of a field type (`OutputPath`, `InputPath | None`, ...), if it has one."""
+    if get_origin(tp) is Annotated:
+        return next((m for m in get_args(tp)[1:] if isinstance(m, PathField)), None)
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            mark = _path_mark(option)
+            if mark is not None:
+                return mark
+    return None
+
+
 def job_dir(output_dir: str | os.PathLike, name: str, key: str = "name") -> Path:
     """`<output_dir>/<name>` after checking that `name` is one path component (never `..` or `a/b`)."""
     return Path(output_dir) / check_name(name, key)
@@ -547,7 +683,8 @@ def parse_job_args(
 
     `--help` lists every config key with its default and comment. `--dry-run` prints the resolved config, runs the
     config's cross-field checks (`check()`) and exits (2 when a check fails), so a researcher can see what a run
-    would use. `flags` adds boolean options (`{"--resume": "help"}`).
+    would use. `flags` adds boolean options (`{"--resume": "help"}`). Every location in the config is made absolute
+    (`resolve_paths`) before it is printed or returned.
     """
     parser = argparse.ArgumentParser(
         description=description, epilog=keys_help(cls), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -559,7 +696,8 @@ def parse_job_args(
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(cls, args.config, args.overrides)
+        # Locations become absolute here, in the driver, before any of it reaches a Ray worker, trial or replica.
+        cfg = resolve_paths(load_config(cls, args.config, args.overrides))
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")
     if args.dry_run:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffseg.config import InputPath
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_AUTO_BYTES = 2**30  # data.cache=auto keeps a paired folder's decoded images in memory up to this size
 
@@ -64,7 +66,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     name: Literal["synthetic", "folder"] = "synthetic"  # the built-in synthetic scenes, or a paired folder at root
-    root: str | None = None  # paired-folder root (name=folder)
+    root: InputPath | None = None  # paired-folder root (name=folder)
     image_size: int = 32  # images are resized (shorter side) and centre-cropped to this size
     num_images: int = 512  # synthetic: how many scenes
     seed: int = 0  # synthetic: scene seed (scene i depends only on (seed, i))

@@ -52,7 +52,7 @@ from torch import nn
 
 from diffseg.baselines import DictOutput, NetworkSegmenter, train_supervised
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name
+from diffseg.config import InputPath, Name, OutputPath
 from diffseg.data import DataConfig, build_dataset
 from diffseg.evaluate import evaluate_segmenter
 from diffseg.pixel import PixelSegmenter
@@ -71,9 +71,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class DatasetDDPMConfig:
     name: Name = "dataset-ddpm"
-    output_dir: str = "runs/label"
-    segmenter: str = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
-    checkpoint: str = ""  # the DDPM to sample from ("" = the segmenter's backbone)
+    output_dir: OutputPath = "runs/label"  # samples, labels, the segmentation network
+    segmenter: InputPath = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
+    checkpoint: InputPath = ""  # the DDPM to sample from ("" = the segmenter's backbone)
     num_samples: int = 10000  # N synthetic images (the reference: 10000 generated, up to 50000 used)
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # ancestral DDPM sampling (the reference) or DDIM
     sample_steps: int = 0  # sampling steps; 0 = the full chain of T steps (the reference)

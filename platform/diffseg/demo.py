@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from diffseg.config import replace, save_config
+from diffseg.config import OutputPath, replace, save_config
 from diffseg.data import DataConfig, build_dataset
 from diffseg.diffusion import DiffusionConfig
 from diffseg.evaluate import evaluate_segmenter
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    output_dir: str = "runs/demo"  # everything goes here: ddpm/ (checkpoint, samples), shards/, the bundles, figure
+    output_dir: OutputPath = "runs/demo"  # everything goes here: ddpm/ (checkpoint, samples), shards/, bundles, figure
     image_size: int = 32  # side of the synthetic scenes and of the DDPM
     num_images: int = 512  # synthetic scenes the DDPM trains on (no labels used)
     ddpm_steps: int = 200  # DDPM optimizer steps (batch ddpm_batch_size): about a minute on a laptop CPU

@@ -47,7 +47,7 @@ from PIL import Image
 
 from diffseg import baselines
 from diffseg.checkpoint import load_checkpoint, load_diffusion_model
-from diffseg.config import Name, job_dir, save_config, to_dict
+from diffseg.config import InputPath, Name, OutputPath, job_dir, save_config, to_dict
 from diffseg.data import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
 from diffseg.features import FeatureConfig, FeaturePipeline
 from diffseg.metrics import ConfusionMatrix, ForegroundAccumulator, HungarianIoU, ImageDependence
@@ -80,8 +80,8 @@ class DatasetSpec:
     protocol: Literal["foreground", "multiclass"] = "foreground"  # binary fg/bg ground truth, or C classes
     data: DataConfig = field(default_factory=DataConfig)  # the folder, size, split (and class_merge)
     split: Literal["train", "test", "all"] = "test"  # which images are scored (num_train/num_test in data)
-    factorized: str | None = None  # checkpoint of the factorized model (method "factorized")
-    ddpm: str | None = None  # checkpoint of the DDPM whose features k-means clusters (method "kmeans_ddpm")
+    factorized: InputPath | None = None  # checkpoint of the factorized model (method "factorized")
+    ddpm: InputPath | None = None  # checkpoint of the DDPM whose features k-means clusters (method "kmeans_ddpm")
     num_regions: int = 0  # K for k-means; 0 = the factorized model's K, else the number of ground-truth classes
     limit: int = 0  # score only the first N images (0 = all)
 
@@ -137,7 +137,7 @@ class ForegroundSection:
 @dataclass(frozen=True)
 class EvalConfig:
     name: Name = "eval"  # the run's folder under output_dir and its MLflow run name
-    output_dir: str = "runs/eval"  # where tables and figures go
+    output_dir: OutputPath = "runs/eval"  # where tables and figures go
     datasets: tuple[DatasetSpec, ...] = ()  # the data sets (rows are grouped by data set)
     methods: tuple[str, ...] = ("all_foreground", "centred_box", "grabcut", "kmeans_ddpm", "factorized")  # columns
     segment: SegmentSection = field(default_factory=SegmentSection)  # the factorized model's segmentation

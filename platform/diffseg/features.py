@@ -24,27 +24,53 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg import storage
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name, from_dict, job_dir, save_config, to_dict
+from diffseg.config import (
+    Name,
+    OutputPath,
+    PathField,
+    check_name,
+    dumps,
+    from_dict,
+    resolve_location,
+    resolve_paths,
+    to_dict,
+)
 from diffseg.data import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.runtime import init_ray, resolve_device
+from diffseg.runtime import decide_gpu, init_ray, resolve_device
 from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
 
 log = logging.getLogger(__name__)
 
 
+BACKBONE_KEYWORDS = ("", "random", "rgb")  # specs that name no file
+BACKBONE_PREFIXES = ("random:", "diffusers:")  # specs whose path follows a prefix
+
+
+def resolve_backbone(spec: str, section: Any = None, key: str = "backbone", base: Any = None) -> str:
+    """A backbone spec with its path made absolute (`random:<ckpt>` and `diffusers:<dir>` keep their prefix;
+    keywords and URIs stay as they are): `resolve_paths`' rule for `BackboneSpec` fields."""
+    if spec in BACKBONE_KEYWORDS:
+        return spec
+    prefix = next((p for p in BACKBONE_PREFIXES if spec.startswith(p)), "")
+    return prefix + resolve_location(spec[len(prefix) :], base, key, "input")
+
+
+BackboneSpec = Annotated[str, PathField("input", resolve_backbone)]  # a checkpoint, random:<ckpt>, diffusers:<dir>
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
-    backbone: str = "random"  # checkpoint path (ours or imported), "random" (random init), or "diffusers:<dir>"
+    backbone: BackboneSpec = "random"  # checkpoint path (ours or imported), "random" (random init) or "diffusers:<dir>"
     blocks: tuple[str, ...] = ("dec.5", "dec.6", "dec.7", "dec.8", "dec.12")  # named U-Net blocks to read
     timesteps: tuple[int, ...] = (50, 150, 250)  # diffusion steps at which the blocks are read
     noise_seed: int = 0  # seed of the ONE noise tensor shared by every image and timestep
@@ -298,17 +324,17 @@ def extract_dataset(
     (`run_extract_job`), which writes the same shards, with the same manifest: the set is complete (usable by
     `ShardSet`) only once every image is in a shard. `min_class_pixels`: see `write_feature_shard`.
     Returns {"num_shards", "num_rows"}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)
+    storage.makedirs(out)
     meta = {**dataset_meta(dataset), "num_images": len(dataset), **(meta_extra or {})}
     begin_shard_set(out, item_ids(dataset), {"features": to_dict(pipeline.cfg), **(meta_extra or {})})
     bs = batch_size or pipeline.cfg.batch_size
     rows = shards = 0
     for start in range(0, len(dataset), bs):
         items = [dataset[i] for i in range(start, min(start + bs, len(dataset)))]
-        path = out / f"shard-{items[0]['id']}.parquet"
+        path = storage.join(out, f"shard-{items[0]['id']}.parquet")
         shards += 1
-        if path.exists():  # idempotent: finished work is skipped
+        if storage.exists(path):  # idempotent: finished work is skipped
             continue
         masks = torch.stack([it["mask"] for it in items]).numpy() if "mask" in items[0] else None
         images = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
@@ -337,8 +363,8 @@ class FeatureExtractor:
     ):
         self.cfg = from_dict(FeatureConfig, cfg_dict)
         self.pipeline = FeaturePipeline(self.cfg)
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = str(out_dir)  # a folder or a URI
+        storage.makedirs(self.out_dir)
         self.meta_extra = dict(meta_extra or {})
         self.min_class_pixels = int(min_class_pixels)
 
@@ -353,16 +379,16 @@ class FeatureExtractor:
         """An extractor around an already built pipeline (in-process use: benchmarks, notebooks)."""
         self = cls.__new__(cls)
         self.cfg, self.pipeline = pipeline.cfg, pipeline
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = str(out_dir)
+        storage.makedirs(self.out_dir)
         self.meta_extra = dict(meta_extra or {})
         self.min_class_pixels = int(min_class_pixels)
         return self
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["id"]]
-        path = self.out_dir / f"shard-{ids[0]}.parquet"
-        if path.exists():  # idempotent: finished work is skipped
+        path = storage.join(self.out_dir, f"shard-{ids[0]}.parquet")
+        if storage.exists(path):  # idempotent: finished work is skipped
             return {"shard": np.array([str(path)]), "num_pixels": np.array([-1])}
         images = torch.from_numpy(np.stack(batch["image"]))  # (B, H, W, 3) uint8
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
@@ -411,7 +437,7 @@ def extract_to_shards(
 @dataclass(frozen=True)
 class ExtractJobConfig:
     name: Name = "features"  # output folder name under output_dir
-    output_dir: str = "runs/features"  # shards go to <output_dir>/<name>/
+    output_dir: OutputPath = "runs/features"  # shards go to <output_dir>/<name>/
     features: FeatureConfig = field(default_factory=FeatureConfig)  # the recipe (backbone, blocks, timesteps, noise)
     data: DataConfig = field(default_factory=DataConfig)  # the images (+ masks); flips are never applied here
     split: Literal["train", "test", "all"] = "train"  # which split of `data` (see data.num_train / data.num_test)
@@ -419,7 +445,7 @@ class ExtractJobConfig:
     min_class_pixels: int = 0  # per image, a class with fewer pixels is ignored (0 = off; the reference: 20 at 256 px)
     num_actors: int = 1  # extraction actors (one per GPU on a cluster)
     cpus_per_actor: float = 0.5  # fractional on small CPU machines, so read tasks still get a slot
-    gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
+    gpus_per_actor: float = -1.0  # -1 = auto: 1 when the cluster has GPUs or can start GPU nodes, else 0
     read_batch_size: int = 8  # images per read task
     ray_num_cpus: int = 0  # logical CPUs of a locally started Ray (0 = Ray's default); ignored with RAY_ADDRESS
 
@@ -433,27 +459,34 @@ class ExtractJobConfig:
             )
 
 
-def shard_dir(cfg: ExtractJobConfig) -> Path:
-    return job_dir(cfg.output_dir, cfg.name)
+def gpus_per_actor(value: float) -> float:
+    """GPUs per extraction actor: `value` as configured, or for -1 (auto) 1 or 0 by the one `use_gpu` rule
+    (`diffseg.runtime.decide_gpu`: GPUs up, or a GPU node type the autoscaler can start), printed."""
+    if value >= 0:
+        return value
+    return 1.0 if decide_gpu("auto", "extract").use_gpu else 0.0
+
+
+def shard_dir(cfg: ExtractJobConfig) -> str:
+    """`<output_dir>/<name>`: a local folder or a URI (s3://, gs://, file://)."""
+    return storage.join(cfg.output_dir, check_name(cfg.name))
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
-    import ray  # the Ray edge of this module
 
+    cfg = resolve_paths(cfg)  # in the driver: the actors run elsewhere
     init_ray(cfg.ray_num_cpus)
     out = shard_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "extract_config.yaml")
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "extract_config.yaml"), dumps(cfg))
     data = dataclasses.replace(cfg.data, flip=False)
     dataset = build_dataset(data, cfg.split)
     n = len(dataset) if not cfg.limit else min(cfg.limit, len(dataset))
     ds = read_images_ray(data, cfg.split, batch_size=cfg.read_batch_size)
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    gpus = cfg.gpus_per_actor
-    if gpus < 0:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = gpus_per_actor(cfg.gpus_per_actor)
     meta_extra = {**dataset_meta(dataset), "data": data.root or data.name, "split": cfg.split, "num_images": n}
     expected = item_ids(dataset)[:n]
     begin_shard_set(out, expected, {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)})
@@ -465,7 +498,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones
     ss = ShardSet(out)
     summary = {
-        "shard_dir": str(out),
+        "shard_dir": out,
         "num_shards": len(paths),
         "num_images": n,
         "num_rows": ss.num_rows,

@@ -35,7 +35,7 @@ import yaml
 
 from diffseg.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.checkpoint import load_checkpoint
-from diffseg.config import Name, from_dict
+from diffseg.config import InputPath, Name, OutputPath, from_dict
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.evaluate import EvalResult, evaluate_segmenter
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
@@ -81,8 +81,8 @@ def class_ious(result: EvalResult, class_names: list[str], split: str = "test") 
 @dataclass(frozen=True)
 class PixelJobConfig:
     name: Name = "pixel"  # run name: outputs go to <output_dir>/<name>/
-    output_dir: str = "runs/pixel"
-    train_shards: str = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
+    output_dir: OutputPath = "runs/pixel"  # where the bundle, predictions and metrics go
+    train_shards: InputPath = ""  # a shard folder written by jobs/extract_features.py (its recipe is used for test)
     data: DataConfig = field(default_factory=DataConfig)  # where the TEST images come from
     test_split: Literal["train", "test", "all"] = "test"
     test_limit: int = 0  # first N test images (0 = all)
@@ -185,8 +185,8 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
 @dataclass(frozen=True)
 class CompareConfig:
     name: Name = "compare"
-    output_dir: str = "runs/label"
-    checkpoint: str = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
+    output_dir: OutputPath = "runs/label"  # tables, figures and feature shards
+    checkpoint: InputPath = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
     features: FeatureConfig = field(default_factory=FeatureConfig)  # blocks / timesteps / noise for both U-Nets
     train_data: DataConfig = field(default_factory=DataConfig)  # labelled training images (split "train")
     train_limit: int = 20  # the paper's few labelled images
@@ -346,7 +346,7 @@ def compare_table(rows: dict[str, dict[str, Any]]) -> str:
 @dataclass(frozen=True)
 class GapCurveConfig:
     name: Name = "gap-curve"  # output folder name under output_dir
-    output_dir: str = "runs/label"  # gap.md, gap.json and gap.png go to <output_dir>/<name>/
+    output_dir: OutputPath = "runs/label"  # gap.md, gap.json and gap.png go to <output_dir>/<name>/
     runs: tuple[str, ...] = ()  # comparison run folders (their results.json has a "ddpm" row), one per DDPM length
     baselines: tuple[str, ...] = ()  # runs with a "random" row, for runs without one: the one of the same MLP seed
     target_gap: float = 3.0  # mIoU points the DDPM features should gain over random-init features

@@ -9,15 +9,20 @@ checkpoint the framework kept, DDP wrapping, reporting a checkpoint) is a `Worke
 loop in this process (a GPU box without Ray, a benchmark, a notebook), and `diffseg.train.RayTrainContext` is the
 thin adapter that Ray Train's `train_loop_per_worker` uses. Runs resume from `<output_dir>/<name>/checkpoint.pt`,
 so a run started one way can be continued the other.
+
+Re-running a name with a changed config (`check_resume`): `loop.*`, `scaling.*`, `tracking.*`, `eval.*` and where
+things live (`output_dir`, `init_from`, `data.cache`) may change; `optim.*` changes are re-applied to the restored
+optimizer (its moments are kept); any other change (the architecture `model.*`, the process `diffusion.*`, the data
+`data.*`) is refused with a message naming the keys, since the checkpoint's weights belong to the old ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +35,18 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
-from diffseg.config import Name, atomic_write, check_name, dumps, job_dir, staging_dir, to_dict
+from diffseg.config import (
+    ConfigError,
+    InputPath,
+    Name,
+    OutputPath,
+    check_name,
+    dumps,
+    from_dict,
+    job_dir,
+    staging_dir,
+    to_dict,
+)
 from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
 from diffseg.factorized import FactorizedUNet
@@ -38,7 +54,8 @@ from diffseg.models import EMA, ModelConfig, build_model
 from diffseg.runtime import image_generators, resolve_device
 from diffseg.sampling import sample
 from diffseg.segment import mask_diagnostics
-from diffseg.tracking import Tracker, TrackingConfig
+from diffseg.storage import fetch_file, is_remote, put_file
+from diffseg.tracking import Tracker, TrackingConfig, flatten
 from diffseg.viz import sample_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -93,8 +110,8 @@ class ScalingSection:
 @dataclass(frozen=True)
 class TrainConfig:
     name: Name = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
-    output_dir: str = "runs"  # where runs live: a local folder or shared storage (s3://...) for clusters
-    init_from: str | None = None  # start a NEW run from these weights (e.g. a DDPM's encoder for the factorized net)
+    output_dir: OutputPath = "runs"  # where runs live: a local folder or shared storage (s3://...) for clusters
+    init_from: InputPath | None = None  # start a NEW run from these weights (e.g. the encoder of a DDPM)
     model: ModelConfig = field(default_factory=ModelConfig)  # which network, its size and K
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # T and the beta schedule
     data: DataConfig = field(default_factory=DataConfig)  # training images (synthetic by default)
@@ -116,17 +133,13 @@ class TrainConfig:
             raise ValueError(f"optim.batch_size {self.optim.batch_size} is not divisible by {workers} workers")
 
 
-def is_remote_path(path: str) -> bool:
-    return "://" in path
-
-
 def storage_path(cfg: TrainConfig) -> str:
-    return cfg.output_dir if is_remote_path(cfg.output_dir) else str(Path(cfg.output_dir).resolve())
+    return cfg.output_dir if is_remote(cfg.output_dir) else str(Path(cfg.output_dir).resolve())
 
 
 def run_dir(cfg: TrainConfig) -> Path | None:
     """The run's local folder; None on remote storage (`run_uri` then names it)."""
-    return None if is_remote_path(cfg.output_dir) else job_dir(storage_path(cfg), cfg.name)
+    return None if is_remote(cfg.output_dir) else job_dir(storage_path(cfg), cfg.name)
 
 
 def run_uri(cfg: TrainConfig, *parts: str) -> str:
@@ -137,43 +150,65 @@ def run_uri(cfg: TrainConfig, *parts: str) -> str:
     return "/".join([cfg.output_dir.rstrip("/"), check_name(cfg.name), *parts])
 
 
-def put_file(src: str | os.PathLike, dst: str) -> None:
-    """Copy a local file to `dst`, a local path (atomically: temp file, then rename) or a URI (s3://, gs://, file://:
-    whatever pyarrow.fs reaches; an object store's put is atomic)."""
-    if not is_remote_path(dst):
-        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-        return
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(dst)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pyarrow.fs.copy_files(str(src), path, destination_filesystem=fs)
-
-
-def fetch_file(src: str, dst: str | os.PathLike) -> bool:
-    """Copy `src` (a local path or URI) to the local file `dst`; False when there is no such file."""
-    if not is_remote_path(src):
-        if not Path(src).is_file():
-            return False
-        shutil.copyfile(src, dst)
-        return True
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(src)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return False
-    pyarrow.fs.copy_files(path, str(dst), source_filesystem=fs)
-    return True
-
-
 def load_run_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
     """The run's exported checkpoint (`<output_dir>/<name>/checkpoint.pt`, local or remote), or None."""
     uri = run_uri(cfg, CHECKPOINT_NAME)
-    if not is_remote_path(uri):  # read in place: errors name the real file
+    if not is_remote(uri):  # read in place: errors name the real file
         return load_checkpoint(uri) if Path(uri).is_file() else None
     with staging_dir(uri) as tmp:
         local = Path(tmp) / CHECKPOINT_NAME
         return load_checkpoint(local, source=uri) if fetch_file(uri, local) else None
+
+
+# ---------------------------------------------------------------------------------------------------- resume guard
+RESUME_FREE = ("loop.", "scaling.", "tracking.", "eval.", "name", "output_dir", "init_from", "data.cache")
+RESUME_REAPPLIED = ("optim.",)  # re-applied to the restored optimizer (its moments are kept)
+
+
+def _same_location(old: Any, new: Any) -> bool:
+    """Equal, or a relative path saved by an older version that the new absolute one ends with (`../d` ~ `/x/d`)."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and not os.path.isabs(old) and os.path.isabs(new):
+        tail = os.path.normpath(old).lstrip("./")
+        return bool(tail) and os.path.normpath(new).endswith(os.sep + tail)
+    return False
+
+
+def resume_changes(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, list[str]]:
+    """How `cfg` differs from the config a checkpoint was trained with: {"refused", "reapplied", "free"} lists of
+    `key: old -> new`. Keys the saved config lacks (added since) count as their defaults; retired keys are ignored."""
+    new = flatten(to_dict(cfg))
+    defaults = flatten(to_dict(TrainConfig()))
+    old = {**defaults, **{k: v for k, v in flatten(saved).items() if k in defaults}}
+    out: dict[str, list[str]] = {"refused": [], "reapplied": [], "free": []}
+    for key in new:
+        a, b = old.get(key), new[key]
+        if isinstance(a, tuple):
+            a = list(a)
+        if a == b or (key.endswith((".root", "init_from")) and _same_location(a, b)):
+            continue
+        kind = (
+            "free" if key.startswith(RESUME_FREE)
+            else "reapplied" if key.startswith(RESUME_REAPPLIED)
+            else "refused"
+        )  # fmt: skip
+        out[kind].append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume(cfg: TrainConfig, saved: dict[str, Any], where: str) -> dict[str, list[str]]:
+    """Refuse to resume a run whose architecture, diffusion process or data differ from its checkpoint's (ConfigError
+    naming every such key); return the changes that are allowed (see `resume_changes`)."""
+    changes = resume_changes(cfg, saved)
+    if changes["refused"]:
+        raise ConfigError(
+            f"run {cfg.name!r} ({where}) was trained with another architecture, diffusion process or data set: "
+            f"{'; '.join(changes['refused'])}. Its weights cannot continue under these; start a new run (another "
+            f"name=...), or pass init_from={where} with a new name to begin from its weights. (loop.*, scaling.* "
+            "and optim.* may change when resuming.)"
+        )
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -305,7 +340,7 @@ def build_train_state(
         fused=device.type == "cuda",  # one kernel per step on GPU
     )
     if resume is not None and resume.optimizer is not None:
-        optimizer.load_state_dict(resume.optimizer)
+        restore_optimizer(optimizer, model, resume, fused=device.type == "cuda")
     if prepare_model is not None:
         model = prepare_model(model)
     state = TrainState(
@@ -320,6 +355,19 @@ def build_train_state(
         **state_kw,
     )
     return state, source
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, resume: Checkpoint, fused: bool) -> None:
+    """Put a checkpoint's optimizer moments into `optimizer`, keeping `optimizer`'s hyperparameters (this config's
+    optim.lr, weight_decay, mask_lr_scale): the saved state is loaded into an optimizer laid out as the saved config
+    had it (its parameter groups), then handed over parameter by parameter."""
+    saved = resume.config.get("optim") or {}
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    old_cfg = from_dict(OptimConfig, {k: v for k, v in saved.items() if k in known}, "optim")
+    old = torch.optim.AdamW(param_groups(model, old_cfg), lr=old_cfg.lr, weight_decay=old_cfg.weight_decay, fused=fused)
+    old.load_state_dict(resume.optimizer)
+    for param, state in old.state.items():
+        optimizer.state[param] = state
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -456,11 +504,13 @@ def fit(
     *,
     tracking_uri: str | None = None,
     git_commit: str | None = None,
+    git_dirty: bool | None = None,
 ) -> dict[str, Any] | None:
     """Train as `cfg` says on one worker of `ctx` (default: this process); rank 0 returns a summary, others None.
 
     Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt` (a local folder or a
-    URI); rank 0 logs progress and MLflow (`tracking_uri`; `git_commit` is tagged on new runs), writes sample grids
+    URI), after `check_resume` (a changed architecture or data set is refused; optim.* is re-applied). Rank 0 logs
+    progress and MLflow (`tracking_uri`; `git_commit` and `git_dirty` are tagged on new runs), writes sample grids
     (`samples/`) and exports every checkpoint there.
     """
     cfg.check()
@@ -469,6 +519,7 @@ def fit(
     resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
     if resume is None:
         resume, source = load_run_checkpoint(cfg), run_uri(cfg, CHECKPOINT_NAME)
+    changes = check_resume(cfg, resume.config, run_uri(cfg, CHECKPOINT_NAME)) if resume is not None else None
     state, built_from = build_train_state(cfg, device, resume, prepare_model=ctx.prepare_model)
     source = f"{built_from} of {source}" if resume is not None else built_from
     state.starts.append(state.step)
@@ -486,9 +537,13 @@ def fit(
             tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
             if git_commit:
                 tags["mlflow.source.git.commit"] = git_commit
+            if git_dirty is not None:
+                tags["diffseg.git_dirty"] = str(git_dirty).lower()
             tracker.set_tags(tags)
             tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
         state.mlflow_run_id = tracker.run_id
+        if changes and (changes["reapplied"] or changes["free"]):
+            log.info(f"[train] resuming with a changed config: {'; '.join(changes['reapplied'] + changes['free'])}")
         num_params = sum(p.numel() for p in state.model.parameters())
         log.info(
             f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffseg.config import Name, find_config, job_dir, load_config, save_config, to_dict
+from diffseg.config import ConfigPath, Name, OutputPath, find_config, job_dir, load_config, save_config, to_dict
 from diffseg.data import build_dataset, stack
 from diffseg.diffusion import randn
 from diffseg.loop import TrainConfig, build_batches, build_train_state, step_generator, train_step
@@ -45,8 +45,8 @@ ARMS: tuple[str, ...] = ("learned", "ground_truth", "band", "uniform", "shuffled
 @dataclass(frozen=True)
 class OracleConfig:
     name: Name = "oracle"  # the folder under output_dir and the MLflow run name
-    output_dir: str = "runs/oracle"  # where the table, results.json and the figure go
-    train_config: str = "factorized_horse32.yaml"  # the factorized TrainConfig (model, data WITH masks, recipe)
+    output_dir: OutputPath = "runs/oracle"  # where the table, results.json and the figure go
+    train_config: ConfigPath = "factorized_horse32.yaml"  # the factorized TrainConfig (model, data WITH masks, recipe)
     train_overrides: tuple[str, ...] = ()  # `key=value` overrides of it
     arms: tuple[Arm, ...] = ARMS  # which mask sources to train
     reference: Arm = "band"  # the arm every other one is compared with

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name, job_dir, save_config
+from diffseg.config import InputPath, Name, OutputPath, job_dir, save_config
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.factorized import FactorizedUNet
 from diffseg.runtime import image_generators
@@ -147,8 +147,8 @@ def _record(step: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SampleJobConfig:
     name: Name = "sample"  # output folder under output_dir
-    output_dir: str = "runs/sample"  # where grids and images go
-    checkpoint: str = ""  # a trained model (factorized: images AND masks; DDPM: images)
+    output_dir: OutputPath = "runs/sample"  # where grids and images go
+    checkpoint: InputPath = ""  # a trained model (factorized: images AND masks; DDPM: images)
     method: Literal["ddpm", "ddim"] = "ddim"  # ancestral DDPM or deterministic DDIM (eta 0)
     steps: int = 50  # sampling steps (respaced); 0 = all T steps (DDPM as trained)
     eta: float = 0.0  # DDIM noise (0 = deterministic)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import Name, job_dir, save_config
+from diffseg.config import InputPath, Name, OutputPath, job_dir, save_config
 from diffseg.data import DataConfig, build_dataset, resize_images, resize_probs
 from diffseg.diffusion import GaussianDiffusion, randn
 from diffseg.factorized import FactorizedUNet
@@ -178,8 +178,8 @@ def mask_diagnostics(
 @dataclass(frozen=True)
 class SegmentJobConfig:
     name: Name = "segment"  # output folder under output_dir
-    output_dir: str = "runs/segment"  # where masks and overlays go
-    checkpoint: str = ""  # a trained factorized model (checkpoint.pt of jobs/train_factorized.py)
+    output_dir: OutputPath = "runs/segment"  # where masks and overlays go
+    checkpoint: InputPath = ""  # a trained factorized model (checkpoint.pt of jobs/train_factorized.py)
     data: DataConfig = field(default_factory=lambda: DataConfig(name="folder", image_size=0))  # image_size 0 = native
     split: Literal["train", "test", "all"] = "all"  # which images (data.num_train / num_test)
     limit: int = 0  # segment only the first N images (0 = all)

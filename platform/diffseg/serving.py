@@ -36,11 +36,13 @@ import json
 import logging
 import math
 import re
+import socket
 import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -50,9 +52,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffseg import segment, viz
 from diffseg.checkpoint import LoadedModel, load_diffusion_model, resolve_source
+from diffseg.config import WORKDIR_ENV, InputPath, is_uri
 from diffseg.data import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
 from diffseg.pixel import PixelSegmenter
-from diffseg.runtime import image_generators, image_seed, resolve_device
+from diffseg.runtime import decide_gpu, image_generators, image_seed, resolve_device
 from diffseg.sampling import sample_progressive
 
 log = logging.getLogger(__name__)
@@ -84,39 +87,69 @@ class BatchingConfig:
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill up after its first request
 
 
-@dataclass(frozen=True)
-class AutoscalingSection:
-    enabled: bool = False  # autoscale replicas between min and max (otherwise num_replicas is fixed)
-    min_replicas: int = 1  # lower bound while autoscaling
-    max_replicas: int = 2  # upper bound while autoscaling
-    target_ongoing_requests: float = 4.0  # requests in flight per replica the autoscaler aims for
+# The deployments of the app, by name: Serve's own `deployments:` section of a config file (or `build_app(...,
+# deployments=[...])` in Python) sets their replicas, autoscaling, queue limits and `ray_actor_options` by these names.
+DEPLOYMENT_NAMES = {"factorized": "FactorizedSegmenter", "pixel": "PixelSegmenter", "sampler": "Sampler"}
+INGRESS_NAME = "Ingress"
+# What applies when the config says nothing (sized for a 2-core laptop; raise them in `deployments:` on real nodes).
+MODEL_DEFAULTS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 512,
+                                  "ray_actor_options": {"num_cpus": 0.5}}  # fmt: skip
+INGRESS_DEFAULTS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 1024,
+                                    "ray_actor_options": {"num_cpus": 0.25}}  # fmt: skip
+MOVED_TO_DEPLOYMENTS = ("models", "ingress")  # args sections of older configs
 
 
-@dataclass(frozen=True)
-class DeploymentSection:
-    num_replicas: int = 1  # replicas when autoscaling is off
-    autoscaling: AutoscalingSection = field(default_factory=AutoscalingSection)  # replica autoscaling
-    num_cpus: float = 1.0  # CPUs reserved per replica (also the replica's torch thread count, at least 1)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto: one GPU per model replica when the cluster has any
-    max_ongoing_requests: int = 64  # requests a replica holds at once (batching needs this >= max_batch_size)
-    max_queued_requests: int = 512  # requests waiting for a replica before Serve answers 503
+def check_app_args(args: Mapping[str, Any]) -> None:
+    """Refuse the `models:` / `ingress:` args of older configs with a message saying where those settings went."""
+    moved = [k for k in MOVED_TO_DEPLOYMENTS if k in args]
+    if moved:
+        raise ValueError(
+            f"args.{moved[0]}: replica, resource and autoscaling settings sit in Serve's own `deployments:` section "
+            f"now (one entry per deployment, named {sorted([*DEPLOYMENT_NAMES.values(), INGRESS_NAME])}: "
+            "num_replicas or autoscaling_config, max_ongoing_requests, max_queued_requests, ray_actor_options); "
+            "see serve/config.yaml"
+        )
+
+
+def deployment_names(cfg: ServeAppConfig) -> list[str]:
+    """The deployments `build_app` creates for this config: what a `deployments:` entry may name."""
+    models = {"factorized": cfg.segmenter, "pixel": cfg.pixel, "sampler": cfg.sampler_source}
+    return [DEPLOYMENT_NAMES[k] for k, source in models.items() if source] + [INGRESS_NAME]
+
+
+def check_sources(cfg: ServeAppConfig) -> None:
+    """Every model source of a resolved app config is a URI or exists here, where the app is built; else a ValueError
+    naming the key, the path and how relative paths were resolved."""
+    for key in ("segmenter", "pixel", "sampler"):
+        value = getattr(cfg, key)
+        if value and not is_uri(value) and not Path(value).exists():
+            raise ValueError(
+                f"{key}: {value} does not exist on {socket.gethostname()}, where this Serve application is built. "
+                f"Relative paths resolve against ${WORKDIR_ENV} or the working directory of `serve run` "
+                f"({Path.cwd()}); `serve deploy` builds the app on the cluster, so give a path that exists on its "
+                "nodes, an s3:// URI or an MLflow URI (runs:/<run id>/checkpoint)"
+            )
+
+
+def model_num_gpus(use_gpu: str) -> int:
+    """GPUs per model replica: 1 or 0 by the one `use_gpu` rule (`diffseg.runtime.decide_gpu`, printed)."""
+    return 1 if decide_gpu(use_gpu, "serve").use_gpu else 0
 
 
 @dataclass(frozen=True)
 class ServeAppConfig:
-    segmenter: str | None = None  # factorized checkpoint: a path, a run folder, or an MLflow artifact URI
-    pixel: str | None = None  # pixel-ensemble bundle (diffseg.pixel): a path or an MLflow artifact URI
-    sampler: str | None = None  # checkpoint to sample from (ddpm or factorized); None = the segmenter's
+    segmenter: InputPath | None = None  # factorized checkpoint: a path, a run folder, or an MLflow artifact URI
+    pixel: InputPath | None = None  # pixel-ensemble bundle (diffseg.pixel): a path or an MLflow artifact URI
+    sampler: InputPath | None = None  # checkpoint to sample from (ddpm or factorized); None = the segmenter's
     use_sampler: bool = True  # serve /v1/sample (False: segmenters only, one replica fewer)
     device: str = "auto"  # torch device of the model replicas: auto (cuda when visible), cpu, cuda, cuda:1
     use_ema: bool = True  # load the EMA weights when the checkpoint has them
     expose_internals: bool = False  # /v1/info and answers show checkpoint paths, devices and pids (trusted clients)
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # @serve.batch on/off and sizes
     limits: Limits = field(default_factory=Limits)  # request size, pixel and parameter limits
-    models: DeploymentSection = field(default_factory=DeploymentSection)  # replicas/resources of each model
-    ingress: DeploymentSection = field(
-        default_factory=lambda: DeploymentSection(num_cpus=0.5, use_gpu="no", max_ongoing_requests=256)
-    )  # replicas/resources of the HTTP front
+    # A `deployments:` entry's ray_actor_options replaces the app's own (Serve's rule): give num_gpus there too.
+    # Replicas, autoscaling, queues and CPUs: Serve's `deployments:` section (serve/config.yaml).
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # a GPU per model replica; auto: the cluster has or can start GPUs
 
     def __post_init__(self):
         if not (self.segmenter or self.pixel or (self.sampler and self.use_sampler)):

@@ -30,6 +30,10 @@ interface over rows already in memory (an analysis at modest sizes), so the trai
 
 The feature store: `FeatureCache` keeps one shard set per feature key (`feature_key`: exactly what determines the
 features, nothing the classifier varies) under `<root>/<hash>/`, built once, safely under concurrency.
+
+Shard folders and the cache root may be local paths or URIs (`s3://`, `gs://`, `file://`): every read and write
+goes through `diffseg.storage` (pyarrow's filesystems). On an object store a shard is one object put (atomic), a
+set is complete when its manifest says so, and a cache entry is used only once its `_SUCCESS` object exists.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,7 +57,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffseg.config import atomic_write, atomic_write_text, config_hash, to_dict
+from diffseg import storage
+from diffseg.config import atomic_write, config_hash, to_dict
 
 META_KEY = b"diffseg"
 IMAGES_KEY = b"diffseg_images"  # the ids of every image a shard was made from (also those with no labelled pixel)
@@ -131,11 +137,11 @@ def write_shard(
     row_group_size: int = ROW_GROUP_ROWS,
     images: Sequence[str] | None = None,
 ) -> Path:
-    """Write one shard atomically (temp file, then rename). features (N, D) is stored as float16.
+    """Write one shard atomically (temp file, then rename; one object put on a URI). features (N, D) is stored as
+    float16. Returns the shard's location (a Path, or the URI).
 
     `images`: the ids of every image this shard was made from (default: those with rows), which is what
     `end_shard_set` counts; an image whose pixels are all ignored has no row but is still covered."""
-    path = Path(path)
     features = np.ascontiguousarray(features, dtype=np.float16)
     n, d = features.shape
     if d != meta.feature_dim:
@@ -156,7 +162,17 @@ def write_shard(
         ],
         schema=_schema(d, meta, images),
     )
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd"))
+
+    def write(tmp: str) -> None:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+
+    if not storage.is_remote(path):
+        return atomic_write(path, write)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, storage.name(path))
+        write(local)
+        storage.put_file(local, path)
+    return path
 
 
 def read_meta(path: str | os.PathLike) -> FeatureMeta:
@@ -169,7 +185,8 @@ def read_meta(path: str | os.PathLike) -> FeatureMeta:
 
 def _footer(path: str | os.PathLike) -> dict[bytes, bytes]:
     try:
-        return pq.read_schema(path).metadata or {}
+        where, fs = storage.parquet_source(path)
+        return pq.read_schema(where, filesystem=fs).metadata or {}
     except (OSError, pa.ArrowInvalid) as e:
         raise IncompleteShardSet(f"{path}: not a readable Parquet shard ({e})") from e
 
@@ -179,16 +196,32 @@ def shard_images(path: str | os.PathLike) -> list[str]:
     md = _footer(path)
     if IMAGES_KEY in md:
         return list(json.loads(md[IMAGES_KEY]))
-    return sorted(set(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()))
+    return sorted(set(_read_table(path, ["image_id"]).column("image_id").to_pylist()))
+
+
+def _read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
+    where, fs = storage.parquet_source(path)
+    return pq.read_table(where, columns=list(columns) if columns else None, filesystem=fs)
+
+
+def _parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+    """One shard (a local path or URI) opened for reading its metadata and row groups."""
+    where, fs = storage.parquet_source(path)
+    return pq.ParquetFile(fs.open_input_file(where) if fs is not None else where)
+
+
+def _num_rows(path: str | os.PathLike) -> int:
+    where, fs = storage.parquet_source(path)
+    return pq.read_metadata(where, filesystem=fs).num_rows
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(folder, MANIFEST_NAME)
+    if not storage.is_file(path):
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise IncompleteShardSet(f"{path}: not JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
@@ -199,45 +232,43 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
 def begin_shard_set(folder: str | os.PathLike, expected_images: Sequence[str], info: dict[str, Any] | None = None):
     """Record, before any shard is written, which images the set must cover; the set is incomplete until
     `end_shard_set`. Re-running an interrupted extraction into the same folder keeps its shards."""
-    folder = Path(folder)
     expected = [str(i) for i in expected_images]
     if not expected:
         raise ValueError(f"{folder}: a feature set over zero images")
     if len(set(expected)) != len(expected):
         raise ValueError(f"{folder}: image ids are not unique")
     manifest = {"format": MANIFEST_FORMAT, "complete": False, "expected_images": expected, "info": info or {}}
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, default=str))
-    return folder / MANIFEST_NAME
+    storage.write_text(storage.join(folder, MANIFEST_NAME), json.dumps(manifest, indent=1, default=str))
+    return storage.join(folder, MANIFEST_NAME)
 
 
-def _shard_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet"))
+def _shard_paths(folder: str | os.PathLike) -> list[str]:
+    return storage.list_files(folder, ".parquet")
 
 
 def end_shard_set(folder: str | os.PathLike) -> dict[str, Any]:
     """Check that the shards in `folder` cover every image `begin_shard_set` recorded, then mark the set complete
     (listing each shard and its row count). Raises IncompleteShardSet naming the missing images otherwise."""
-    folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
         raise IncompleteShardSet(f"{folder}: no {MANIFEST_NAME} (begin_shard_set was not called)")
     missing = _missing_images(folder, manifest)
     if missing:
         raise IncompleteShardSet(_missing_message(folder, manifest, missing))
-    manifest["shards"] = {p.name: pq.ParquetFile(p).metadata.num_rows for p in _shard_paths(folder)}
+    manifest["shards"] = {storage.name(p): _num_rows(p) for p in _shard_paths(folder)}
     manifest["complete"] = True
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, default=str))
+    storage.write_text(storage.join(folder, MANIFEST_NAME), json.dumps(manifest, indent=1, default=str))
     return manifest
 
 
-def _missing_images(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def _missing_images(folder: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
     covered: set[str] = set()
     for p in _shard_paths(folder):
         covered.update(shard_images(p))
     return [i for i in manifest["expected_images"] if i not in covered]
 
 
-def _missing_message(folder: Path, manifest: dict[str, Any], missing: list[str]) -> str:
+def _missing_message(folder: str | os.PathLike, manifest: dict[str, Any], missing: list[str]) -> str:
     n = len(manifest["expected_images"])
     return (
         f"{folder}: incomplete feature set: {len(missing)} of {n} images have no shard "
@@ -248,9 +279,8 @@ def _missing_message(folder: Path, manifest: dict[str, Any], missing: list[str])
 
 def check_shard_set(folder: str | os.PathLike) -> list[str]:
     """The shard paths of a complete set, or IncompleteShardSet saying what is wrong (see the module docstring)."""
-    folder = Path(folder)
     manifest = read_manifest(folder)
-    present = {p.name: p for p in _shard_paths(folder)}
+    present = {storage.name(p): p for p in _shard_paths(folder)}
     if manifest is None:
         raise IncompleteShardSet(
             f"{folder}: no {MANIFEST_NAME}: nothing records which images this set should cover, so it may be a "
@@ -267,7 +297,7 @@ def check_shard_set(folder: str | os.PathLike) -> list[str]:
     if extra:
         raise IncompleteShardSet(f"{folder}: shard(s) {extra[:5]} are not part of the set its manifest describes")
     for name, rows in listed.items():
-        actual = pq.ParquetFile(present[name]).metadata.num_rows
+        actual = _num_rows(present[name])
         if actual != rows:
             raise IncompleteShardSet(f"{present[name]}: {actual} rows, but the set's manifest says {rows}")
     return [str(present[name]) for name in sorted(listed)]
@@ -293,8 +323,8 @@ def _features(table: pa.Table) -> np.ndarray:
 
 
 def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> Shard:
-    """Load one whole shard into memory (float16 features, no copy to float32)."""
-    table = pq.read_table(path, columns=list(columns) if columns else None)
+    """Load one whole shard (a local path or URI) into memory (float16 features, no copy to float32)."""
+    table = _read_table(path, columns)
     n = table.num_rows
     names = table.column_names
 
@@ -345,25 +375,25 @@ class ShardSet:
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], *, allow_incomplete: bool = False):
         if isinstance(source, (str, os.PathLike)):
-            root = Path(source)
-            if root.is_dir():
+            root = str(source)
+            if storage.is_dir(root):
                 try:
-                    paths = [Path(p) for p in check_shard_set(root)]
+                    paths = check_shard_set(root)
                 except IncompleteShardSet as e:
                     if not allow_incomplete:
                         raise
                     log.warning("using an incomplete feature set (allow_incomplete): %s", e)
                     paths = _shard_paths(root)
-            elif root.is_file():
+            elif storage.is_file(root):
                 paths = [root]
             else:
                 raise FileNotFoundError(f"{root}: no such shard folder or file")
         else:
-            paths = [Path(p) for p in source]
+            paths = [str(p) for p in source]
         if not paths:
             raise FileNotFoundError(f"no .parquet shards in {source}")
         self.paths = [str(p) for p in paths]
-        self.source = str(source) if isinstance(source, (str, os.PathLike)) else str(Path(self.paths[0]).parent)
+        self.source = str(source) if isinstance(source, (str, os.PathLike)) else self.paths[0].rsplit("/", 1)[0]
         metas = [read_meta(p) for p in self.paths]
         self.meta = metas[0]
         rule = self.meta.extra.get("min_class_pixels", 0)
@@ -378,7 +408,7 @@ class ShardSet:
                     f"{p}: labels written with min_class_pixels={m.extra.get('min_class_pixels', 0)}, "
                     f"{self.paths[0]} with {rule}; do not mix label rules in one set"
                 )
-        files = [pq.ParquetFile(p).metadata for p in self.paths]
+        files = [_parquet_file(p).metadata for p in self.paths]
         self.rows_per_shard = [f.num_rows for f in files]
         # (shard, row group, rows) of every row group: the units `iter_windows` shuffles
         self.pieces = [(s, g, f.row_group(g).num_rows) for s, f in enumerate(files) for g in range(f.num_row_groups)]
@@ -439,7 +469,7 @@ class ShardSet:
             for i in sorted(group):  # file order: sequential reads (the trainer permutes the rows anyway)
                 s, g, rows = self.pieces[i]
                 if s not in handles:
-                    handles = {s: pq.ParquetFile(self.paths[s])}  # one open file at a time
+                    handles = {s: _parquet_file(self.paths[s])}  # one open file at a time
                 table = handles[s].read_row_group(g, columns=["features", "label"])
                 feats[pos : pos + rows] = _features(table)
                 labels[pos : pos + rows] = table.column("label").to_numpy()
@@ -453,14 +483,14 @@ class ShardSet:
     def class_counts(self, num_classes: int) -> np.ndarray:
         counts = np.zeros(num_classes, np.int64)
         for p in self.paths:
-            labels = pq.read_table(p, columns=["label"]).column("label").to_numpy()
+            labels = _read_table(p, ["label"]).column("label").to_numpy()
             counts += np.bincount(labels[labels >= 0], minlength=num_classes)[:num_classes]
         return counts
 
     def image_ids(self) -> list[str]:
         ids: set[str] = set()
         for p in self.paths:
-            ids.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+            ids.update(_read_table(p, ["image_id"]).column("image_id").to_pylist())
         return sorted(ids)
 
 
@@ -539,48 +569,81 @@ def feature_key(features: Any, data: Any) -> dict[str, Any]:
 
 
 class FeatureCache:
-    """Feature shards on disk, one entry per feature key: `<root>/<hash>/*.parquet` (or sub-folders) + `key.json`.
+    """Feature shards, one entry per feature key: `<root>/<hash>/*.parquet` (or sub-folders) + `key.json`; `root` is
+    a local folder or a URI (`s3://bucket/cache`, `gs://...`, `file://...`).
 
-    `get(key, build)` returns the entry, calling `build(tmp_dir)` only when it is missing. Concurrent builders are safe:
-    builders of the same key serialise on a lock file, the entry is built in a private temp folder and renamed into
-    place (atomic), and an entry without its `_SUCCESS` marker is never used. Every hit and build is appended to
-    `<root>/events.jsonl` (which the tests and a curious researcher can read).
+    `get(key, build)` returns the entry's location, calling `build(tmp_dir)` only when it is missing. Concurrent
+    builders are safe: builders of the same key serialise on a lock file (on this node), the entry is built in a
+    private temp folder and published (a local rename; on an object store, every file uploaded and the `_SUCCESS`
+    object put last), and an entry without its `_SUCCESS` marker is never used. Builders on two nodes sharing a bucket
+    may both build a missing entry; their files are the same, so the last upload wins harmlessly. Every hit and
+    build is logged: `<root>/events.jsonl` locally, one `<root>/events/<time>-<pid>-<id>.json` object per event on an
+    object store (appends do not exist there); `events()` reads either.
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.remote = storage.is_remote(root)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
 
-    def path(self, key: Mapping[str, Any]) -> Path:
-        return self.root / config_hash(key, 16)
+    def path(self, key: Mapping[str, Any]) -> str | Path:
+        return storage.join(self.root, config_hash(key, 16)) if self.remote else self.root / config_hash(key, 16)
+
+    def _lock_path(self, name: str) -> Path:
+        if not self.remote:
+            return self.root / name
+        # an object store has no locks: builders on this node serialise on a local file named after the root
+        tag = hashlib.sha256(self.root.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"diffseg-cache-{tag}" / name
 
     def _event(self, kind: str, key_hash: str, seconds: float = 0.0) -> None:
-        line = json.dumps({"event": kind, "key": key_hash, "pid": os.getpid(), "time": time.time(), "s": seconds})
+        event = {"event": kind, "key": key_hash, "pid": os.getpid(), "time": time.time(), "s": seconds}
+        if self.remote:
+            stamp = f"{time.time():.6f}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            storage.write_text(storage.join(self.root, "events", f"{stamp}.json"), json.dumps(event))
+            return
         with _file_lock(self.root / ".events.lock"), open(self.root / "events.jsonl", "a") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(event) + "\n")
 
     def events(self) -> list[dict[str, Any]]:
+        if self.remote:
+            found = [json.loads(storage.read_text(p)) for p in storage.list_files(storage.join(self.root, "events"))]
+            return sorted(found, key=lambda e: e["time"])
         path = self.root / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
-    def get(self, key: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
+    def get(self, key: Mapping[str, Any], build: Callable[[Path], None]) -> str | Path:
         final = self.path(key)
-        if (final / "_SUCCESS").is_file():
-            self._event("hit", final.name)
+        entry = storage.name(final)
+        if storage.is_file(storage.join(final, "_SUCCESS")):
+            self._event("hit", entry)
             return final
-        with _file_lock(self.root / f".{final.name}.lock"):
-            if (final / "_SUCCESS").is_file():  # built by another process while we waited
-                self._event("hit", final.name)
+        with _file_lock(self._lock_path(f".{entry}.lock")):
+            if storage.is_file(storage.join(final, "_SUCCESS")):  # built by another process while we waited
+                self._event("hit", entry)
                 return final
             t0 = time.perf_counter()
-            tmp = self.root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            folder = Path(tempfile.gettempdir()) if self.remote else self.root
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{entry}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 build(tmp)
                 (tmp / "key.json").write_text(json.dumps(to_dict(key), indent=1, default=str))
-                (tmp / "_SUCCESS").touch()
-                if final.exists():  # a torn entry (no _SUCCESS) left by a killed builder
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
+                if self.remote:
+                    self._upload(tmp, final)
+                else:
+                    (tmp / "_SUCCESS").touch()
+                    if final.exists():  # a torn entry (no _SUCCESS) left by a killed builder
+                        shutil.rmtree(final)
+                    os.rename(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            self._event("build", final.name, time.perf_counter() - t0)
+            self._event("build", entry, time.perf_counter() - t0)
         return final
+
+    @staticmethod
+    def _upload(tmp: Path, final: str) -> None:
+        """Publish a built entry on an object store: clear a torn one, upload every file, then `_SUCCESS` last."""
+        storage.delete_dir(final)
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            storage.put_file(path, storage.join(final, *path.relative_to(tmp).parts))
+        storage.write_text(storage.join(final, "_SUCCESS"), "")

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import tempfile
 import threading
@@ -43,10 +42,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.sample import Domain
 
+from diffseg import storage
 from diffseg.config import (
     ConfigError,
+    ConfigPath,
     Name,
-    atomic_write_text,
+    OutputPath,
+    check_name,
     find_config,
     from_dict,
     job_dir,
@@ -54,9 +56,11 @@ from diffseg.config import (
     load_yaml,
     merge,
     replace,
+    resolve_paths,
     save_config,
     set_path,
     to_dict,
+    workdir,
 )
 from diffseg.loop import TrainConfig
 from diffseg.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
@@ -87,7 +91,7 @@ class TrialResources:
 class SweepConfig:
     name: Name = "sweep"  # the experiment folder under output_dir; the same name + resume=True resumes it
     task: Literal["auto", "pixel", "factorized"] = "auto"  # what a trial does; auto = from the base config's type
-    base_config: str | None = None  # YAML of the base config (relative paths: to the sweep's YAML); None = defaults
+    base_config: ConfigPath | None = None  # YAML of the base config (relative: to the sweep's YAML); None = defaults
     base_overrides: dict[str, Any] = field(default_factory=dict)  # applied to the base config (dotted or nested keys)
     space: dict[str, Any] = field(default_factory=dict)  # config path -> values (see the module docstring)
     search: Literal["grid", "random", "optuna"] = "grid"  # grid/random: Tune's variant generator; optuna: TPE
@@ -102,8 +106,8 @@ class SweepConfig:
     seed: int = 0  # seed of the random/optuna samplers
     segment_t: int = 30  # factorized: the noise level at which real images are segmented
     fg_reduction: Literal["best_single", "best_subset", "fixed"] = "best_single"  # factorized: K regions -> fg
-    output_dir: str = "runs/sweeps"  # experiments live in <output_dir>/<name>
-    cache_dir: str | None = None  # feature-shard cache; None = <output_dir>/feature_cache (shared across sweeps)
+    output_dir: OutputPath = "runs/sweeps"  # experiments live in <output_dir>/<name>
+    cache_dir: OutputPath | None = None  # feature-shard cache; None = <output_dir>/feature_cache (shared across sweeps)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (parent run + one nested run per trial)
 
     def __post_init__(self):
@@ -190,11 +194,12 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(ctx["threads"])))
     sweep, task = from_dict(SweepConfig, ctx["sweep"]), ctx["task"]
     overrides = trial_overrides(config, ctx["keys"])
-    cfg = replace(from_dict(base_config_class(task), ctx["base"]), **overrides)
+    # A swept value may be a location (a backbone): relative ones mean what they mean in the driver's directory.
+    cfg = resolve_paths(replace(from_dict(base_config_class(task), ctx["base"]), **overrides), ctx["workdir"])
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
-    trial_dir = Path(ctx["experiment_dir"]) / "trials" / trial_id
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    trial_dir = storage.join(ctx["experiment_dir"], "trials", trial_id)  # a folder or a URI
+    storage.makedirs(trial_dir)
     state = TrialState()
     if (checkpoint := tune.get_checkpoint()) is not None:  # a restored or retried trial continues where it was
         with checkpoint.as_directory() as d:
@@ -212,7 +217,7 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     device = resolve_device("auto" if sweep.resources.gpu > 0 else "cpu")
     if task == "pixel":
         chunks = pixel_chunks(cfg, state, trial_dir, num_reports=sweep.num_reports, device=device,
-                              cache_root=Path(ctx["cache_dir"]))  # fmt: skip
+                              cache_root=ctx["cache_dir"])  # fmt: skip
     else:
         chunks = factorized_chunks(cfg, state, trial_dir, num_reports=sweep.num_reports, device=device,
                                    segment_t=sweep.segment_t, fg_reduction=sweep.fg_reduction)  # fmt: skip
@@ -237,10 +242,10 @@ class SweepResult:
     best: dict[str, Any]  # the best trial's values of the swept paths
     best_config: Any  # the base config with them applied
     best_metrics: dict[str, float]
-    path: Path  # the experiment folder
+    path: Path | str  # the experiment folder (a URI when output_dir is one)
     parent_run_id: str | None  # the sweep's MLflow run
     plot: Path | None = None  # results.png
-    best_model: Path | None = None  # best/segmenter.pt or best/checkpoint.pt: Serve loads it as it is
+    best_model: Path | str | None = None  # best/segmenter.pt or best/checkpoint.pt: Serve loads it as it is
 
 
 def _scheduler(sweep: SweepConfig) -> ASHAScheduler | None:
@@ -274,43 +279,54 @@ def run_sweep(
         folder is an error, so a sweep is never silently mixed with an older one.
 
     Starts Ray when it is not running (`init_ray`: RAY_ADDRESS when set, so on a cluster the trials spread over its
-    nodes; `output_dir` must then be shared storage visible to every node).
+    nodes; `output_dir` must then be shared storage visible to every node, e.g. `s3://bucket/sweeps`). Locations of
+    the sweep and of the base config are resolved here, in the driver (trials run in other directories).
     """
     sweep = replace(sweep or SweepConfig(), **({"space": dict(space)} if space is not None else {}), **options)
+    base_dir = workdir()
+    sweep = resolve_paths(sweep, base_dir)
     if not sweep.space:
         raise ValueError("space: nothing to sweep; give {config path: values}")
     task = task_of(base, sweep.task)
     if sweep.base_overrides:  # nested sections merge key by key (`data: {image_size: 16}` keeps the other data fields)
         base = apply_overrides(base, sweep.base_overrides)
+    base = resolve_paths(base, base_dir)
     keys = list(sweep.space)
     for key in keys:  # fail before any trial starts on a path the base config does not have
         probe = sweep.space[key]
         if isinstance(probe, (list, tuple)) and probe:
             replace(base, **{key: probe[0]})
-    out = Path(sweep.output_dir).resolve()
-    exp_dir = job_dir(out, sweep.name)
-    state_file = exp_dir / "sweep.json"
-    if resume and (exp_dir / "tuner.pkl").exists():  # Tune's restore unpickles the folder: only the user's own
-        check_state(exp_dir)
+    out, remote = sweep.output_dir, storage.is_remote(sweep.output_dir)
+    exp_dir = storage.join(out, check_name(sweep.name)) if remote else job_dir(out, sweep.name)
+    state_file = storage.join(exp_dir, "sweep.json")
+    if resume and storage.exists(storage.join(exp_dir, "tuner.pkl")):  # Tune's restore unpickles the folder
+        if remote:
+            raise UntrustedState(
+                f"{exp_dir}: resuming a sweep unpickles Tune's state, and one on object storage cannot be proven "
+                "yours (anyone who can write the bucket could have written it). Copy it to a local folder only you "
+                "can write, sign it there (jobs/sweep.py --trust-state) and resume from that output_dir, or start a "
+                "new sweep"
+            )
+        check_state(exp_dir)  # only the user's own
     init_ray()
-    cache_dir = Path(sweep.cache_dir).resolve() if sweep.cache_dir else out / "feature_cache"
+    cache_dir = sweep.cache_dir or storage.join(out, "feature_cache")
     uri = resolve_tracking_uri(sweep.tracking.uri)
     restoring = resume and tune.Tuner.can_restore(str(exp_dir))
-    if not resume and state_file.exists():
+    if not resume and storage.exists(state_file):
         raise FileExistsError(f"{exp_dir} holds a sweep already: pass resume=True (jobs/sweep.py --resume) to "
                               "continue it, or choose another name")  # fmt: skip
-    parent_run_id = json.loads(state_file.read_text())["parent_run_id"] if state_file.is_file() else None
+    parent_run_id = json.loads(storage.read_text(state_file))["parent_run_id"] if storage.is_file(state_file) else None
     parent = Tracker(sweep.tracking, run_name=sweep.name, run_id=parent_run_id, tracking_uri=uri)
     if parent_run_id is None:
         parent.log_params({"sweep": {k: v for k, v in to_dict(sweep).items() if k != "space"}, "base": to_dict(base)})
         parent.set_tags({"diffseg.sweep": sweep.name, "diffseg.task": task,
                          "diffseg.space": json.dumps(to_dict(sweep.space))[:5000]})  # fmt: skip
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(state_file, json.dumps({"parent_run_id": parent.run_id, "task": task, "sweep": to_dict(sweep),
-                                              "base": to_dict(base)}, indent=1, default=str))  # fmt: skip
+    storage.makedirs(exp_dir)
+    storage.write_text(state_file, json.dumps({"parent_run_id": parent.run_id, "task": task, "sweep": to_dict(sweep),
+                                               "base": to_dict(base)}, indent=1, default=str))  # fmt: skip
     ctx = {"sweep": to_dict(sweep), "task": task, "base": to_dict(base), "keys": keys, "experiment_dir": str(exp_dir),
            "cache_dir": str(cache_dir), "tracking_uri": uri, "parent_run_id": parent.run_id,
-           "threads": max(1, math.floor(sweep.resources.cpu))}  # fmt: skip
+           "threads": max(1, math.floor(sweep.resources.cpu)), "workdir": str(base_dir)}  # fmt: skip
     resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), resources)
     param_space = build_param_space(sweep.space, sweep.search)
@@ -342,13 +358,14 @@ def run_sweep(
         if handler is not None:
             signal.signal(signal.SIGINT, handler)
         try:  # however the driver stops (but SIGKILL), sign what Tune wrote, so that resume=True may restore it
-            sign_state(exp_dir)
+            if not remote:
+                sign_state(exp_dir)
         except (OSError, UntrustedState) as e:
             log.warning("could not sign the sweep state in %s (a resume will be refused): %s", exp_dir, e)
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     table = sweep_table(grid, keys, sweep.metric, sweep.mode)
     if unfinished or len(grid) < expected_trials(param_space, sweep.num_samples):  # Ctrl-C: Tune saved its state
-        table.to_csv(exp_dir / "results_partial.csv", index=False)
+        storage.write_text(storage.join(exp_dir, "results_partial.csv"), table.to_csv(index=False))
         parent.finish("KILLED")
         raise SweepInterrupted(
             f"sweep {sweep.name!r} was interrupted with {len(grid)} of "
@@ -370,18 +387,24 @@ def run_sweep(
     best_config = replace(base, **best)
     best_metrics = {k: v for k, v in (best_res.metrics or {}).items() if "/" in k and isinstance(v, (int, float))}
     best_model = None
-    source = exp_dir / "trials" / str(best_res.metrics.get("trial_id")) / BEST_MODEL[task]
-    if source.is_file():  # the best trial's servable model, copied beside the table
-        best_model = exp_dir / "best" / BEST_MODEL[task]
-        best_model.parent.mkdir(exist_ok=True)
-        shutil.copyfile(source, best_model)
-        parent.log_artifact(best_model, "best")
-    table.to_csv(exp_dir / "results.csv", index=False)
-    (exp_dir / "results.md").write_text(frame_to_markdown(table))
-    plot = plot_sweep(table, keys, sweep.metric, exp_dir / "results.png", title=f"{sweep.name}: {sweep.metric}")
-    save_config(best_config, exp_dir / "best_config.yaml")
-    for name in ("results.csv", "results.md", "results.png", "best_config.yaml"):
-        parent.log_artifact(exp_dir / name)
+    with tempfile.TemporaryDirectory() as tmp:  # written here, then published to the experiment folder (or bucket)
+        local = Path(tmp)
+        source = storage.join(exp_dir, "trials", str(best_res.metrics.get("trial_id")), BEST_MODEL[task])
+        if storage.fetch_file(source, local / BEST_MODEL[task]):  # the best trial's servable model, beside the table
+            best_model = storage.join(exp_dir, "best", BEST_MODEL[task])
+            storage.put_file(local / BEST_MODEL[task], best_model)
+            best_model = best_model if remote else Path(best_model)
+            parent.log_artifact(local / BEST_MODEL[task], "best")
+        table.to_csv(local / "results.csv", index=False)
+        (local / "results.md").write_text(frame_to_markdown(table))
+        plot = plot_sweep(table, keys, sweep.metric, local / "results.png", title=f"{sweep.name}: {sweep.metric}")
+        save_config(best_config, local / "best_config.yaml")
+        for name in ("results.csv", "results.md", "results.png", "best_config.yaml"):
+            if (local / name).is_file():
+                storage.put_file(local / name, storage.join(exp_dir, name))
+                parent.log_artifact(local / name)
+        plot = storage.join(exp_dir, "results.png") if plot is not None else None
+        plot = Path(plot) if plot is not None and not remote else plot
     parent.log_metrics({f"best/{k}": v for k, v in best_metrics.items() if math.isfinite(v)})
     parent.set_tags({"diffseg.best": json.dumps(to_dict(best))[:5000], "diffseg.num_trials": len(table)})
     parent.finish()
@@ -390,7 +413,7 @@ def run_sweep(
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Any]:
     """The (sweep, base config) a finished or interrupted experiment folder was started with."""
-    data = json.loads((Path(path) / "sweep.json").read_text())
+    data = json.loads(storage.read_text(storage.join(path, "sweep.json")))
     return from_dict(SweepConfig, data["sweep"]), from_dict(base_config_class(data["task"]), data["base"])
 
 
@@ -401,6 +424,10 @@ def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> Sw
     driver was killed before it could sign it, see `diffseg.trust`) and returns None.
     """
     if trust_state:
+        if storage.is_remote(cfg.output_dir):
+            raise ConfigError(
+                f"output_dir: {cfg.output_dir} is object storage; only a local sweep folder can be signed"
+            )
         exp_dir = job_dir(Path(cfg.output_dir).resolve(), cfg.name)
         if not exp_dir.is_dir():
             raise ConfigError(f"name, output_dir: {exp_dir} is no sweep folder to sign (check name and output_dir)")
@@ -419,7 +446,7 @@ def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> Sw
     result = run_sweep(base, sweep=replace(cfg, task=task), resume=resume)
     log.info(frame_to_markdown(result.table))
     log.info(f"[sweep] best {cfg.metric} = {result.best_metrics.get(cfg.metric)}: {result.best}")
-    log.info(f"[sweep] results   {result.path / 'results.md'} (+ .csv, .png, best_config.yaml)")
+    log.info(f"[sweep] results   {storage.join(result.path, 'results.md')} (+ .csv, .png, best_config.yaml)")
     log.info(f"[sweep] best model {result.best_model} (serve it: serve/config.yaml args)")
     log.info(f"[sweep] MLflow    {resolve_tracking_uri(cfg.tracking.uri)} (parent run {result.parent_run_id})")
     return result

@@ -1,39 +1,81 @@
 """MLflow tracking: params from the resolved config, metrics under `split/name` keys, artifacts, the git SHA.
 
 MLflow is imported lazily (it costs seconds to import) and every call is a no-op when tracking is disabled. The
-store is `MLFLOW_TRACKING_URI` when set, else a SQLite file `mlflow.db` in the working directory (MLflow 3's own
-default), resolved to an absolute URI by the driver so that Ray workers on this machine write to the same file.
+store is `tracking.uri`, else `MLFLOW_TRACKING_URI`, else a SQLite file `mlflow.db` in the working directory (MLflow
+3's own default); `resolve_paths` makes it an absolute URI in the driver (`sqlite:///mlflow.db` included), so Ray
+workers, trials and submitted jobs write to the same file. Experiments on a SQLite store keep their artifacts beside
+it, in `<folder of mlflow.db>/mlartifacts/<experiment>/` (MLflow would otherwise fix the artifact root from whatever
+the working directory is when the experiment is first created: a Ray worker's temp folder, say).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from diffseg.config import job_dir
+from diffseg.config import WORKDIR_ENV, ConfigError, PathField, is_submitted_job, job_dir, workdir
+
+log = logging.getLogger(__name__)
+SQLITE = "sqlite:///"
+ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store: <folder of mlflow.db>/mlartifacts/<experiment>/<run>/artifacts
+
+
+def resolve_tracking_uri(uri: str | None = None, base: Path | Callable[[], Path] | None = None) -> str:
+    """The absolute tracking URI: `uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<base>/mlflow.db`; a relative
+    SQLite path (`sqlite:///mlflow.db`) is made absolute against `base` (default: `workdir()`)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and not (uri.startswith(SQLITE) and not uri[len(SQLITE) :].startswith("/")):
+        return uri  # a server, an absolute SQLite file, another database
+    relative = uri[len(SQLITE) :] if uri else "mlflow.db"
+    if relative in ("", ":memory:"):
+        return uri or ""
+    if is_submitted_job() and not os.environ.get(WORKDIR_ENV):
+        raise ConfigError(
+            f"tracking.uri: MLflow would write {relative} inside this submitted job's working directory "
+            f"({Path.cwd()}), Ray's unpacked copy of --working-dir, deleted with the job. Set MLFLOW_TRACKING_URI in "
+            "the runtime env (http://<mlflow server>:5000 or sqlite:////abs/path/mlflow.db), pass tracking.uri=..., "
+            "submit with `python jobs/submit.py` (relative paths then resolve against the folder you submitted from), "
+            "or tracking.enabled=false"
+        )
+    folder = base() if callable(base) else Path(base) if base is not None else workdir()
+    return f"{SQLITE}{os.path.normpath(folder / relative)}"
+
+
+def _resolve_uri_field(value: str | None, section: Any, key: str, base: Callable[[], Path]) -> str | None:
+    """`resolve_paths`' rule for `tracking.uri`: the absolute store of an enabled tracker (None stays None when off)."""
+    if not getattr(section, "enabled", True):
+        return value
+    return resolve_tracking_uri(value, base)
+
+
+TrackingURI = Annotated[str | None, PathField("output", _resolve_uri_field)]  # resolved by resolve_paths
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True  # log to MLflow
     experiment: str = "diffseg"  # MLflow experiment name
-    uri: str | None = None  # tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    uri: TrackingURI = None  # tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (`<db folder>/mlartifacts/<experiment>`);
+    None for a tracking server or another database (the server's own artifact root applies)."""
+    if not uri.startswith(SQLITE + "/"):
+        return None
+    folder = Path(uri[len(SQLITE) :]).parent / ARTIFACTS_DIR
+    return str(folder / (re.sub(r"[^A-Za-z0-9._-]", "_", experiment) or "experiment"))
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
     """The commit of the code being run: `$DIFFSEG_GIT_SHA` when set (a Ray job's unpacked working_dir has no .git,
-    so `ray job submit` passes it in the runtime env), else `git rev-parse HEAD`; None outside a git checkout."""
+    so jobs/submit.py passes it in the runtime env), else `git rev-parse HEAD`; None outside a git checkout."""
     if sha := os.environ.get("DIFFSEG_GIT_SHA"):
         return sha
     try:
@@ -43,6 +85,31 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_dirty(cwd: str | os.PathLike | None = None) -> bool | None:
+    """Whether the code being run differs from its commit: `$DIFFSEG_GIT_DIRTY` when set (jobs/submit.py), else
+    `git status --porcelain` (uncommitted or untracked files, which a job's --working-dir upload includes)."""
+    if (env := os.environ.get("DIFFSEG_GIT_DIRTY")) is not None:
+        return env.strip().lower() in ("1", "true", "yes")
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
+            timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def git_tags(commit: str | None = None, dirty: bool | None = None) -> dict[str, str]:
+    """The provenance tags of a run: `mlflow.source.git.commit` and `diffseg.git_dirty` (when known)."""
+    commit = commit or git_sha()
+    dirty = git_dirty() if dirty is None else dirty
+    tags = {"mlflow.source.git.commit": commit} if commit else {}
+    if dirty is not None:
+        tags["diffseg.git_dirty"] = str(dirty).lower()
+    return tags
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,15 +143,14 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        self._client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri or cfg.uri))
+        uri = resolve_tracking_uri(tracking_uri or cfg.uri)
+        self._client = mlflow.MlflowClient(tracking_uri=uri)
         if run_id is None:
-            exp = self._client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(cfg.experiment)
+            exp_id = experiment_id(self._client, uri, cfg.experiment)
             tags = {"mlflow.runName": run_name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            if sha := git_sha():
-                tags["mlflow.source.git.commit"] = sha
+            tags.update(git_tags())
             run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         else:
             self._client.update_run(run_id, status="RUNNING")
@@ -127,6 +193,28 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
+
+
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The id of experiment `name`, created with its artifacts beside a SQLite store (`artifact_location`)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException:  # created by another process meanwhile
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    wanted = artifact_location(uri, name)
+    if wanted and exp.artifact_location.removeprefix("file://") != wanted:
+        log.warning(
+            "MLflow experiment %r keeps its artifacts in %s, not beside its store (%s/): it was created elsewhere or "
+            "by an older version; set tracking.experiment to another name to start one there",
+            name, exp.artifact_location, str(Path(wanted).parent),
+        )  # fmt: skip
+    return exp.experiment_id
 
 
 def _client(uri: str | None):

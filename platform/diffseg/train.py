@@ -21,25 +21,26 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-import torch
+import yaml
 from torch import nn
 
 from diffseg.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
-from diffseg.config import from_dict, save_config, staging_dir, to_dict
+from diffseg.config import from_dict, resolve_paths, save_config, staging_dir, to_dict
 from diffseg.loop import (  # noqa: F401  (the configs are part of this module's API)
     LoopConfig,
     OptimConfig,
     ScalingSection,
     TrainConfig,
+    check_resume,
     fit,
-    is_remote_path,
-    put_file,
+    load_run_checkpoint,
     run_dir,
     run_uri,
     storage_path,
 )
-from diffseg.runtime import init_ray, setup_logging
-from diffseg.tracking import git_sha, resolve_tracking_uri
+from diffseg.runtime import decide_gpu, init_ray, setup_logging
+from diffseg.storage import exists, put_file, read_text
+from diffseg.tracking import git_dirty, git_sha, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +70,27 @@ class RayTrainContext:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """What each Ray Train worker runs; `config` = {"cfg": TrainConfig as dict, "tracking_uri", "git_commit"}."""
+    """What each Ray Train worker runs; `config` = {"cfg": TrainConfig as dict (every path absolute), "tracking_uri",
+    "git_commit", "git_dirty"}."""
     setup_logging()  # a worker process shows the loop's progress lines in its log
     cfg = from_dict(TrainConfig, config["cfg"])
-    return fit(cfg, RayTrainContext(), tracking_uri=config.get("tracking_uri"), git_commit=config.get("git_commit"))
+    return fit(
+        cfg,
+        RayTrainContext(),
+        tracking_uri=config.get("tracking_uri"),
+        git_commit=config.get("git_commit"),
+        git_dirty=config.get("git_dirty"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- driver
 def _use_gpu(cfg: ScalingSection) -> bool:
-    if cfg.use_gpu != "auto":
-        return cfg.use_gpu == "yes"
-    if cfg.num_workers > 0 and ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return torch.cuda.is_available()
+    """`scaling.use_gpu` by the one rule (`diffseg.runtime.decide_gpu`, printed); local mode asks this process."""
+    return decide_gpu(cfg.use_gpu, "train", cluster=cfg.num_workers > 0).use_gpu
 
 
 def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of a run; `cfg`'s paths must be absolute already (`run` resolves them)."""
     use_gpu = _use_gpu(cfg.scaling)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
@@ -96,6 +102,7 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
             "tracking_uri": resolve_tracking_uri(cfg.tracking.uri),
             # The driver knows the commit; workers run shipped copies of the code, outside any git checkout.
             "git_commit": git_sha(),
+            "git_dirty": git_dirty(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -111,8 +118,25 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
     )
 
 
+def check_previous_run(cfg: TrainConfig) -> None:
+    """Refuse, here in the driver and before anything is overwritten, to continue a run whose checkpoint was trained
+    with another architecture or data (the run's config.yaml says which; the workers check the checkpoint itself)."""
+    if not exists(run_uri(cfg, CHECKPOINT_NAME)):
+        return
+    if exists(run_uri(cfg, "config.yaml")):
+        saved = yaml.safe_load(read_text(run_uri(cfg, "config.yaml"))) or {}
+    else:  # a run started without this driver (diffseg.loop.fit): its checkpoint holds the config
+        saved = load_run_checkpoint(cfg).config
+    check_resume(cfg, saved, run_uri(cfg, CHECKPOINT_NAME))
+
+
 def run(cfg: TrainConfig) -> ray.train.Result:
-    """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py."""
+    """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py.
+
+    Paths are resolved here, in the driver (Ray Train workers run in another directory): a relative output_dir,
+    data root, init_from or SQLite tracking URI means the same folder as it does in this process."""
+    cfg = resolve_paths(cfg)
+    check_previous_run(cfg)
     if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process without a cluster
         init_ray()
     with staging_dir(run_uri(cfg, "config.yaml")) as tmp:

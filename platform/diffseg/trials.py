@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from diffseg import storage
 from diffseg.config import from_dict, replace
 from diffseg.data import DataConfig, build_dataset
 from diffseg.evaluate import evaluate_segmenter
@@ -63,14 +65,14 @@ class TrialState:
 def pixel_chunks(
     cfg: PixelTrialConfig,
     state: TrialState,
-    trial_dir: Path,
+    trial_dir: str,
     *,
     num_reports: int,
     device: torch.device,
-    cache_root: Path,
+    cache_root: str,
 ) -> Iterator[dict[str, float]]:
     """Train the ensemble in chunks on the cached shards of the labelled images; after each chunk save the bundle and
-    score it on the test images."""
+    score it on the test images. `trial_dir` and `cache_root` are local folders or URIs."""
     train_data = dataclasses.replace(cfg.data, flip=False)
 
     def build(tmp: Path) -> None:
@@ -81,8 +83,11 @@ def pixel_chunks(
     feature_s = time.perf_counter() - t0
     test = build_dataset(dataclasses.replace(cfg.test_data or cfg.data, flip=False), "test")
     pcfg = from_dict(PixelTrainConfig, cfg.pixel, "pixel")
-    bundle = trial_dir / BEST_MODEL["pixel"]
-    ensemble = PixelSegmenter.load(bundle, device).ensemble if state.report > 0 and bundle.is_file() else None
+    bundle = storage.join(trial_dir, BEST_MODEL["pixel"])
+    local = Path(tempfile.mkdtemp(prefix="diffseg-trial-")) / BEST_MODEL["pixel"]  # saved here, then published
+    ensemble = None
+    if state.report > 0 and storage.fetch_file(bundle, local):
+        ensemble = PixelSegmenter.load(local, device).ensemble
     n = num_reports
     for r in range(state.report, n):  # the ensemble's epochs (or its iteration cap) split evenly over the reports
         iters = max(1, math.ceil(pcfg.max_iterations / n)) if pcfg.max_iterations else 0
@@ -92,7 +97,8 @@ def pixel_chunks(
         t1 = time.perf_counter()
         seg, res = train_segmenter(shards, chunk, device, ensemble=ensemble)
         ensemble, train_s = seg.ensemble, time.perf_counter() - t1
-        seg.save(bundle)  # servable as it is: the best trial's bundle is the sweep's result
+        seg.save(local)  # servable as it is: the best trial's bundle is the sweep's result
+        storage.put_file(local, bundle)
         ignore = int(seg.extra["ignore_index"])
         result = evaluate_segmenter(
             seg, test, class_names=seg.class_names, ignore_index=ignore, batch_size=cfg.eval_batch_size
@@ -112,7 +118,7 @@ def pixel_chunks(
 def factorized_chunks(
     cfg: TrainConfig,
     state: TrialState,
-    trial_dir: Path,
+    trial_dir: str,
     *,
     num_reports: int,
     device: torch.device,
@@ -131,7 +137,8 @@ def factorized_chunks(
     for r in range(state.report, num_reports):
         steps = max(1, round(cfg.loop.num_steps * (r + 1) / num_reports))
         changes = {"loop.num_steps": steps, "tracking.enabled": False}  # the trial's own MLflow run holds the metrics
-        train_cfg = replace(cfg, name=trial_dir.name, output_dir=str(trial_dir.parent), **changes)
+        parent, name = str(trial_dir).rstrip("/").rsplit("/", 1)
+        train_cfg = replace(cfg, name=name, output_dir=parent, **changes)
         t0 = time.perf_counter()
         if cfg.scaling.num_workers == 0:
             out = fit(train_cfg, LocalContext(device))
