@@ -17,6 +17,7 @@ import yaml
 from diffseg.config import ConfigError, from_dict, load_config, resolve_location, resolve_paths
 from diffseg.evaluate import EvalConfig
 from diffseg.features import ExtractJobConfig
+from diffseg.label_efficient import GapCurveConfig
 from diffseg.loop import TrainConfig
 from diffseg.runtime import autoscaler_gpu_node_types, decide_gpu
 from diffseg.serving import ServeAppConfig
@@ -71,6 +72,10 @@ def test_every_location_of_a_config_becomes_absolute_in_the_driver(elsewhere):
     ev = resolve_paths(ev)
     assert ev.datasets[0].factorized == str(elsewhere / "runs/f/checkpoint.pt")
     assert ev.datasets[0].data.root == str(elsewhere / "d") and ev.datasets[0].ddpm is None
+
+    # Lists of locations (tuple[InputPath, ...]): every item, URIs kept.
+    gap = resolve_paths(from_dict(GapCurveConfig, {"runs": ["runs/label/a", "s3://b/c"], "baselines": ["../r"]}))
+    assert gap.runs == (str(elsewhere / "runs/label/a"), "s3://b/c") and gap.baselines == (str(elsewhere.parent / "r"),)
 
     # A shipped config name stays for find_config; one that exists from here becomes absolute.
     sweep = resolve_paths(load_config(SweepConfig, "sweep_k_tiny.yaml"))

@@ -188,6 +188,11 @@ def resolve_paths(cfg: T, base: str | os.PathLike | None = None) -> T:
                 new = mark.resolver(value, obj, key, base_dir)
             elif mark is not None and isinstance(value, str):
                 new = resolve_location(value, base_dir, key, mark.kind)
+            elif (item := _item_mark(hints[f.name])) is not None and isinstance(value, (list, tuple)):
+                new = type(value)(
+                    resolve_location(v, base_dir, f"{key}[{i}]", item.kind) if isinstance(v, str) else v
+                    for i, v in enumerate(value)
+                )  # a list of locations (tuple[InputPath, ...])
             else:
                 new = walk(value, key + ".")
             if new is not value:
@@ -206,6 +211,14 @@ def _path_mark(tp: Any) -> PathField | None:
             mark = _path_mark(option)
             if mark is not None:
                 return mark
+    return None
+
+
+def _item_mark(tp: Any) -> PathField | None:
+    """The `PathField` of the items of a sequence of locations (`tuple[InputPath, ...]`, `list[InputPath]`)."""
+    if get_origin(tp) in (tuple, list):
+        marks = [_path_mark(a) for a in get_args(tp) if a is not Ellipsis]
+        return marks[0] if marks and marks[0] is not None and marks[0].resolver is None else None
     return None
 
 

@@ -347,8 +347,12 @@ def compare_table(rows: dict[str, dict[str, Any]]) -> str:
 class GapCurveConfig:
     name: Name = "gap-curve"  # output folder name under output_dir
     output_dir: OutputPath = "runs/label"  # gap.md, gap.json and gap.png go to <output_dir>/<name>/
-    runs: tuple[str, ...] = ()  # comparison run folders (their results.json has a "ddpm" row), one per DDPM length
-    baselines: tuple[str, ...] = ()  # runs with a "random" row, for runs without one: the one of the same MLP seed
+    runs: tuple[
+        InputPath, ...
+    ] = ()  # comparison run folders (their results.json has a "ddpm" row), one per DDPM length
+    baselines: tuple[
+        InputPath, ...
+    ] = ()  # runs with a "random" row, for runs without one: the one of the same MLP seed
     target_gap: float = 3.0  # mIoU points the DDPM features should gain over random-init features
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
