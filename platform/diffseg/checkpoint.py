@@ -455,10 +455,14 @@ def import_guided_diffusion(
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = UNet(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    where = "guided-diffusion weights" if isinstance(weights, dict) else str(weights)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit: other flags (a preset of another model?)
+        raise ValueError(f"{where}: the weights do not fit the flags' network (size mismatch): {str(e)[:600]}") from e
     if missing or unexpected:
         raise ValueError(
-            f"guided-diffusion weights do not match the flags: {len(missing)} missing keys {missing[:8]}, "
+            f"{where}: the weights do not match the flags: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}"
         )
     return model.eval()
@@ -558,6 +562,24 @@ def guided_preset_flags(name: str) -> dict[str, Any]:
     return parse_guided_flags(GUIDED_PRESETS[name].flags)
 
 
+def guided_checkpoint(
+    src: str | os.PathLike | dict[str, torch.Tensor],
+    flags: dict[str, Any],
+    diffusion: dict[str, Any] | None = None,
+    preset: str | None = None,
+) -> Checkpoint:
+    """A guided-diffusion checkpoint as one of ours, in memory: the network its flags describe (strict load), the
+    process they describe unless `diffusion` is given; the flags (and preset) travel in `extra`."""
+    model = import_guided_diffusion(src, flags)
+    config = {
+        "model": to_dict(ModelConfig(kind="ddpm", unet=model.cfg)),
+        "diffusion": diffusion or diffusion_config_from_guided_flags(flags),
+        "source": str(src) if not isinstance(src, dict) else "state dict",
+    }
+    extra = {"imported_from": "guided-diffusion", "guided_flags": json.dumps(flags), "preset": preset or ""}
+    return Checkpoint(config=config, model=model.state_dict(), ema=None, optimizer=None, step=0, extra=extra)
+
+
 def convert_guided_diffusion(
     src: str | os.PathLike,
     flags: dict[str, Any],
@@ -565,16 +587,16 @@ def convert_guided_diffusion(
     diffusion: dict[str, Any] | None = None,
     preset: str | None = None,
 ) -> Path:
-    """Write a guided-diffusion checkpoint in our format, so every job can take it as a backbone. The process comes
-    from the flags (diffusion_steps, noise_schedule) unless `diffusion` is given; the flags travel in `extra`."""
-    model = import_guided_diffusion(src, flags)
-    config = {
-        "model": to_dict(ModelConfig(kind="ddpm", unet=model.cfg)),
-        "diffusion": diffusion or diffusion_config_from_guided_flags(flags),
-        "source": str(src),
-    }
-    extra = {"imported_from": "guided-diffusion", "guided_flags": json.dumps(flags), "preset": preset or ""}
-    return save_checkpoint(dst, config=config, model=model, step=0, extra=extra)
+    """Write a guided-diffusion checkpoint in our format, so every job can take it as a backbone."""
+    return save_checkpoint_as(guided_checkpoint(src, flags, diffusion, preset), dst)
+
+
+def save_checkpoint_as(ckpt: Checkpoint, dst: str | os.PathLike) -> Path:
+    """Write a Checkpoint (loaded, imported, converted) in our format."""
+    return save_checkpoint(
+        dst, config=ckpt.config, model=ckpt.model, ema=ckpt.ema, optimizer=ckpt.optimizer, step=ckpt.step,
+        extra=ckpt.extra,
+    )  # fmt: skip
 
 
 def export_weights(
@@ -645,7 +667,7 @@ def export_safetensors(
     safetensors metadata; `load_checkpoint` / `load_diffusion_model` read the folder back (no pickle involved).
     Returns the folder. `dtype` casts the floating-point weights (e.g. torch.float16)."""
     ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
-    from safetensors.torch import save_file  # lazy: only exports and safetensors loads need it
+    from safetensors.torch import save  # lazy: only exports and safetensors loads need it
 
     weights, which = _export_weights(ckpt, use_ema)
     tensors = {
@@ -667,7 +689,8 @@ def export_safetensors(
     out.mkdir(parents=True, exist_ok=True)
     digests = json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)
     meta = {"format": SAFETENSORS_FORMAT, "sha256": digests, "step": str(ckpt.step), "weights": which}
-    atomic_write(out / SAFETENSORS_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    blob = save(tensors, metadata=meta)  # bytes: written through atomic_write (safetensors' writer wants a path)
+    atomic_write(out / SAFETENSORS_WEIGHTS, lambda tmp: Path(tmp).write_bytes(blob))
     learn_sigma = bool(model_cfg.unet.learn_sigma)
     for name, data in ((SAFETENSORS_CONFIG, config), (SCHEDULER_CONFIG, scheduler_config(diff_cfg, learn_sigma))):
         text = json.dumps(data, indent=1)

@@ -38,6 +38,7 @@ from diffseg.data import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.runtime import init_ray, resolve_device
 from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
+from diffseg.tracking import Tracker, TrackingConfig, current_run_id
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +376,7 @@ class ExtractJobConfig:
     gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
     read_batch_size: int = 8  # images per read task
     ray_num_cpus: int = 0  # logical CPUs of a locally started Ray (0 = Ray's default); ignored with RAY_ADDRESS
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (nested in the caller's run, if any)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -391,7 +393,18 @@ def shard_dir(cfg: ExtractJobConfig) -> Path:
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
-    """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
+    """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary. An
+    MLflow run of its own, nested under the run of a job that calls it (a comparison's variant)."""
+    with Tracker(cfg.tracking, cfg.name, parent_run_id=current_run_id()) as tracker:
+        tracker.log_params(to_dict(cfg))
+        summary = _extract(cfg)
+        tracker.log_metrics({f"extract/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracker.set_tags({"diffseg.shard_dir": summary["shard_dir"], "diffseg.recipe_hash": summary["recipe_hash"]})
+        tracker.log_artifact(shard_dir(cfg) / "extract_config.yaml")
+    return summary
+
+
+def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
     import ray  # the Ray edge of this module
 
     init_ray(cfg.ray_num_cpus)

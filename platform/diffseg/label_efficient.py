@@ -31,6 +31,7 @@ from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.evaluate import EvalResult, evaluate_segmenter
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig, TrainResult, train_ensemble
+from diffseg.pyfunc import log_bundle_model
 from diffseg.report import markdown_table
 from diffseg.runtime import resolve_device
 from diffseg.shards import ShardSet
@@ -141,6 +142,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     for name in ("segmenter.pt", "overlays.png", "per_image.csv", "metrics.json", "config.yaml"):
         if (out / name).exists():
             tracker.log_artifact(out / name)
+    log_bundle_model(tracker, out / "segmenter.pt")  # an MLflow model (registered as tracking.register_as)
     tracker.finish()
     miou = result.metrics["test/miou"]
     log.info(f"[pixel] test mIoU {miou:.4f} over {result.num_images} images -> {out}")
@@ -217,6 +219,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             )
             seg, res = train_segmenter(ex["shard_dir"], cfg.train, device, child)
             seg.save(vout / "segmenter.pt")
+            reg = cfg.tracking.register_as
+            log_bundle_model(child, vout / "segmenter.pt", register_as=f"{reg}-{variant}" if reg else None)
             names, ignore = seg.class_names, int(seg.extra["ignore_index"])
             info = {"input": fcfg.backbone, "dim": seg.ensemble.in_dim, "train_pixels": ex["num_rows"]}
             info["iterations"] = res.iterations

@@ -42,6 +42,7 @@ from diffseg.checkpoint import (
     CHECKPOINT_NAME,
     MLFLOW_SCHEMES,
     MODEL_SPEC,
+    Checkpoint,
     CheckpointError,
     checkpoint_file,
     export_weights,
@@ -201,7 +202,7 @@ def _write_spec(data: Path, spec: Mapping[str, Any]) -> None:
 
 def log_checkpoint_model(
     tracker: Tracker,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | Checkpoint,
     *,
     name: str = "model",
     register_as: str | None = None,
@@ -213,13 +214,16 @@ def log_checkpoint_model(
     `register_as` (default `tracking.register_as`). None when tracking or model logging is off."""
     if not (tracker.enabled and tracker.cfg.log_models):
         return None
-    path = checkpoint_file(checkpoint)[0]
-    ckpt = load_checkpoint(path)
+    if isinstance(checkpoint, Checkpoint):
+        ckpt, staging = checkpoint, None
+    else:
+        path = checkpoint_file(checkpoint)[0]
+        ckpt, staging = load_checkpoint(path), path.parent  # stage beside it: a large model stays on its disk
     mcfg = ckpt.model_config
     kind, size = mcfg.kind, int(mcfg.unet.image_size)
     if kind == "factorized" and mcfg.unet.num_classes is not None and class_label is None:
         class_label = 0  # a class-conditional segmenter needs one; predict uses it
-    with tempfile.TemporaryDirectory(prefix=".model-", dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".model-", dir=staging) as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
         export_weights(ckpt, data / CHECKPOINT_NAME, dtype=torch.float32, extra={"mlflow_run_id": tracker.run_id})

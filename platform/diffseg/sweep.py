@@ -59,6 +59,7 @@ from diffseg.config import (
     to_dict,
 )
 from diffseg.loop import TrainConfig
+from diffseg.pyfunc import log_bundle_model, log_checkpoint_model
 from diffseg.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.runtime import init_ray, resolve_device, setup_logging
 from diffseg.tracking import Tracker, TrackingConfig, find_nested_run, finish_nested_runs, flatten, resolve_tracking_uri
@@ -376,6 +377,10 @@ def run_sweep(
         best_model.parent.mkdir(exist_ok=True)
         shutil.copyfile(source, best_model)
         parent.log_artifact(best_model, "best")
+        if task == "pixel":  # and as an MLflow model (registered as tracking.register_as when set)
+            log_bundle_model(parent, best_model, name="best")
+        else:
+            log_checkpoint_model(parent, best_model, name="best", t=sweep.segment_t)
     table.to_csv(exp_dir / "results.csv", index=False)
     (exp_dir / "results.md").write_text(frame_to_markdown(table))
     plot = plot_sweep(table, keys, sweep.metric, exp_dir / "results.png", title=f"{sweep.name}: {sweep.metric}")

@@ -115,6 +115,13 @@ def end_live_runs(exc: BaseException | None) -> int:
     return len(live)
 
 
+def current_run_id() -> str | None:
+    """The newest run this process has open, or None: a job called from inside another job's run (the extraction of
+    a comparison, say) nests its own run under it."""
+    with _LIVE_LOCK:
+        return next(reversed(_LIVE), None) if _LIVE else None
+
+
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """While the block runs (in the main thread), SIGTERM raises `JobInterrupted` instead of ending the process on

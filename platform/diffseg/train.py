@@ -39,7 +39,7 @@ from diffseg.loop import (  # noqa: F401  (the configs are part of this module's
     storage_path,
 )
 from diffseg.runtime import init_ray, setup_logging
-from diffseg.tracking import git_sha, resolve_tracking_uri
+from diffseg.tracking import end_runs_named, git_sha, resolve_tracking_uri, status_for
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,12 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         init_ray()
     with staging_dir(run_uri(cfg, "config.yaml")) as tmp:
         put_file(save_config(cfg, Path(tmp) / "config.yaml"), run_uri(cfg, "config.yaml"))
-    result = build_trainer(cfg).fit()
+    try:
+        result = build_trainer(cfg).fit()
+    except BaseException as e:  # a worker that died (out of memory, a lost node) cannot end its run: the driver does
+        why = f"training stopped: {type(e).__name__}: {str(e)[:300]}"
+        end_runs_named(cfg.tracking, cfg.name, status_for(e), why, resolve_tracking_uri(cfg.tracking.uri))
+        raise
     out = result.return_value or {}
     log.info(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
     log.info(f"[train] samples    {run_uri(cfg, 'samples')}")
