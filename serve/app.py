@@ -54,6 +54,7 @@ from diffseg.serving import (
     safe_text,
     segment_upload,
 )
+from diffseg.tracking import resolve_model_uri
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
@@ -76,8 +77,9 @@ class _ModelReplica:
 
     STALL_S = 600.0
 
-    def _setup(self, num_threads: int, batching: dict[str, Any]) -> None:
+    def _setup(self, num_threads: int, batching: dict[str, Any], registry: dict[str, Any] | None) -> None:
         torch.set_num_threads(max(1, num_threads))
+        self.registry = dict(registry or {})  # the registered model and version this replica serves (models:/ sources)
         self.batching = from_dict(BatchingConfig, batching, prefix="batching")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.started = time.time()
@@ -115,8 +117,17 @@ class _ModelReplica:
 
 @serve.deployment
 class SegmenterModel(_ModelReplica):
-    def __init__(self, method: str, source: str, device: str, use_ema: bool, batching: dict, num_threads: int):
-        self._setup(num_threads, batching)
+    def __init__(
+        self,
+        method: str,
+        source: str,
+        device: str,
+        use_ema: bool,
+        batching: dict,
+        num_threads: int,
+        registry: dict | None = None,
+    ):
+        self._setup(num_threads, batching, registry)
         if method == "factorized":
             self.model = FactorizedSegmenter.load(source, device, use_ema)
         elif method == "pixel":
@@ -127,7 +138,7 @@ class SegmenterModel(_ModelReplica):
         self.segment_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
-        return {**self.model.info(), **self._replica_info()}
+        return {**self.model.info(), **self.registry, **self._replica_info()}
 
     async def segment(self, image: np.ndarray, t: int, seed: int) -> dict[str, np.ndarray]:
         """(3, S, S) float32 in [-1, 1] -> {"probs"} or {"labels", "uncertainty"} at the model's resolution."""
@@ -151,8 +162,17 @@ class SamplerModel(_ModelReplica):
     interleaved step by step, fairly by image-steps, and a request cancelled by the ingress (timeout, client gone)
     dropped between two steps."""
 
-    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, num_threads: int, limits: dict):
-        self._setup(num_threads, batching)
+    def __init__(
+        self,
+        source: str,
+        device: str,
+        use_ema: bool,
+        batching: dict,
+        num_threads: int,
+        limits: dict,
+        registry: dict | None = None,
+    ):
+        self._setup(num_threads, batching, registry)
         lim = from_dict(Limits, limits, prefix="limits")
         self.model = DiffusionSampler.load(source, device, use_ema)
         self.scheduler = SampleScheduler(
@@ -164,7 +184,7 @@ class SamplerModel(_ModelReplica):
         )
 
     def info(self) -> dict[str, Any]:
-        return {**self.model.info(), **self._replica_info(), "scheduler": self.scheduler.stats()}
+        return {**self.model.info(), **self.registry, **self._replica_info(), "scheduler": self.scheduler.stats()}
 
     def check_health(self) -> None:
         busy = self.scheduler.busy_since
@@ -369,8 +389,16 @@ def _deployment_options(section: DeploymentSection, name: str, *, gpu_capable: b
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`."""
+    """The application for `serve run` / `serve deploy` (args from the config's `args:`) or `serve.run(...)`.
+
+    A `models:/<name>@<alias>` source is pinned here to the version the alias names now: every replica of the
+    deployment serves that version (a replica started later by autoscaling too), and /v1/info shows it. After the
+    alias moves, deploying again serves the new version."""
     cfg = from_dict(ServeAppConfig, dict(args or {}))
+    if cfg.tracking_uri:  # replicas and this build resolve MLflow URIs against it
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+    sources = {cfg.segmenter, cfg.pixel, cfg.sampler_source} - {None}
+    refs = {src: resolve_model_uri(src, cfg.tracking_uri) for src in sources}
     common = {
         "device": cfg.device,
         "use_ema": cfg.use_ema,
@@ -380,12 +408,17 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     handles: dict[str, Any] = {}
     if cfg.segmenter:
         opts = _deployment_options(cfg.models, "FactorizedSegmenter", gpu_capable=True)
-        handles["factorized"] = SegmenterModel.options(**opts).bind("factorized", cfg.segmenter, **common)
+        ref = refs[cfg.segmenter]
+        handles["factorized"] = SegmenterModel.options(**opts).bind(
+            "factorized", ref.pinned, **common, registry=ref.info()
+        )
     if cfg.pixel:
         opts = _deployment_options(cfg.models, "PixelSegmenter", gpu_capable=True)
-        handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", cfg.pixel, **common)
+        ref = refs[cfg.pixel]
+        handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", ref.pinned, **common, registry=ref.info())
     if cfg.sampler_source:
         opts = _deployment_options(cfg.models, "Sampler", gpu_capable=True)
-        handles["sampler"] = SamplerModel.options(**opts).bind(cfg.sampler_source, **common, limits=to_dict(cfg.limits))
+        ref, limits = refs[cfg.sampler_source], to_dict(cfg.limits)
+        handles["sampler"] = SamplerModel.options(**opts).bind(ref.pinned, **common, limits=limits, registry=ref.info())
     ingress_opts = _deployment_options(cfg.ingress, "Ingress", gpu_capable=False)
     return Ingress.options(**ingress_opts).bind(to_dict(cfg), **handles)
