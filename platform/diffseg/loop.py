@@ -555,7 +555,7 @@ def fit(
             path = save_png(grid, Path(tmp) / name)
             put_file(path, run_uri(cfg, "samples", name))
             tracker.log_artifact(path, "samples")
-        tracker.log_image(grid, "samples", state.step)  # the run's Images tab: the grids over training
+        tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
         log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
 
     try:

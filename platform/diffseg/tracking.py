@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffseg.config import job_dir, save_config, to_dict
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ FAILURE_TAG = "diffseg.failure"  # why a run was ended FAILED / KILLED by someon
 # The library's source folder (diffseg/): MLflow models carry a copy, so `mlflow.pyfunc.load_model` works anywhere.
 CODE_DIR = Path(__file__).resolve().parent
 # What a pyfunc model needs installed besides its copied code (no inference: it would call pip, which needs an index).
+DISPLAY_SIZE = 768  # images logged by step are enlarged to about this many pixels (the longer side) when smaller
 MODEL_REQUIREMENTS = ("torch", "numpy", "pillow", "pyyaml", "scipy", "safetensors", "mlflow")
 
 
@@ -307,10 +310,15 @@ class Tracker:
             self._client.log_text(self.run_id, text, artifact_file)
 
     def log_image(self, image: Any, key: str, step: int) -> None:
-        """An image (uint8 (H, W, 3) array or PIL image) under `key` at `step`: the run's Images tab shows it with a
-        step slider, so sample grids and mask figures can be followed over training."""
-        if self.enabled:
-            self._client.log_image(self.run_id, image, key=key, step=int(step))
+        """An image (uint8 (H, W, 3) array or PIL image) under `key` at `step`: the run's model-metrics charts show it
+        with a step slider, so sample grids and mask figures can be followed over training."""
+        if not self.enabled:
+            return
+        arr = np.asarray(image)
+        if 0 < max(arr.shape[:2]) < DISPLAY_SIZE:  # a grid of 32 px tiles: enlarged (nearest) so the UI shows it
+            k = DISPLAY_SIZE // max(arr.shape[:2])
+            arr = arr.repeat(k, axis=0).repeat(k, axis=1)
+        self._client.log_image(self.run_id, arr, key=key, step=int(step))
 
     def log_pyfunc_model(
         self,
@@ -340,11 +348,17 @@ class Tracker:
         before = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self.uri)  # Model.log and register_model use the process-wide URI
         try:
+            # The model belongs to the run's experiment (Model.log alone would put it in the process's active one).
+            run = self._client.get_run(self.run_id)
+            model = self._client.create_logged_model(
+                run.info.experiment_id, name=name, source_run_id=self.run_id, params=run.data.params
+            )
             with tempfile.TemporaryDirectory(prefix="diffseg-code-") as tmp:
                 code = stage_code(Path(tmp))
                 info = Model.log(
                     None,  # artifact_path: deprecated, `name` replaces it
                     name=name,
+                    model_id=model.model_id,
                     flavor=mlflow.pyfunc,
                     run_id=self.run_id,
                     loader_module=loader_module,
