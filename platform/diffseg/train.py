@@ -121,7 +121,10 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         result = build_trainer(cfg).fit()
     except BaseException as e:  # a worker that died (out of memory, a lost node) cannot end its run: the driver does
         why = f"training stopped: {type(e).__name__}: {str(e)[:300]}"
-        end_runs_named(cfg.tracking, cfg.name, status_for(e), why, resolve_tracking_uri(cfg.tracking.uri))
+        try:
+            end_runs_named(cfg.tracking, cfg.name, status_for(e), why, resolve_tracking_uri(cfg.tracking.uri))
+        except Exception as mlflow_error:  # the store itself may be what failed: the training error comes first
+            log.warning("could not end the MLflow run of %s: %s", cfg.name, mlflow_error)
         raise
     out = result.return_value or {}
     log.info(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
