@@ -29,6 +29,7 @@ from diffseg.tracking import (
     PID_TAG,
     Tracker,
     TrackingConfig,
+    process_tracking_uri,
     reap_dead_runs,
     set_alias,
 )
@@ -141,6 +142,29 @@ def test_pyfunc_models_answer_as_the_jobs_do(tmp_path, store):
         logged = log_bundle_model(tracker, ref_bundle)
     pinned = PixelSegmenter.load(Path(mlflow.artifacts.download_artifacts(logged.model_uri)), "cpu")
     assert pinned.recipe.backbone == "models:/ddpm/1"
+
+
+def test_logging_a_model_leaves_the_process_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """Logging a model sets MLflow's process-wide URI for the while; afterwards $MLFLOW_TRACKING_URI decides again
+    (a later job or test that changes it is not sent to the old store), and a URI the process pinned stays pinned."""
+    import mlflow
+
+    a, b, c, pinned = (f"sqlite:///{tmp_path / n}.db" for n in ("a", "b", "c", "pinned"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", a)
+    with process_tracking_uri(b):
+        assert mlflow.get_tracking_uri() == b
+    assert os.environ["MLFLOW_TRACKING_URI"] == a and mlflow.get_tracking_uri() == a
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", c)
+    assert mlflow.get_tracking_uri() == c  # not pinned to a
+    try:
+        mlflow.set_tracking_uri(pinned)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", a)
+        with process_tracking_uri(b):
+            assert mlflow.get_tracking_uri() == b
+        assert mlflow.get_tracking_uri() == pinned and os.environ["MLFLOW_TRACKING_URI"] == a
+    finally:
+        mlflow.set_tracking_uri(None)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", a)
 
 
 def test_runs_end_with_the_status_of_how_the_job_ended(store):

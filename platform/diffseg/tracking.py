@@ -143,6 +143,30 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI is `uri` while the block runs (for the fluent calls that take no URI), then
+    what it was: a URI the process pinned (`mlflow.set_tracking_uri`) is pinned again, one that came from
+    `$MLFLOW_TRACKING_URI` is left to the environment (a later change of the variable takes effect). `set_tracking_uri`
+    alone would pin the old value for good and write it into the environment, where every later job would read it."""
+    import mlflow
+
+    before, env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unpinned (this also clears $MLFLOW_TRACKING_URI)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+        if mlflow.get_tracking_uri() != before:  # the process had pinned its own
+            mlflow.set_tracking_uri(before)
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def _process_start(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), None when there is no such process."""
     import psutil  # an MLflow dependency (system metrics)
@@ -345,9 +369,7 @@ class Tracker:
         from mlflow.models import Model
 
         register_as = register_as or self.cfg.register_as
-        before = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)  # Model.log and register_model use the process-wide URI
-        try:
+        with process_tracking_uri(self.uri):  # Model.log and register_model use the process-wide URI
             # The model belongs to the run's experiment (Model.log alone would put it in the process's active one).
             run = self._client.get_run(self.run_id)
             model = self._client.create_logged_model(
@@ -375,8 +397,6 @@ class Tracker:
                 mv = mlflow.register_model(info.model_uri, register_as, tags={"diffseg.run_id": self.run_id})
                 version = str(mv.version)
                 self.set_tags({f"diffseg.registered.{name}": f"{register_as}/{version}"})
-        finally:
-            mlflow.set_tracking_uri(before)
         ref = LoggedModel(info.model_uri, info.model_id, register_as if version else None, version)
         log.info("MLflow model %s%s", ref.model_uri, f" registered as {ref.registered_uri}" if version else "")
         return ref
