@@ -200,13 +200,15 @@ def test_runs_end_with_the_status_of_how_the_job_ended(store):
     alive.finish()
 
 
-def _wait(predicate, timeout, what):
+def _wait(predicate, timeout, what, log: Path | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (value := predicate()) is not None:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + (f":\n{log.read_text()[-4000:]}" if log else "")
+    )
 
 
 def test_killed_training_job_is_failed_and_a_stopped_one_killed(tmp_path, store):
@@ -220,20 +222,26 @@ def test_killed_training_job_is_failed_and_a_stopped_one_killed(tmp_path, store)
         args = [sys.executable, str(REPO / "jobs" / "train_factorized.py"), f"name={name}",
                 f"output_dir={tmp_path / 'runs'}", "loop.num_steps=100000", "loop.log_every=2",
                 "loop.checkpoint_every=100000", "optim.batch_size=4", "tracking.system_metrics_every=1"]  # fmt: skip
-        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe nobody reads (a full one blocks the job)
+            return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
     def logging_run(name):
+        job = {"killed": killed, "stopped": stopped}[name]
+        if job.poll() is not None:
+            raise AssertionError(
+                f"job {name} exited {job.returncode}:\n{(tmp_path / f'{name}.log').read_text()[-4000:]}"
+            )
         exp = c.get_experiment_by_name("diffseg")
         runs = c.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'") if exp else []
         return runs[0].info.run_id if runs and "train/loss" in runs[0].data.metrics else None
 
     killed, stopped = start("killed"), start("stopped")
     try:
-        killed_id = _wait(lambda: logging_run("killed"), 240, "the first logged loss")
+        killed_id = _wait(lambda: logging_run("killed"), 240, "the first logged loss", tmp_path / "killed.log")
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
         assert c.get_run(killed_id).info.status == "RUNNING"  # nobody could say otherwise yet
-        stopped_id = _wait(lambda: logging_run("stopped"), 240, "the second job's first loss")
+        stopped_id = _wait(lambda: logging_run("stopped"), 240, "the second job's first loss", tmp_path / "stopped.log")
         stopped.send_signal(signal.SIGTERM)
         assert stopped.wait(60) != 0
     finally:
