@@ -67,6 +67,7 @@ from diffseg.serving import (
     safe_text,
     segment_upload,
 )
+from diffseg.tracking import resolve_model_uri, resolve_tracking_uri
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
@@ -89,10 +90,11 @@ class _ModelReplica:
 
     STALL_S = 600.0
 
-    def _setup(self, batching: dict[str, Any]) -> None:
+    def _setup(self, batching: dict[str, Any], registry: dict[str, Any] | None) -> None:
         # torch threads = the CPUs this replica reserved (its ray_actor_options, from the config's deployments:)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
+        self.registry = dict(registry or {})  # the registered model and version this replica serves (models:/ sources)
         self.batching = from_dict(BatchingConfig, batching, prefix="batching")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.started = time.time()
@@ -130,8 +132,10 @@ class _ModelReplica:
 
 @serve.deployment
 class SegmenterModel(_ModelReplica):
-    def __init__(self, method: str, source: str, device: str, use_ema: bool, batching: dict):
-        self._setup(batching)
+    def __init__(
+        self, method: str, source: str, device: str, use_ema: bool, batching: dict, registry: dict | None = None
+    ):
+        self._setup(batching, registry)
         if method == "factorized":
             self.model = FactorizedSegmenter.load(source, device, use_ema)
         elif method == "pixel":
@@ -142,7 +146,7 @@ class SegmenterModel(_ModelReplica):
         self.segment_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
-        return {**self.model.info(), **self._replica_info()}
+        return {**self.model.info(), **self.registry, **self._replica_info()}
 
     async def segment(self, image: np.ndarray, t: int, seed: int) -> dict[str, np.ndarray]:
         """(3, S, S) float32 in [-1, 1] -> {"probs"} or {"labels", "uncertainty"} at the model's resolution."""
@@ -166,8 +170,10 @@ class SamplerModel(_ModelReplica):
     interleaved step by step, fairly by image-steps, and a request cancelled by the ingress (timeout, client gone)
     dropped between two steps."""
 
-    def __init__(self, source: str, device: str, use_ema: bool, batching: dict, limits: dict):
-        self._setup(batching)
+    def __init__(
+        self, source: str, device: str, use_ema: bool, batching: dict, limits: dict, registry: dict | None = None
+    ):
+        self._setup(batching, registry)
         lim = from_dict(Limits, limits, prefix="limits")
         self.model = DiffusionSampler.load(source, device, use_ema)
         self.scheduler = SampleScheduler(
@@ -179,7 +185,7 @@ class SamplerModel(_ModelReplica):
         )
 
     def info(self) -> dict[str, Any]:
-        return {**self.model.info(), **self._replica_info(), "scheduler": self.scheduler.stats()}
+        return {**self.model.info(), **self.registry, **self._replica_info(), "scheduler": self.scheduler.stats()}
 
     def check_health(self) -> None:
         busy = self.scheduler.busy_since
@@ -383,26 +389,39 @@ def build_application(
 ) -> serve.Application:
     """`build_app` for Python callers, with `deployments`: entries like those of a Serve config's `deployments:`
     section (`{"name": "Sampler", "num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}`). Model sources are
-    resolved here, where the app is built, and must exist (or be URIs)."""
+    resolved here, where the app is built, and must exist (or be URIs).
+
+    A `models:/<name>@<alias>` source is pinned here to the version the alias names now: every replica of the
+    deployment serves that version (a replica started later by autoscaling too), and /v1/info shows it. After the
+    alias moves, deploying again serves the new version."""
     args = dict(args or {})
     check_app_args(args)
     cfg = resolve_paths(from_dict(ServeAppConfig, args))
     check_sources(cfg)
+    if cfg.tracking_uri:  # replicas and this build resolve MLflow URIs against it (a relative SQLite file: from here)
+        os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(cfg.tracking_uri)
     overrides = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in deployments or []}
     unknown = sorted(set(overrides) - set(deployment_names(cfg)))
     if unknown:
         raise ValueError(f"deployments: no deployment named {unknown}; this app has {deployment_names(cfg)}")
+    sources = {cfg.segmenter, cfg.pixel, cfg.sampler_source} - {None}
+    refs = {src: resolve_model_uri(src, os.environ.get("MLFLOW_TRACKING_URI")) for src in sources}
     gpus = model_num_gpus(cfg.use_gpu)
     common = {"device": cfg.device, "use_ema": cfg.use_ema, "batching": to_dict(cfg.batching)}
     handles: dict[str, Any] = {}
     if cfg.segmenter:
         opts = _options(DEPLOYMENT_NAMES["factorized"], MODEL_DEFAULTS, gpus, overrides)
-        handles["factorized"] = SegmenterModel.options(**opts).bind("factorized", cfg.segmenter, **common)
+        ref = refs[cfg.segmenter]
+        handles["factorized"] = SegmenterModel.options(**opts).bind(
+            "factorized", ref.pinned, **common, registry=ref.info()
+        )
     if cfg.pixel:
         opts = _options(DEPLOYMENT_NAMES["pixel"], MODEL_DEFAULTS, gpus, overrides)
-        handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", cfg.pixel, **common)
+        ref = refs[cfg.pixel]
+        handles["pixel"] = SegmenterModel.options(**opts).bind("pixel", ref.pinned, **common, registry=ref.info())
     if cfg.sampler_source:
         opts = _options(DEPLOYMENT_NAMES["sampler"], MODEL_DEFAULTS, gpus, overrides)
-        handles["sampler"] = SamplerModel.options(**opts).bind(cfg.sampler_source, **common, limits=to_dict(cfg.limits))
+        ref, limits = refs[cfg.sampler_source], to_dict(cfg.limits)
+        handles["sampler"] = SamplerModel.options(**opts).bind(ref.pinned, **common, limits=limits, registry=ref.info())
     ingress_opts = _options(INGRESS_NAME, INGRESS_DEFAULTS, 0, overrides)
     return Ingress.options(**ingress_opts).bind(to_dict(cfg), **handles)

@@ -60,6 +60,18 @@ def private_state_key(tmp_path_factory):
         os.environ[KEY_ENV] = before
 
 
+@pytest.fixture(autouse=True, scope="session")
+def mlflow_store(tmp_path_factory):
+    """Every job is an MLflow run: a test that does not choose a store writes to a throwaway SQLite file, never to
+    ./mlflow.db of the checkout. Set in the environment, so job subprocesses and Ray workers inherit it."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

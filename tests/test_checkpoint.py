@@ -415,3 +415,122 @@ def _host():
     from diffseg.config import _HOST
 
     return _HOST
+
+
+# ---------------------------------------------------------------------------------------------------- travel
+def _outputs(loaded) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        return loaded.model(x, torch.tensor([3, 500]))
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "factorized"])
+def test_safetensors_round_trip_gives_identical_outputs(tmp_path, kind):
+    """checkpoint -> safetensors + config.json -> checkpoint: the same network, bit for bit (EMA weights, process)."""
+    from diffseg.checkpoint import SAFETENSORS_WEIGHTS, export_safetensors, save_checkpoint_as
+
+    cfg, model, ema, opt = trained_state(kind)
+    cfg["diffusion"] = {"num_timesteps": 200, "schedule": "cosine"}
+    src = save_checkpoint(tmp_path / "c.pt", config=cfg, model=model, ema=ema.model, optimizer=opt, step=7)
+    folder = export_safetensors(src, tmp_path / "st")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", SAFETENSORS_WEIGHTS, "scheduler_config.json"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["kind"] == kind and config["weights"] == "ema" and config["step"] == 7
+    scheduler = json.loads((folder / "scheduler_config.json").read_text())
+    assert scheduler["num_train_timesteps"] == 200 and scheduler["beta_schedule"] == "squaredcos_cap_v2"
+    back = save_checkpoint_as(load_checkpoint(folder), tmp_path / "back" / "checkpoint.pt")  # re-import
+    a, b, c = (load_diffusion_model(p, "cpu") for p in (src, folder, back))
+    assert b.diffusion.num_timesteps == 200 and c.step == 7 and type(c.model) is type(a.model)
+    assert torch.equal(_outputs(a), _outputs(b)) and torch.equal(_outputs(a), _outputs(c))
+    # the SHA-256 record in the safetensors metadata catches a flipped byte in the tensor data
+    data = bytearray((folder / SAFETENSORS_WEIGHTS).read_bytes())
+    data[-3] ^= 0x10
+    (folder / SAFETENSORS_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its SHA-256"):
+        load_checkpoint(folder)
+
+
+def test_guided_diffusion_pt_round_trip_gives_identical_outputs(tmp_path, reference_dir):
+    """checkpoint -> guided-diffusion .pt (bare state dict) + flags .json -> checkpoint: identical outputs, and the
+    .pt is exactly what guided-diffusion's own UNetModel holds (the reference vectors' state dict and output)."""
+    from diffseg.checkpoint import export_guided_diffusion
+
+    ref = torch.load(reference_dir / "adm_tiny_b.pt", map_location="cpu", weights_only=True)
+    flags = json.loads((reference_dir / "adm_tiny_b.json").read_text())
+    ours = convert_guided_diffusion(ref["state_dict"], flags, tmp_path / "ours.pt")
+    pt, written_flags = export_guided_diffusion(ours, tmp_path / "gd" / "model.pt")
+    state = torch.load(pt, weights_only=True)
+    assert set(state) == set(ref["state_dict"]) and all(torch.equal(state[k], v) for k, v in ref["state_dict"].items())
+    assert json.loads(pt.with_suffix(".json").read_text()) == written_flags
+    back = convert_guided_diffusion(pt, written_flags, tmp_path / "back.pt")
+    a, b = load_diffusion_model(ours, "cpu"), load_diffusion_model(back, "cpu")
+    with torch.no_grad():
+        out_a, out_b = a.model(ref["x"], ref["t"]), b.model(ref["x"], ref["t"])
+    assert torch.equal(out_a, out_b)
+    torch.testing.assert_close(out_b, ref["out"], atol=1e-5, rtol=0)
+    # a factorized network has no guided-diffusion counterpart
+    cfg, model, ema, _ = trained_state("factorized")
+    fac = save_checkpoint(tmp_path / "f.pt", config=cfg, model=model, ema=ema.model, step=1)
+    with pytest.raises(ValueError, match="no guided-diffusion counterpart"):
+        export_guided_diffusion(fac, tmp_path / "f_gd.pt")
+
+
+def test_presets_build_the_published_networks(reference_dir):
+    """Every preset's flags build (on the meta device: shapes only) the network of its checkpoint: the LSUN and FFHQ
+    ones exactly the reference key set, ImageNet's with 1000 classes, cosine at 64 px, half width first at 512."""
+    from diffseg.checkpoint import GUIDED_PRESETS, diffusion_config_from_guided_flags, guided_preset_flags
+    from diffseg.unet import unet_config_from_guided_flags
+
+    expected = {}
+    for line in (reference_dir / "adm_lsun256_state_dict_keys.tsv").read_text().splitlines():
+        if line.strip():
+            key, shape = line.split("\t")
+            expected[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    built = {}
+    for name in GUIDED_PRESETS:
+        flags = guided_preset_flags(name)
+        cfg = unet_config_from_guided_flags(flags)
+        with torch.device("meta"):
+            built[name] = (cfg, {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()})
+        assert diffusion_config_from_guided_flags(flags)["num_timesteps"] == 1000
+    for name in ("lsun_bedroom", "lsun_cat", "lsun_horse", "lsun_horse_nodropout", "ffhq"):
+        assert built[name][1] == expected, name
+    for name in ("imagenet64", "imagenet128", "imagenet256", "imagenet512"):
+        assert built[name][0].num_classes == 1000 and built[name][1]["label_emb.weight"][0] == 1000
+    assert built["imagenet256_uncond"][0].num_classes is None
+    assert diffusion_config_from_guided_flags(guided_preset_flags("imagenet64"))["schedule"] == "cosine"
+    assert built["imagenet64"][0].use_new_attention_order and built["imagenet128"][0].num_heads == 4
+    assert (
+        built["imagenet512"][0].channel_mult[0] == 0.5 and built["imagenet512"][1]["input_blocks.0.0.weight"][0] == 128
+    )
+
+
+def test_convert_job_imports_exports_and_checks(tmp_path, reference_dir):
+    """jobs/convert_checkpoint.py's body: guided .pt -> ours -> safetensors -> guided .pt, each read back with an
+    output difference of exactly 0; a preset of another network is a clear error."""
+    from diffseg.config import ConfigError
+    from diffseg.convert import ConvertConfig, run_convert
+    from diffseg.tracking import TrackingConfig
+
+    ref = torch.load(reference_dir / "adm_tiny_a.pt", map_location="cpu", weights_only=True)
+    torch.save(ref["state_dict"], tmp_path / "a.pt")
+    flags = json.loads((reference_dir / "adm_tiny_a.json").read_text())
+    flag_text = " ".join(f"--{k} {v}" for k, v in flags.items())
+    off = TrackingConfig(enabled=False)
+    steps = [
+        ConvertConfig(src=str(tmp_path / "a.pt"), flags=flag_text, dst=str(tmp_path / "ours.pt"), tracking=off),
+        ConvertConfig(src=str(tmp_path / "ours.pt"), to="safetensors", dst=str(tmp_path / "st"), tracking=off),
+        ConvertConfig(src=str(tmp_path / "st"), to="guided-diffusion", dst=str(tmp_path / "gd.pt"), tracking=off),
+    ]
+    for cfg in steps:
+        assert run_convert(cfg)["max_abs_diff"] == 0.0
+    assert load_checkpoint(tmp_path / "ours.pt").extra["imported_from"] == "guided-diffusion"
+    with torch.no_grad():
+        out = import_guided_diffusion(tmp_path / "gd.pt", json.loads((tmp_path / "gd.json").read_text()))(
+            ref["x"], ref["t"]
+        )
+    torch.testing.assert_close(out, ref["out"], atol=1e-5, rtol=0)
+    bad = ConvertConfig(src=str(tmp_path / "a.pt"), preset="lsun_horse", dst=str(tmp_path / "x.pt"), tracking=off)
+    with pytest.raises(ConfigError, match="preset.*do not fit"):
+        run_convert(bad)

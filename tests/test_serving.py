@@ -45,7 +45,7 @@ from diffseg.serving import (
     to_model_input,
     upsample_result,
 )
-from diffseg.tracking import experiment_id
+from diffseg.tracking import experiment_id, process_tracking_uri
 from diffseg.unet import UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,11 +367,11 @@ def test_resolve_source_paths_and_mlflow_uri(ckpt, tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    exp = experiment_id(mlflow.MlflowClient(uri), uri, "serving")  # artifacts beside the store, not in ./mlruns
-    with mlflow.start_run(experiment_id=exp) as run:
-        mlflow.log_artifact(str(ckpt), "checkpoint")  # what training logs
-    seg = FactorizedSegmenter.load(f"runs:/{run.info.run_id}/checkpoint", device="cpu")
+    with process_tracking_uri(uri):  # not mlflow.set_tracking_uri: it would pin this store for every later test
+        exp = experiment_id(mlflow.MlflowClient(uri), uri, "serving")  # artifacts beside the store, not in ./mlruns
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifact(str(ckpt), "checkpoint")  # what training logs
+        seg = FactorizedSegmenter.load(f"runs:/{run.info.run_id}/checkpoint", device="cpu")
     assert seg.info()["num_components"] == 3 and seg.info()["source"].startswith("runs:/")
 
 

@@ -17,6 +17,7 @@ import torch
 from diffseg.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.config import load_config, replace
 from diffseg.factorized import FactorizedUNet
+from diffseg.runtime import code_runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -109,7 +110,10 @@ def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri, 
     # Factorized samples come with their masks: each sample is image | mask | overlay (3 tiles of 16 px, pad 2).
     from PIL import Image
 
-    assert Image.open(grids[-1]).size == (3 * 2 * (16 + 2) + 2, 16 + 2 + 2)
+    assert Image.open(grids[-1]).size == (
+        3 * (16 + 2) + 2,
+        2 * (16 + 2) + 2,
+    )  # a row per sample: image | mask | overlay
     assert load_checkpoint(arts / "checkpoint" / "checkpoint.pt").step == 30  # the final checkpoint
     assert "num_components: 3" in (arts / "config.yaml").read_text()
 
@@ -177,7 +181,10 @@ def test_non_finite_loss_stops_the_run(tmp_path):
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, object_store_memory=256 * 1024**2)
+    ray.init(
+        address="local", num_cpus=4, num_gpus=0, include_dashboard=False, object_store_memory=256 * 1024**2,
+        runtime_env=code_runtime_env(),  # the workers run this checkout's code, not an installed diffseg
+    )  # fmt: skip
     yield
     ray.shutdown()
 

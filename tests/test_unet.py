@@ -11,7 +11,16 @@ import torch
 
 from diffseg.checkpoint import import_guided_diffusion
 from diffseg.diffusion import GaussianDiffusion, get_named_beta_schedule
-from diffseg.unet import UNET_SIZES, UNet, UNetConfig, build_unet, count_parameters, unet_config_from_guided_flags
+from diffseg.unet import (
+    UNET_SIZES,
+    UNet,
+    UNetConfig,
+    build_unet,
+    count_parameters,
+    guided_flags_from_unet_config,
+    parse_guided_flags,
+    unet_config_from_guided_flags,
+)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -113,6 +122,67 @@ def test_parity_with_guided_diffusion(reference_dir, name):
         torch.testing.assert_close(ours, ref[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(out, ref["out"], atol=1e-5, rtol=0)
     assert out.shape[1] == (6 if flags["learn_sigma"] else 3)
+
+
+def _reference_output(reference_dir, name, flags, state=None, **kwargs):
+    ref = torch.load(reference_dir / f"{name}.pt", map_location="cpu", weights_only=True)
+    model = import_guided_diffusion(state or ref["state_dict"], flags)
+    with torch.no_grad():
+        return model, model(ref["x"], ref["t"], **kwargs), ref["out"]
+
+
+def test_omitted_num_heads_is_guided_diffusions_default_of_4(reference_dir):
+    """Flags that leave num_heads out mean 4 heads (guided-diffusion's scripts: model_and_diffusion_defaults), not
+    create_model's keyword default of 1. The weights load strictly either way, so only the outputs tell: adm_tiny_a
+    attends over 64 channels with 16 per head, i.e. 4 heads; without its head flags it must still match the
+    reference, and the 1-head network it used to build is visibly off."""
+    flags = json.loads((reference_dir / "adm_tiny_a.json").read_text())
+    bare = {k: v for k, v in flags.items() if k not in ("num_heads", "num_head_channels")}
+    model, out, expected = _reference_output(reference_dir, "adm_tiny_a", bare)
+    assert model.cfg.num_heads == 4 and model.cfg.num_head_channels is None
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    _, one_head, _ = _reference_output(reference_dir, "adm_tiny_a", {**bare, "num_heads": 1})
+    assert (one_head - expected).abs().max() > 1e-2  # what omitting the flag silently gave before
+    # adm_tiny_b was built with 2 heads: its flags say so, and they win over the default
+    flags_b = json.loads((reference_dir / "adm_tiny_b.json").read_text())
+    _, out_b, expected_b = _reference_output(reference_dir, "adm_tiny_b", flags_b)
+    torch.testing.assert_close(out_b, expected_b, atol=1e-5, rtol=0)
+
+
+def test_class_conditional_import_has_guided_diffusions_1000_classes(reference_dir):
+    """class_cond=True without num_classes (every guided-diffusion MODEL_FLAGS) imports a 1000-class model (it was a
+    KeyError). adm_tiny_a's weights plus a zero label embedding give the reference output for any class; a non-zero
+    embedding row changes exactly the images of that class."""
+    flags = {**json.loads((reference_dir / "adm_tiny_a.json").read_text()), "class_cond": True}
+    ref = torch.load(reference_dir / "adm_tiny_a.pt", map_location="cpu", weights_only=True)
+    state = {**ref["state_dict"], "label_emb.weight": torch.zeros(1000, 4 * flags["num_channels"])}
+    model, out, expected = _reference_output(reference_dir, "adm_tiny_a", flags, state, y=torch.tensor([0, 999]))
+    assert model.cfg.num_classes == 1000 and model.label_emb.weight.shape == (1000, 128)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    state["label_emb.weight"][7] = 0.5
+    _, out7, _ = _reference_output(reference_dir, "adm_tiny_a", flags, state, y=torch.tensor([7, 999]))
+    assert (out7[0] - expected[0]).abs().max() > 1e-3
+    torch.testing.assert_close(out7[1], expected[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="missing"):  # a class-conditional flag set needs the label embedding
+        import_guided_diffusion(ref["state_dict"], flags)
+
+
+def test_readme_model_flags_parse_and_invert():
+    text = (  # guided-diffusion's README, LSUN models
+        "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 --image_size 256 "
+        "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 "
+        "--resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+    )
+    flags = parse_guided_flags(text)
+    assert flags["learn_sigma"] is True and flags["dropout"] == 0.1 and flags["attention_resolutions"] == "32,16,8"
+    cfg = unet_config_from_guided_flags(flags)
+    assert cfg == UNET_SIZES["adm-lsun256"]()
+    assert unet_config_from_guided_flags(guided_flags_from_unet_config(cfg)) == cfg
+    with pytest.raises(ValueError, match="num_head_channel"):  # a typo is an error, never a silent default
+        unet_config_from_guided_flags({"image_size": 64, "num_head_channel": 64})
+    # ImageNet-512 starts at half width: its channel_mult is only expressible as guided-diffusion's default
+    big = unet_config_from_guided_flags({"image_size": 512, "num_channels": 256, "num_head_channels": 64})
+    assert big.channel_mult[0] == 0.5 and guided_flags_from_unet_config(big)["channel_mult"] == ""
 
 
 def test_guided_flags_translation():

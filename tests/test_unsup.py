@@ -243,15 +243,16 @@ def test_sample_job_writes_grid_strip_and_pairs(tiny_setup, method, steps):
     columns = res["steps"] // res["record_every"]
     assert strip.shape[1] == columns * (SIZE + 2) + 2  # one column per recorded step
     assert strip.shape[0] == 2 * 3 * (SIZE + 2) + 2  # 2 images x (x_t, x_0, mask) rows
-    # grid.png: per sample, image | argmax mask | overlay; the tiles are the very images and masks written
+    # grid.png: a row per sample (3 samples: about square), image | argmax mask | overlay; the tiles are the very
+    # images and masks written
     grid_png = np.asarray(Image.open(run / "grid.png"))
-    assert grid_png.shape == (SIZE + 4, 3 * 3 * (SIZE + 2) + 2, 3)
+    assert grid_png.shape == (3 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)
     for i in range(3):
         np.testing.assert_array_equal(
-            tile(grid_png, 0, 3 * i, SIZE), np.asarray(Image.open(run / "images" / f"{i:05d}.png"))
+            tile(grid_png, i, 0, SIZE), np.asarray(Image.open(run / "images" / f"{i:05d}.png"))
         )
         mask = np.asarray(Image.open(run / "masks" / f"{i:05d}.png"))
-        np.testing.assert_array_equal(tile(grid_png, 0, 3 * i + 1, SIZE), colorize(mask, 3))
+        np.testing.assert_array_equal(tile(grid_png, i, 1, SIZE), colorize(mask, 3))
 
 
 def test_evaluate_job_end_to_end(tiny_setup):

@@ -26,15 +26,16 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from diffseg.config import InputPath, OutputPath, atomic_write, save_config
+from diffseg.config import InputPath, OutputPath, atomic_write, save_config, to_dict
 from diffseg.data import IMAGE_EXTS, DataError
+from diffseg.tracking import Tracker, TrackingConfig
 
 _log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class PrepareConfig:
     per_object: bool = False  # DAVIS: one class per object id (object_1, ...) instead of background/foreground
     frame_stride: int = 1  # DAVIS: take every Nth annotated frame of each sequence
     resolution: str = "480p"  # DAVIS: the resolution folder under JPEGImages/ and Annotations/
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow: the run (params, item counts)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -411,9 +413,17 @@ def convert(cfg: PrepareConfig, log: Callable[[str], None] | None = _log.info) -
 
 
 def prepare(cfg: PrepareConfig) -> Path:
-    """The body of jobs/prepare_data.py: `convert`, then save the resolved config beside the output."""
-    dst = convert(cfg)
-    save_config(cfg, dst / "prepare_config.yaml")
+    """The body of jobs/prepare_data.py: `convert`, then save the resolved config beside the output (an MLflow run,
+    named prepare-<layout>)."""
+    with Tracker(cfg.tracking, f"prepare-{cfg.layout}") as tracker:
+        tracker.log_params(to_dict(cfg))
+        dst = convert(cfg)
+        save_config(cfg, dst / "prepare_config.yaml")
+        meta = json.loads((dst / "dataset.json").read_text())
+        num = sum(1 for _ in (dst / "masks").glob("*.png"))
+        tracker.log_metrics({"data/items": num, "data/classes": len(meta["classes"])})
+        tracker.set_tags({"diffseg.data": str(dst.resolve())})
+        tracker.log_artifact(dst / "dataset.json")
     _log.info(f"[prepare] data set : {dst.resolve()}")
     _log.info(f"[prepare] config   : {dst.resolve() / 'prepare_config.yaml'}")
     _log.info(f"[prepare] use it   : data.name=folder data.root={dst.resolve()}")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from diffseg import storage
@@ -44,7 +45,14 @@ from diffseg.config import atomic_write, from_dict, to_dict
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.models import ModelConfig, build_model
 from diffseg.runtime import resolve_device
-from diffseg.unet import UNet, UNetConfig, unet_config_from_guided_flags
+from diffseg.unet import (
+    GUIDED_DIFFUSION_DEFAULTS,
+    UNet,
+    UNetConfig,
+    guided_flags_from_unet_config,
+    parse_guided_flags,
+    unet_config_from_guided_flags,
+)
 
 FORMAT = "diffseg/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -273,20 +281,55 @@ def save_checkpoint(
     return write_payload(path, payload)
 
 
+MLMODEL_FILE = "MLmodel"  # marks an MLflow model folder (our pyfunc models keep their files under data/)
+MODEL_SPEC = "spec.json"  # in data/: what kind of diffseg model it is and which files make it (diffseg.pyfunc)
+SAFETENSORS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the diffusers file names of an exported model folder
+SAFETENSORS_CONFIG = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+SAFETENSORS_FORMAT = "diffseg-safetensors/1"
+
+
+def mlflow_model_data(folder: Path) -> Path:
+    """The data folder of an MLflow pyfunc model folder (its MLmodel's `python_function.data`)."""
+    try:
+        meta = yaml.safe_load((folder / MLMODEL_FILE).read_text()) or {}
+        data = meta["flavors"]["python_function"]["data"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/{MLMODEL_FILE}: not a pyfunc model with a data folder ({e})") from None
+    return folder / data
+
+
+def checkpoint_file(path: str | os.PathLike, source: str | None = None) -> tuple[Path, str | None]:
+    """The file to read for a checkpoint given as a file or a folder (a run folder, an MLflow model, a safetensors
+    export), and how errors name it; FileNotFoundError naming what was looked for otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, source
+    where = source or str(path)
+    if (path / MLMODEL_FILE).is_file():  # an MLflow model (a downloaded models:/ or runs:/ URI)
+        data = mlflow_model_data(path)
+        return checkpoint_file(data, f"{where}/{data.relative_to(path)}" if source else None)
+    for name in (CHECKPOINT_NAME, SAFETENSORS_WEIGHTS):
+        if (path / name).is_file():
+            return path / name, f"{source}/{name}" if source else None
+    raise FileNotFoundError(
+        f"{where}: a folder without {CHECKPOINT_NAME} (a run folder), {SAFETENSORS_WEIGHTS} + {SAFETENSORS_CONFIG} "
+        f"(a safetensors export) or {MLMODEL_FILE} (an MLflow model)"
+    )
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", *, source: str | None = None
 ) -> Checkpoint:
-    """Read a checkpoint (a file, or a run folder holding checkpoint.pt), verifying every tensor's SHA-256.
+    """Read a checkpoint, verifying every tensor's SHA-256: our file, a run folder holding checkpoint.pt, an MLflow
+    model folder (`diffseg.pyfunc`: the checkpoint is under data/), or a safetensors export (`export_safetensors`).
 
     `source` is how errors name the file when `path` is a local copy of it (a downloaded URI). Every failure is a
     CheckpointError (FileNotFoundError when there is no file) that names the file and says what is wrong with it.
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CHECKPOINT_NAME).is_file():
-            raise FileNotFoundError(f"{source or path}: a folder without {CHECKPOINT_NAME}")
-        path = path / CHECKPOINT_NAME
-        source = f"{source}/{CHECKPOINT_NAME}" if source else None
+    path, source = checkpoint_file(path, source)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path.parent, source=source)
     where = source or str(path)
     payload = read_payload(path, FORMAT, source=source)
     missing = [k for k in ("config", "model", "step") if k not in payload]
@@ -400,7 +443,7 @@ def load_diffusion_model(
         config=ckpt.config,
         step=ckpt.step,
         source=str(source),
-        path=path if path.is_file() else path / CHECKPOINT_NAME,
+        path=checkpoint_file(path)[0],
         weights=weights,
     )
 
@@ -421,13 +464,129 @@ def import_guided_diffusion(
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = UNet(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    where = "guided-diffusion weights" if isinstance(weights, dict) else str(weights)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit: other flags (a preset of another model?)
+        raise ValueError(f"{where}: the weights do not fit the flags' network (size mismatch): {str(e)[:600]}") from e
     if missing or unexpected:
         raise ValueError(
-            f"guided-diffusion weights do not match the flags: {len(missing)} missing keys {missing[:8]}, "
+            f"{where}: the weights do not match the flags: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}"
         )
     return model.eval()
+
+
+def diffusion_config_from_guided_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The process a guided-diffusion flag set describes, as our `diffusion` config section.
+
+    Sampling-only flags (timestep_respacing) and training-only ones (use_kl, rescale_learned_sigmas) do not change
+    what the network computes and are ignored; flags that do and that we do not implement are an error."""
+    f = {**GUIDED_DIFFUSION_DEFAULTS, **{k: v for k, v in flags.items() if k in GUIDED_DIFFUSION_DEFAULTS}}
+    steps = int(f["diffusion_steps"])
+    if f["predict_xstart"]:
+        raise ValueError("predict_xstart=True: the network predicts x_0, not eps; diffseg's process predicts eps")
+    if f["rescale_timesteps"] and steps != 1000:
+        raise ValueError("rescale_timesteps=True with diffusion_steps != 1000 feeds the network t * 1000 / T")
+    if f["noise_schedule"] not in ("linear", "cosine"):
+        raise ValueError(f"noise_schedule {f['noise_schedule']!r}: diffseg has linear and cosine")
+    return {"num_timesteps": steps, "schedule": f["noise_schedule"]}
+
+
+@dataclass(frozen=True)
+class GuidedPreset:
+    """A published guided-diffusion (ADM) checkpoint: its file, where it is published, and its MODEL_FLAGS."""
+
+    file: str  # the checkpoint's file name as published
+    url: str  # where it is downloaded from
+    flags: str  # its MODEL_FLAGS, as the README that publishes it writes them
+    note: str  # what it is
+
+
+_ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021"
+_LSUN_FLAGS = (  # openai/guided-diffusion README, "LSUN models"; ddpm-segmentation trains FFHQ-256 with the same flags
+    "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 --image_size 256 "
+    "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 "
+    "--resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+)
+_IMAGENET_256_FLAGS = (
+    "--attention_resolutions 32,16,8 --class_cond {cond} --diffusion_steps 1000 --image_size 256 --learn_sigma True "
+    "--noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
+    "--use_fp16 True --use_scale_shift_norm True"
+)
+# The published ADM checkpoints and the exact flags of the README that publishes them (openai/guided-diffusion, and
+# yandex-research/ddpm-segmentation for FFHQ-256: scripts/ddpm/train_interpreter.sh). The LSUN and FFHQ models are the
+# label-efficient paper's backbones (blocks dec.5,6,7,8,12 at t = 50,150,250).
+GUIDED_PRESETS: dict[str, GuidedPreset] = {
+    "lsun_bedroom": GuidedPreset(
+        "lsun_bedroom.pt", f"{_ADM}/lsun_bedroom.pt", _LSUN_FLAGS, "LSUN bedroom 256, unconditional"
+    ),
+    "lsun_cat": GuidedPreset("lsun_cat.pt", f"{_ADM}/lsun_cat.pt", _LSUN_FLAGS, "LSUN cat 256, unconditional"),
+    "lsun_horse": GuidedPreset("lsun_horse.pt", f"{_ADM}/lsun_horse.pt", _LSUN_FLAGS, "LSUN horse 256, unconditional"),
+    "lsun_horse_nodropout": GuidedPreset(
+        "lsun_horse_nodropout.pt", f"{_ADM}/lsun_horse_nodropout.pt",
+        _LSUN_FLAGS.replace("--dropout 0.1", "--dropout 0.0"),
+        "LSUN horse 256 trained without dropout",
+    ),
+    "ffhq": GuidedPreset(
+        "ffhq.pt", "https://storage.yandexcloud.net/yandex-research/ddpm-segmentation/models/ddpm_checkpoints/ffhq.pt",
+        _LSUN_FLAGS, "FFHQ-256, unconditional (trained by the label-efficient paper's authors)",
+    ),
+    "imagenet64": GuidedPreset(
+        "64x64_diffusion.pt", f"{_ADM}/64x64_diffusion.pt",
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 --image_size 64 "
+        "--learn_sigma True --noise_schedule cosine --num_channels 192 --num_head_channels 64 --num_res_blocks 3 "
+        "--resblock_updown True --use_new_attention_order True --use_fp16 True --use_scale_shift_norm True",
+        "ImageNet 64, class-conditional (1000 classes), cosine schedule",
+    ),
+    "imagenet128": GuidedPreset(
+        "128x128_diffusion.pt", f"{_ADM}/128x128_diffusion.pt",
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 128 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_heads 4 --num_res_blocks 2 --resblock_updown True "
+        "--use_fp16 True --use_scale_shift_norm True",
+        "ImageNet 128, class-conditional",
+    ),
+    "imagenet256": GuidedPreset(
+        "256x256_diffusion.pt", f"{_ADM}/256x256_diffusion.pt", _IMAGENET_256_FLAGS.format(cond="True"),
+        "ImageNet 256, class-conditional",
+    ),
+    "imagenet256_uncond": GuidedPreset(
+        "256x256_diffusion_uncond.pt", f"{_ADM}/256x256_diffusion_uncond.pt", _IMAGENET_256_FLAGS.format(cond="False"),
+        "ImageNet 256, unconditional",
+    ),
+    "imagenet512": GuidedPreset(
+        "512x512_diffusion.pt", f"{_ADM}/512x512_diffusion.pt",
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 512 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
+        "--use_fp16 False --use_scale_shift_norm True",
+        "ImageNet 512, class-conditional",
+    ),
+}  # fmt: skip
+
+
+def guided_preset_flags(name: str) -> dict[str, Any]:
+    """The flags dict of a published checkpoint (`GUIDED_PRESETS`), with an error that lists the names."""
+    if name not in GUIDED_PRESETS:
+        raise KeyError(f"unknown guided-diffusion preset {name!r}; known: {sorted(GUIDED_PRESETS)}")
+    return parse_guided_flags(GUIDED_PRESETS[name].flags)
+
+
+def guided_checkpoint(
+    src: str | os.PathLike | dict[str, torch.Tensor],
+    flags: dict[str, Any],
+    diffusion: dict[str, Any] | None = None,
+    preset: str | None = None,
+) -> Checkpoint:
+    """A guided-diffusion checkpoint as one of ours, in memory: the network its flags describe (strict load), the
+    process they describe unless `diffusion` is given; the flags (and preset) travel in `extra`."""
+    model = import_guided_diffusion(src, flags)
+    config = {
+        "model": to_dict(ModelConfig(kind="ddpm", unet=model.cfg)),
+        "diffusion": diffusion or diffusion_config_from_guided_flags(flags),
+        "source": str(src) if not isinstance(src, dict) else "state dict",
+    }
+    extra = {"imported_from": "guided-diffusion", "guided_flags": json.dumps(flags), "preset": preset or ""}
+    return Checkpoint(config=config, model=model.state_dict(), ema=None, optimizer=None, step=0, extra=extra)
 
 
 def convert_guided_diffusion(
@@ -435,19 +594,18 @@ def convert_guided_diffusion(
     flags: dict[str, Any],
     dst: str | os.PathLike,
     diffusion: dict[str, Any] | None = None,
+    preset: str | None = None,
 ) -> Path:
     """Write a guided-diffusion checkpoint in our format, so every job can take it as a backbone."""
-    model = import_guided_diffusion(src, flags)
-    config = {
-        "model": to_dict(ModelConfig(kind="ddpm", unet=model.cfg)),
-        "diffusion": diffusion
-        or {
-            "num_timesteps": int(flags.get("diffusion_steps", 1000)),
-            "schedule": flags.get("noise_schedule", "linear"),
-        },
-        "source": str(src),
-    }
-    return save_checkpoint(dst, config=config, model=model, step=0, extra={"imported_from": "guided-diffusion"})
+    return save_checkpoint_as(guided_checkpoint(src, flags, diffusion, preset), dst)
+
+
+def save_checkpoint_as(ckpt: Checkpoint, dst: str | os.PathLike) -> Path:
+    """Write a Checkpoint (loaded, imported, converted) in our format."""
+    return save_checkpoint(
+        dst, config=ckpt.config, model=ckpt.model, ema=ckpt.ema, optimizer=ckpt.optimizer, step=ckpt.step,
+        extra=ckpt.extra,
+    )  # fmt: skip
 
 
 def export_weights(
@@ -482,3 +640,146 @@ def export_weights(
     return save_checkpoint(
         dst, config=ckpt.config, model=cast, step=ckpt.step, extra={**ckpt.extra, "export": {**info, **(extra or {})}}
     )
+
+
+# ---------------------------------------------------------------------------------------------------- exports
+def _export_weights(ckpt: Checkpoint, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    use = use_ema and ckpt.ema is not None
+    return (ckpt.ema if use else ckpt.model), ("ema" if use else "model")
+
+
+def scheduler_config(diffusion: DiffusionConfig, learn_sigma: bool) -> dict[str, Any]:
+    """The process as a diffusers `DDPMScheduler` config. guided-diffusion's linear schedule scaled to T (betas from
+    1e-4 * 1000/T to 0.02 * 1000/T) is diffusers' "linear" with those endpoints; its cosine schedule is
+    "squaredcos_cap_v2" (both clip betas at 0.999)."""
+    scale = 1000 / diffusion.num_timesteps
+    out: dict[str, Any] = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": diffusion.num_timesteps,
+        "prediction_type": "epsilon",
+        "variance_type": "learned_range" if learn_sigma else "fixed_small",
+        "clip_sample": True,
+    }
+    if diffusion.schedule == "linear":
+        out.update(beta_schedule="linear", beta_start=1e-4 * scale, beta_end=0.02 * scale)
+    else:
+        out.update(beta_schedule="squaredcos_cap_v2")
+    return out
+
+
+def export_safetensors(
+    src: str | os.PathLike | Checkpoint, dst: str | os.PathLike, use_ema: bool = True, dtype: torch.dtype | None = None
+) -> Path:
+    """A model folder as the diffusers ecosystem shares them: `diffusion_pytorch_model.safetensors` (the EMA weights,
+    or the raw ones; guided-diffusion's key names), `config.json` (our model and diffusion config, class name, step)
+    and `scheduler_config.json` (the process as a DDPMScheduler config). The SHA-256 of every tensor travels in the
+    safetensors metadata; `load_checkpoint` / `load_diffusion_model` read the folder back (no pickle involved).
+    Returns the folder. `dtype` casts the floating-point weights (e.g. torch.float16)."""
+    ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
+    from safetensors.torch import save  # lazy: only exports and safetensors loads need it
+
+    weights, which = _export_weights(ckpt, use_ema)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and torch.is_floating_point(v) else v).detach().cpu().contiguous()
+        for k, v in weights.items()
+    }
+    model_cfg, diff_cfg = ckpt.model_config, ckpt.diffusion_config
+    config = {
+        "_class_name": "FactorizedUNet" if model_cfg.kind == "factorized" else "UNet",
+        "_diffseg_format": SAFETENSORS_FORMAT,
+        "_note": "diffseg's ADM U-Net (guided-diffusion key names): load with diffseg.checkpoint.load_diffusion_model",
+        "model": to_dict(model_cfg),
+        "diffusion": to_dict(diff_cfg),
+        "step": ckpt.step,
+        "weights": which,
+        "run_config": ckpt.config,
+    }
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    digests = json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)
+    meta = {"format": SAFETENSORS_FORMAT, "sha256": digests, "step": str(ckpt.step), "weights": which}
+    blob = save(tensors, metadata=meta)  # bytes: written through atomic_write (safetensors' writer wants a path)
+    atomic_write(out / SAFETENSORS_WEIGHTS, lambda tmp: Path(tmp).write_bytes(blob))
+    learn_sigma = bool(model_cfg.unet.learn_sigma)
+    for name, data in ((SAFETENSORS_CONFIG, config), (SCHEDULER_CONFIG, scheduler_config(diff_cfg, learn_sigma))):
+        text = json.dumps(data, indent=1)
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    return out
+
+
+def load_safetensors(folder: str | os.PathLike, *, source: str | None = None) -> Checkpoint:
+    """A folder written by `export_safetensors` -> a Checkpoint (weights as `model`, no EMA or optimizer), every
+    tensor checked against the SHA-256 in the file's metadata."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    where = source.rsplit("/", 1)[0] if source else str(folder)
+    weights_file, config_file = folder / SAFETENSORS_WEIGHTS, folder / SAFETENSORS_CONFIG
+    for f in (weights_file, config_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{where}: no {f.name} (a safetensors export has {SAFETENSORS_WEIGHTS} and "
+                                    f"{SAFETENSORS_CONFIG})")  # fmt: skip
+    try:
+        with safe_open(str(weights_file), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: damaged: {e}") from e
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}/{SAFETENSORS_CONFIG}: not JSON ({e})") from None
+    if config.get("_diffseg_format") != SAFETENSORS_FORMAT or "model" not in config:
+        raise CheckpointError(
+            f"{where}/{SAFETENSORS_CONFIG}: not a diffseg export (no _diffseg_format {SAFETENSORS_FORMAT!r}); a "
+            "diffusers UNet2DModel folder is a feature backbone as diffusers:<folder>"
+        )
+    if "sha256" not in meta:
+        raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: no SHA-256 record in its metadata; refused")
+    expected = json.loads(meta["sha256"])
+    if sorted(expected) != sorted(tensors):
+        raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: its tensors are not those of its SHA-256 record")
+    for name, tensor in tensors.items():
+        if tensor_digest(tensor) != expected[name]:
+            raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: tensor {name!r} does not match its SHA-256")
+    run_config = dict(config.get("run_config") or {})
+    run_config.update(model=config["model"], diffusion=config.get("diffusion") or {})
+    return Checkpoint(
+        config=run_config,
+        model=tensors,
+        ema=None,
+        optimizer=None,
+        step=int(config.get("step", 0)),
+        extra={"imported_from": "safetensors", "weights": config.get("weights", "model")},
+    )
+
+
+def export_guided_diffusion(
+    src: str | os.PathLike | Checkpoint, dst: str | os.PathLike, use_ema: bool = True
+) -> tuple[Path, dict[str, Any]]:
+    """A guided-diffusion checkpoint: the bare state dict (`torch.save`, fp32; our U-Net's keys are guided-diffusion's)
+    at `dst`, and its flags beside it (`dst` with .json: create_model + diffusion flags, the form of the reference
+    vectors' .json) -> (the .pt, the flags). `scripts/image_sample.py` of openai/guided-diffusion loads it with those
+    flags; `import_guided_diffusion` / `jobs/convert_checkpoint.py flags=...` bring it back. DDPM U-Nets only: the
+    factorized model has no guided-diffusion counterpart."""
+    ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
+    model_cfg, diff_cfg = ckpt.model_config, ckpt.diffusion_config
+    if model_cfg.kind != "ddpm":
+        raise ValueError(f"a {model_cfg.kind} model has no guided-diffusion counterpart; export it to safetensors")
+    flags = {
+        **guided_flags_from_unet_config(model_cfg.unet),
+        "diffusion_steps": diff_cfg.num_timesteps,
+        "noise_schedule": diff_cfg.schedule,
+    }
+    weights, _ = _export_weights(ckpt, use_ema)
+    state = {k: (v.float() if torch.is_floating_point(v) else v).detach().cpu().clone() for k, v in weights.items()}
+    out = atomic_torch_save(state, dst)
+    text = json.dumps(flags, indent=1)
+    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    return out, flags
+
+
+def guided_model_flags(flags: dict[str, Any]) -> str:
+    """A flags dict as the MODEL_FLAGS string guided-diffusion's scripts take ("--image_size 256 ...")."""
+    return " ".join(f"--{k} {v}" for k, v in flags.items())

@@ -56,7 +56,7 @@ from diffseg.report import markdown_table
 from diffseg.runtime import resolve_device
 from diffseg.segment import FactorizedSegmenter
 from diffseg.segmenter import Segmenter, num_labels, segment_dataset
-from diffseg.tracking import Tracker, TrackingConfig
+from diffseg.tracking import Tracker, TrackingConfig, status_for
 from diffseg.unet import UNetConfig
 from diffseg.viz import comparison_grid, grid, overlay, save_png, to_uint8
 
@@ -565,8 +565,8 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
         for path in [out / "table.md", out / "table.csv", out / "results.json", out / "config.yaml", *figures]:
             tracker.log_artifact(path, "figures" if path.suffix == ".png" else None)
         tracker.finish()
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:
+        tracker.finish(status_for(e))  # FAILED, or KILLED for an interrupt
         raise
     log.info(md)
     log.info(f"[evaluate] table -> {out / 'table.md'}, {out / 'table.csv'}; figures -> {out / 'figures'}")

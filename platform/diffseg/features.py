@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -48,6 +49,7 @@ from diffseg.data import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.runtime import decide_gpu, init_ray, resolve_device
 from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
+from diffseg.tracking import Tracker, TrackingConfig, current_run_id
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +450,7 @@ class ExtractJobConfig:
     gpus_per_actor: float = -1.0  # -1 = auto: 1 when the cluster has GPUs or can start GPU nodes, else 0
     read_batch_size: int = 8  # images per read task
     ray_num_cpus: int = 0  # logical CPUs of a locally started Ray (0 = Ray's default); ignored with RAY_ADDRESS
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (nested in the caller's run, if any)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -473,9 +476,20 @@ def shard_dir(cfg: ExtractJobConfig) -> str:
 
 
 def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
-    """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary."""
-
+    """Read the split with Ray Data, extract on an actor pool, write shards + `extract_config.yaml`; a summary. An
+    MLflow run of its own, nested under the run of a job that calls it (a comparison's variant)."""
     cfg = resolve_paths(cfg)  # in the driver: the actors run elsewhere
+    with Tracker(cfg.tracking, cfg.name, parent_run_id=current_run_id()) as tracker:
+        tracker.log_params(to_dict(cfg))
+        summary = _extract(cfg)
+        tracker.log_metrics({f"extract/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracker.set_tags({"diffseg.shard_dir": summary["shard_dir"], "diffseg.recipe_hash": summary["recipe_hash"]})
+        if not storage.is_remote(summary["shard_dir"]):  # a shard set on an object store stays there
+            tracker.log_artifact(Path(summary["shard_dir"]) / "extract_config.yaml")
+    return summary
+
+
+def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
     init_ray(cfg.ray_num_cpus)
     out = shard_dir(cfg)
     storage.makedirs(out)

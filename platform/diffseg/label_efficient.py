@@ -40,6 +40,7 @@ from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.evaluate import EvalResult, evaluate_segmenter
 from diffseg.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig, TrainResult, train_ensemble
+from diffseg.pyfunc import log_bundle_model
 from diffseg.report import markdown_table
 from diffseg.runtime import resolve_device
 from diffseg.shards import ShardSet
@@ -174,6 +175,7 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     for name in ("segmenter.pt", "overlays.png", "per_image.csv", "metrics.json", "config.yaml"):
         if (out / name).exists():
             tracker.log_artifact(out / name)
+    log_bundle_model(tracker, out / "segmenter.pt")  # an MLflow model (registered as tracking.register_as)
     tracker.finish()
     miou = result.metrics["test/miou"]
     log.info(f"[pixel] test mIoU {miou:.4f} over {result.num_images} images -> {out}")
@@ -270,6 +272,9 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         child = Tracker(cfg.tracking, f"{cfg.name}/{variant}", parent_run_id=parent.run_id)
         seg, info = train_variant(variant, cfg, out, device, child)
+        if variant != "supervised":  # the pixel ensemble's bundle as an MLflow model (registered on request)
+            reg = cfg.tracking.register_as
+            log_bundle_model(child, out / variant / "segmenter.pt", register_as=f"{reg}-{variant}" if reg else None)
         names = info.pop("names")
         result = evaluate_segmenter(
             seg, test, class_names=names, ignore_index=info.pop("ignore"), out_dir=out / variant

@@ -4,7 +4,9 @@
 
 `--help` lists every config key with its default and comment; `--dry-run` prints the resolved config and runs its
 cross-field checks; a bad key, value or cross-field combination exits with status 2 and a message naming the key;
-bad input data (`DataError`) exits with its message, which names the file. A job file is a launcher only:
+bad input data (`DataError`) exits with its message, which names the file. SIGTERM (`ray job stop`, `kill`) raises
+`JobInterrupted` so the job unwinds; however the job ends, the MLflow runs it left open are ended with the status that
+says how (FINISHED, FAILED, KILLED: `diffseg.tracking`). A job file is a launcher only:
 
     def main(argv=None):
         return run_job(SampleJobConfig, run_sample_job, argv, doc=__doc__)
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 from diffseg.config import ConfigError, parse_job_args
 from diffseg.data import DataError
 from diffseg.runtime import setup_logging
+from diffseg.tracking import end_live_runs, sigterm_interrupts
 
 T = TypeVar("T")
 
@@ -55,6 +58,13 @@ def run_job(
     names = [flag.lstrip("-").replace("-", "_") for flag in flags or {}]
     kwargs = {name: getattr(args, name) for name in names}
     try:
-        return run(cfg, **kwargs)
+        with sigterm_interrupts():
+            result = run(cfg, **kwargs)
     except (ConfigError, DataError) as e:
+        end_live_runs(e)
         sys.exit(f"error: {e}")
+    except BaseException as e:
+        end_live_runs(e)
+        raise
+    end_live_runs(None)  # a run the job left open ends with it
+    return result

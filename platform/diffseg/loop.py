@@ -51,11 +51,12 @@ from diffseg.data import DataConfig, build_dataset, stack
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
 from diffseg.factorized import FactorizedUNet
 from diffseg.models import EMA, ModelConfig, build_model
+from diffseg.pyfunc import log_checkpoint_model
 from diffseg.runtime import image_generators, resolve_device
 from diffseg.sampling import sample
-from diffseg.segment import mask_diagnostics
+from diffseg.segment import heldout_eps_mse, mask_diagnostics, segment_images
 from diffseg.storage import fetch_file, is_remote, put_file
-from diffseg.tracking import Tracker, TrackingConfig, flatten
+from diffseg.tracking import Tracker, TrackingConfig, flatten, status_for
 from diffseg.viz import sample_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -83,17 +84,20 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory format; auto = on for CUDA
     num_data_workers: int = 0  # DataLoader worker processes per training worker
-    eval_every: int = 0  # factorized: steps between mask diagnostics on held-out images (see `eval`; 0 = never)
+    eval_every: int = 0  # steps between validations on held-out images (`eval`): factorized mask diagnostics and
+    # held-out eps-MSE, DDPM held-out eps-MSE (val/...); 0 = never
     max_minutes: float = 0.0  # stop (final checkpoint, samples, diagnostics) after this much training; 0 = no limit
 
 
 @dataclass(frozen=True)
 class MaskEvalConfig:
-    """Mask diagnostics of a factorized run (`loop.eval_every`): held-out images whose masks are used ONLY to score."""
+    """Validation during training (`loop.eval_every`): held-out images (and, factorized, their masks, used ONLY to
+    score the masks); a DDPM run is validated by its held-out denoising loss."""
 
     data: DataConfig | None = None  # images with masks; None = the training data's held-out split (data.num_test)
     split: Literal["train", "test", "all"] = "test"  # which split of `data`
     num_images: int = 32  # the first N images of the split
+    num_figure_images: int = 8  # factorized: held-out images in the val/masks figure logged at every validation
     protocol: Literal["foreground", "multiclass"] = "foreground"  # fg IoU (binary gt) or Hungarian mIoU (classes)
     t: int = 30  # noise level of the segmentation pass
     seed: int = 0  # noise seed (image i has its own generator: paired across runs)
@@ -119,7 +123,7 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # steps, logging, checkpoints, samples
     scaling: ScalingSection = field(default_factory=ScalingSection)  # workers, GPUs, fault tolerance
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
-    eval: MaskEvalConfig = field(default_factory=MaskEvalConfig)  # factorized mask diagnostics (loop.eval_every)
+    eval: MaskEvalConfig = field(default_factory=MaskEvalConfig)  # validation on held-out data (loop.eval_every)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and by `fit`)."""
@@ -472,8 +476,8 @@ def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, devi
 
 
 def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The held-out images and masks of the mask diagnostics (`eval`), or None when `loop.eval_every` is 0."""
-    if not cfg.loop.eval_every or cfg.model.kind != "factorized":
+    """The held-out images (and, factorized, masks) of the validation (`eval`), or None when `loop.eval_every` is 0."""
+    if not cfg.loop.eval_every:
         return None
     data = cfg.eval.data or cfg.data
     dataset = build_dataset(data, split=cfg.eval.split)
@@ -483,6 +487,10 @@ def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
             "diagnostics need >= 2 (set data.num_test, or eval.data / eval.split)"
         )
     items = stack(dataset, limit=cfg.eval.num_images)
+    if cfg.model.kind != "factorized":  # a DDPM is validated on its held-out denoising loss: images only
+        if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
+            raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+        return {"image": items["image"]}
     if "mask" not in items:
         raise ValueError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
     if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
@@ -557,12 +565,19 @@ def fit(
             if rank == 0:
                 path = state.save(Path(tmp) / CHECKPOINT_NAME)
                 put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
-                if final:  # the final checkpoint, also on remote storage
-                    tracker.log_artifact(path, "checkpoint")
+                if final:  # the final checkpoint, also on remote storage, and the model in MLflow (registered
+                    tracker.log_artifact(path, "checkpoint")  # as tracking.register_as when set)
+                    log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
                 ckpt_dir = path.parent
             ctx.report({**metrics, "step": state.step}, ckpt_dir)
 
     def run_diagnostics() -> None:
+        if cfg.model.kind != "factorized":  # DDPM: the held-out denoising loss of the EMA weights
+            m = heldout_eps_mse(state.ema.model, state.diffusion, eval_set["image"], seed=cfg.eval.seed)
+            state.evals.append({"step": state.step, **m})
+            tracker.log_metrics(m, state.step)
+            log.info(f"[train] eval step {state.step}: eps_mse {m['val/eps_mse']:.4f} (EMA, held out)")
+            return
         data = (state.diffusion, eval_set["image"], eval_set["mask"], cfg.eval.protocol, eval_set["num_classes"])
         m = mask_diagnostics(state.ema.model, *data, t=cfg.eval.t, seed=cfg.eval.seed)
         raw = mask_diagnostics(  # the raw weights: their masks only (no held-out eps-MSE)
@@ -571,6 +586,11 @@ def fit(
         m.update(raw)
         state.evals.append({"step": state.step, **m})
         tracker.log_metrics(m, state.step)
+        if n := min(cfg.eval.num_figure_images, len(eval_set["image"])):  # image | masks | overlay, by step
+            images = eval_set["image"][:n]
+            gens = image_generators(cfg.eval.seed, range(n))  # the diagnostics' noise for these images
+            masks = segment_images(state.ema.model, state.diffusion, images, t=cfg.eval.t, generator=gens)["masks"]
+            tracker.log_image(sample_grid(images, masks.cpu()), "val/masks", state.step)
         score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
         log.info(
             f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
@@ -586,9 +606,11 @@ def fit(
         )
         name = f"step_{state.step:07d}.png"
         with staging_dir(run_uri(cfg, "samples", name)) as tmp:
-            path = save_png(sample_grid(images, masks), Path(tmp) / name)
+            grid = sample_grid(images, masks)
+            path = save_png(grid, Path(tmp) / name)
             put_file(path, run_uri(cfg, "samples", name))
             tracker.log_artifact(path, "samples")
+        tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
         log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
 
     try:
@@ -659,7 +681,7 @@ def fit(
             "stopped_early": stopped_early,
             "train_seconds": time.perf_counter() - started,
         }
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")  # a restarted worker (or a re-run) sets this MLflow run RUNNING again
+    except BaseException as e:
+        if tracker is not None:  # FAILED, or KILLED for an interrupt; a restarted worker (or a re-run) sets it
+            tracker.finish(status_for(e))  # RUNNING again
         raise

@@ -34,7 +34,7 @@ from diffseg.data import build_dataset, stack
 from diffseg.diffusion import randn
 from diffseg.loop import TrainConfig, build_batches, build_train_state, step_generator, train_step
 from diffseg.runtime import image_generators, resolve_device
-from diffseg.tracking import Tracker, TrackingConfig
+from diffseg.tracking import Tracker, TrackingConfig, status_for
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def run(cfg: OracleConfig) -> dict[str, Any]:
         for path in (out / "table.md", out / "results.json", out / "relative_mse.png"):
             tracker.log_artifact(path)
         tracker.finish()
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:
+        tracker.finish(status_for(e))  # FAILED, or KILLED for an interrupt
         raise
     log.info(md)
     log.info("oracle table -> %s", out / "table.md")

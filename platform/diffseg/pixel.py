@@ -43,6 +43,7 @@ for DatasetDDPM filtering).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -58,7 +59,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from diffseg.checkpoint import CheckpointError, read_payload, write_payload
+from diffseg.checkpoint import (
+    MLMODEL_FILE,
+    MODEL_SPEC,
+    CheckpointError,
+    mlflow_model_data,
+    read_payload,
+    write_payload,
+)
 from diffseg.config import from_dict, to_dict
 from diffseg.data import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
 from diffseg.features import FeatureConfig, FeaturePipeline
@@ -66,6 +74,35 @@ from diffseg.runtime import resolve_device
 from diffseg.segmenter import Segmentation
 
 BUNDLE_FORMAT = "diffseg-pixel-segmenter/1"
+BUNDLE_FILE = "segmenter.pt"  # the bundle's name inside an MLflow model's data/ folder
+BACKBONE_DIR = "backbone"  # a packaged backbone inside data/ (diffseg.pyfunc)
+BACKBONE_PREFIXES = ("random:", "diffusers:")  # backbone specs that wrap a checkpoint or a folder (features.py)
+
+
+def split_backbone(spec: str) -> tuple[str, str]:
+    """ "random:runs/x.pt" -> ("random:", "runs/x.pt"); "runs/x.pt" -> ("", "runs/x.pt"); "rgb" -> ("", "rgb")."""
+    for prefix in BACKBONE_PREFIXES:
+        if spec.startswith(prefix):
+            return prefix, spec[len(prefix) :]
+    return "", spec
+
+
+def bundle_in_folder(folder: Path) -> tuple[Path, str | None]:
+    """A pixel segmenter saved as an MLflow model (the folder, or its data/ folder) -> (the bundle file, the backbone
+    spec to use: the packaged copy inside the folder, or the model URI it references)."""
+    if (folder / MLMODEL_FILE).is_file():
+        folder = mlflow_model_data(folder)
+    spec_file = folder / MODEL_SPEC
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{folder}: neither a pixel-segmenter bundle file nor an MLflow model of one")
+    spec = json.loads(spec_file.read_text())
+    if spec.get("kind") != "pixel":
+        raise CheckpointError(f"{folder}: an MLflow model of a {spec.get('kind')!r} model, not of a pixel segmenter")
+    backbone = spec["backbone"]
+    if spec.get("backbone_packaged"):
+        prefix, rel = split_backbone(backbone)
+        backbone = prefix + str(folder / rel)
+    return folder / spec.get("bundle", BUNDLE_FILE), backbone
 
 
 def paper_hidden(num_classes: int) -> tuple[int, int]:
@@ -575,6 +612,11 @@ class PixelSegmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> PixelSegmenter:
+        """A bundle file, or an MLflow model of one (`diffseg.pyfunc`: its backbone packaged inside or referenced
+        by a model URI)."""
+        path, backbone = Path(path), None
+        if path.is_dir():
+            path, backbone = bundle_in_folder(path)
         payload = read_payload(path, BUNDLE_FORMAT)
         try:
             ecfg = json.loads(payload["ensemble_config"])
@@ -583,6 +625,8 @@ class PixelSegmenter:
             recipe = from_dict(FeatureConfig, json.loads(payload["recipe"]))
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: a pixel-segmenter bundle that does not fit together ({e})") from e
+        if backbone is not None:
+            recipe = dataclasses.replace(recipe, backbone=backbone)
         return cls(
             ens,
             recipe,

@@ -10,7 +10,8 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -19,10 +20,11 @@ from PIL import Image
 from torch import nn
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import InputPath, Name, OutputPath, job_dir, save_config
+from diffseg.config import InputPath, Name, OutputPath
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.factorized import FactorizedUNet
 from diffseg.runtime import image_generators
+from diffseg.tracking import Tracker, TrackingConfig, start_job
 from diffseg.viz import refinement_strip, sample_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,7 @@ class SampleJobConfig:
     strip_images: int = 4  # images shown in the refinement strip
     use_ema: bool = True  # EMA weights
     device: str = "auto"  # torch device: auto (cuda when visible), cpu, cuda, cuda:1
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow: the run, its grid and strip
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -174,13 +177,17 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
     """Generate images (and masks): grid.png (image | masks | overlay), images/, masks/, strip.png, sample.json."""
     if not cfg.checkpoint:
         raise ValueError("checkpoint: the model to sample from is required")
+    out, tracker = start_job(cfg)
+    with tracker:
+        return _sample(cfg, out, tracker)
+
+
+def _sample(cfg: SampleJobConfig, out: Path, tracker: Tracker) -> dict[str, Any]:
     loaded = load_diffusion_model(cfg.checkpoint, cfg.device, cfg.use_ema)
+    tracker.set_tags({"diffseg.checkpoint": cfg.checkpoint, "diffseg.checkpoint_step": loaded.step})
     model, diffusion, device = loaded.model, loaded.diffusion, loaded.device
     num_steps = cfg.steps or diffusion.num_timesteps
     record_every = cfg.record_every or max(1, num_steps // 10)
-    out = job_dir(cfg.output_dir, cfg.name)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     num_classes = model.cfg.num_classes
     images, masks, ys, strip, t0 = [], [], [], None, time.perf_counter()
     for start in range(0, cfg.num_images, cfg.batch_size):
@@ -202,8 +209,11 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     images_t = torch.cat(images)
     masks_t = torch.cat(masks) if masks[0] is not None else None
-    save_png(sample_grid(images_t, masks_t), out / "grid.png")
+    grid = sample_grid(images_t, masks_t)
+    save_png(grid, out / "grid.png")
     save_png(strip, out / "strip.png")
+    tracker.log_image(grid, "samples", loaded.step)  # by the model's training step
+    tracker.log_image(strip, "samples/refinement", loaded.step)
     (out / "images").mkdir(exist_ok=True)
     for i, img in enumerate(to_uint8(images_t)):
         Image.fromarray(img).save(out / "images" / f"{i:05d}.png")
@@ -217,6 +227,9 @@ def run_sample_job(cfg: SampleJobConfig) -> dict[str, Any]:
         "checkpoint_step": loaded.step,
     }  # fmt: skip
     (out / "sample.json").write_text(json.dumps(meta, indent=1))
+    tracker.log_metrics({"sample/images": cfg.num_images, "sample/seconds": seconds})
+    for name in ("sample.json", "grid.png", "strip.png"):
+        tracker.log_artifact(out / name)
     log.info(f"[sample] {cfg.num_images} images ({cfg.method}, {num_steps} steps) in {seconds:.1f}s -> "
              f"{out}/grid.png, {out}/strip.png")  # fmt: skip
     return {"out_dir": str(out), "images": images_t, "masks": masks_t, **meta}

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -24,13 +25,14 @@ import torch
 from PIL import Image
 
 from diffseg.checkpoint import load_diffusion_model
-from diffseg.config import InputPath, Name, OutputPath, job_dir, save_config
+from diffseg.config import InputPath, Name, OutputPath
 from diffseg.data import DataConfig, build_dataset, resize_images, resize_probs
 from diffseg.diffusion import GaussianDiffusion, randn
 from diffseg.factorized import FactorizedUNet
 from diffseg.metrics import foreground_scores, hungarian_miou, mask_image_dependence
 from diffseg.runtime import image_generators
 from diffseg.segmenter import Segmentation, default_seeds, segment_dataset
+from diffseg.tracking import Tracker, TrackingConfig, start_job
 from diffseg.viz import colorize, grid, overlay, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -141,21 +143,11 @@ def mask_diagnostics(
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        masks, sq = [], {tt: [] for tt in mse_timesteps}
+        masks = []
         for i in range(0, len(images), batch_size):
             idx = range(i, min(i + batch_size, len(images)))
-            x0 = images[i : idx.stop]
-            masks.append(
-                segment_images(model, diffusion, x0, t=t, generator=image_generators(seed, idx))["masks"].cpu()
-            )
-            for tt in mse_timesteps:
-                gens = image_generators(seed + 1 + tt, idx)
-                noise = randn(x0.shape, gens, "cpu")  # (n, 3, H, W)
-                steps = torch.full((x0.shape[0],), tt, dtype=torch.long)
-                x_t = diffusion.q_sample(x0, steps, noise)
-                eps = model(x_t.to(device), steps.to(device)).float().cpu()
-                sq[tt].append(((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+            gens = image_generators(seed, idx)
+            masks.append(segment_images(model, diffusion, images[i : idx.stop], t=t, generator=gens)["masks"].cpu())
         soft = torch.cat(masks)  # (N, K, H, W)
     finally:
         model.train(was_training)
@@ -167,11 +159,46 @@ def mask_diagnostics(
         labels = soft.argmax(dim=1).numpy()
         out[f"{prefix}/hungarian_miou"] = hungarian_miou(labels, gt_np, soft.shape[1], num_classes).miou
     out[f"{prefix}/mask_dependence"] = mask_image_dependence(soft)
-    per_t = {tt: float(torch.cat(v).mean()) for tt, v in sq.items()}
-    if per_t:
-        out[f"{prefix}/eps_mse"] = float(np.mean(list(per_t.values())))
-        out.update({f"{prefix}/eps_mse_t{tt}": v for tt, v in per_t.items()})
+    out.update(heldout_eps_mse(model, diffusion, images, seed, mse_timesteps, batch_size, prefix))
     return out
+
+
+@torch.no_grad()
+def heldout_eps_mse(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    seed: int = 0,
+    timesteps: Sequence[int] = (30, 100, 300, 600, 900),
+    batch_size: int = 32,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """The denoising loss on held-out images: `{prefix}/eps_mse` (mean over `timesteps`) and `{prefix}/eps_mse_t<t>`,
+    image i's noise at t drawn from `image_generators(seed + 1 + t, [i])` (paired across models and runs). Any
+    eps-predicting network (DDPM or factorized); {} for no timesteps. The validation metric of a DDPM run."""
+    if not timesteps:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        sq: dict[int, list[torch.Tensor]] = {tt: [] for tt in timesteps}
+        for i in range(0, len(images), batch_size):
+            idx = range(i, min(i + batch_size, len(images)))
+            x0 = images[i : idx.stop]
+            for tt in timesteps:
+                noise = randn(x0.shape, image_generators(seed + 1 + tt, idx), "cpu")  # (n, 3, H, W)
+                steps = torch.full((x0.shape[0],), tt, dtype=torch.long)
+                x_t = diffusion.q_sample(x0, steps, noise)
+                eps = model(x_t.to(device), steps.to(device)).float().cpu()[:, : noise.shape[1]]  # learned sigma: eps
+                sq[tt].append(((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+    finally:
+        model.train(was_training)
+    per_t = {tt: float(torch.cat(v).mean()) for tt, v in sq.items()}
+    return {
+        f"{prefix}/eps_mse": float(np.mean(list(per_t.values()))),
+        **{f"{prefix}/eps_mse_t{tt}": v for tt, v in per_t.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -192,6 +219,7 @@ class SegmentJobConfig:
     alpha: float = 0.5  # overlay opacity
     preview: int = 16  # images in preview.png (image | mask | overlay); 0 = none
     device: str = "auto"  # torch device: auto (cuda when visible), cpu, cuda, cuda:1
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow: the run, its preview and counts
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -205,14 +233,19 @@ def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
     """Segment a data set with a factorized model: masks/<id>.png (region index per pixel), overlays/<id>.png."""
     if not cfg.checkpoint:
         raise ValueError("checkpoint: the factorized model to segment with is required")
+    out, tracker = start_job(cfg)
+    with tracker:
+        return _segment(cfg, out, tracker)
+
+
+def _segment(cfg: SegmentJobConfig, out: Path, tracker: Tracker) -> dict[str, Any]:
     seg = FactorizedSegmenter.load(cfg.checkpoint, cfg.device, cfg.use_ema, cfg.t, cfg.class_label)
+    tracker.set_tags({"diffseg.checkpoint": cfg.checkpoint, "diffseg.checkpoint_step": seg.step})
     dataset = build_dataset(cfg.data, split=cfg.split)
     if cfg.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))
-    out = job_dir(cfg.output_dir, cfg.name)
     for sub in ("masks", "overlays") + (("soft",) if cfg.save_soft else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     k = len(seg.class_names)
     tiles, count, t0 = [], 0, time.perf_counter()
     for _, items, res in segment_dataset(seg, dataset, cfg.seed, cfg.batch_size):
@@ -229,10 +262,16 @@ def run_segment_job(cfg: SegmentJobConfig) -> dict[str, Any]:
                 tiles += [imgs[j], colorize(labels[j], k), ov]
         count += len(items)
     if tiles:
-        save_png(grid(tiles, nrow=3 * min(4, len(tiles) // 3)), out / "preview.png")
+        preview = grid(tiles, nrow=3 * min(4, len(tiles) // 3))
+        save_png(preview, out / "preview.png")
+        tracker.log_image(preview, "segment/preview", seg.step or 0)  # by the model's training step
     seconds = time.perf_counter() - t0
     (out / "segment.json").write_text(
         json.dumps({"images": count, "K": k, "t": cfg.t, "seconds": seconds, "checkpoint_step": seg.step}, indent=1)
     )
+    tracker.log_metrics({"segment/images": count, "segment/seconds": seconds, "segment/images_per_s": count / seconds})
+    for name in ("segment.json", "preview.png"):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name)
     log.info(f"[segment] {count} images, K={k}, t={cfg.t} in {seconds:.1f}s -> {out}/masks, {out}/overlays")
     return {"out_dir": str(out), "images": count, "K": k, "seconds": seconds}

@@ -138,13 +138,14 @@ def model_num_gpus(use_gpu: str) -> int:
 
 @dataclass(frozen=True)
 class ServeAppConfig:
-    segmenter: InputPath | None = None  # factorized checkpoint: a path, a run folder, or an MLflow artifact URI
-    pixel: InputPath | None = None  # pixel-ensemble bundle (diffseg.pixel): a path or an MLflow artifact URI
+    segmenter: InputPath | None = None  # factorized checkpoint: a path, a run folder, or models:/name@alias
+    pixel: InputPath | None = None  # pixel-ensemble bundle (diffseg.pixel): a path, or models:/name@alias
     sampler: InputPath | None = None  # checkpoint to sample from (ddpm or factorized); None = the segmenter's
     use_sampler: bool = True  # serve /v1/sample (False: segmenters only, one replica fewer)
     device: str = "auto"  # torch device of the model replicas: auto (cuda when visible), cpu, cuda, cuda:1
     use_ema: bool = True  # load the EMA weights when the checkpoint has them
     expose_internals: bool = False  # /v1/info and answers show checkpoint paths, devices and pids (trusted clients)
+    tracking_uri: str | None = None  # MLflow store of models:/ and runs:/ sources; None = $MLFLOW_TRACKING_URI
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # @serve.batch on/off and sizes
     limits: Limits = field(default_factory=Limits)  # request size, pixel and parameter limits
     # A `deployments:` entry's ray_actor_options replaces the app's own (Serve's rule): give num_gpus there too.
@@ -1014,7 +1015,8 @@ def public_info(info: Mapping[str, Any], expose: bool) -> dict[str, Any]:
 
 
 def _model_identity(info: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: info[key] for key in ("kind", "source", "step", "image_size") if key in info}
+    keys = ("kind", "source", "step", "image_size", "registered_model", "model_version", "alias")
+    return {key: info[key] for key in keys if key in info}
 
 
 def render_segmentation(

@@ -63,9 +63,18 @@ from diffseg.config import (
     workdir,
 )
 from diffseg.loop import TrainConfig
+from diffseg.pyfunc import log_bundle_model, log_checkpoint_model
 from diffseg.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.runtime import init_ray, resolve_device, setup_logging
-from diffseg.tracking import Tracker, TrackingConfig, find_nested_run, finish_nested_runs, flatten, resolve_tracking_uri
+from diffseg.tracking import (
+    Tracker,
+    TrackingConfig,
+    find_nested_run,
+    finish_nested_runs,
+    flatten,
+    resolve_tracking_uri,
+    status_for,
+)
 from diffseg.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
 from diffseg.trust import UntrustedState, check_state, key_path, sign_state
 from diffseg.trust import trust_state as vouch_for_state
@@ -221,14 +230,18 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     else:
         chunks = factorized_chunks(cfg, state, trial_dir, num_reports=sweep.num_reports, device=device,
                                    segment_t=sweep.segment_t, fg_reduction=sweep.fg_reduction)  # fmt: skip
-    for metrics in chunks:
-        state.report += 1
-        tracker.log_metrics(metrics, step=state.report)
-        if state.report == sweep.num_reports:
-            tracker.finish()  # before the last report: Tune may end the trial right after it
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "trial_state.json").write_text(json.dumps(dataclasses.asdict(state)))
-            tune.report({**metrics, "trial_id": trial_id}, checkpoint=tune.Checkpoint.from_directory(d))
+    try:
+        for metrics in chunks:
+            state.report += 1
+            tracker.log_metrics(metrics, step=state.report)
+            if state.report == sweep.num_reports:
+                tracker.finish()  # before the last report: Tune may end the trial right after it
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "trial_state.json").write_text(json.dumps(dataclasses.asdict(state)))
+                tune.report({**metrics, "trial_id": trial_id}, checkpoint=tune.Checkpoint.from_directory(d))
+    except Exception as e:  # a crashed trial's run is FAILED (one the scheduler stops is ended KILLED by the driver)
+        tracker.finish(status_for(e))
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -395,6 +408,10 @@ def run_sweep(
             storage.put_file(local / BEST_MODEL[task], best_model)
             best_model = best_model if remote else Path(best_model)
             parent.log_artifact(local / BEST_MODEL[task], "best")
+            if task == "pixel":  # and as an MLflow model (registered as tracking.register_as when set)
+                log_bundle_model(parent, local / BEST_MODEL[task], name="best")
+            else:
+                log_checkpoint_model(parent, local / BEST_MODEL[task], name="best", t=sweep.segment_t)
         table.to_csv(local / "results.csv", index=False)
         (local / "results.md").write_text(frame_to_markdown(table))
         plot = plot_sweep(table, keys, sweep.metric, local / "results.png", title=f"{sweep.name}: {sweep.metric}")

@@ -40,7 +40,7 @@ from diffseg.loop import (  # noqa: F401  (the configs are part of this module's
 )
 from diffseg.runtime import decide_gpu, init_ray, setup_logging
 from diffseg.storage import exists, put_file, read_text
-from diffseg.tracking import git_dirty, git_sha, resolve_tracking_uri
+from diffseg.tracking import end_runs_named, git_dirty, git_sha, resolve_tracking_uri, status_for
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,15 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         init_ray()
     with staging_dir(run_uri(cfg, "config.yaml")) as tmp:
         put_file(save_config(cfg, Path(tmp) / "config.yaml"), run_uri(cfg, "config.yaml"))
-    result = build_trainer(cfg).fit()
+    try:
+        result = build_trainer(cfg).fit()
+    except BaseException as e:  # a worker that died (out of memory, a lost node) cannot end its run: the driver does
+        why = f"training stopped: {type(e).__name__}: {str(e)[:300]}"
+        try:
+            end_runs_named(cfg.tracking, cfg.name, status_for(e), why, resolve_tracking_uri(cfg.tracking.uri))
+        except Exception as mlflow_error:  # the store itself may be what failed: the training error comes first
+            log.warning("could not end the MLflow run of %s: %s", cfg.name, mlflow_error)
+        raise
     out = result.return_value or {}
     log.info(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
     log.info(f"[train] samples    {run_uri(cfg, 'samples')}")

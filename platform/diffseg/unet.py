@@ -25,7 +25,7 @@ class UNetConfig:
     in_channels: int = 3  # image channels
     model_channels: int = 32  # base width C; level i has C * channel_mult[i] channels
     num_res_blocks: int = 1  # residual blocks per level in the encoder (the decoder has one more)
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; len = number of resolutions
+    channel_mult: tuple[int | float, ...] = (1, 2, 2)  # width multiplier per level (ImageNet-512: 0.5 first)
     attention_resolutions: tuple[int, ...] = (16,)  # resolutions (in pixels) whose blocks get self-attention
     num_heads: int = 1  # attention heads, used when num_head_channels is None
     num_head_channels: int | None = None  # channels per head (overrides num_heads)
@@ -86,6 +86,7 @@ UNET_SIZES: dict[str, Callable[[], UNetConfig]] = {
         num_res_blocks=2,
         channel_mult=(1, 1, 2, 2, 4, 4),
         attention_resolutions=(32, 16, 8),
+        num_heads=4,  # unused with num_head_channels; 4 is what guided-diffusion's flags give
         num_head_channels=64,
         learn_sigma=True,
         resblock_updown=True,
@@ -102,43 +103,162 @@ def named_size(name: str) -> UNetConfig:
     return UNET_SIZES[name]()
 
 
+# What a `create_model` flag is when a checkpoint's MODEL_FLAGS leave it out: guided-diffusion's scripts take their
+# defaults from `model_and_diffusion_defaults()` (guided_diffusion/script_util.py), not from `create_model`'s own
+# keyword defaults (num_heads=1, attention "16", no scale-shift norm). A class-conditional model has NUM_CLASSES = 1000
+# classes there (ImageNet); `num_classes` is our extension for other counts.
+GUIDED_MODEL_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_head_channels": -1,
+    "attention_resolutions": "16,8",
+    "channel_mult": "",
+    "dropout": 0.0,
+    "class_cond": False,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+    "use_fp16": False,
+    "use_new_attention_order": False,
+    "learn_sigma": False,
+}
+GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {  # `diffusion_defaults()`: the process the flags describe
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
+GUIDED_NUM_CLASSES = 1000
+GUIDED_EXTRA_FLAGS = ("in_channels", "num_classes")  # ours: not create_model flags, but accepted
+# Channel multipliers guided-diffusion picks for `channel_mult=""` (ImageNet-512 starts at half width).
+GUIDED_CHANNEL_MULT: dict[int, tuple[int | float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+
+
+def parse_guided_flags(text: str) -> dict[str, Any]:
+    """A MODEL_FLAGS string as guided-diffusion's README writes it ("--image_size 256 --learn_sigma True ...") -> a
+    flags dict with typed values (True/False -> bool, integers, floats; "32,16,8" stays a string, as its argparse
+    keeps it). Unknown flags are an error (`check_guided_flags`)."""
+    tokens = text.split()
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        key = tokens[i]
+        if not key.startswith("--") or i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+            raise ValueError(f"guided-diffusion flags: expected '--name value' pairs, got {key!r} in {text!r}")
+        raw = tokens[i + 1]
+        value: Any = raw
+        if raw in ("True", "true", "False", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        flags[key[2:]] = value
+        i += 2
+    check_guided_flags(flags)
+    return flags
+
+
+def check_guided_flags(flags: dict[str, Any]) -> None:
+    """Reject flags that are not guided-diffusion's model/diffusion flags: a typo would otherwise fall back to the
+    default silently (and a model that loads strictly can still compute something else)."""
+    known = set(GUIDED_MODEL_DEFAULTS) | set(GUIDED_DIFFUSION_DEFAULTS) | set(GUIDED_EXTRA_FLAGS)
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise ValueError(f"unknown guided-diffusion flag(s) {unknown}; known: {sorted(known)}")
+
+
 def unet_config_from_guided_flags(flags: dict[str, Any]) -> UNetConfig:
-    """Translate guided-diffusion's `create_model` flags ("16,8" strings, -1 sentinels) into a UNetConfig."""
-    image_size = int(flags["image_size"])
-    channel_mult = flags.get("channel_mult", "")
+    """Translate guided-diffusion's `create_model` flags ("16,8" strings, -1 sentinels) into a UNetConfig.
+
+    A flag that is not given takes the value guided-diffusion's scripts give it (`GUIDED_MODEL_DEFAULTS`), so the
+    MODEL_FLAGS of its README build the network its checkpoint was trained as; `class_cond=True` means 1000 classes
+    unless `num_classes` says otherwise. Unknown flags are an error.
+    """
+    check_guided_flags(flags)
+    f = {**GUIDED_MODEL_DEFAULTS, **flags}
+    image_size = int(f["image_size"])
+    channel_mult = f["channel_mult"]
     if not channel_mult:
-        channel_mult = {
-            512: (0.5, 1, 1, 2, 2, 4, 4),
-            256: (1, 1, 2, 2, 4, 4),
-            128: (1, 1, 2, 3, 4),
-            64: (1, 2, 3, 4),
-        }
-        if image_size not in channel_mult:
-            raise ValueError(f"no default channel_mult for image_size {image_size}")
-        channel_mult = channel_mult[image_size]
+        if image_size not in GUIDED_CHANNEL_MULT:
+            raise ValueError(f"no default channel_mult for image_size {image_size}; give channel_mult")
+        channel_mult = GUIDED_CHANNEL_MULT[image_size]
     elif isinstance(channel_mult, str):
-        channel_mult = tuple(int(c) for c in channel_mult.split(","))
-    attn = flags.get("attention_resolutions", "16,8")
-    attn = tuple(int(r) for r in attn.split(",")) if isinstance(attn, str) else tuple(attn)
-    head_channels = int(flags.get("num_head_channels", -1))
-    heads_up = int(flags.get("num_heads_upsample", -1))
+        channel_mult = tuple(float(c) if "." in c else int(c) for c in channel_mult.split(","))
+    attn = f["attention_resolutions"]
+    attn = tuple(int(r) for r in str(attn).split(",")) if isinstance(attn, (str, int)) else tuple(attn)
+    head_channels = int(f["num_head_channels"])
+    heads_up = int(f["num_heads_upsample"])
+    num_classes = None
+    if f["class_cond"]:
+        num_classes = int(f.get("num_classes") or GUIDED_NUM_CLASSES)
     return UNetConfig(
         image_size=image_size,
-        in_channels=int(flags.get("in_channels", 3)),
-        model_channels=int(flags["num_channels"]),
-        num_res_blocks=int(flags["num_res_blocks"]),
+        in_channels=int(f.get("in_channels", 3)),
+        model_channels=int(f["num_channels"]),
+        num_res_blocks=int(f["num_res_blocks"]),
         channel_mult=tuple(channel_mult),
         attention_resolutions=attn,
-        num_heads=int(flags.get("num_heads", 1)),
+        num_heads=int(f["num_heads"]),
         num_head_channels=None if head_channels == -1 else head_channels,
         num_heads_upsample=None if heads_up == -1 else heads_up,
-        use_scale_shift_norm=bool(flags.get("use_scale_shift_norm", True)),
-        resblock_updown=bool(flags.get("resblock_updown", False)),
-        use_new_attention_order=bool(flags.get("use_new_attention_order", False)),
-        dropout=float(flags.get("dropout", 0.0)),
-        learn_sigma=bool(flags.get("learn_sigma", False)),
-        num_classes=int(flags["num_classes"]) if flags.get("class_cond") else None,
+        use_scale_shift_norm=bool(f["use_scale_shift_norm"]),
+        resblock_updown=bool(f["resblock_updown"]),
+        use_new_attention_order=bool(f["use_new_attention_order"]),
+        dropout=float(f["dropout"]),
+        learn_sigma=bool(f["learn_sigma"]),
+        num_classes=num_classes,
     )
+
+
+def guided_flags_from_unet_config(cfg: UNetConfig) -> dict[str, Any]:
+    """The `create_model` flags that build `cfg` in guided-diffusion (the inverse of `unet_config_from_guided_flags`;
+    every flag written out). Refused for what guided-diffusion cannot express (another padding, 1-channel images)."""
+    if cfg.padding_mode != "zeros" or cfg.in_channels != 3 or not cfg.conv_resample:
+        raise ValueError(
+            "guided-diffusion's UNetModel has 3 input channels, zero padding and conv resampling; this network "
+            f"(in_channels={cfg.in_channels}, padding_mode={cfg.padding_mode!r}, conv_resample={cfg.conv_resample}) "
+            "has no guided-diffusion equivalent"
+        )
+    if cfg.num_classes not in (None, GUIDED_NUM_CLASSES):
+        raise ValueError(f"guided-diffusion's class-conditional models have 1000 classes, this one {cfg.num_classes}")
+    mult = tuple(cfg.channel_mult)
+    if mult == GUIDED_CHANNEL_MULT.get(cfg.image_size):
+        channel_mult = ""  # its default for the size (the only way it writes ImageNet-512's 0.5)
+    elif all(float(m).is_integer() for m in mult):
+        channel_mult = ",".join(str(int(m)) for m in mult)
+    else:
+        raise ValueError(f"guided-diffusion parses channel_mult as integers; {mult} has no flag form")
+    return {
+        "image_size": cfg.image_size,
+        "num_channels": cfg.model_channels,
+        "num_res_blocks": cfg.num_res_blocks,
+        "channel_mult": channel_mult,
+        "attention_resolutions": ",".join(str(r) for r in cfg.attention_resolutions),
+        "num_heads": cfg.num_heads,
+        "num_head_channels": -1 if cfg.num_head_channels is None else cfg.num_head_channels,
+        "num_heads_upsample": -1 if cfg.num_heads_upsample is None else cfg.num_heads_upsample,
+        "use_scale_shift_norm": cfg.use_scale_shift_norm,
+        "resblock_updown": cfg.resblock_updown,
+        "use_new_attention_order": cfg.use_new_attention_order,
+        "dropout": cfg.dropout,
+        "learn_sigma": cfg.learn_sigma,
+        "class_cond": cfg.num_classes is not None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- layers

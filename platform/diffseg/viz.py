@@ -86,7 +86,11 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def sample_grid(images: torch.Tensor, masks: torch.Tensor | None = None, nrow: int | None = None) -> np.ndarray:
-    """Generated samples as a grid; with masks (N, K, H, W), each sample is image | argmax mask | overlay."""
+    """Generated samples as a grid; with masks (N, K, H, W), each sample is image | argmax mask | overlay.
+
+    `nrow` samples per row; by default about square (4 samples: one per row), so a viewer that fits the picture into a
+    small box (the MLflow UI's 256 px image charts) still shows every tile.
+    """
     imgs = to_uint8(images)
     if masks is None:
         return grid(list(imgs), nrow or int(np.ceil(np.sqrt(len(imgs)))))
@@ -95,7 +99,7 @@ def sample_grid(images: torch.Tensor, masks: torch.Tensor | None = None, nrow: i
     tiles = []
     for img, lab in zip(imgs, labels):
         tiles += [img, colorize(lab, k), overlay(img, lab, num_classes=k, skip_background=False)]
-    return grid(tiles, nrow=3 * (nrow or min(4, len(imgs))))
+    return grid(tiles, nrow=3 * (nrow or max(1, round(np.sqrt(len(imgs) / 3)))))
 
 
 def refinement_strip(trajectory: Sequence[dict], num_images: int | None = None, pad: int = 2) -> np.ndarray:

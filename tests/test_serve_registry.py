@@ -1,0 +1,126 @@
+"""The registry end to end, as an operator does it: train with `tracking.register_as`, point an alias at a version,
+`serve run` a config that names `models:/<name>@champion`, segment over HTTP, move the alias, deploy again, and see
+the new version in /v1/info (and in its answers)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from diffseg.config import load_config, replace
+from diffseg.tracking import set_alias
+
+requests = pytest.importorskip("requests")
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+NAME = "e2e-seg"
+
+
+def train(tmp_path, steps):
+    """The tiny factorized model, trained in-process (Ray Train local mode); the run registers its final model."""
+    from diffseg.train import TrainConfig, run
+
+    cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "factorized_tiny.yaml")
+    cfg = replace(cfg, **{"name": "e2e", "output_dir": str(tmp_path / "runs"), "loop.num_steps": steps,
+                          "loop.log_every": 5, "loop.checkpoint_every": 100, "loop.num_samples": 2,
+                          "loop.sample_steps": 4, "optim.batch_size": 4, "tracking.register_as": NAME,
+                          "tracking.system_metrics_every": 2})  # fmt: skip
+    return run(cfg).return_value
+
+
+def serve_config(tmp_path, port) -> Path:
+    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    args = cfg["applications"][0]["args"]
+    args.update(segmenter=f"models:/{NAME}@champion", use_sampler=False, device="cpu")
+    args["models"].update(num_cpus=0.5)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_serve(config: Path, log: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)]),
+    }  # this checkout's code everywhere
+    env.pop("RAY_ADDRESS", None)
+    serve_cli = Path(sys.executable).parent / "serve"
+    return subprocess.Popen([str(serve_cli), "run", "--address", "local", str(config)], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout=240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve run exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve and its Ray down
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+def segment(url: str) -> dict:
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+    r = requests.post(f"{url}/v1/segment?seed=0", data=buf.getvalue(), headers={"Content-Type": "image/png"},
+                      timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_serve_follows_the_alias_across_deploys(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    first = train(tmp_path, 10)  # version 1
+    second = train(tmp_path, 15)  # the same run, resumed: its new final model is version 2
+    assert first["mlflow_run_id"] == second["mlflow_run_id"]
+    set_alias(NAME, "champion", 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, config = f"http://127.0.0.1:{port}", serve_config(tmp_path, port)
+    seen = {}
+    for version in ("1", "2"):
+        set_alias(NAME, "champion", version)  # move the alias, then deploy again
+        log = tmp_path / f"serve-{version}.log"
+        proc = start_serve(config, log)
+        try:
+            wait_healthy(url, proc, log)
+            answer = segment(url)
+            info = requests.get(f"{url}/v1/info", timeout=30).json()["models"]["factorized"]
+        finally:
+            stop(proc)
+        assert info["registered_model"] == NAME and info["alias"] == "champion" and info["model_version"] == version
+        assert "source" not in info  # paths stay internal; the version is public
+        assert answer["model"]["model_version"] == version and answer["model"]["step"] == {"1": 10, "2": 15}[version]
+        seen[version] = answer["mask_png"]
+    assert set(seen) == {"1", "2"}
