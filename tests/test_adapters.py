@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from diffseg.adapters import CELEBAMASK_CLASSES, PrepareConfig, convert
-from diffseg.config import load_config
+from diffseg.config import load_config, resolve_paths
 from diffseg.data import DataError, PairedFolderDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_prepare_data_job(tmp_path, capsys):
     assert len(PairedFolderDataset(dst)) == 1
     # the resolved config is saved with the output, and loads back to the very config the job ran with
     saved = load_config(PrepareConfig, dst / "prepare_config.yaml")
-    assert saved == load_config(PrepareConfig, None, args) and saved.limit == 1
+    assert saved == resolve_paths(load_config(PrepareConfig, None, args)) and saved.limit == 1
     assert "data.root=" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         job.main(["layout=pascal", "src=x", "dst=y"])

@@ -71,7 +71,9 @@ class LocalCluster:
     def __init__(self, head_cpus: int = 1, worker_cpus: int = 1, env: dict[str, str] | None = None):
         # Short: Ray's Unix sockets live under it and a socket path has at most 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="rdsg", dir="/tmp")
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        # A cluster's nodes know nothing of this session's MLflow store (conftest's throwaway one) nor its workdir.
+        skip = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "DIFFSEG_WORKDIR")
+        self.env = {k: v for k, v in os.environ.items() if k not in skip}
         self.env.update(
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this venv's
             RAY_AUTH_MODE="disabled",

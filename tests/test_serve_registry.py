@@ -44,7 +44,8 @@ def serve_config(tmp_path, port) -> Path:
     cfg["http_options"]["port"] = port
     args = cfg["applications"][0]["args"]
     args.update(segmenter=f"models:/{NAME}@champion", use_sampler=False, device="cpu")
-    args["models"].update(num_cpus=0.5)
+    app = cfg["applications"][0]  # no sampler: Serve refuses a deployments: entry for a deployment the app lacks
+    app["deployments"] = [d for d in app.get("deployments", []) if d["name"] != "Sampler"]
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
