@@ -15,7 +15,7 @@ overruns is cut and reported and a crash is recorded, while the next stage runs)
     sampling    DDIM-50, factorized paper-64: eager / torch.compile "reduce-overhead" (CUDA graphs)
     memory      256 px features, LSUN-256 ADM (random weights, D=8448) on 8 and 64 images: GPU peak, RSS, s/image
     train       each `--train CONFIG[=MINUTES]` (default jobs/configs/gpu_kit_factorized64.yaml, the time left):
-                trained for its time through diffseg.loop, its fp16 EMA exported, evaluated against the baselines
+                trained for its time through diffseg.training.loop, its fp16 EMA exported, evaluated against the baselines
 
 Time boxes: a stage with MINUTES gets them; the others share what is left by weight (`WEIGHTS`), recomputed at
 each start, so time a stage leaves unused goes to the later ones (the last training job gets the rest).
@@ -124,7 +124,7 @@ def copy_set(src: Path, dst: Path, size: int) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "platform"))
     from PIL import Image
 
-    from diffseg.data import IMAGE_EXTS, read_dataset_json, resize_pair
+    from diffseg.data.datasets import IMAGE_EXTS, read_dataset_json, resize_pair
 
     meta = read_dataset_json(src)
     tmp = dst.with_name(dst.name + ".tmp")
@@ -622,7 +622,7 @@ def _train_step(r: dict) -> list[str]:
     out = [
         f"{s.get('model')} ({_f(s.get('params_m'))}M params), {s.get('image_size')} px, batch {s.get('batch')}, "
         f"{s.get('precision')}, channels_last {s.get('channels_last')}, fused AdamW {s.get('fused_adamw')}, "
-        f"through diffseg.loop.train_step; {_f(r.get('gflop_per_step'))} GFLOP/step",
+        f"through diffseg.training.loop.train_step; {_f(r.get('gflop_per_step'))} GFLOP/step",
         "",
     ]
     rows = []
@@ -715,7 +715,7 @@ def _memory(r: dict) -> list[str]:
         f"{s.get('architecture')} ({_f(s.get('params_m'))}M params, random weights), {s.get('image_size')} px, "
         f"blocks {','.join(s.get('blocks', []))} at t={','.join(map(str, s.get('timesteps', [])))} -> D="
         f"{s.get('feature_dim')}, batch {s.get('batch_size')}, {s.get('precision')}; {s.get('images')}; "
-        "diffseg.features.FeatureExtractor called directly (shards written, then deleted). Rows: the first "
+        "diffseg.methods.features.FeatureExtractor called directly (shards written, then deleted). Rows: the first "
         "call (1 image), each target, the last; "
         "peaks are running maxima; 'network s/image' is the U-Net forwards and upsampling, the rest of s/image is "
         "the host (copy to the CPU, reshaping, float16, the Parquet shard).",

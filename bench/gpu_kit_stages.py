@@ -3,7 +3,7 @@
 Every stage is `stage_<name>(spec, rec)`: `spec` is the JSON the launcher wrote (device, deadline, sizes, paths),
 `rec` records results as they come (a stage cut at its deadline still reports what it finished). Nothing here
 imports Ray, MLflow or diffusers at module level; diffusers is optional (stage `unet` is skipped without it).
-Stages reuse the library and the other benches: `diffseg.loop` (build_train_state, train_step), `features`
+Stages reuse the library and the other benches: `diffseg.training.loop` (build_train_state, train_step), `features`
 (FeatureExtractor, the Ray Data job's callable, called directly), `evaluate`, `checkpoint.export_weights`,
 `bench/unet_step.py` (matched sizes), `bench/bench_ensemble_speed.py`, `bench/sampling.py` (the compiled sampler).
 """
@@ -36,14 +36,19 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from harness import count_flops  # noqa: E402
 
-from diffseg.checkpoint import export_weights  # noqa: E402
-from diffseg.config import ConfigError, load_config, replace, to_dict  # noqa: E402
-from diffseg.data import CLASS_MERGES, SyntheticDataset, build_dataset, read_dataset_json  # noqa: E402
-from diffseg.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from diffseg.evaluate import DatasetSpec, EvalConfig, evaluate  # noqa: E402
-from diffseg.factorized import FactorizedConfig, FactorizedUNet  # noqa: E402
-from diffseg.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
-from diffseg.loop import (  # noqa: E402
+from diffseg.core.config import ConfigError, load_config, replace, to_dict  # noqa: E402
+from diffseg.core.tracking import TrackingConfig  # noqa: E402
+from diffseg.data.datasets import CLASS_MERGES, SyntheticDataset, build_dataset, read_dataset_json  # noqa: E402
+from diffseg.evaluation.evaluate import DatasetSpec, EvalConfig, evaluate  # noqa: E402
+from diffseg.methods.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
+from diffseg.methods.sampling import sample  # noqa: E402
+from diffseg.methods.segment import FactorizedSegmenter  # noqa: E402
+from diffseg.models.builder import build_model  # noqa: E402
+from diffseg.models.checkpoint import export_weights  # noqa: E402
+from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet  # noqa: E402
+from diffseg.models.unet import UNetConfig, build_unet, count_parameters, named_size  # noqa: E402
+from diffseg.training.loop import (  # noqa: E402
     LocalContext,
     TrainConfig,
     build_train_state,
@@ -52,11 +57,6 @@ from diffseg.loop import (  # noqa: E402
     step_generator,
     train_step,
 )
-from diffseg.models import build_model  # noqa: E402
-from diffseg.sampling import sample  # noqa: E402
-from diffseg.segment import FactorizedSegmenter  # noqa: E402
-from diffseg.tracking import TrackingConfig  # noqa: E402
-from diffseg.unet import UNetConfig, build_unet, count_parameters, named_size  # noqa: E402
 
 GIB = 2**30
 
@@ -431,7 +431,7 @@ def stage_ensemble(spec: dict, rec: Recorder) -> None:
 
 def stage_sampling(spec: dict, rec: Recorder) -> None:
     """DDIM-50 with the factorized paper-64 K=3 model: eager, then torch.compile mode="reduce-overhead" (CUDA
-    graphs), the compiled path of bench/sampling.py (its `_Compiled`), through `diffseg.sampling.sample`."""
+    graphs), the compiled path of bench/sampling.py (its `_Compiled`), through `diffseg.methods.sampling.sample`."""
     import sampling as sampling_bench
     from harness import autocast
 
@@ -613,7 +613,7 @@ def eval_protocol(cfg: TrainConfig) -> str | None:
 
 
 def stage_train(spec: dict, rec: Recorder) -> None:
-    """Train a TrainConfig for the time box with the library's loop (`diffseg.loop.fit` in this process, its
+    """Train a TrainConfig for the time box with the library's loop (`diffseg.training.loop.fit` in this process, its
     `loop.max_minutes` set from the box), then: export the EMA weights in fp16, evaluate them on the held-out split
     against the baselines with the project's evaluator (factorized models), and keep the final sample grid."""
     device = torch.device(spec["device"])

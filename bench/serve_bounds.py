@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "platform"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffseg.serving import (  # noqa: E402
+from diffseg.serving.requests import (  # noqa: E402
     Limits,
     PixelBudget,
     SampleParams,
@@ -91,11 +91,11 @@ def memory(side: int, n: int, slots: int, overlay: bool) -> dict:
 
 
 def latency(steps_small: int, config: Path) -> dict:
-    from diffseg.checkpoint import LoadedModel
-    from diffseg.config import from_dict, load_yaml
-    from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-    from diffseg.models import ModelConfig, build_model
-    from diffseg.serving import DiffusionSampler
+    from diffseg.core.config import from_dict, load_yaml
+    from diffseg.models.builder import ModelConfig, build_model
+    from diffseg.models.checkpoint import LoadedModel
+    from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+    from diffseg.serving.requests import DiffusionSampler
 
     raw = load_yaml(config)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ ones; model replicas only ever see validated fixed-size float arrays (segmenters
 sampler through its cost-bounded, step-by-step `SampleScheduler`). Uploads are decoded and rendered within the
 ingress's pixel budget; a model call that times out or whose client leaves is cancelled in the replica. Everything
 that is not a deployment class (validation, decoding, budgets, scheduling, models, rendering) lives in
-`diffseg.serving`, which has no Ray in it.
+`diffseg.serving.requests`, which has no Ray in it.
 
     serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
     serve.run(build_app({"segmenter": "runs/x/checkpoint.pt"}))
@@ -39,8 +39,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffseg.config import from_dict, resolve_paths, to_dict
-from diffseg.serving import (
+from diffseg.core.config import from_dict, resolve_paths, to_dict
+from diffseg.core.tracking import resolve_model_uri, resolve_tracking_uri
+from diffseg.serving.requests import (
     DEPLOYMENT_NAMES,
     INGRESS_DEFAULTS,
     INGRESS_NAME,
@@ -67,7 +68,6 @@ from diffseg.serving import (
     safe_text,
     segment_upload,
 )
-from diffseg.tracking import resolve_model_uri, resolve_tracking_uri
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.checkpoint import load_checkpoint, load_diffusion_model
-from diffseg.data import DataConfig, PairedFolderDataset, write_synthetic_folder
-from diffseg.factorized import FactorizedUNet
-from diffseg.segment import SegmentJobConfig, run_segment_job
-from diffseg.serving import FactorizedSegmenter
+from diffseg.data.datasets import DataConfig, PairedFolderDataset, write_synthetic_folder
+from diffseg.methods.segment import SegmentJobConfig, run_segment_job
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
+from diffseg.models.factorized import FactorizedUNet
+from diffseg.serving.requests import FactorizedSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "bench" / "gpu_kit.py"

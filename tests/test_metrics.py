@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.metrics import (
+from diffseg.scoring.metrics import (
     ConfusionMatrix,
     ForegroundAccumulator,
     HungarianIoU,
