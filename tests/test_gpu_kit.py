@@ -21,7 +21,7 @@ from diffseg.data.datasets import DataConfig, PairedFolderDataset, write_synthet
 from diffseg.methods.segment import SegmentJobConfig, run_segment_job
 from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.models.factorized import FactorizedUNet
-from diffseg.serving.requests import FactorizedSegmenter
+from diffseg.serving.wrappers import FactorizedSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "bench" / "gpu_kit.py"

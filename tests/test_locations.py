@@ -21,7 +21,7 @@ from diffseg.evaluation.evaluate import EvalConfig
 from diffseg.experiments.label_efficient import GapCurveConfig
 from diffseg.experiments.sweep import SweepConfig
 from diffseg.methods.features import ExtractJobConfig
-from diffseg.serving.requests import ServeAppConfig
+from diffseg.serving.app_config import ServeAppConfig
 from diffseg.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def test_use_gpu_auto_counts_the_autoscalers_gpu_node_types(tmp_path, monkeypatc
 
     # The same rule for feature extraction and Serve (their deciders are this function).
     from diffseg.methods.features import gpus_per_actor
-    from diffseg.serving.requests import model_num_gpus
+    from diffseg.serving.app_config import model_num_gpus
 
     assert gpus_per_actor(-1.0) == 1.0 and gpus_per_actor(0.0) == 0.0 and gpus_per_actor(0.5) == 0.5
     assert model_num_gpus("auto") == 1 and model_num_gpus("no") == 0
@@ -233,7 +233,7 @@ def test_serve_config_sets_deployments_where_serve_expects_them():
     refused with a message saying where they went."""
     from ray.serve.schema import ServeDeploySchema
 
-    from diffseg.serving.requests import check_app_args, deployment_names
+    from diffseg.serving.app_config import check_app_args, deployment_names
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)

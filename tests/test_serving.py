@@ -24,29 +24,27 @@ from diffseg.models.builder import ModelConfig, build_model
 from diffseg.models.checkpoint import resolve_source, save_checkpoint
 from diffseg.models.factorized import FactorizedConfig
 from diffseg.models.unet import UNetConfig
+from diffseg.serving.app_config import Limits, ServeAppConfig
+from diffseg.serving.ingress import PixelBudget, await_model
 from diffseg.serving.requests import (
-    DiffusionSampler,
-    FactorizedSegmenter,
-    Limits,
-    PixelBudget,
-    PixelEnsembleSegmenter,
     RequestError,
     SampleParams,
-    SampleScheduler,
     SegmentParams,
-    ServeAppConfig,
-    await_model,
     decode_image,
     parse_sample_request,
     parse_segment_params,
+    to_model_input,
+)
+from diffseg.serving.responses import (
     public_info,
     render_samples,
     render_segmentation,
     segment_labels,
     segmentation_stats,
-    to_model_input,
     upsample_result,
 )
+from diffseg.serving.scheduler import SampleScheduler
+from diffseg.serving.wrappers import DiffusionSampler, FactorizedSegmenter, PixelEnsembleSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -485,11 +483,11 @@ def test_info_hides_paths_and_pids_unless_exposed():
 
 def test_banded_rendering_equals_full_size_upsampling(monkeypatch):
     """The band-wise path (bounded memory) gives exactly the labels and stats of upsampling whole."""
-    import diffseg.serving.requests as serving
+    import diffseg.serving.responses as responses
 
     rng = np.random.default_rng(0)
     for c, s, h, w, band in [(3, 16, 37, 301, 500), (2, 32, 300, 7, 64), (5, 16, 16, 16, 50), (3, 8, 200, 90, 1)]:
-        monkeypatch.setattr(serving, "BAND_PIXELS", band)
+        monkeypatch.setattr(responses, "BAND_PIXELS", band)
         names = [str(i) for i in range(c)]
         probs = rng.random((c, s, s)).astype(np.float32) ** 3
         ref_labels, ref_unc = upsample_result({"probs": probs}, (h, w))

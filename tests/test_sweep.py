@@ -224,7 +224,7 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     from diffseg.data.datasets import DataConfig, build_dataset
     from diffseg.evaluation.evaluate import evaluate_segmenter
     from diffseg.methods.pixel import PixelSegmenter
-    from diffseg.serving.requests import PixelEnsembleSegmenter
+    from diffseg.serving.wrappers import PixelEnsembleSegmenter
 
     best_model = exp_dir / "best" / "segmenter.pt"
     served = PixelEnsembleSegmenter.load(str(best_model), device="cpu")
