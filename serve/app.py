@@ -41,7 +41,8 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffseg.core.config import from_dict, resolve_paths, to_dict
-from diffseg.core.tracking import resolve_model_uri, resolve_tracking_uri
+from diffseg.core.registry import resolve_model_uri
+from diffseg.core.tracking import resolve_tracking_uri
 from diffseg.serving.app_config import (
     DEPLOYMENT_NAMES,
     INGRESS_DEFAULTS,

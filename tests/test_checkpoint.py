@@ -23,13 +23,12 @@ from diffseg.models.checkpoint import (
     FORMAT,
     CheckpointError,
     atomic_torch_save,
-    convert_guided_diffusion,
-    import_guided_diffusion,
     load_checkpoint,
     load_diffusion_model,
     save_checkpoint,
 )
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+from diffseg.models.guided import convert_guided_diffusion, import_guided_diffusion
 from diffseg.models.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +325,7 @@ class _Evil:
 
 
 def test_resume_from_a_truncated_export_names_the_run_checkpoint(tmp_path):
-    from diffseg.training.loop import TrainConfig, load_run_checkpoint
+    from diffseg.training.config import TrainConfig, load_run_checkpoint
 
     cfg = TrainConfig(name="r", output_dir=str(tmp_path))
     cfg_, model, _, _ = trained_state()
@@ -454,7 +453,7 @@ def test_safetensors_round_trip_gives_identical_outputs(tmp_path, kind):
 def test_guided_diffusion_pt_round_trip_gives_identical_outputs(tmp_path, reference_dir):
     """checkpoint -> guided-diffusion .pt (bare state dict) + flags .json -> checkpoint: identical outputs, and the
     .pt is exactly what guided-diffusion's own UNetModel holds (the reference vectors' state dict and output)."""
-    from diffseg.models.checkpoint import export_guided_diffusion
+    from diffseg.models.guided import export_guided_diffusion
 
     ref = torch.load(reference_dir / "adm_tiny_b.pt", map_location="cpu", weights_only=True)
     flags = json.loads((reference_dir / "adm_tiny_b.json").read_text())
@@ -479,7 +478,7 @@ def test_guided_diffusion_pt_round_trip_gives_identical_outputs(tmp_path, refere
 def test_presets_build_the_published_networks(reference_dir):
     """Every preset's flags build (on the meta device: shapes only) the network of its checkpoint: the LSUN and FFHQ
     ones exactly the reference key set, ImageNet's with 1000 classes, cosine at 64 px, half width first at 512."""
-    from diffseg.models.checkpoint import GUIDED_PRESETS, diffusion_config_from_guided_flags, guided_preset_flags
+    from diffseg.models.guided import GUIDED_PRESETS, diffusion_config_from_guided_flags, guided_preset_flags
     from diffseg.models.unet import unet_config_from_guided_flags
 
     expected = {}

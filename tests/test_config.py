@@ -10,6 +10,7 @@ from typing import Literal
 import pytest
 import yaml
 
+from diffseg.core.cli import parse_job_args
 from diffseg.core.config import (
     ConfigError,
     config_hash,
@@ -17,7 +18,6 @@ from diffseg.core.config import (
     from_dict,
     job_dir,
     load_config,
-    parse_job_args,
     replace,
     resolve_paths,
     save_config,
@@ -196,7 +196,7 @@ class Documented:
 
 
 def test_field_comments_and_describe():
-    from diffseg.core.config import describe, field_comments
+    from diffseg.core.cli import describe, field_comments
 
     assert field_comments(Documented) == {
         "plain": "a trailing comment",
@@ -222,7 +222,7 @@ CONFIG_JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "
 @pytest.mark.parametrize("name", CONFIG_JOBS)
 def test_every_job_help_lists_every_key_with_default_and_comment(name, capsys):
     """`--help` of every job names each config key (dotted), its default and its comment."""
-    from diffseg.core.config import describe
+    from diffseg.core.cli import describe
 
     job = _job(name)
     with pytest.raises(SystemExit) as exit_:
@@ -282,7 +282,7 @@ def test_names_are_one_path_component(bad):
 
 
 def test_good_names_and_direct_construction(tmp_path):
-    from diffseg.training.loop import run_dir, run_uri
+    from diffseg.training.config import run_dir, run_uri
     from diffseg.training.ray_train import TrainConfig
 
     for good in ("ddpm-tiny", "unsup-face-factorized-k3", "a_b.c", "k=3", "trial_0a1b2_00003", "x" * 128):

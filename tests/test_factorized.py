@@ -93,7 +93,7 @@ def test_decoder_weights_exist_once():
     ],
 )
 def test_paper_sizes_are_named_configs(config, size, stages, blocks):
-    from diffseg.training.loop import TrainConfig
+    from diffseg.training.config import TrainConfig
 
     cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / config)
     unet = cfg.model.unet

@@ -23,8 +23,9 @@ from diffseg.methods.segment import mask_diagnostics
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
 from diffseg.models.unet import UNetConfig
-from diffseg.scoring.metrics import mask_image_dependence
-from diffseg.training.loop import LocalContext, OptimConfig, TrainConfig, build_train_state, fit, param_groups
+from diffseg.scoring.regions import mask_image_dependence
+from diffseg.training.config import OptimConfig, TrainConfig
+from diffseg.training.loop import LocalContext, build_train_state, fit, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))

@@ -22,7 +22,7 @@ from diffseg.experiments.label_efficient import GapCurveConfig
 from diffseg.experiments.sweep import SweepConfig
 from diffseg.methods.features import ExtractJobConfig
 from diffseg.serving.app_config import ServeAppConfig
-from diffseg.training.loop import TrainConfig
+from diffseg.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

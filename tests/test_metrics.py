@@ -9,15 +9,12 @@ import torch
 from diffseg.scoring.metrics import (
     ConfusionMatrix,
     ForegroundAccumulator,
-    HungarianIoU,
-    ImageDependence,
     binary_scores,
     foreground_metrics,
     foreground_scores,
-    hungarian_miou,
-    mask_image_dependence,
     mean_iou,
 )
+from diffseg.scoring.regions import HungarianIoU, ImageDependence, hungarian_miou, mask_image_dependence
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Foreground metrics

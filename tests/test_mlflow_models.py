@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from diffseg.core.config import to_dict
+from diffseg.core.registry import set_alias
 from diffseg.core.tracking import (
     FAILURE_TAG,
     HOST_TAG,
@@ -27,7 +28,6 @@ from diffseg.core.tracking import (
     TrackingConfig,
     process_tracking_uri,
     reap_dead_runs,
-    set_alias,
 )
 from diffseg.data.datasets import DataConfig
 from diffseg.models.builder import ModelConfig, build_model

@@ -13,7 +13,8 @@ from diffseg.evaluation.evaluate import EvalConfig
 from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.models.factorized import FactorizedUNet
-from diffseg.scoring.metrics import foreground_scores, mask_image_dependence
+from diffseg.scoring.metrics import foreground_scores
+from diffseg.scoring.regions import mask_image_dependence
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from diffseg.core.config import load_config, replace
-from diffseg.core.tracking import set_alias
+from diffseg.core.registry import set_alias
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ import yaml
 from diffseg.core.config import replace
 from diffseg.core.report import decode, plot_sweep, trial_overrides
 from diffseg.core.trust import SIGNATURE_NAME, UntrustedState, check_state, sign_state, trust_state
-from diffseg.data.shards import FeatureCache, feature_key
+from diffseg.data.feature_cache import FeatureCache, feature_key
 from diffseg.experiments.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]

@@ -128,7 +128,8 @@ sys.path.insert(0, {str(REPO / "platform")!r})
 import torch
 torch.set_num_threads(1)
 from diffseg.core.config import load_config, replace
-from diffseg.training.loop import LocalContext, TrainConfig, fit
+from diffseg.training.loop import LocalContext, fit
+from diffseg.training.config import TrainConfig
 cfg = replace(load_config(TrainConfig, {str(REPO / "jobs/configs/factorized_tiny.yaml")!r}), **{{
     **{TINY!r}, "name": "noray", "output_dir": "file://{tmp_path}/store", "tracking.enabled": False,
     "loop.num_steps": 10}})
@@ -323,7 +324,8 @@ def test_train_job_dry_run(capsys):
 def test_paper64_factorized_bf16_step_on_gpu():
     """Training steps of the 64 px paper-size factorized model (K=3) in bf16 through the Ray-free loop; prints
     images/s (the figure in the README's performance table). Needs CUDA, not Ray."""
-    from diffseg.training.loop import TrainConfig, build_train_state, step_generator, train_step
+    from diffseg.training.config import TrainConfig
+    from diffseg.training.loop import build_train_state, step_generator, train_step
 
     cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "factorized_paper64.yaml")
     cfg = replace(cfg, **{"loop.precision": "bf16", "optim.batch_size": 32})

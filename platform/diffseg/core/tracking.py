@@ -15,7 +15,7 @@ without a word (SIGKILL, the OOM killer, a lost node) cannot end its run; every 
 the runs whose process is gone FAILED (`reap_dead_runs`).
 
 Models: `log_pyfunc_model` logs an MLflow model (the flavor `diffseg.serving.pyfunc` writes) under the run and, with
-`register_as`, registers it as a new version of that registered model. `resolve_model_uri` pins
+`register_as`, registers it as a new version of that registered model. `diffseg.core.registry.resolve_model_uri` pins
 `models:/<name>@<alias>` to the version the alias names now (what Serve deploys and shows in /v1/info).
 """
 
@@ -313,27 +313,35 @@ class Tracker:
         self._mlflow = mlflow
         self.uri = resolve_tracking_uri(tracking_uri or cfg.uri)
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
-        if run_id is None:
-            exp_id = experiment_id(self._client, self.uri, cfg.experiment)
-            if parent_run_id is None:
-                _reap(self._client, exp_id)
-            tags = {"mlflow.runName": run_name, **_process_tags()}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            tags.update(git_tags())
-            run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            resumed = False
+        resumed = run_id is not None
+        if resumed:
+            self._resume_run(run_id)
         else:
-            self._client.update_run(run_id, status="RUNNING")
-            for key, value in _process_tags().items():  # a resumed run lives in this process now
-                self._client.set_tag(run_id, key, value)
-            resumed = True
+            run_id = self._create_run(run_name, parent_run_id)
         self.run_id = run_id
         with _LIVE_LOCK:
             _LIVE[run_id] = self
         # A child run in its parent's process shares the parent's machine: one monitor is enough.
         if cfg.system_metrics and parent_run_id not in _LIVE:
             self._start_monitor(resumed)
+
+    def _create_run(self, run_name: str, parent_run_id: str | None) -> str:
+        """A new run in the experiment, tagged with this process and the git state; a top-level run first marks the
+        experiment's runs whose process is gone FAILED (`reap_dead_runs`)."""
+        exp_id = experiment_id(self._client, self.uri, self.cfg.experiment)
+        if parent_run_id is None:
+            _reap(self._client, exp_id)
+        tags = {"mlflow.runName": run_name, **_process_tags()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        tags.update(git_tags())
+        return self._client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+    def _resume_run(self, run_id: str) -> None:
+        """A run continued by id: RUNNING again, and living in this process now."""
+        self._client.update_run(run_id, status="RUNNING")
+        for key, value in _process_tags().items():
+            self._client.set_tag(run_id, key, value)
 
     def _start_monitor(self, resumed: bool) -> None:
         # MLflow's own monitor (what `mlflow.start_run(log_system_metrics=True)` starts), on this run by id: our runs
@@ -435,41 +443,58 @@ class Tracker:
         """
         if not (self.enabled and self.cfg.log_models):
             return None
-        mlflow = self._mlflow
-        from mlflow.models import Model
-
         register_as = register_as or self.cfg.register_as
         with process_tracking_uri(self.uri):  # Model.log and register_model use the process-wide URI
-            # The model belongs to the run's experiment (Model.log alone would put it in the process's active one).
-            run = self._client.get_run(self.run_id)
-            model = self._client.create_logged_model(
-                run.info.experiment_id, name=name, source_run_id=self.run_id, params=run.data.params
-            )
-            with tempfile.TemporaryDirectory(prefix="diffseg-code-") as tmp:
-                code = stage_code(Path(tmp))
-                info = Model.log(
-                    None,  # artifact_path: deprecated, `name` replaces it
-                    name=name,
-                    model_id=model.model_id,
-                    flavor=mlflow.pyfunc,
-                    run_id=self.run_id,
-                    loader_module=loader_module,
-                    data_path=str(data_path),
-                    code_paths=[str(code)],
-                    signature=signature,
-                    input_example=input_example,
-                    pip_requirements=model_requirements(),
-                    metadata=dict(metadata or {}),
-                    step=int(step),
-                )
-            version = None
-            if register_as:
-                mv = mlflow.register_model(info.model_uri, register_as, tags={"diffseg.run_id": self.run_id})
-                version = str(mv.version)
-                self.set_tags({f"diffseg.registered.{name}": f"{register_as}/{version}"})
+            info = self._log_model(name, data_path, loader_module, signature, input_example, metadata, step)
+            version = self._register(info.model_uri, name, register_as) if register_as else None
         ref = LoggedModel(info.model_uri, info.model_id, register_as if version else None, version)
         log.info("MLflow model %s%s", ref.model_uri, f" registered as {ref.registered_uri}" if version else "")
         return ref
+
+    def _log_model(
+        self,
+        name: str,
+        data_path: str | os.PathLike,
+        loader_module: str,
+        signature: Any,
+        input_example: Any,
+        metadata: Mapping[str, Any] | None,
+        step: int,
+    ) -> Any:
+        """`Model.log` of the pyfunc flavor with a clean copy of the library's code, as a logged model of the run's
+        experiment; its `ModelInfo`."""
+        mlflow = self._mlflow
+        from mlflow.models import Model
+
+        # The model belongs to the run's experiment (Model.log alone would put it in the process's active one).
+        run = self._client.get_run(self.run_id)
+        model = self._client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=self.run_id, params=run.data.params
+        )
+        with tempfile.TemporaryDirectory(prefix="diffseg-code-") as tmp:
+            code = stage_code(Path(tmp))
+            return Model.log(
+                None,  # artifact_path: deprecated, `name` replaces it
+                name=name,
+                model_id=model.model_id,
+                flavor=mlflow.pyfunc,
+                run_id=self.run_id,
+                loader_module=loader_module,
+                data_path=str(data_path),
+                code_paths=[str(code)],
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=model_requirements(),
+                metadata=dict(metadata or {}),
+                step=int(step),
+            )
+
+    def _register(self, model_uri: str, name: str, register_as: str) -> str:
+        """A new version of the registered model `register_as`, tagged on the run; its version."""
+        mv = self._mlflow.register_model(model_uri, register_as, tags={"diffseg.run_id": self.run_id})
+        version = str(mv.version)
+        self.set_tags({f"diffseg.registered.{name}": f"{register_as}/{version}"})
+        return version
 
     def finish(self, status: str = "FINISHED") -> None:
         if not (self.enabled and self.run_id) or self._ended:
@@ -521,47 +546,6 @@ def model_requirements() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class ModelRef:
-    """What a model URI names: `pinned` is a URI whose target cannot move (a registered version, a logged model, a
-    run's artifact, a path); for `models:/<name>@<alias>` the registered name, the version the alias names now and
-    the alias."""
-
-    uri: str  # as given
-    pinned: str  # models:/<name>/<version> for an alias; else the URI itself
-    registered_name: str | None = None
-    version: str | None = None
-    alias: str | None = None
-
-    def info(self) -> dict[str, Any]:
-        """What /v1/info shows of it (no paths)."""
-        if not self.registered_name:
-            return {}
-        out = {"registered_model": self.registered_name, "model_version": self.version}
-        return out | ({"alias": self.alias} if self.alias else {})
-
-
-def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> ModelRef:
-    """Pin a model URI: `models:/<name>@<alias>` -> `models:/<name>/<version>` (the version the alias names now),
-    `models:/<name>/<version>` as it is (with its name and version); anything else unchanged."""
-    uri = str(uri)
-    if not uri.startswith("models:/"):
-        return ModelRef(uri, uri)
-    body = uri[len("models:/") :].strip("/")
-    if "@" in body:
-        name, alias = body.rsplit("@", 1)
-        version = str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
-        return ModelRef(uri, f"models:/{name}/{version}", name, version, alias)
-    if "/" in body:
-        name, version = body.rsplit("/", 1)
-        if version.isdigit():
-            return ModelRef(uri, uri, name, version)
-    return ModelRef(uri, uri)  # a logged model (models:/m-<id>) or a name without a version (MLflow: the latest)
-
-
-def set_alias(name: str, alias: str, version: str | int, tracking_uri: str | None = None) -> None:
-    """Point `models:/<name>@<alias>` at `version` (a deployment that names the alias serves it when redeployed)."""
-    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
 def experiment_id(client: Any, uri: str, name: str) -> str:
@@ -591,52 +575,6 @@ def _client(uri: str | None):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
-
-
-def find_nested_run(uri: str | None, parent_run_id: str, tags: Mapping[str, str]) -> str | None:
-    """The id of a run nested under `parent_run_id` whose tags have these values, or None."""
-    client = _client(uri)
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    query = " and ".join(
-        [f"tags.mlflow.parentRunId = '{parent_run_id}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())]
-    )
-    runs = client.search_runs([exp_id], query, max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def finish_nested_runs(uri: str | None, parent_run_id: str, status: str = "KILLED", tag: str | None = None) -> int:
-    """End the runs nested under `parent_run_id` that are still RUNNING (trials a scheduler stopped early, or that
-    crashed) with `status`, tagging them `tag=true` when given; returns how many."""
-    client = _client(uri)
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    count = 0
-    for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000):
-        if run.info.status == "RUNNING":
-            if tag:
-                client.set_tag(run.info.run_id, tag, "true")
-            client.set_terminated(run.info.run_id, status=status)
-            count += 1
-    return count
-
-
-def end_runs_named(cfg: TrackingConfig, run_name: str, status: str, why: str, tracking_uri: str | None = None) -> int:
-    """End the RUNNING top-level runs called `run_name` with `status` (a training driver whose workers died: the
-    worker that owned the run cannot end it); tags why. Returns how many."""
-    if not cfg.enabled:
-        return 0
-    client = _client(tracking_uri or cfg.uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        return 0
-    query = f"attributes.status = 'RUNNING' and attributes.run_name = '{run_name}'"
-    count = 0
-    for run in client.search_runs([exp.experiment_id], query, max_results=100):
-        if "mlflow.parentRunId" in run.data.tags:
-            continue
-        client.set_tag(run.info.run_id, FAILURE_TAG, why)
-        client.set_terminated(run.info.run_id, status=status)
-        count += 1
-    return count
 
 
 def start_job(cfg: Any) -> tuple[Path, Tracker]:

@@ -57,7 +57,8 @@ from diffseg.methods.pixel import image_score
 from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.models.unet import UNetConfig
-from diffseg.scoring.metrics import ConfusionMatrix, ForegroundAccumulator, HungarianIoU, ImageDependence
+from diffseg.scoring.metrics import ConfusionMatrix, ForegroundAccumulator
+from diffseg.scoring.regions import HungarianIoU, ImageDependence
 from diffseg.scoring.segmenter import Segmenter, num_labels, segment_dataset
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ def evaluate_segmenter(
     Image i is segmented with noise seed `image_seed(seed, i)`; the labels are scored by `Scorer` under `protocol`
     (or under each of several protocols, e.g. ("foreground", "multiclass") for regions against part masks: the
     foreground and the Hungarian-matched scores of one segmentation), plus `split/dependence`, the image dependence of
-    the label maps (`metrics.mask_image_dependence`: 0 when every image gets the same layout, as a prior does; NaN for
+    the label maps (`regions.mask_image_dependence`: 0 when every image gets the same layout, as a prior does; NaN for
     one image or mixed sizes). Metric keys are `split/name`. With `out_dir`:
     predictions/<id>.png, overlays.png (image | ground truth | prediction, per row), per_image.csv and metrics.json.
     """
@@ -458,7 +459,7 @@ def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
 
 
 def _fmt(v: Any, keys: tuple[str, ...] = ()) -> str:
-    """Scores in %; the image dependence (`metrics.mask_image_dependence`, a share in [0, 1]) as it is."""
+    """Scores in %; the image dependence (`regions.mask_image_dependence`, a share in [0, 1]) as it is."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:.2f}" if "dependence" in keys else f"{100 * v:.1f}"

@@ -5,7 +5,7 @@
         for each variant (named config overrides) and seed: train `num_steps` x `batch_size` from scratch with the
             mask diagnostics every `eval_every` steps on the test split, then score the final EMA model
     -> table.md / table.csv / results.json: per row the score (foreground IoU or Hungarian mIoU), the image
-       dependence of the masks (`metrics.mask_image_dependence`: 0 = a fixed split), the held-out eps-MSE, the
+       dependence of the masks (`regions.mask_image_dependence`: 0 = a fixed split), the held-out eps-MSE, the
        compute (steps, batch, minutes, device); curves.png (score and dependence against steps); masks.png
        (image | ground truth | each variant's masks on test images)
 
@@ -37,7 +37,8 @@ from diffseg.core.viz import comparison_grid, save_png
 from diffseg.evaluation.evaluate import METHODS, DatasetSpec, EvalConfig, evaluate, load_eval_data
 from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.models.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from diffseg.training.loop import LocalContext, TrainConfig, fit
+from diffseg.training.config import TrainConfig
+from diffseg.training.loop import LocalContext, fit
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from diffseg.models.builder import ModelConfig
 from diffseg.models.diffusion import DiffusionConfig
 from diffseg.models.unet import UNetConfig
 from diffseg.scoring.segmenter import segment_dataset
-from diffseg.training.loop import LocalContext, LoopConfig, OptimConfig, TrainConfig, fit
+from diffseg.training.config import LoopConfig, OptimConfig, TrainConfig
+from diffseg.training.loop import LocalContext, fit
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from diffseg.core.config import ConfigError, parse_job_args
+from diffseg.core.cli import parse_job_args
+from diffseg.core.config import ConfigError
 from diffseg.core.runtime import setup_logging
 from diffseg.core.tracking import end_live_runs, sigterm_interrupts
 from diffseg.data.datasets import DataError

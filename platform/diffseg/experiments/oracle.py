@@ -34,7 +34,8 @@ from diffseg.core.runtime import image_generators, resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.data.datasets import build_dataset, stack
 from diffseg.models.diffusion import randn
-from diffseg.training.loop import TrainConfig, build_batches, build_train_state, step_generator, train_step
+from diffseg.training.config import TrainConfig
+from diffseg.training.loop import build_batches, build_train_state, step_generator, train_step
 
 log = logging.getLogger(__name__)
 

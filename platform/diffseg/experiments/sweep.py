@@ -62,22 +62,15 @@ from diffseg.core.config import (
     to_dict,
     workdir,
 )
+from diffseg.core.registry import find_nested_run, finish_nested_runs
 from diffseg.core.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.core.runtime import init_ray, resolve_device, setup_logging
-from diffseg.core.tracking import (
-    Tracker,
-    TrackingConfig,
-    find_nested_run,
-    finish_nested_runs,
-    flatten,
-    resolve_tracking_uri,
-    status_for,
-)
+from diffseg.core.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri, status_for
 from diffseg.core.trust import UntrustedState, check_state, key_path, sign_state
 from diffseg.core.trust import trust_state as vouch_for_state
 from diffseg.experiments.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
 from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model
-from diffseg.training.loop import TrainConfig
+from diffseg.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,15 @@ import torch
 from diffseg.core import storage
 from diffseg.core.config import from_dict, replace
 from diffseg.data.datasets import DataConfig, build_dataset
-from diffseg.data.shards import FeatureCache, ShardSet, feature_key
+from diffseg.data.feature_cache import FeatureCache, feature_key
+from diffseg.data.shards import ShardSet
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.experiments.label_efficient import train_segmenter
 from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
 from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
 from diffseg.methods.segment import FactorizedSegmenter
-from diffseg.training.loop import LocalContext, TrainConfig, fit
+from diffseg.training.config import TrainConfig
+from diffseg.training.loop import LocalContext, fit
 from diffseg.training.ray_train import run as train_on_ray
 
 BEST_MODEL = {"pixel": "segmenter.pt", "factorized": "checkpoint.pt"}  # each task's servable model in its trial folder
@@ -49,7 +51,9 @@ class PixelTrialConfig:
     # the labelled images are data's train split; the test images its test split, or test_data's when given
     data: DataConfig = field(default_factory=lambda: DataConfig(num_images=24, num_train=8, num_test=8))
     test_data: DataConfig | None = None  # e.g. a held-out range of a folder that data's split cannot express
-    pixel: dict[str, Any] = field(default_factory=dict)  # diffseg.methods.pixel.PixelTrainConfig fields (members, hidden, lr)
+    pixel: dict[str, Any] = field(
+        default_factory=dict
+    )  # diffseg.methods.pixel.PixelTrainConfig fields (members, hidden, lr)
     eval_batch_size: int = 8  # test images per segmentation batch
 
 

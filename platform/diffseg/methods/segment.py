@@ -32,7 +32,8 @@ from diffseg.data.datasets import DataConfig, build_dataset, resize_images, resi
 from diffseg.models.checkpoint import load_diffusion_model
 from diffseg.models.diffusion import GaussianDiffusion, randn
 from diffseg.models.factorized import FactorizedUNet
-from diffseg.scoring.metrics import foreground_scores, hungarian_miou, mask_image_dependence
+from diffseg.scoring.metrics import foreground_scores
+from diffseg.scoring.regions import hungarian_miou, mask_image_dependence
 from diffseg.scoring.segmenter import Segmentation, default_seeds, segment_dataset
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def mask_diagnostics(
 
     Returns `{prefix}/fg_iou` (foreground protocol: IEM/ReDO per-image polarity, K regions reduced by best_single,
     which covers every union for K <= 3) or `{prefix}/hungarian_miou` (multiclass, pooled over the images),
-    `{prefix}/mask_dependence` (`metrics.mask_image_dependence` of the soft masks: 0 for a fixed split) and the
+    `{prefix}/mask_dependence` (`regions.mask_image_dependence` of the soft masks: 0 for a fixed split) and the
     held-out denoising loss `{prefix}/eps_mse` (mean over `mse_timesteps`, also per t as `{prefix}/eps_mse_t<t>`),
     with image i's noise from its own generator, so two models are scored on the same (paired) noise.
 

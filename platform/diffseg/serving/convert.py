@@ -3,7 +3,7 @@
     guided-diffusion .pt (+ a preset or its MODEL_FLAGS)  ->  ours (checkpoint.pt), safetensors + config.json
     ours, a safetensors export, an MLflow model URI        ->  ours, safetensors + config.json, guided-diffusion .pt
 
-The published ADM checkpoints are presets (`diffseg.models.checkpoint.GUIDED_PRESETS`: lsun_bedroom, lsun_cat, lsun_horse,
+The published ADM checkpoints are presets (`diffseg.models.guided.GUIDED_PRESETS`: lsun_bedroom, lsun_cat, lsun_horse,
 lsun_horse_nodropout, ffhq, imagenet64, imagenet128, imagenet256, imagenet256_uncond, imagenet512) with the exact flags
 of the README that publishes them, so a label-efficient backbone is one command away:
 
@@ -31,18 +31,20 @@ from diffseg.core.tracking import Tracker, TrackingConfig
 from diffseg.models.builder import build_model
 from diffseg.models.checkpoint import (
     FORMAT,
-    GUIDED_PRESETS,
     MLFLOW_SCHEMES,
     Checkpoint,
-    export_guided_diffusion,
     export_safetensors,
+    load_checkpoint,
+    resolve_source,
+    save_checkpoint_as,
+)
+from diffseg.models.guided import (
+    GUIDED_PRESETS,
+    export_guided_diffusion,
     guided_checkpoint,
     guided_model_flags,
     guided_preset_flags,
     import_guided_diffusion,
-    load_checkpoint,
-    resolve_source,
-    save_checkpoint_as,
 )
 from diffseg.models.unet import parse_guided_flags
 from diffseg.serving.pyfunc import log_checkpoint_model

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffseg.core.registry import resolve_model_uri
 from diffseg.core.runtime import image_generators, image_seed
-from diffseg.core.tracking import LoggedModel, Tracker, resolve_model_uri
+from diffseg.core.tracking import LoggedModel, Tracker
 from diffseg.core.viz import to_uint8
 from diffseg.methods.pixel import BACKBONE_DIR, BUNDLE_FILE, PixelSegmenter, split_backbone
 from diffseg.methods.sampling import sample

@@ -27,192 +27,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from diffseg.core.config import (
-    ConfigError,
-    InputPath,
-    Name,
-    OutputPath,
-    check_name,
-    dumps,
-    from_dict,
-    job_dir,
-    staging_dir,
-    to_dict,
-)
+from diffseg.core.config import dumps, from_dict, staging_dir, to_dict
 from diffseg.core.runtime import image_generators, resolve_device
-from diffseg.core.storage import fetch_file, is_remote, put_file
-from diffseg.core.tracking import Tracker, TrackingConfig, flatten, status_for
+from diffseg.core.storage import put_file
+from diffseg.core.tracking import Tracker, status_for
 from diffseg.core.viz import sample_grid, save_png
-from diffseg.data.datasets import DataConfig, build_dataset, stack
+from diffseg.data.datasets import build_dataset, stack
 from diffseg.methods.sampling import sample
 from diffseg.methods.segment import heldout_eps_mse, mask_diagnostics, segment_images
-from diffseg.models.builder import EMA, ModelConfig, build_model
+from diffseg.models.builder import EMA, build_model
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
-from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps
+from diffseg.models.diffusion import GaussianDiffusion, sample_timesteps
 from diffseg.models.factorized import FactorizedUNet
 from diffseg.serving.pyfunc import log_checkpoint_model
+from diffseg.training.config import LoopConfig, OptimConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-4  # Adam learning rate (the factorized paper: 1e-4)
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (ADM and the factorized paper do not clip)
-    ema_decay: float = 0.9999  # EMA of the weights used for sampling and segmentation
-    batch_size: int = 16  # GLOBAL batch size, split evenly over the workers
-    mask_lr_scale: float = 1.0  # factorized: the mask generator's learning rate as a multiple of lr (1 = the paper)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    num_steps: int = 500  # total optimizer steps (a resumed run continues up to this)
-    log_every: int = 10  # steps between progress lines and metric logging
-    checkpoint_every: int = 100  # steps between checkpoints (reported to Ray Train and exported)
-    sample_every: int = 0  # steps between sample grids (0 = only at the end)
-    num_samples: int = 8  # images in each sample grid
-    sample_steps: int = 50  # DDIM steps for the sample grids
-    seed: int = 0  # global seed: the initial weights; rank r uses seed + r for its data order, timesteps and noise
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: Literal["auto", "on", "off"] = "auto"  # memory format; auto = on for CUDA
-    num_data_workers: int = 0  # DataLoader worker processes per training worker
-    eval_every: int = 0  # steps between validations on held-out images (`eval`): factorized mask diagnostics and
-    # held-out eps-MSE, DDPM held-out eps-MSE (val/...); 0 = never
-    max_minutes: float = 0.0  # stop (final checkpoint, samples, diagnostics) after this much training; 0 = no limit
-
-
-@dataclass(frozen=True)
-class MaskEvalConfig:
-    """Validation during training (`loop.eval_every`): held-out images (and, factorized, their masks, used ONLY to
-    score the masks); a DDPM run is validated by its held-out denoising loss."""
-
-    data: DataConfig | None = None  # images with masks; None = the training data's held-out split (data.num_test)
-    split: Literal["train", "test", "all"] = "test"  # which split of `data`
-    num_images: int = 32  # the first N images of the split
-    num_figure_images: int = 8  # factorized: held-out images in the val/masks figure logged at every validation
-    protocol: Literal["foreground", "multiclass"] = "foreground"  # fg IoU (binary gt) or Hungarian mIoU (classes)
-    t: int = 30  # noise level of the segmentation pass
-    seed: int = 0  # noise seed (image i has its own generator: paired across runs)
-
-
-@dataclass(frozen=True)
-class ScalingSection:
-    num_workers: int = 0  # Ray Train workers; 0 = local mode (in this process, no cluster)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto = yes when the cluster (or this machine) has GPUs
-    cpus_per_worker: float = 1.0  # CPUs reserved per worker (fractions leave room for Ray Data)
-    max_failures: int = 0  # worker-group restarts Ray Train makes before failing the run
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    name: Name = "ddpm-tiny"  # run name: the folder under output_dir; the same name resumes the run
-    output_dir: OutputPath = "runs"  # where runs live: a local folder or shared storage (s3://...) for clusters
-    init_from: InputPath | None = None  # start a NEW run from these weights (e.g. the encoder of a DDPM)
-    model: ModelConfig = field(default_factory=ModelConfig)  # which network, its size and K
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # T and the beta schedule
-    data: DataConfig = field(default_factory=DataConfig)  # training images (synthetic by default)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and EMA
-    loop: LoopConfig = field(default_factory=LoopConfig)  # steps, logging, checkpoints, samples
-    scaling: ScalingSection = field(default_factory=ScalingSection)  # workers, GPUs, fault tolerance
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
-    eval: MaskEvalConfig = field(default_factory=MaskEvalConfig)  # validation on held-out data (loop.eval_every)
-
-    def check(self) -> None:
-        """Cross-field checks (run by --dry-run and by `fit`)."""
-        if self.data.image_size != self.model.unet.image_size:
-            raise ValueError(
-                f"data.image_size ({self.data.image_size}) != model.unet.image_size ({self.model.unet.image_size}): "
-                "the network would train on one size and sample another; set both"
-            )
-        workers = max(1, self.scaling.num_workers)
-        if self.optim.batch_size % workers:
-            raise ValueError(f"optim.batch_size {self.optim.batch_size} is not divisible by {workers} workers")
-
-
-def storage_path(cfg: TrainConfig) -> str:
-    return cfg.output_dir if is_remote(cfg.output_dir) else str(Path(cfg.output_dir).resolve())
-
-
-def run_dir(cfg: TrainConfig) -> Path | None:
-    """The run's local folder; None on remote storage (`run_uri` then names it)."""
-    return None if is_remote(cfg.output_dir) else job_dir(storage_path(cfg), cfg.name)
-
-
-def run_uri(cfg: TrainConfig, *parts: str) -> str:
-    """A file of the run, local path or URI: `<output_dir>/<name>/<parts...>`."""
-    local = run_dir(cfg)
-    if local is not None:
-        return str(local.joinpath(*parts))
-    return "/".join([cfg.output_dir.rstrip("/"), check_name(cfg.name), *parts])
-
-
-def load_run_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
-    """The run's exported checkpoint (`<output_dir>/<name>/checkpoint.pt`, local or remote), or None."""
-    uri = run_uri(cfg, CHECKPOINT_NAME)
-    if not is_remote(uri):  # read in place: errors name the real file
-        return load_checkpoint(uri) if Path(uri).is_file() else None
-    with staging_dir(uri) as tmp:
-        local = Path(tmp) / CHECKPOINT_NAME
-        return load_checkpoint(local, source=uri) if fetch_file(uri, local) else None
-
-
 # ---------------------------------------------------------------------------------------------------- resume guard
-RESUME_FREE = ("loop.", "scaling.", "tracking.", "eval.", "name", "output_dir", "init_from", "data.cache")
-RESUME_REAPPLIED = ("optim.",)  # re-applied to the restored optimizer (its moments are kept)
-
-
-def _same_location(old: Any, new: Any) -> bool:
-    """Equal, or a relative path saved by an older version that the new absolute one ends with (`../d` ~ `/x/d`)."""
-    if old == new:
-        return True
-    if isinstance(old, str) and isinstance(new, str) and old and not os.path.isabs(old) and os.path.isabs(new):
-        tail = os.path.normpath(old).lstrip("./")
-        return bool(tail) and os.path.normpath(new).endswith(os.sep + tail)
-    return False
-
-
-def resume_changes(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, list[str]]:
-    """How `cfg` differs from the config a checkpoint was trained with: {"refused", "reapplied", "free"} lists of
-    `key: old -> new`. Keys the saved config lacks (added since) count as their defaults; retired keys are ignored."""
-    new = flatten(to_dict(cfg))
-    defaults = flatten(to_dict(TrainConfig()))
-    old = {**defaults, **{k: v for k, v in flatten(saved).items() if k in defaults}}
-    out: dict[str, list[str]] = {"refused": [], "reapplied": [], "free": []}
-    for key in new:
-        a, b = old.get(key), new[key]
-        if isinstance(a, tuple):
-            a = list(a)
-        if a == b or (key.endswith((".root", "init_from")) and _same_location(a, b)):
-            continue
-        kind = (
-            "free" if key.startswith(RESUME_FREE)
-            else "reapplied" if key.startswith(RESUME_REAPPLIED)
-            else "refused"
-        )  # fmt: skip
-        out[kind].append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
-def check_resume(cfg: TrainConfig, saved: dict[str, Any], where: str) -> dict[str, list[str]]:
-    """Refuse to resume a run whose architecture, diffusion process or data differ from its checkpoint's (ConfigError
-    naming every such key); return the changes that are allowed (see `resume_changes`)."""
-    changes = resume_changes(cfg, saved)
-    if changes["refused"]:
-        raise ConfigError(
-            f"run {cfg.name!r} ({where}) was trained with another architecture, diffusion process or data set: "
-            f"{'; '.join(changes['refused'])}. Its weights cannot continue under these; start a new run (another "
-            f"name=...), or pass init_from={where} with a new name to begin from its weights. (loop.*, scaling.* "
-            "and optim.* may change when resuming.)"
-        )
-    return changes
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -506,6 +346,169 @@ def format_duration(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
+def resume_state(cfg: TrainConfig, ctx: WorkerContext) -> tuple[TrainState, str, dict[str, list[str]] | None]:
+    """The state to train from -> (state, where it came from, the config changes `check_resume` allowed).
+
+    The context's latest checkpoint, else `<output_dir>/<name>/checkpoint.pt` (a local folder or a URI), else a
+    fresh model; a resumed state records the step it restarted at in `state.starts`."""
+    resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
+    if resume is None:
+        resume, source = load_run_checkpoint(cfg), run_uri(cfg, CHECKPOINT_NAME)
+    changes = check_resume(cfg, resume.config, run_uri(cfg, CHECKPOINT_NAME)) if resume is not None else None
+    state, built_from = build_train_state(cfg, ctx.device, resume, prepare_model=ctx.prepare_model)
+    source = f"{built_from} of {source}" if resume is not None else built_from
+    state.starts.append(state.step)
+    return state, source, changes
+
+
+def start_run(
+    cfg: TrainConfig,
+    state: TrainState,
+    world: int,
+    device: torch.device,
+    source: str,
+    changes: dict[str, list[str]] | None,
+    *,
+    tracking_uri: str | None,
+    git_commit: str | None,
+    git_dirty: bool | None,
+) -> Tracker:
+    """Rank 0: the MLflow run (continued when the state has one; a new one gets the params, tags and resolved config)
+    and the log line that says what is trained, where, and from what."""
+    start_step = state.step
+    tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
+    if state.mlflow_run_id is None:
+        tracker.log_params(to_dict(cfg))
+        tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
+        if git_commit:
+            tags["mlflow.source.git.commit"] = git_commit
+        if git_dirty is not None:
+            tags["diffseg.git_dirty"] = str(git_dirty).lower()
+        tracker.set_tags(tags)
+        tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
+    state.mlflow_run_id = tracker.run_id
+    if changes and (changes["reapplied"] or changes["free"]):
+        log.info(f"[train] resuming with a changed config: {'; '.join(changes['reapplied'] + changes['free'])}")
+    num_params = sum(p.numel() for p in state.model.parameters())
+    log.info(
+        f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "
+        f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})"
+    )
+    return tracker
+
+
+def time_box_reached(cfg: TrainConfig, started: float, world: int, device: torch.device) -> bool:
+    """`loop.max_minutes` used up; with several workers every rank must stop at the same step, so they agree (the
+    caller asks at log steps only)."""
+    over = time.perf_counter() - started > 60 * cfg.loop.max_minutes
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        flag = torch.tensor(float(over), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        over = bool(flag.item())
+    return over
+
+
+def log_window(
+    cfg: TrainConfig,
+    state: TrainState,
+    tracker: Tracker | None,
+    rank: int,
+    world: int,
+    step: int,
+    loss_sum: torch.Tensor,
+    loss_count: int,
+    images_seen: int,
+    t0: float,
+) -> dict[str, float]:
+    """The steps since the last log step -> their metrics (mean loss over the workers, images/s): checked finite,
+    kept in `state.history`, logged by rank 0."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    mean_loss = loss_sum.item() / loss_count
+    check_finite(mean_loss, step, cfg.name)
+    ips = images_seen / (time.perf_counter() - t0)
+    state.history.append([step, mean_loss])
+    metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
+    if rank == 0:
+        left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
+        log.info(
+            f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
+            f"left {format_duration(left)}"
+        )
+        tracker.log_metrics(metrics, step)
+    return metrics
+
+
+def checkpoint_and_report(
+    cfg: TrainConfig,
+    ctx: WorkerContext,
+    state: TrainState,
+    tracker: Tracker | None,
+    metrics: dict[str, float],
+    final: bool,
+) -> None:
+    """Every rank reports to its context; rank 0 writes the checkpoint first (and, when final, logs it to MLflow)."""
+    rank = ctx.world_rank
+    # rank 0 stages the checkpoint beside the run's export (never a full-size copy in the system temp folder)
+    with staging_dir(run_uri(cfg, CHECKPOINT_NAME)) if rank == 0 else contextlib.nullcontext() as tmp:
+        ckpt_dir = None
+        if rank == 0:
+            path = state.save(Path(tmp) / CHECKPOINT_NAME)
+            put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
+            if final:  # the final checkpoint, also on remote storage, and the model in MLflow (registered
+                tracker.log_artifact(path, "checkpoint")  # as tracking.register_as when set)
+                log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
+            ckpt_dir = path.parent
+        ctx.report({**metrics, "step": state.step}, ckpt_dir)
+
+
+def run_diagnostics(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any], tracker: Tracker) -> None:
+    """Rank 0, on the held-out images: a DDPM's denoising loss; a factorized model's masks (EMA and raw weights)."""
+    if cfg.model.kind != "factorized":  # DDPM: the held-out denoising loss of the EMA weights
+        m = heldout_eps_mse(state.ema.model, state.diffusion, eval_set["image"], seed=cfg.eval.seed)
+        state.evals.append({"step": state.step, **m})
+        tracker.log_metrics(m, state.step)
+        log.info(f"[train] eval step {state.step}: eps_mse {m['val/eps_mse']:.4f} (EMA, held out)")
+        return
+    data = (state.diffusion, eval_set["image"], eval_set["mask"], cfg.eval.protocol, eval_set["num_classes"])
+    m = mask_diagnostics(state.ema.model, *data, t=cfg.eval.t, seed=cfg.eval.seed)
+    raw = mask_diagnostics(  # the raw weights: their masks only (no held-out eps-MSE)
+        unwrap(state.model), *data, t=cfg.eval.t, seed=cfg.eval.seed, mse_timesteps=(), prefix="val_raw"
+    )
+    m.update(raw)
+    state.evals.append({"step": state.step, **m})
+    tracker.log_metrics(m, state.step)
+    if n := min(cfg.eval.num_figure_images, len(eval_set["image"])):  # image | masks | overlay, by step
+        images = eval_set["image"][:n]
+        gens = image_generators(cfg.eval.seed, range(n))  # the diagnostics' noise for these images
+        masks = segment_images(state.ema.model, state.diffusion, images, t=cfg.eval.t, generator=gens)["masks"]
+        tracker.log_image(sample_grid(images, masks.cpu()), "val/masks", state.step)
+    score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
+    log.info(
+        f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
+        f"mask_dependence {m['val/mask_dependence']:.3f} eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
+        f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
+    )
+
+
+def write_samples(cfg: TrainConfig, state: TrainState, tracker: Tracker, device: torch.device) -> None:
+    """Rank 0: a grid of samples (with masks from a factorized model) under samples/ and in MLflow, by step."""
+    n = cfg.loop.num_samples
+    gens = image_generators(cfg.loop.seed, range(n))  # the grid's images are jobs/sample.py's for this seed
+    images, masks = sample(
+        state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
+    )
+    name = f"step_{state.step:07d}.png"
+    with staging_dir(run_uri(cfg, "samples", name)) as tmp:
+        grid = sample_grid(images, masks)
+        path = save_png(grid, Path(tmp) / name)
+        put_file(path, run_uri(cfg, "samples", name))
+        tracker.log_artifact(path, "samples")
+    tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
+    log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
+
+
 def fit(
     cfg: TrainConfig,
     ctx: WorkerContext | None = None,
@@ -520,17 +523,15 @@ def fit(
     URI), after `check_resume` (a changed architecture or data set is refused; optim.* is re-applied). Rank 0 logs
     progress and MLflow (`tracking_uri`; `git_commit` and `git_dirty` are tagged on new runs), writes sample grids
     (`samples/`) and exports every checkpoint there.
+
+    The steps: `resume_state`, `start_run` (rank 0), then one `train_step` per batch; at log steps `log_window` and
+    `time_box_reached`, at their intervals `write_samples`, `run_diagnostics` and `checkpoint_and_report`; rank 0
+    ends with a last sample grid and the summary.
     """
     cfg.check()
     ctx = ctx or LocalContext()
     rank, world, device = ctx.world_rank, ctx.world_size, ctx.device
-    resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
-    if resume is None:
-        resume, source = load_run_checkpoint(cfg), run_uri(cfg, CHECKPOINT_NAME)
-    changes = check_resume(cfg, resume.config, run_uri(cfg, CHECKPOINT_NAME)) if resume is not None else None
-    state, built_from = build_train_state(cfg, device, resume, prepare_model=ctx.prepare_model)
-    source = f"{built_from} of {source}" if resume is not None else built_from
-    state.starts.append(state.step)
+    state, source, changes = resume_state(cfg, ctx)
     start_step = state.step
     torch.manual_seed(cfg.loop.seed + rank)  # anything unseeded below (dropout) differs per rank
     batches = build_batches(cfg, rank, world, start_step, device)
@@ -539,79 +540,10 @@ def fit(
     eval_set = build_eval_set(cfg) if rank == 0 else None
     tracker = None
     if rank == 0:
-        tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
-        if state.mlflow_run_id is None:
-            tracker.log_params(to_dict(cfg))
-            tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
-            if git_commit:
-                tags["mlflow.source.git.commit"] = git_commit
-            if git_dirty is not None:
-                tags["diffseg.git_dirty"] = str(git_dirty).lower()
-            tracker.set_tags(tags)
-            tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
-        state.mlflow_run_id = tracker.run_id
-        if changes and (changes["reapplied"] or changes["free"]):
-            log.info(f"[train] resuming with a changed config: {'; '.join(changes['reapplied'] + changes['free'])}")
-        num_params = sum(p.numel() for p in state.model.parameters())
-        log.info(
-            f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "
-            f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})"
-        )
-
-    def checkpoint_and_report(metrics: dict[str, float], final: bool) -> None:
-        # rank 0 stages the checkpoint beside the run's export (never a full-size copy in the system temp folder)
-        with staging_dir(run_uri(cfg, CHECKPOINT_NAME)) if rank == 0 else contextlib.nullcontext() as tmp:
-            ckpt_dir = None
-            if rank == 0:
-                path = state.save(Path(tmp) / CHECKPOINT_NAME)
-                put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
-                if final:  # the final checkpoint, also on remote storage, and the model in MLflow (registered
-                    tracker.log_artifact(path, "checkpoint")  # as tracking.register_as when set)
-                    log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
-                ckpt_dir = path.parent
-            ctx.report({**metrics, "step": state.step}, ckpt_dir)
-
-    def run_diagnostics() -> None:
-        if cfg.model.kind != "factorized":  # DDPM: the held-out denoising loss of the EMA weights
-            m = heldout_eps_mse(state.ema.model, state.diffusion, eval_set["image"], seed=cfg.eval.seed)
-            state.evals.append({"step": state.step, **m})
-            tracker.log_metrics(m, state.step)
-            log.info(f"[train] eval step {state.step}: eps_mse {m['val/eps_mse']:.4f} (EMA, held out)")
-            return
-        data = (state.diffusion, eval_set["image"], eval_set["mask"], cfg.eval.protocol, eval_set["num_classes"])
-        m = mask_diagnostics(state.ema.model, *data, t=cfg.eval.t, seed=cfg.eval.seed)
-        raw = mask_diagnostics(  # the raw weights: their masks only (no held-out eps-MSE)
-            unwrap(state.model), *data, t=cfg.eval.t, seed=cfg.eval.seed, mse_timesteps=(), prefix="val_raw"
-        )
-        m.update(raw)
-        state.evals.append({"step": state.step, **m})
-        tracker.log_metrics(m, state.step)
-        if n := min(cfg.eval.num_figure_images, len(eval_set["image"])):  # image | masks | overlay, by step
-            images = eval_set["image"][:n]
-            gens = image_generators(cfg.eval.seed, range(n))  # the diagnostics' noise for these images
-            masks = segment_images(state.ema.model, state.diffusion, images, t=cfg.eval.t, generator=gens)["masks"]
-            tracker.log_image(sample_grid(images, masks.cpu()), "val/masks", state.step)
-        score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
-        log.info(
-            f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
-            f"mask_dependence {m['val/mask_dependence']:.3f} eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
-            f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
-        )
-
-    def write_samples() -> None:
-        n = cfg.loop.num_samples
-        gens = image_generators(cfg.loop.seed, range(n))  # the grid's images are jobs/sample.py's for this seed
-        images, masks = sample(
-            state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
-        )
-        name = f"step_{state.step:07d}.png"
-        with staging_dir(run_uri(cfg, "samples", name)) as tmp:
-            grid = sample_grid(images, masks)
-            path = save_png(grid, Path(tmp) / name)
-            put_file(path, run_uri(cfg, "samples", name))
-            tracker.log_artifact(path, "samples")
-        tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
-        log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
+        tracker = start_run(
+            cfg, state, world, device, source, changes,
+            tracking_uri=tracking_uri, git_commit=git_commit, git_dirty=git_dirty,
+        )  # fmt: skip
 
     try:
         state.model.train()
@@ -627,48 +559,28 @@ def fit(
             step = state.step
             last = step >= cfg.loop.num_steps
             if cfg.loop.max_minutes > 0 and not last and (world == 1 or step % cfg.loop.log_every == 0):
-                # The time box; with several workers every rank must stop at the same step, so they agree at log steps.
-                over = time.perf_counter() - started > 60 * cfg.loop.max_minutes
-                if world > 1 and dist.is_available() and dist.is_initialized():
-                    flag = torch.tensor(float(over), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    over = bool(flag.item())
-                stopped_early = last = over
+                stopped_early = last = time_box_reached(cfg, started, world, device)
 
             if step % cfg.loop.log_every == 0 or last:
-                if world > 1 and dist.is_available() and dist.is_initialized():
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                mean_loss = loss_sum.item() / loss_count
-                check_finite(mean_loss, step, cfg.name)
-                ips = images_seen / (time.perf_counter() - t0)
-                state.history.append([step, mean_loss])
-                metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
-                if rank == 0:
-                    left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
-                    log.info(
-                        f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
-                        f"left {format_duration(left)}"
-                    )
-                    tracker.log_metrics(metrics, step)
+                metrics = log_window(cfg, state, tracker, rank, world, step, loss_sum, loss_count, images_seen, t0)
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
 
             if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and not last:
-                write_samples()
+                write_samples(cfg, state, tracker, device)
             if eval_set is not None and (step % cfg.loop.eval_every == 0 or last):
-                run_diagnostics()
+                run_diagnostics(cfg, state, eval_set, tracker)
             if step % cfg.loop.checkpoint_every == 0 or last:
-                checkpoint_and_report(metrics, final=last)
+                checkpoint_and_report(cfg, ctx, state, tracker, metrics, final=last)
             if last:
                 break
 
         if stopped_early and rank == 0:
             log.info(f"[train] loop.max_minutes={cfg.loop.max_minutes} reached: stopped at step {state.step}")
         if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
-            checkpoint_and_report(metrics, final=True)
+            checkpoint_and_report(cfg, ctx, state, tracker, metrics, final=True)
         if rank != 0:
             return None
-        write_samples()
+        write_samples(cfg, state, tracker, device)
         tracker.finish()
         return {
             "step": state.step,
