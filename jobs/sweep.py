@@ -3,12 +3,12 @@
 python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume | --trust-state] [key.path=value ...]
 python jobs/submit.py -- python jobs/sweep.py --config jobs/configs/sweep_blocks_tiny.yaml
 
-The YAML is a `diffseg.experiments.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig YAML, relative
-to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path -> values),
-metric/mode, search, num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same name
-(Tune's restore), only if its folder is provably this user's (diffseg.core.trust: permissions and an HMAC under a per-user
-key recorded when the driver stopped). `--trust-state` signs a folder whose driver was killed before it could, and
-exits. The best trial's servable model is written to <output_dir>/<name>/best/.
+The YAML is a `diffseg.experiments.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig
+YAML, relative to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path ->
+values), metric/mode, search, num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same
+name (Tune's restore), only if its folder is provably this user's (diffseg.core.trust: permissions and an HMAC under a
+per-user key recorded when the driver stopped). `--trust-state` signs a folder whose driver was killed before it could,
+and exits. The best trial's servable model is written to <output_dir>/<name>/best/.
 """
 
 import sys

@@ -1,5 +1,5 @@
-"""MLflow runs and models that other jobs look up: registered models (`resolve_model_uri` pins `models:/<name>@<alias>` to
-the version the alias names now; `set_alias`), a sweep's nested runs, and runs ended by name (a Ray Train run's
+"""MLflow runs and models that other jobs look up: registered models (`resolve_model_uri` pins `models:/<name>@<alias>`
+to the version the alias names now; `set_alias`), a sweep's nested runs, and runs ended by name (a Ray Train run's
 attempts). The runs themselves: `diffseg.core.tracking`."""
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ it, in `<folder of mlflow.db>/mlartifacts/<experiment>/` (MLflow would otherwise
 the working directory is when the experiment is first created: a Ray worker's temp folder, say).
 
 How a run ends: FINISHED when its job returns; FAILED when it raises; KILLED when it is interrupted (Ctrl-C, or
-SIGTERM, which `ray job stop` sends: `diffseg.experiments.launch.run_job` turns it into `JobInterrupted`). A process that dies
-without a word (SIGKILL, the OOM killer, a lost node) cannot end its run; every run records its host and process
-(`diffseg.host`, `diffseg.pid`, `diffseg.pid_start`), and the next run started in the experiment on that host marks
-the runs whose process is gone FAILED (`reap_dead_runs`).
+SIGTERM, which `ray job stop` sends: `diffseg.experiments.launch.run_job` turns it into `JobInterrupted`). A process
+that dies without a word (SIGKILL, the OOM killer, a lost node) cannot end its run; every run records its host and
+process (`diffseg.host`, `diffseg.pid`, `diffseg.pid_start`), and the next run started in the experiment on that host
+marks the runs whose process is gone FAILED (`reap_dead_runs`).
 
 Models: `log_pyfunc_model` logs an MLflow model (the flavor `diffseg.serving.pyfunc` writes) under the run and, with
 `register_as`, registers it as a new version of that registered model. `diffseg.core.registry.resolve_model_uri` pins

@@ -10,10 +10,10 @@
        (image | ground truth | each variant's masks on test images)
 
 Every row gets the same data, steps, batch, seed(s) and evaluation; only the overrides differ. Scores come from
-`diffseg.evaluation.evaluate` (the same protocol as the tables in docs/results). Runs are resumable: a variant whose checkpoint
-already reached `num_steps` is not trained again. `parallel` trains that many variants at once in separate processes
-(one torch thread each on a CPU; on one GPU several small models share it). Nothing here imports Ray or needs MLflow
-(tracking is optional), so the same command runs on a bare GPU box.
+`diffseg.evaluation.evaluate` (the same protocol as the tables in docs/results). Runs are resumable: a variant whose
+checkpoint already reached `num_steps` is not trained again. `parallel` trains that many variants at once in separate
+processes (one torch thread each on a CPU; on one GPU several small models share it). Nothing here imports Ray or needs
+MLflow (tracking is optional), so the same command runs on a bare GPU box.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@
     run_gap_curve(GapCurveConfig)   finished comparisons at several DDPM training lengths -> the DDPM-vs-random gap
                                     against the DDPM's training images: table, fitted trend, plot
 
-Evaluation is THE evaluation path (`diffseg.evaluation.evaluate.evaluate_segmenter`): the bundle segments the test images batch
-by batch (features are recomputed, never stored for the test set), so it measures exactly what a served segmenter
-would return, with metric keys `test/miou` (classes present in target or prediction), `test/miou_official` (the
-reference's averaging: every class, absent ones as 0, predictions on ignored pixels counted; see
+Evaluation is THE evaluation path (`diffseg.evaluation.evaluate.evaluate_segmenter`): the bundle segments the test
+images batch by batch (features are recomputed, never stored for the test set), so it measures exactly what a served
+segmenter would return, with metric keys `test/miou` (classes present in target or prediction), `test/miou_official`
+(the reference's averaging: every class, absent ones as 0, predictions on ignored pixels counted; see
 `diffseg.scoring.metrics.ConfusionMatrix`) and `test/iou/<class>`. Every row of a comparison carries its compute: the
 backbone's training (steps x batch from its checkpoint), the ensemble's or the network's iterations x batch, the
 wall time and the machine it ran on.

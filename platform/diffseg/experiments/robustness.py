@@ -4,8 +4,8 @@
         ensemble on DDPM features, on random-init features of the same U-Net, and the supervised U-Net)
     for each corruption c of Hendrycks & Dietterich (ICLR 2019) and each severity s in 1..5:
         corrupt every test image at `corrupt_size` (256 px: the test images' native size, where the corruptions are
-        defined), bring it to the model's size by the one resize policy (`diffseg.data.datasets.resize_images`: bilinear,
-        antialiased), and score each method by the one evaluation path (`test/miou`, `test/miou_official`)
+        defined), bring it to the model's size by the one resize policy (`diffseg.data.datasets.resize_images`:
+        bilinear, antialiased), and score each method by the one evaluation path (`test/miou`, `test/miou_official`)
     severity 0 is the clean test images through the same path (256 px -> the one resize policy)
 
 The corruptions come from the `imagecorruptions` package (Michaelis et al. 2019), which implements the 15 benchmark

@@ -7,9 +7,9 @@
 
 The space is keyed by dotted config paths (those of `key.path=value` overrides). A value is a list (a grid), a Tune
 domain, or `{grid|choice: [...]}`, `{uniform|loguniform|randint|quniform: [lo, hi]}` (what YAML can say). A sweep
-only sweeps: each trial runs a task of `diffseg.experiments.trials` (label-efficient "pixel" trials for a `PixelTrialConfig`,
-"factorized" trials for a factorized `TrainConfig`), which reports `split/name` metrics of the one evaluation path
-after each of `num_reports` chunks of its training (ASHA's time unit) and leaves a servable model.
+only sweeps: each trial runs a task of `diffseg.experiments.trials` (label-efficient "pixel" trials for a
+`PixelTrialConfig`, "factorized" trials for a factorized `TrainConfig`), which reports `split/name` metrics of the one
+evaluation path after each of `num_reports` chunks of its training (ASHA's time unit) and leaves a servable model.
 
 The sweep is one MLflow run (results table, plot, best config, the best model); every trial a nested run. A sweep
 interrupted by Ctrl-C or a lost driver continues with `run_sweep(..., resume=True)` (Tune's restore, same parent

@@ -1,7 +1,7 @@
 """What one sweep trial does: train in `num_reports` chunks, and after each, score with THE evaluation path.
 
-Each task is a generator of metric dicts (`split/name` keys), one per report; `diffseg.experiments.sweep` turns them into Tune
-reports. Both leave a servable model in the trial's folder, which Serve loads as it is:
+Each task is a generator of metric dicts (`split/name` keys), one per report; `diffseg.experiments.sweep` turns them
+into Tune reports. Both leave a servable model in the trial's folder, which Serve loads as it is:
 
 - `pixel_chunks` (label-efficient): the labelled images' features come from the feature store (`FeatureCache`,
   extracted once per recipe and data); `train_segmenter` trains the ensemble into a `PixelSegmenter`, saved as

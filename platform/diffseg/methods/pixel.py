@@ -10,7 +10,8 @@ Public API (stable; the Ray Serve segmenter loads bundles through it):
         labels:      int64 numpy (B, S, S) at seg.image_size, the ensemble's majority vote
         uncertainty: float32 numpy (B, S, S), entropy of the mean softmax minus the mean member entropy
     seg.predict_detailed(images) -> {"labels", "uncertainty", "image_score" (B,), "probs" (B, K, S, S)}
-    seg.segment(images (B, 3, H, W)) -> diffseg.scoring.segmenter.Segmentation at the input's size (the Segmenter protocol)
+    seg.segment(images (B, 3, H, W)) -> diffseg.scoring.segmenter.Segmentation at the input's size
+                                     (the Segmenter protocol)
     seg.class_names, seg.num_classes, seg.image_size, seg.recipe (FeatureConfig), seg.ensemble (MLPEnsemble)
 
 The ensemble: E members with the paper's architecture (Linear-ReLU-BatchNorm, Linear-ReLU-BatchNorm, Linear; hidden
@@ -612,8 +613,8 @@ class PixelSegmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> PixelSegmenter:
-        """A bundle file, or an MLflow model of one (`diffseg.serving.pyfunc`: its backbone packaged inside or referenced
-        by a model URI)."""
+        """A bundle file, or an MLflow model of one (`diffseg.serving.pyfunc`: its backbone packaged inside or
+        referenced by a model URI)."""
         path, backbone = Path(path), None
         if path.is_dir():
             path, backbone = bundle_in_folder(path)

@@ -7,7 +7,8 @@
 Images of another size than the model's go through the one resize policy (`diffseg.data.datasets.resize_images` in,
 `resize_probs` out), so masks come back at the input resolution, from this module and from Serve alike. The noise is
 explicit: a generator per call, or per image (`diffseg.core.runtime.image_generators(seed, ids)`) so an image's masks do
-not depend on the batch it was segmented in. `FactorizedSegmenter` is the model as a `diffseg.scoring.segmenter.Segmenter`.
+not depend on the batch it was segmented in. `FactorizedSegmenter` is the model as a
+`diffseg.scoring.segmenter.Segmenter`.
 """
 
 from __future__ import annotations

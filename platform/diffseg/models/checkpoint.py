@@ -314,7 +314,8 @@ def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", *, source: str | None = None
 ) -> Checkpoint:
     """Read a checkpoint, verifying every tensor's SHA-256: our file, a run folder holding checkpoint.pt, an MLflow
-    model folder (`diffseg.serving.pyfunc`: the checkpoint is under data/), or a safetensors export (`export_safetensors`).
+    model folder (`diffseg.serving.pyfunc`: the checkpoint is under data/), or a safetensors export
+    (`export_safetensors`).
 
     `source` is how errors name the file when `path` is a local copy of it (a downloaded URI). Every failure is a
     CheckpointError (FileNotFoundError when there is no file) that names the file and says what is wrong with it.
@@ -527,7 +528,8 @@ def export_safetensors(
     config = {
         "_class_name": "FactorizedUNet" if model_cfg.kind == "factorized" else "UNet",
         "_diffseg_format": SAFETENSORS_FORMAT,
-        "_note": "diffseg's ADM U-Net (guided-diffusion key names): load with diffseg.models.checkpoint.load_diffusion_model",
+        "_note": "diffseg's ADM U-Net (guided-diffusion key names): load with "
+        "diffseg.models.checkpoint.load_diffusion_model",
         "model": to_dict(model_cfg),
         "diffusion": to_dict(diff_cfg),
         "step": ckpt.step,

@@ -153,7 +153,8 @@ class FactorizedUNet(UNetTrunk):
 
         `mask_mode` (training warm-ups): "uniform" uses masks 1/K, "frozen" the learned masks with no gradient to the
         mask generator. In training mode, `mask_grad_max_t` cuts the mask gradient of rows with t >= it.
-        `masks` (B, K, H, W) replaces the mask generator with given masks (the oracle experiment, `diffseg.experiments.oracle`).
+        `masks` (B, K, H, W) replaces the mask generator with given masks (the oracle experiment,
+        `diffseg.experiments.oracle`).
         """
         b, k = x.shape[0], self.num_components
         emb = self.embed(t, y)  # (B, 4C)

@@ -1,5 +1,5 @@
-"""guided-diffusion checkpoints in and out: the published ADM models as presets (their README's exact flags), importing a
-guided-diffusion .pt as our checkpoint, exporting ours as one. Reads and writes go through
+"""guided-diffusion checkpoints in and out: the published ADM models as presets (their README's exact flags), importing
+a guided-diffusion .pt as our checkpoint, exporting ours as one. Reads and writes go through
 `diffseg.models.checkpoint`."""
 
 from __future__ import annotations

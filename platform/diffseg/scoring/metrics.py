@@ -19,7 +19,8 @@ Three protocols, each a streaming accumulator (`update` per batch, `compute` at 
    them: per image, Acc = mean(pred == gt), IoU = |pred & gt| / |pred | gt|, DICE = 2 |pred & gt| / (|pred| + |gt|);
    per image and *separately for each metric* the better of the prediction and its inverse is kept (the polarity
    rule); the scores are averaged over images. A stricter variant fixes the foreground once per data set.
-3. **Hungarian-matched mIoU** (`regions.HungarianIoU`, `regions.hungarian_miou`): K unsupervised regions are matched one-to-one to C
+3. **Hungarian-matched mIoU** (`regions.HungarianIoU`, `regions.hungarian_miou`): K unsupervised regions are matched
+one-to-one to C
    ground-truth classes (scipy's `linear_sum_assignment`, maximising total IoU or intersection) and mIoU is computed
    with intersections and unions pooled over the set.
 

@@ -1,6 +1,6 @@
-"""Scores of K unsupervised regions: Hungarian matching of regions to ground-truth classes (mIoU pooled over the set, scipy
-`linear_sum_assignment` maximising total IoU or intersection), and the image dependence of soft masks (0 for a fixed
-split that ignores the image). Shared input handling: `diffseg.scoring.metrics`."""
+"""Scores of K unsupervised regions: Hungarian matching of regions to ground-truth classes (mIoU pooled over the set,
+scipy `linear_sum_assignment` maximising total IoU or intersection), and the image dependence of soft masks (0 for a
+fixed split that ignores the image). Shared input handling: `diffseg.scoring.metrics`."""
 
 from __future__ import annotations
 

@@ -3,14 +3,15 @@
     seg.segment(images, seeds) -> Segmentation(labels (B, H, W), probs (B, C, H, W) | None, uncertainty | None)
 
 `images` are (B, 3, H, W) floats in [-1, 1] at any size; masks come back at that size (a segmenter with a fixed
-resolution applies the one resize policy of `diffseg.data.datasets`: `resize_images` in, `resize_probs`/`resize_labels` out).
-`seeds` are per-image noise seeds, already through the one seeding rule (`diffseg.core.runtime.image_seed(seed, i)` for
-image i of a run seeded `seed`); a deterministic segmenter ignores them.
+resolution applies the one resize policy of `diffseg.data.datasets`: `resize_images` in, `resize_probs`/`resize_labels`
+out). `seeds` are per-image noise seeds, already through the one seeding rule
+(`diffseg.core.runtime.image_seed(seed, i)` for image i of a run seeded `seed`); a deterministic segmenter ignores them.
 
 Implementations: the factorized model (`diffseg.methods.segment.FactorizedSegmenter`, K unsupervised regions), the pixel
-ensemble (`diffseg.methods.pixel.PixelSegmenter`, classes), the baselines (`diffseg.evaluation.baselines`: priors, GrabCut, k-means,
-any supervised network through `NetworkSegmenter`). `kind` says how a score must read the labels: "regions" are
-unsupervised (matched to the ground truth: polarity search, Hungarian matching), "classes" are class indices.
+ensemble (`diffseg.methods.pixel.PixelSegmenter`, classes), the baselines (`diffseg.evaluation.baselines`: priors,
+GrabCut, k-means, any supervised network through `NetworkSegmenter`). `kind` says how a score must read the labels:
+"regions" are unsupervised (matched to the ground truth: polarity search, Hungarian matching), "classes" are class
+indices.
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ BATCH = 16  # images per forward pass inside predict (image i's noise depends on
 
 
 def images_to_tensor(images: Any) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) or one (H, W, 3) -> float (B, 3, H, W) in [-1, 1], by `diffseg.data.datasets.to_tensor_image`'s
-    arithmetic (the jobs' reading of a PNG), so predict and the jobs see the same numbers."""
+    """uint8 images (B, H, W, 3) or one (H, W, 3) -> float (B, 3, H, W) in [-1, 1], by
+    `diffseg.data.datasets.to_tensor_image`'s arithmetic (the jobs' reading of a PNG), so predict and the jobs see the
+    same numbers."""
     if isinstance(images, Mapping) and len(images) == 1:  # a named tensor input
         images = next(iter(images.values()))
     arr = np.asarray(images)

@@ -161,8 +161,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def to_model_input(im: Image.Image, size: int) -> np.ndarray:
-    """RGB image -> (3, size, size) float32 in [-1, 1] by the one resize policy (`diffseg.data.datasets.resize_images`), the
-    resize `jobs/segment.py` applies to the same image."""
+    """RGB image -> (3, size, size) float32 in [-1, 1] by the one resize policy (`diffseg.data.datasets.resize_images`),
+    the resize `jobs/segment.py` applies to the same image."""
     x = resize_images(to_tensor_image(im)[None], size)[0]  # (3, size, size)
     return np.ascontiguousarray(x.numpy(), dtype=np.float32)
 

@@ -39,9 +39,9 @@ def b64(data: bytes) -> str:
 
 def upsample_result(result: Mapping[str, np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """A model-resolution result -> (labels (H, W) int, uncertainty (H, W) float32) at the upload's size (H, W), by the
-    one resize policy (`diffseg.data.datasets`): soft masks bilinearly before the argmax (the masks `jobs/segment.py` writes),
-    hard labels by nearest neighbour. For soft masks the uncertainty is their entropy divided by log C (0 = certain,
-    1 = uniform).
+    one resize policy (`diffseg.data.datasets`): soft masks bilinearly before the argmax (the masks `jobs/segment.py`
+    writes), hard labels by nearest neighbour. For soft masks the uncertainty is their entropy divided by log C (0 =
+    certain, 1 = uniform).
     """
     if "probs" in result:
         p = resize_probs(torch.from_numpy(np.asarray(result["probs"], dtype=np.float32))[None], size)[0]  # (C, H, W)

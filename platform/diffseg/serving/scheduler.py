@@ -172,7 +172,8 @@ class SampleScheduler:
                 self._finish(run.members)
 
     def _loop(self) -> None:
-        """The compute thread: wait for work, pick the run owed a step, run that one step (outside the lock), count it."""
+        """The compute thread: wait for work, pick the run owed a step, run that one step (outside the lock), count
+        it."""
         while True:
             with self._cond:
                 if not self._wait_for_work():
@@ -185,7 +186,8 @@ class SampleScheduler:
                 self._account(run, finished, result, error)
 
     def _wait_for_work(self) -> bool:
-        """Block until there are requests or runs (under the lock); False once closed, having failed all that is left."""
+        """Block until there are requests or runs (under the lock); False once closed, having failed all that is
+        left."""
         while not self._closed and not self._pending and not self._runs:
             self._cond.wait()
         if self._closed:
@@ -210,7 +212,8 @@ class SampleScheduler:
         return run
 
     def _step(self, run: _Run) -> tuple[bool, list[dict[str, Any]] | None, Exception | None]:
-        """One denoising step of `run` -> (finished, result, error); the call that finishes only assembles the results."""
+        """One denoising step of `run` -> (finished, result, error); the call that finishes only assembles the
+        results."""
         try:
             next(run.steps)
             return False, None, None

@@ -83,8 +83,8 @@ class FactorizedSegmenter:
 
 
 class PixelEnsembleSegmenter:
-    """Adapter for a pixel-segmenter bundle (`diffseg.methods.pixel.PixelSegmenter`): DDPM features + MLP ensemble + class
-    names. Labels are the ensemble's majority vote; the uncertainty is its per-pixel disagreement (entropy of the
+    """Adapter for a pixel-segmenter bundle (`diffseg.methods.pixel.PixelSegmenter`): DDPM features + MLP ensemble +
+    class names. Labels are the ensemble's majority vote; the uncertainty is its per-pixel disagreement (entropy of the
     mean softmax minus the mean entropy), as the bundle computes it.
 
     The adapter needs of the bundle only `class_names`, `image_size` and `predict(images (B, 3, S, S) in [-1, 1])

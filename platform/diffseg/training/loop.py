@@ -6,8 +6,8 @@
 
 Nothing here imports Ray. What the loop needs from whatever runs it (rank, world size, device, the latest
 checkpoint the framework kept, DDP wrapping, reporting a checkpoint) is a `WorkerContext`: `LocalContext` runs the
-loop in this process (a GPU box without Ray, a benchmark, a notebook), and `diffseg.training.ray_train.RayTrainContext` is the
-thin adapter that Ray Train's `train_loop_per_worker` uses. Runs resume from `<output_dir>/<name>/checkpoint.pt`,
+loop in this process (a GPU box without Ray, a benchmark, a notebook), and `diffseg.training.ray_train.RayTrainContext`
+is the thin adapter that Ray Train's `train_loop_per_worker` uses. Runs resume from `<output_dir>/<name>/checkpoint.pt`,
 so a run started one way can be continued the other.
 
 Re-running a name with a changed config (`check_resume`): `loop.*`, `scaling.*`, `tracking.*`, `eval.*` and where
