@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 export MLFLOW_DISABLE_TELEMETRY ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint-imports lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/demo.py $(ARGS)
 
-test: $(STAMP)
+test: lint-imports
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint-imports
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The layer contracts of pyproject.toml ([tool.importlinter]); PYTHONPATH=platform: this checkout's diffseg, whichever
+# checkout the venv was installed from (as pytest's pythonpath does).
+lint-imports: $(STAMP)
+	PYTHONPATH=platform $(VENV)/bin/lint-imports
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -38,4 +43,4 @@ bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf runs outputs mlflow.db mlruns .pytest_cache
+	rm -rf runs outputs mlflow.db mlruns .pytest_cache .import_linter_cache

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.unet import UNet, unet_config_from_guided_flags  # noqa: E402
+from diffseg.models.unet import UNet, unet_config_from_guided_flags  # noqa: E402
 
 
 def check(ref_dir: Path, name: str, tol: float) -> bool:

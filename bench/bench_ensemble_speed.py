@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffseg.pixel import MLPEnsemble, ensemble_train_step, make_optimizer  # noqa: E402
-from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
+from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
+from diffseg.methods.pixel import MLPEnsemble, ensemble_train_step, make_optimizer  # noqa: E402
 
 
 def batches(ss: ShardSet, members: int, batch: int, iters: int, seed: int = 0):

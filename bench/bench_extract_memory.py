@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffseg.data import DataConfig, build_dataset, item_ids  # noqa: E402
-from diffseg.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from diffseg.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
-from diffseg.pixel import PixelTrainConfig, train_ensemble  # noqa: E402
-from diffseg.shards import ShardSet, begin_shard_set, end_shard_set  # noqa: E402
-from diffseg.unet import build_unet, count_parameters  # noqa: E402
+from diffseg.data.datasets import DataConfig, build_dataset, item_ids  # noqa: E402
+from diffseg.data.shards import ShardSet, begin_shard_set, end_shard_set  # noqa: E402
+from diffseg.methods.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
+from diffseg.methods.pixel import PixelTrainConfig, train_ensemble  # noqa: E402
+from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from diffseg.models.unet import build_unet, count_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

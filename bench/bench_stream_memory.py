@@ -3,7 +3,7 @@
 The shards hold N images' labelled pixels at the paper's feature width (D = 8448, float16; the values are seeded
 random numbers: memory and mixing do not depend on them, and no feature extractor has to run) and the images' real
 masks (celebamask-hq-800 at --size, or synthetic scenes without ../shared), written as the extraction writes them (one
-shard per batch of --batch-size images, row groups of `diffseg.shards.ROW_GROUP_ROWS`). The 10-member ensemble then
+shard per batch of --batch-size images, row groups of `diffseg.data.shards.ROW_GROUP_ROWS`). The 10-member ensemble then
 trains for --max-iters iterations from `train_ensemble`'s stream: windows of at most --buffer-mb of features gathered
 from randomly chosen row groups of all shards, each member its own order. ONE process per run (run it once per image
 count and compare): it prints the peak RSS after writing and after training, the window sizes, and how many shards
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffseg import pixel  # noqa: E402
-from diffseg.data import DataConfig, build_dataset  # noqa: E402
-from diffseg.pixel import PixelTrainConfig, buffer_rows, train_ensemble  # noqa: E402
-from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
+from diffseg.data.datasets import DataConfig, build_dataset  # noqa: E402
+from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
+from diffseg.methods import pixel  # noqa: E402
+from diffseg.methods.pixel import PixelTrainConfig, buffer_rows, train_ensemble  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

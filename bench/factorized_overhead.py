@@ -31,8 +31,8 @@ from harness import (
 )
 from torch import nn
 
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
-from diffseg.unet import UNET_SIZES, UNet, UNetConfig, count_parameters
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.unet import UNET_SIZES, UNet, UNetConfig, count_parameters
 
 
 def parse_args(argv=None) -> argparse.Namespace:

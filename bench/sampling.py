@@ -1,6 +1,6 @@
 """Sampling throughput: images/s for DDPM over all T steps and for DDIM-50, eager and with torch.compile.
 
-The samplers are the library's (`diffseg.sampling.sample`); only the network call is compiled. On CUDA,
+The samplers are the library's (`diffseg.methods.sampling.sample`); only the network call is compiled. On CUDA,
 `--compile` uses mode="reduce-overhead", which captures the network in CUDA graphs (the fixed shapes of a sampling
 loop are what graphs need); on CPU it uses the default inductor mode (C++/OpenMP kernels), which takes a while to
 compile: the compile time is reported apart from the timed runs, so the images/s are steady-state.
@@ -20,10 +20,10 @@ import torch
 from harness import add_common_args, autocast, command_line, machine_line, setup, sync
 from torch import nn
 
-from diffseg.diffusion import DiffusionConfig, build_diffusion
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
-from diffseg.sampling import sample
-from diffseg.unet import UNET_SIZES, UNet
+from diffseg.methods.sampling import sample
+from diffseg.models.diffusion import DiffusionConfig, build_diffusion
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.unet import UNET_SIZES, UNet
 
 
 class _Compiled(nn.Module):

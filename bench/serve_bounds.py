@@ -35,14 +35,10 @@ sys.path.insert(0, str(REPO / "platform"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffseg.serving import (  # noqa: E402
-    Limits,
-    PixelBudget,
-    SampleParams,
-    SampleScheduler,
-    SegmentParams,
-    segment_upload,
-)
+from diffseg.serving.app_config import Limits  # noqa: E402
+from diffseg.serving.ingress import PixelBudget, segment_upload  # noqa: E402
+from diffseg.serving.requests import SampleParams, SegmentParams  # noqa: E402
+from diffseg.serving.scheduler import SampleScheduler  # noqa: E402
 
 BYTES_PER_PIXEL = 24  # the stated bound: ingress peak RSS growth <= slots * 24 B * max_image_pixels + OVERHEAD
 OVERHEAD = 96 * 2**20  # thread stacks, PNG encoder state, allocator slack
@@ -91,11 +87,11 @@ def memory(side: int, n: int, slots: int, overlay: bool) -> dict:
 
 
 def latency(steps_small: int, config: Path) -> dict:
-    from diffseg.checkpoint import LoadedModel
-    from diffseg.config import from_dict, load_yaml
-    from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-    from diffseg.models import ModelConfig, build_model
-    from diffseg.serving import DiffusionSampler
+    from diffseg.core.config import from_dict, load_yaml
+    from diffseg.models.builder import ModelConfig, build_model
+    from diffseg.models.checkpoint import LoadedModel
+    from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+    from diffseg.serving.wrappers import DiffusionSampler
 
     raw = load_yaml(config)
     torch.manual_seed(0)

@@ -32,9 +32,9 @@ def tiny_checkpoint(folder: Path, config: Path) -> Path:
     """A random-init model with the architecture of a job config (weights do not change the cost of a pass)."""
     import torch
 
-    from diffseg.checkpoint import save_checkpoint
-    from diffseg.config import from_dict, load_yaml, to_dict
-    from diffseg.models import ModelConfig, build_model
+    from diffseg.core.config import from_dict, load_yaml, to_dict
+    from diffseg.models.builder import ModelConfig, build_model
+    from diffseg.models.checkpoint import save_checkpoint
 
     raw = load_yaml(config)
     mcfg = from_dict(ModelConfig, raw["model"], prefix="model")

@@ -42,7 +42,7 @@ from harness import (
 )
 from torch import nn
 
-from diffseg.unet import UNet, UNetConfig, count_parameters
+from diffseg.models.unet import UNet, UNetConfig, count_parameters
 
 
 def parse_args(argv=None) -> argparse.Namespace:

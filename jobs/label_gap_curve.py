@@ -10,8 +10,8 @@ from pathlib import Path
 # The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.label_efficient import GapCurveConfig, run_gap_curve  # noqa: E402
-from diffseg.launch import run_job  # noqa: E402
+from diffseg.experiments.label_efficient import GapCurveConfig, run_gap_curve  # noqa: E402
+from diffseg.experiments.launch import run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None):

@@ -3,12 +3,12 @@
 python jobs/sweep.py --config jobs/configs/sweep_k_tiny.yaml [--dry-run] [--resume | --trust-state] [key.path=value ...]
 python jobs/submit.py -- python jobs/sweep.py --config jobs/configs/sweep_blocks_tiny.yaml
 
-The YAML is a `diffseg.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig YAML, relative
-to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path -> values),
-metric/mode, search, num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same name
-(Tune's restore), only if its folder is provably this user's (diffseg.trust: permissions and an HMAC under a per-user
-key recorded when the driver stopped). `--trust-state` signs a folder whose driver was killed before it could, and
-exits. The best trial's servable model is written to <output_dir>/<name>/best/.
+The YAML is a `diffseg.experiments.sweep.SweepConfig`: `base_config` (a factorized TrainConfig or a PixelTrialConfig
+YAML, relative to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path ->
+values), metric/mode, search, num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same
+name (Tune's restore), only if its folder is provably this user's (diffseg.core.trust: permissions and an HMAC under a
+per-user key recorded when the driver stopped). `--trust-state` signs a folder whose driver was killed before it could,
+and exits. The best trial's servable model is written to <output_dir>/<name>/best/.
 """
 
 import sys
@@ -17,9 +17,9 @@ from pathlib import Path
 # The package lives under platform/ (a source root); a Ray job's working_dir has no install of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from diffseg.config import find_config, replace  # noqa: E402
-from diffseg.launch import run_job  # noqa: E402
-from diffseg.sweep import SweepConfig, run  # noqa: E402
+from diffseg.core.config import find_config, replace  # noqa: E402
+from diffseg.experiments.launch import run_job  # noqa: E402
+from diffseg.experiments.sweep import SweepConfig, run  # noqa: E402
 
 
 def base_beside_config(cfg: SweepConfig, args) -> SweepConfig:

@@ -8,8 +8,9 @@ The ingress reads and checks every request (size, format, declared pixels, param
 ones; model replicas only ever see validated fixed-size float arrays (segmenters batched with `@serve.batch`, the
 sampler through its cost-bounded, step-by-step `SampleScheduler`). Uploads are decoded and rendered within the
 ingress's pixel budget; a model call that times out or whose client leaves is cancelled in the replica. Everything
-that is not a deployment class (validation, decoding, budgets, scheduling, models, rendering) lives in
-`diffseg.serving`, which has no Ray in it.
+that is not a deployment class lives in `diffseg.serving`, which has no Ray in it: `app_config` (this app's args),
+`requests` (validation, decoding), `wrappers` (the models), `scheduler` (the sampler's), `responses` (rendering) and
+`ingress` (the pixel budget, an upload's flow, model timeouts).
 
     serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
     serve.run(build_app({"segmenter": "runs/x/checkpoint.pt"}))
@@ -39,35 +40,27 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffseg.config import from_dict, resolve_paths, to_dict
-from diffseg.serving import (
+from diffseg.core.config import from_dict, resolve_paths, to_dict
+from diffseg.core.registry import resolve_model_uri
+from diffseg.core.tracking import resolve_tracking_uri
+from diffseg.serving.app_config import (
     DEPLOYMENT_NAMES,
     INGRESS_DEFAULTS,
     INGRESS_NAME,
     MODEL_DEFAULTS,
     BatchingConfig,
-    DiffusionSampler,
-    FactorizedSegmenter,
     Limits,
-    PixelBudget,
-    PixelEnsembleSegmenter,
-    RequestError,
-    SampleParams,
-    SampleScheduler,
     ServeAppConfig,
-    await_model,
     check_app_args,
     check_sources,
     deployment_names,
     model_num_gpus,
-    parse_sample_request,
-    parse_segment_params,
-    public_info,
-    render_samples,
-    safe_text,
-    segment_upload,
 )
-from diffseg.tracking import resolve_model_uri, resolve_tracking_uri
+from diffseg.serving.ingress import PixelBudget, await_model, segment_upload
+from diffseg.serving.requests import RequestError, SampleParams, parse_sample_request, parse_segment_params, safe_text
+from diffseg.serving.responses import public_info, render_samples
+from diffseg.serving.scheduler import SampleScheduler
+from diffseg.serving.wrappers import DiffusionSampler, FactorizedSegmenter, PixelEnsembleSegmenter
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")

@@ -47,9 +47,9 @@ def one_torch_thread():
 
 @pytest.fixture(autouse=True, scope="session")
 def private_state_key(tmp_path_factory):
-    """Sweep-state signing (diffseg.trust) uses a per-user key file: tests use their own, never ~/.config's. Set in
+    """Sweep-state signing (diffseg.core.trust) uses a per-user key file: tests use their own, never ~/.config's. Set in
     the environment, so job subprocesses inherit it."""
-    from diffseg.trust import KEY_ENV
+    from diffseg.core.trust import KEY_ENV
 
     before = os.environ.get(KEY_ENV)
     os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("trust") / "state.key")
@@ -100,7 +100,7 @@ def label_ray():
     """A local 2-CPU Ray with this checkout's code, for the Ray Data jobs (extract features, comparisons)."""
     import ray
 
-    from diffseg.runtime import code_runtime_env
+    from diffseg.core.runtime import code_runtime_env
 
     ray.init(
         address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,

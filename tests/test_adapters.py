@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffseg.adapters import CELEBAMASK_CLASSES, PrepareConfig, convert
-from diffseg.config import load_config, resolve_paths
-from diffseg.data import DataError, PairedFolderDataset
+from diffseg.core.config import load_config, resolve_paths
+from diffseg.data.adapters import CELEBAMASK_CLASSES, PrepareConfig, convert
+from diffseg.data.datasets import DataError, PairedFolderDataset
 
 REPO = Path(__file__).resolve().parents[1]
 

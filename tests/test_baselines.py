@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.baselines import KMeans, all_foreground, centred_box, feature_pixels, grabcut, kmeans_segment
-from diffseg.metrics import foreground_metrics, hungarian_miou
+from diffseg.evaluation.baselines import KMeans, all_foreground, centred_box, feature_pixels, grabcut, kmeans_segment
+from diffseg.scoring.metrics import foreground_metrics
+from diffseg.scoring.regions import hungarian_miou
 
 
 def _disc_image(size: int = 64, radius: int = 18, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

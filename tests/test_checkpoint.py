@@ -15,22 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffseg.checkpoint import (
+from diffseg.core.config import from_dict, to_dict
+from diffseg.methods.features import FeatureConfig
+from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
+from diffseg.models.builder import EMA, ModelConfig, build_model
+from diffseg.models.checkpoint import (
     FORMAT,
     CheckpointError,
     atomic_torch_save,
-    convert_guided_diffusion,
-    import_guided_diffusion,
     load_checkpoint,
     load_diffusion_model,
     save_checkpoint,
 )
-from diffseg.config import from_dict, to_dict
-from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.features import FeatureConfig
-from diffseg.models import EMA, ModelConfig, build_model
-from diffseg.pixel import MLPEnsemble, PixelSegmenter
-from diffseg.unet import UNet, UNetConfig
+from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+from diffseg.models.guided import convert_guided_diffusion, import_guided_diffusion
+from diffseg.models.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,))
@@ -200,7 +199,7 @@ def test_checkpoint_is_plain_data(tmp_path):
 def test_half_precision_export_loads_as_fp32_model(tmp_path, dtype):
     """The inference export (EMA weights only, fp16/bf16) is what the GPU kit ships: load_diffusion_model (jobs, Serve)
     rebuilds the fp32 network from it, and its outputs match the fp32 EMA's to the precision's rounding."""
-    from diffseg.checkpoint import export_weights
+    from diffseg.models.checkpoint import export_weights
 
     cfg, model, ema, opt = trained_state("factorized")
     full = save_checkpoint(tmp_path / "full.pt", config=cfg, model=model, ema=ema.model, optimizer=opt, step=2)
@@ -220,7 +219,7 @@ def test_half_precision_export_loads_as_fp32_model(tmp_path, dtype):
 
 
 def test_half_precision_export_refuses_overflow(tmp_path):
-    from diffseg.checkpoint import export_weights
+    from diffseg.models.checkpoint import export_weights
 
     state = {"w": torch.tensor([1.0, 1e6])}
     path = save_checkpoint(tmp_path / "c.pt", config={"model": {}}, model=state, step=0)
@@ -326,7 +325,7 @@ class _Evil:
 
 
 def test_resume_from_a_truncated_export_names_the_run_checkpoint(tmp_path):
-    from diffseg.loop import TrainConfig, load_run_checkpoint
+    from diffseg.training.config import TrainConfig, load_run_checkpoint
 
     cfg = TrainConfig(name="r", output_dir=str(tmp_path))
     cfg_, model, _, _ = trained_state()
@@ -343,8 +342,8 @@ import os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
-import diffseg.config as config
-from diffseg.checkpoint import save_checkpoint
+import diffseg.core.config as config
+from diffseg.models.checkpoint import save_checkpoint
 
 config._use_anonymous_temp = sys.argv[3] == "anonymous"
 real_save = torch.save
@@ -364,7 +363,7 @@ def test_kill_during_a_save_leaves_no_temp_files(tmp_path, mode, monkeypatch):
     """SIGKILL in the middle of a checkpoint save: the old checkpoint is intact, nothing is left in the system temp
     folder, and no temp file stays in the run folder (O_TMPFILE: none is ever named; the portable fallback: the dead
     writer's named temp file is removed by the next save into the folder)."""
-    import diffseg.config as config
+    import diffseg.core.config as config
 
     run = tmp_path / "run"
     sys_tmp = tmp_path / "systmp"
@@ -397,7 +396,7 @@ def test_kill_during_a_save_leaves_no_temp_files(tmp_path, mode, monkeypatch):
 
 
 def test_staging_dir_is_beside_the_target_and_cleaned(tmp_path):
-    from diffseg.config import remove_stale_temps, staging_dir
+    from diffseg.core.config import remove_stale_temps, staging_dir
 
     target = tmp_path / "run" / "checkpoint.pt"
     with staging_dir(target) as d:
@@ -412,7 +411,7 @@ def test_staging_dir_is_beside_the_target_and_cleaned(tmp_path):
 
 
 def _host():
-    from diffseg.config import _HOST
+    from diffseg.core.config import _HOST
 
     return _HOST
 
@@ -428,7 +427,7 @@ def _outputs(loaded) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["ddpm", "factorized"])
 def test_safetensors_round_trip_gives_identical_outputs(tmp_path, kind):
     """checkpoint -> safetensors + config.json -> checkpoint: the same network, bit for bit (EMA weights, process)."""
-    from diffseg.checkpoint import SAFETENSORS_WEIGHTS, export_safetensors, save_checkpoint_as
+    from diffseg.models.checkpoint import SAFETENSORS_WEIGHTS, export_safetensors, save_checkpoint_as
 
     cfg, model, ema, opt = trained_state(kind)
     cfg["diffusion"] = {"num_timesteps": 200, "schedule": "cosine"}
@@ -454,7 +453,7 @@ def test_safetensors_round_trip_gives_identical_outputs(tmp_path, kind):
 def test_guided_diffusion_pt_round_trip_gives_identical_outputs(tmp_path, reference_dir):
     """checkpoint -> guided-diffusion .pt (bare state dict) + flags .json -> checkpoint: identical outputs, and the
     .pt is exactly what guided-diffusion's own UNetModel holds (the reference vectors' state dict and output)."""
-    from diffseg.checkpoint import export_guided_diffusion
+    from diffseg.models.guided import export_guided_diffusion
 
     ref = torch.load(reference_dir / "adm_tiny_b.pt", map_location="cpu", weights_only=True)
     flags = json.loads((reference_dir / "adm_tiny_b.json").read_text())
@@ -479,8 +478,8 @@ def test_guided_diffusion_pt_round_trip_gives_identical_outputs(tmp_path, refere
 def test_presets_build_the_published_networks(reference_dir):
     """Every preset's flags build (on the meta device: shapes only) the network of its checkpoint: the LSUN and FFHQ
     ones exactly the reference key set, ImageNet's with 1000 classes, cosine at 64 px, half width first at 512."""
-    from diffseg.checkpoint import GUIDED_PRESETS, diffusion_config_from_guided_flags, guided_preset_flags
-    from diffseg.unet import unet_config_from_guided_flags
+    from diffseg.models.guided import GUIDED_PRESETS, diffusion_config_from_guided_flags, guided_preset_flags
+    from diffseg.models.unet import unet_config_from_guided_flags
 
     expected = {}
     for line in (reference_dir / "adm_lsun256_state_dict_keys.tsv").read_text().splitlines():
@@ -509,9 +508,9 @@ def test_presets_build_the_published_networks(reference_dir):
 def test_convert_job_imports_exports_and_checks(tmp_path, reference_dir):
     """jobs/convert_checkpoint.py's body: guided .pt -> ours -> safetensors -> guided .pt, each read back with an
     output difference of exactly 0; a preset of another network is a clear error."""
-    from diffseg.config import ConfigError
-    from diffseg.convert import ConvertConfig, run_convert
-    from diffseg.tracking import TrackingConfig
+    from diffseg.core.config import ConfigError
+    from diffseg.core.tracking import TrackingConfig
+    from diffseg.serving.convert import ConvertConfig, run_convert
 
     ref = torch.load(reference_dir / "adm_tiny_a.pt", map_location="cpu", weights_only=True)
     torch.save(ref["state_dict"], tmp_path / "a.pt")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffseg.checkpoint import load_checkpoint
+from diffseg.models.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"

@@ -10,14 +10,14 @@ from typing import Literal
 import pytest
 import yaml
 
-from diffseg.config import (
+from diffseg.core.cli import parse_job_args
+from diffseg.core.config import (
     ConfigError,
     config_hash,
     dumps,
     from_dict,
     job_dir,
     load_config,
-    parse_job_args,
     replace,
     resolve_paths,
     save_config,
@@ -113,19 +113,19 @@ def test_round_trip_save_load(tmp_path):
 
 # Which job's config class reads a shipped YAML, by file-name prefix (the first match wins; the rest are training).
 CONFIG_CLASSES = [
-    ("eval_", "diffseg.evaluate:EvalConfig"),
-    ("ablation_", "diffseg.ablation:AblationConfig"),
-    ("oracle_", "diffseg.oracle:OracleConfig"),
-    ("segment", "diffseg.segment:SegmentJobConfig"),
-    ("sweep_", "diffseg.sweep:SweepConfig"),
-    ("label_celeba_analysis", "diffseg.analysis:AnalysisConfig"),
-    ("label_celeba_compare", "diffseg.label_efficient:CompareConfig"),
-    ("label_celeba_dataset_ddpm", "diffseg.dataset_ddpm:DatasetDDPMConfig"),
-    ("label_celeba_pixel", "diffseg.label_efficient:PixelJobConfig"),
-    ("label_celeba_extract", "diffseg.features:ExtractJobConfig"),
-    ("label_celeba_robustness", "diffseg.robustness:RobustnessConfig"),
-    ("label_celeba_gap_curve", "diffseg.label_efficient:GapCurveConfig"),
-    ("", "diffseg.train:TrainConfig"),
+    ("eval_", "diffseg.evaluation.evaluate:EvalConfig"),
+    ("ablation_", "diffseg.experiments.ablation:AblationConfig"),
+    ("oracle_", "diffseg.experiments.oracle:OracleConfig"),
+    ("segment", "diffseg.methods.segment:SegmentJobConfig"),
+    ("sweep_", "diffseg.experiments.sweep:SweepConfig"),
+    ("label_celeba_analysis", "diffseg.experiments.analysis:AnalysisConfig"),
+    ("label_celeba_compare", "diffseg.experiments.label_efficient:CompareConfig"),
+    ("label_celeba_dataset_ddpm", "diffseg.experiments.dataset_ddpm:DatasetDDPMConfig"),
+    ("label_celeba_pixel", "diffseg.experiments.label_efficient:PixelJobConfig"),
+    ("label_celeba_extract", "diffseg.methods.features:ExtractJobConfig"),
+    ("label_celeba_robustness", "diffseg.experiments.robustness:RobustnessConfig"),
+    ("label_celeba_gap_curve", "diffseg.experiments.label_efficient:GapCurveConfig"),
+    ("", "diffseg.training.ray_train:TrainConfig"),
 ]
 
 
@@ -169,7 +169,7 @@ def _job(name: str):
 
 
 def test_dry_run_prints_the_resolved_config_of_a_job(capsys):
-    from diffseg.train import TrainConfig
+    from diffseg.training.ray_train import TrainConfig
 
     with pytest.raises(SystemExit) as exit_:
         _job("train_ddpm").main(["--dry-run", "loop.num_steps=7", "optim.lr=3e-4"])
@@ -196,7 +196,7 @@ class Documented:
 
 
 def test_field_comments_and_describe():
-    from diffseg.config import describe, field_comments
+    from diffseg.core.cli import describe, field_comments
 
     assert field_comments(Documented) == {
         "plain": "a trailing comment",
@@ -222,7 +222,7 @@ CONFIG_JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "
 @pytest.mark.parametrize("name", CONFIG_JOBS)
 def test_every_job_help_lists_every_key_with_default_and_comment(name, capsys):
     """`--help` of every job names each config key (dotted), its default and its comment."""
-    from diffseg.config import describe
+    from diffseg.core.cli import describe
 
     job = _job(name)
     with pytest.raises(SystemExit) as exit_:
@@ -242,7 +242,7 @@ def test_every_job_help_lists_every_key_with_default_and_comment(name, capsys):
 
 def test_configs_share_blocks_through_base():
     """The 32 px U-Net block is written once (jobs/configs/base/tiny32.yaml); the tiny runs take it by `base:`."""
-    from diffseg.train import TrainConfig
+    from diffseg.training.ray_train import TrainConfig
 
     block = "channel_mult: [1, 2, 2]"
     holders = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if block in p.read_text())
@@ -267,9 +267,9 @@ BAD_NAMES = ["../x", "../..", "..", ".", "a/b", "/abs", "a\\b", "", ".hidden", "
 @pytest.mark.parametrize("bad", BAD_NAMES)
 def test_names_are_one_path_component(bad):
     """Run names become folders under output_dir: a name that could point elsewhere is refused, naming the key."""
-    from diffseg.evaluate import EvalConfig
-    from diffseg.sweep import SweepConfig
-    from diffseg.train import TrainConfig
+    from diffseg.evaluation.evaluate import EvalConfig
+    from diffseg.experiments.sweep import SweepConfig
+    from diffseg.training.ray_train import TrainConfig
 
     with pytest.raises(ConfigError, match=r"^name: .* is not a valid name"):
         from_dict(TrainConfig, {"name": bad})
@@ -282,8 +282,8 @@ def test_names_are_one_path_component(bad):
 
 
 def test_good_names_and_direct_construction(tmp_path):
-    from diffseg.loop import run_dir, run_uri
-    from diffseg.train import TrainConfig
+    from diffseg.training.config import run_dir, run_uri
+    from diffseg.training.ray_train import TrainConfig
 
     for good in ("ddpm-tiny", "unsup-face-factorized-k3", "a_b.c", "k=3", "trial_0a1b2_00003", "x" * 128):
         assert from_dict(TrainConfig, {"name": good}).name == good
@@ -297,7 +297,7 @@ def test_good_names_and_direct_construction(tmp_path):
 
 def test_job_command_line_refuses_a_path_as_name(tmp_path, capsys):
     """`name=../x` on a job's command line exits 2 before anything is written."""
-    from diffseg.segment import SegmentJobConfig
+    from diffseg.methods.segment import SegmentJobConfig
 
     with pytest.raises(SystemExit) as exit_:
         parse_job_args(SegmentJobConfig, [f"output_dir={tmp_path}", "name=../x", "checkpoint=c.pt"])

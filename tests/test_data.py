@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.data import (
+from diffseg.data.datasets import (
     CLASS_MERGES,
     SYNTHETIC_CLASSES,
     DataConfig,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.diffusion import (
+from diffseg.models.diffusion import (
     DiffusionConfig,
     GaussianDiffusion,
     build_diffusion,
@@ -19,7 +19,7 @@ from diffseg.diffusion import (
     sample_timesteps,
     space_timesteps,
 )
-from diffseg.unet import UNet, UNetConfig
+from diffseg.models.unet import UNet, UNetConfig
 
 
 def linear(T: int = 1000) -> GaussianDiffusion:

@@ -6,14 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.config import to_dict
-from diffseg.features import ExtractJobConfig, FeatureConfig, FeaturePipeline, extract, feature_dim, load_backbone
-from diffseg.unet import UNetConfig
+from diffseg.core.config import to_dict
+from diffseg.methods.features import (
+    ExtractJobConfig,
+    FeatureConfig,
+    FeaturePipeline,
+    extract,
+    feature_dim,
+    load_backbone,
+)
+from diffseg.models.unet import UNetConfig
 
 
 def tiny_checkpoint(path, size=16):
-    from diffseg.checkpoint import save_checkpoint
-    from diffseg.models import ModelConfig, build_model
+    from diffseg.models.builder import ModelConfig, build_model
+    from diffseg.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     mcfg = ModelConfig(
@@ -77,9 +84,9 @@ def test_extract_is_per_timestep_with_shared_noise(tmp_path):
 
 @pytest.mark.slow
 def test_extract_job_through_ray_data(tmp_path, label_ray):
-    from diffseg.data import DataConfig, write_synthetic_folder
-    from diffseg.features import run_extract_job
-    from diffseg.shards import ShardSet, read_shard
+    from diffseg.data.datasets import DataConfig, write_synthetic_folder
+    from diffseg.data.shards import ShardSet, read_shard
+    from diffseg.methods.features import run_extract_job
 
     root = write_synthetic_folder(tmp_path / "data", num_images=5, image_size=16)
     # make a few pixels "ignored" to check they are dropped
@@ -108,7 +115,7 @@ def test_extract_job_through_ray_data(tmp_path, label_ray):
     assert ss.image_ids() == ["000000", "000001", "000002"]
     # the rows equal a direct extraction of the same image with the same recipe
     pipe = FeaturePipeline(cfg.features, "cpu")
-    from diffseg.data import PairedFolderDataset
+    from diffseg.data.datasets import PairedFolderDataset
 
     item = PairedFolderDataset(root, ["000001"], 16)[0]
     direct = pipe(item["image"][None])[0].permute(1, 2, 0).numpy()  # (16, 16, D)
@@ -119,7 +126,7 @@ def test_extract_job_through_ray_data(tmp_path, label_ray):
     )
     np.testing.assert_array_equal(shard.labels[sel], item["mask"].numpy()[shard.ys[sel], shard.xs[sel]])
     # a re-run skips finished shards (checked in-process: the actor class is a plain callable)
-    from diffseg.features import FeatureExtractor
+    from diffseg.methods.features import FeatureExtractor
 
     fx = FeatureExtractor(to_dict(cfg.features), summary["shard_dir"])
     assert fx({"id": np.array(["000000"]), "image": np.zeros((1, 16, 16, 3), np.uint8)})["num_pixels"][0] == -1
@@ -129,8 +136,8 @@ def test_small_annotation_rule_drops_19_pixels_and_keeps_20_per_image(tmp_path):
     """The reference's rule (train_interpreter.py: prepare_data), hand-computed: in image 0, class 1 has 19 pixels
     (dropped: 0 < 19 < 20) and class 2 has 20 (kept); in image 1, class 1 has 25 pixels (kept: the rule is per
     image); the ignore pixel stays ignored and class 0 fills the rest."""
-    from diffseg.features import OFFICIAL_MIN_CLASS_PIXELS, drop_small_annotations, write_feature_shard
-    from diffseg.shards import ShardSet, read_shard
+    from diffseg.data.shards import ShardSet, read_shard
+    from diffseg.methods.features import OFFICIAL_MIN_CLASS_PIXELS, drop_small_annotations, write_feature_shard
 
     masks = np.zeros((2, 10, 10), dtype=np.int64)
     masks[0].reshape(-1)[:19] = 1

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffseg.config import load_config
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
-from diffseg.unet import UNET_SIZES, UNetConfig
+from diffseg.core.config import load_config
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.unet import UNET_SIZES, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_decoder_weights_exist_once():
     ],
 )
 def test_paper_sizes_are_named_configs(config, size, stages, blocks):
-    from diffseg.loop import TrainConfig
+    from diffseg.training.config import TrainConfig
 
     cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / config)
     unet = cfg.model.unet

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffseg.factorized import FactorizedConfig, FactorizedUNet, build_factorized
-from diffseg.unet import UNET_SIZES, UNet, UNetConfig, count_parameters
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet, build_factorized
+from diffseg.models.unet import UNET_SIZES, UNet, UNetConfig, count_parameters
 
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))
 

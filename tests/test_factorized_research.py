@@ -13,18 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.ablation import AblationConfig, run_specs
-from diffseg.ablation import run as run_ablation
-from diffseg.config import load_config
-from diffseg.data import DataConfig, augment
-from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
-from diffseg.loop import LocalContext, OptimConfig, TrainConfig, build_train_state, fit, param_groups
-from diffseg.metrics import mask_image_dependence
-from diffseg.oracle import OracleConfig, fixed_masks
-from diffseg.oracle import run as run_oracle
-from diffseg.segment import mask_diagnostics
-from diffseg.unet import UNetConfig
+from diffseg.core.config import load_config
+from diffseg.data.datasets import DataConfig, augment
+from diffseg.experiments.ablation import AblationConfig, run_specs
+from diffseg.experiments.ablation import run as run_ablation
+from diffseg.experiments.oracle import OracleConfig, fixed_masks
+from diffseg.experiments.oracle import run as run_oracle
+from diffseg.methods.segment import mask_diagnostics
+from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.unet import UNetConfig
+from diffseg.scoring.regions import mask_image_dependence
+from diffseg.training.config import OptimConfig, TrainConfig
+from diffseg.training.loop import LocalContext, build_train_state, fit, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))
@@ -167,7 +168,7 @@ def test_warmup_and_mask_lr_scale_in_the_loop():
     mask_ids = {id(p) for n, p in state.model.named_parameters() if n.startswith(("mask_blocks.", "mask_out."))}
     assert {id(p) for p in groups[1]["params"]} == mask_ids
     assert len(param_groups(state.model, OptimConfig())) == 1  # scale 1: one group, as before
-    from diffseg.loop import mask_mode
+    from diffseg.training.loop import mask_mode
 
     assert [mask_mode(cfg, s) for s in range(4)] == ["uniform", "uniform", None, None]
 
@@ -201,7 +202,7 @@ def test_mask_diagnostics_in_a_training_run(tmp_path):
     assert [d["step"] for d in diag] == [2, 4]
     for key in ("val/fg_iou", "val/mask_dependence", "val/eps_mse", "val/eps_mse_t30", "val_raw/fg_iou"):
         assert all(np.isfinite(d[key]) for d in diag), key
-    from diffseg.checkpoint import load_checkpoint
+    from diffseg.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(out["checkpoint"]).extra["mask_diagnostics"] == diag  # the curve travels with the run
 
@@ -235,7 +236,7 @@ def test_max_minutes_stops_a_run_with_a_final_checkpoint(tmp_path):
     )
     out = fit(cfg, LocalContext("cpu"))
     assert out["stopped_early"] and 1 <= out["step"] < 100000
-    from diffseg.checkpoint import load_checkpoint
+    from diffseg.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(out["checkpoint"]).step == out["step"]
 

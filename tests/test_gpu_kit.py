@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.checkpoint import load_checkpoint, load_diffusion_model
-from diffseg.data import DataConfig, PairedFolderDataset, write_synthetic_folder
-from diffseg.factorized import FactorizedUNet
-from diffseg.segment import SegmentJobConfig, run_segment_job
-from diffseg.serving import FactorizedSegmenter
+from diffseg.data.datasets import DataConfig, PairedFolderDataset, write_synthetic_folder
+from diffseg.methods.segment import SegmentJobConfig, run_segment_job
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
+from diffseg.models.factorized import FactorizedUNet
+from diffseg.serving.wrappers import FactorizedSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "bench" / "gpu_kit.py"
@@ -170,6 +170,8 @@ def test_an_overrunning_stage_is_cut_at_its_box_with_its_partial_results(tmp_pat
 def test_time_boxes_share_what_is_left(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import gpu_kit
+    from kit.plan import plan, time_box
+    from kit.prepare import device_command
 
     args = gpu_kit.parse_args(
         [
@@ -183,7 +185,7 @@ def test_time_boxes_share_what_is_left(monkeypatch):
             "unet=40",
         ]
     )
-    stages = gpu_kit.plan(args)
+    stages = plan(args)
     assert [s["id"] for s in stages] == [
         "env",
         "tests",
@@ -197,11 +199,11 @@ def test_time_boxes_share_what_is_left(monkeypatch):
     ]
     assert stages[3]["fixed_s"] == 40 and stages[7]["fixed_s"] == 120 and stages[8]["fixed_s"] is None
     # The fixed boxes come off first; the rest is shared by weight (train_step 14 of 14+4... excluding fixed ones).
-    box = gpu_kit.time_box(stages[2], stages[3:], 600)
+    box = time_box(stages[2], stages[3:], 600)
     flexible = [s for s in stages[3:] if s["fixed_s"] is None]
     assert box == pytest.approx((600 - 40 - 120) * 14 / (14 + sum(s["weight"] for s in flexible)))
-    assert gpu_kit.time_box(stages[7], stages[8:], 60) == 60  # never more than what is left
-    command, carry = gpu_kit.device_command(True, 8)
+    assert time_box(stages[7], stages[8:], 60) == 60  # never more than what is left
+    command, carry = device_command(True, 8)
     assert command.endswith("bench/gpu_kit.py --out $OUT --budget-min 8") and len(command) <= 2000
     assert carry == [".kit", ".whl"]
     sys.modules.pop("gpu_kit", None)

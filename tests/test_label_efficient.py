@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.config import to_dict
-from diffseg.data import DataConfig, write_synthetic_folder
-from diffseg.dataset_ddpm import select_confident
-from diffseg.features import FeatureConfig, FeatureExtractor
-from diffseg.label_efficient import (
+from diffseg.core.config import to_dict
+from diffseg.core.tracking import TrackingConfig
+from diffseg.core.viz import overlay, to_uint8
+from diffseg.data.datasets import DataConfig, write_synthetic_folder
+from diffseg.data.shards import IncompleteShardSet, ShardSet, begin_shard_set, end_shard_set
+from diffseg.experiments.dataset_ddpm import select_confident
+from diffseg.experiments.label_efficient import (
     GapCurveConfig,
     PixelJobConfig,
     gap_prediction,
@@ -24,16 +26,14 @@ from diffseg.label_efficient import (
     run_gap_curve,
     run_pixel_job,
 )
-from diffseg.pixel import PixelSegmenter, PixelTrainConfig
-from diffseg.shards import IncompleteShardSet, ShardSet, begin_shard_set, end_shard_set
-from diffseg.tracking import TrackingConfig
-from diffseg.viz import overlay, to_uint8
+from diffseg.methods.features import FeatureConfig, FeatureExtractor
+from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
 
 
 def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):
     root = write_synthetic_folder(tmp_path / "data", num_images=6, image_size=16)
     data = DataConfig(name="folder", root=str(root), image_size=16, num_train=4, num_test=2)
-    from diffseg.data import build_dataset
+    from diffseg.data.datasets import build_dataset
 
     train = build_dataset(data, "train")
     fx = FeatureExtractor(
@@ -115,7 +115,7 @@ def test_deeplab_imagenet_backbone_errors_clearly_offline_and_loads_when_cached(
     import torch
     import torchvision
 
-    from diffseg import dataset_ddpm as dd
+    from diffseg.experiments import dataset_ddpm as dd
 
     def offline(url, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
@@ -143,7 +143,7 @@ def test_pixel_job_with_an_empty_test_set_exits_nonzero_before_training(tmp_path
     """`jobs/train_pixel_classifier.py` with no test images fails (exit != 0) instead of reporting mIoU NaN."""
     root = write_synthetic_folder(tmp_path / "data", num_images=3, image_size=8)
     data = DataConfig(name="folder", root=str(root), image_size=8)
-    from diffseg.data import build_dataset
+    from diffseg.data.datasets import build_dataset
 
     ds = build_dataset(data, "all")
     fx = FeatureExtractor(to_dict(FeatureConfig(backbone="rgb")), str(tmp_path / "shards"),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.data import DataConfig, build_dataset, write_synthetic_folder
-from diffseg.features import FeatureConfig, FeaturePipeline
-from diffseg.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig
-from diffseg.shards import MemoryShardSet
-from diffseg.tracking import TrackingConfig
+from diffseg.core.tracking import TrackingConfig
+from diffseg.data.datasets import DataConfig, build_dataset, write_synthetic_folder
+from diffseg.data.shards import MemoryShardSet
+from diffseg.methods.features import FeatureConfig, FeaturePipeline
+from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig
 from test_extract_features import tiny_checkpoint
 
 
@@ -31,7 +31,7 @@ def _runs(tracking: TrackingConfig):
 
 
 def test_analysis_job_grid_heatmap_and_kmeans(tmp_path):
-    from diffseg.analysis import AnalysisConfig, run_analysis
+    from diffseg.experiments.analysis import AnalysisConfig, run_analysis
 
     root = write_synthetic_folder(tmp_path / "data", num_images=6, image_size=16)
     data = DataConfig(name="folder", root=str(root), image_size=16, num_train=4, num_test=2)
@@ -87,9 +87,9 @@ def test_analysis_job_grid_heatmap_and_kmeans(tmp_path):
 
 def test_analysis_cell_equals_one_mlp_on_that_blocks_features(tmp_path):
     """One cell of the grid is exactly: features of one block at one t -> one MLP -> pooled mIoU on the test set."""
-    from diffseg.analysis import AnalysisConfig, run_analysis
-    from diffseg.metrics import ConfusionMatrix
-    from diffseg.pixel import predict_pixels, train_ensemble
+    from diffseg.experiments.analysis import AnalysisConfig, run_analysis
+    from diffseg.methods.pixel import predict_pixels, train_ensemble
+    from diffseg.scoring.metrics import ConfusionMatrix
 
     root = write_synthetic_folder(tmp_path / "data", num_images=5, image_size=16, seed=3)
     data = DataConfig(name="folder", root=str(root), image_size=16, num_train=3, num_test=2)
@@ -130,8 +130,8 @@ def _segmenter(tmp_path, ckpt, class_names):
 
 
 def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, monkeypatch):
-    from diffseg import dataset_ddpm
-    from diffseg.dataset_ddpm import DatasetDDPMConfig, run_dataset_ddpm
+    from diffseg.experiments import dataset_ddpm
+    from diffseg.experiments.dataset_ddpm import DatasetDDPMConfig, run_dataset_ddpm
 
     calls = []  # the reference samples with the full DDPM chain: method ddpm over all T steps (respacing None)
     real_sample = dataset_ddpm.sample
@@ -201,7 +201,7 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, mo
 
 @pytest.mark.slow
 def test_compare_job_runs_every_variant_into_one_table(tmp_path, label_ray):
-    from diffseg.label_efficient import CompareConfig, run_compare
+    from diffseg.experiments.label_efficient import CompareConfig, run_compare
 
     root = write_synthetic_folder(tmp_path / "data", num_images=6, image_size=16)
     data = DataConfig(name="folder", root=str(root), image_size=16, num_train=3, num_test=3)

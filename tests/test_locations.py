@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffseg.config import ConfigError, from_dict, load_config, resolve_location, resolve_paths
-from diffseg.evaluate import EvalConfig
-from diffseg.features import ExtractJobConfig
-from diffseg.label_efficient import GapCurveConfig
-from diffseg.loop import TrainConfig
-from diffseg.runtime import autoscaler_gpu_node_types, decide_gpu
-from diffseg.serving import ServeAppConfig
-from diffseg.sweep import SweepConfig
-from diffseg.tracking import artifact_location, resolve_tracking_uri
+from diffseg.core.config import ConfigError, from_dict, load_config, resolve_location, resolve_paths
+from diffseg.core.runtime import autoscaler_gpu_node_types, decide_gpu
+from diffseg.core.tracking import artifact_location, resolve_tracking_uri
+from diffseg.evaluation.evaluate import EvalConfig
+from diffseg.experiments.label_efficient import GapCurveConfig
+from diffseg.experiments.sweep import SweepConfig
+from diffseg.methods.features import ExtractJobConfig
+from diffseg.serving.app_config import ServeAppConfig
+from diffseg.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_a_submitted_job_refuses_relative_outputs_and_says_what_to_pass(elsewher
 
 
 def test_experiments_keep_their_artifacts_beside_a_sqlite_store(elsewhere):
-    from diffseg.tracking import Tracker, TrackingConfig
+    from diffseg.core.tracking import Tracker, TrackingConfig
 
     store = elsewhere / "store"
     store.mkdir()
@@ -202,8 +202,8 @@ def test_use_gpu_auto_counts_the_autoscalers_gpu_node_types(tmp_path, monkeypatc
     assert "[train] use_gpu=auto: GPUs (no GPU node is up, but the autoscaler can start gpu_1x" in caplog.text
 
     # The same rule for feature extraction and Serve (their deciders are this function).
-    from diffseg.features import gpus_per_actor
-    from diffseg.serving import model_num_gpus
+    from diffseg.methods.features import gpus_per_actor
+    from diffseg.serving.app_config import model_num_gpus
 
     assert gpus_per_actor(-1.0) == 1.0 and gpus_per_actor(0.0) == 0.0 and gpus_per_actor(0.5) == 0.5
     assert model_num_gpus("auto") == 1 and model_num_gpus("no") == 0
@@ -233,7 +233,7 @@ def test_serve_config_sets_deployments_where_serve_expects_them():
     refused with a message saying where they went."""
     from ray.serve.schema import ServeDeploySchema
 
-    from diffseg.serving import check_app_args, deployment_names
+    from diffseg.serving.app_config import check_app_args, deployment_names
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
@@ -251,7 +251,7 @@ def test_submit_carries_the_checkout_its_commit_and_dirty_flag_and_the_working_d
     """jobs/submit.py's runtime env, built without a cluster: no JSON to paste for provenance or locations."""
     import subprocess
 
-    from diffseg.submit import EXCLUDES, build_runtime_env, job_address, main
+    from diffseg.core.submit import EXCLUDES, build_runtime_env, job_address, main
 
     monkeypatch.delenv("DIFFSEG_GIT_SHA", raising=False)
     monkeypatch.delenv("DIFFSEG_GIT_DIRTY", raising=False)

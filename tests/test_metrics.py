@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.metrics import (
+from diffseg.scoring.metrics import (
     ConfusionMatrix,
     ForegroundAccumulator,
-    HungarianIoU,
-    ImageDependence,
     binary_scores,
     foreground_metrics,
     foreground_scores,
-    hungarian_miou,
-    mask_image_dependence,
     mean_iou,
 )
+from diffseg.scoring.regions import HungarianIoU, ImageDependence, hungarian_miou, mask_image_dependence
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Foreground metrics

@@ -17,12 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.checkpoint import save_checkpoint
-from diffseg.config import to_dict
-from diffseg.data import DataConfig
-from diffseg.factorized import FactorizedConfig
-from diffseg.models import ModelConfig, build_model
-from diffseg.tracking import (
+from diffseg.core.config import to_dict
+from diffseg.core.registry import set_alias
+from diffseg.core.tracking import (
     FAILURE_TAG,
     HOST_TAG,
     PID_START_TAG,
@@ -31,9 +28,12 @@ from diffseg.tracking import (
     TrackingConfig,
     process_tracking_uri,
     reap_dead_runs,
-    set_alias,
 )
-from diffseg.unet import UNetConfig
+from diffseg.data.datasets import DataConfig
+from diffseg.models.builder import ModelConfig, build_model
+from diffseg.models.checkpoint import save_checkpoint
+from diffseg.models.factorized import FactorizedConfig
+from diffseg.models.unet import UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,10 +82,10 @@ def test_pyfunc_models_answer_as_the_jobs_do(tmp_path, store):
     backbone is packaged, a models:/ backbone is referenced pinned to its version."""
     import mlflow
 
-    from diffseg.pixel import PixelSegmenter
-    from diffseg.pyfunc import log_bundle_model, log_checkpoint_model
-    from diffseg.sampling import SampleJobConfig, run_sample_job
-    from diffseg.segment import SegmentJobConfig, run_segment_job
+    from diffseg.methods.pixel import PixelSegmenter
+    from diffseg.methods.sampling import SampleJobConfig, run_sample_job
+    from diffseg.methods.segment import SegmentJobConfig, run_segment_job
+    from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model
     from test_serving import tiny_pixel_bundle
 
     fac = checkpoint(tmp_path / "fac" / "checkpoint.pt")
@@ -170,7 +170,7 @@ def test_logging_a_model_leaves_the_process_tracking_uri_as_it_was(tmp_path, mon
 def test_runs_end_with_the_status_of_how_the_job_ended(store):
     """FINISHED, FAILED for an error, KILLED for an interrupt (SIGTERM arrives as JobInterrupted); the runs a job
     leaves open end with it (run_job's safety net); a run whose process is gone is reaped FAILED."""
-    from diffseg.tracking import JobInterrupted, end_live_runs
+    from diffseg.core.tracking import JobInterrupted, end_live_runs
 
     cfg = TrackingConfig(experiment="status", system_metrics=False)
     with Tracker(cfg, "ok") as ok:

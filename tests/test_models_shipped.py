@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from diffseg.checkpoint import load_checkpoint, load_diffusion_model
-from diffseg.config import load_config
-from diffseg.data import DataConfig, build_dataset, stack
-from diffseg.evaluate import EvalConfig
-from diffseg.factorized import FactorizedUNet
-from diffseg.metrics import foreground_scores, mask_image_dependence
-from diffseg.segment import FactorizedSegmenter
+from diffseg.core.config import load_config
+from diffseg.data.datasets import DataConfig, build_dataset, stack
+from diffseg.evaluation.evaluate import EvalConfig
+from diffseg.methods.segment import FactorizedSegmenter
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
+from diffseg.models.factorized import FactorizedUNet
+from diffseg.scoring.metrics import foreground_scores
+from diffseg.scoring.regions import mask_image_dependence
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"

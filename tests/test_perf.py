@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
-from diffseg.unet import AttentionBlock, UNet, UNetConfig
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.unet import AttentionBlock, UNet, UNetConfig
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -194,7 +194,7 @@ def test_schedule_lookups_are_cached_per_device_and_exact():
 
     import numpy as np
 
-    from diffseg import diffusion
+    from diffseg.models import diffusion
 
     process = diffusion.build_diffusion(diffusion.DiffusionConfig(num_timesteps=100)).respace(10)
     t = torch.tensor([0, 4, 9])

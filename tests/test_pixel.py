@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg import pixel as pixel_mod
-from diffseg.features import FeatureConfig
-from diffseg.pixel import (
+from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
+from diffseg.methods import pixel as pixel_mod
+from diffseg.methods.features import FeatureConfig
+from diffseg.methods.pixel import (
     MLPEnsemble,
     PixelSegmenter,
     PixelTrainConfig,
@@ -27,7 +28,6 @@ from diffseg.pixel import (
     train_ensemble,
     vote_and_uncertainty,
 )
-from diffseg.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
 
 
 def _members(e, d, k, seed=0):

@@ -32,11 +32,15 @@ def test_platform_stays_stdlib_with_the_repo_on_sys_path():
 
 
 def test_two_command_start():
-    """The README starts with `make demo` and `make test`; both set up .venv first; CI runs `make test`."""
-    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip()]
-    assert lines[:2] == ["make demo", "make test"]
+    """The README opens with its title, one sentence, then `make demo` and `make test`; both set up .venv first; CI
+    runs `make test`, which checks the import contracts before pytest."""
+    paragraphs = [p.strip() for p in (REPO / "README.md").read_text().split("\n\n") if p.strip()]
+    assert paragraphs[0] == "# diffseg"
+    assert paragraphs[1].count(". ") == 0 and paragraphs[1].endswith("."), paragraphs[1]  # one sentence
+    assert paragraphs[2].split() == ["make", "demo", "make", "test"]
     makefile = (REPO / "Makefile").read_text()
-    assert "\ndemo: $(STAMP)" in makefile and "\ntest: $(STAMP)" in makefile
+    assert "\ndemo: $(STAMP)" in makefile and "\ntest: lint-imports" in makefile
+    assert "\nlint-imports: $(STAMP)" in makefile and "lint-imports\n" in makefile
     assert "-m venv" in makefile and "pip install" in makefile
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1].strip() == "make test"

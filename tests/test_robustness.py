@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.data import DataConfig, build_dataset, write_synthetic_folder
-from diffseg.evaluate import evaluate_segmenter
-from diffseg.features import FeatureConfig
-from diffseg.pixel import PixelSegmenter, PixelTrainConfig
-from diffseg.robustness import CORRUPTIONS, RobustnessConfig, corrupt_images, model_items
-from diffseg.tracking import TrackingConfig
-from diffseg.viz import to_uint8
+from diffseg.core.tracking import TrackingConfig
+from diffseg.core.viz import to_uint8
+from diffseg.data.datasets import DataConfig, build_dataset, write_synthetic_folder
+from diffseg.evaluation.evaluate import evaluate_segmenter
+from diffseg.experiments.robustness import CORRUPTIONS, RobustnessConfig, corrupt_images, model_items
+from diffseg.methods.features import FeatureConfig
+from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
 from test_extract_features import tiny_checkpoint
 
 
@@ -49,7 +49,7 @@ def test_robustness_job_scores_every_method_corruption_and_severity(tmp_path, la
     pytest.importorskip("imagecorruptions")
     import mlflow
 
-    from diffseg.robustness import run_robustness
+    from diffseg.experiments.robustness import run_robustness
 
     # 64 px originals (corrupted at 64), a 16 px DDPM (scored at 16)
     root = write_synthetic_folder(tmp_path / "data", num_images=6, image_size=64)

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffseg.config import load_config, replace
-from diffseg.tracking import set_alias
+from diffseg.core.config import load_config, replace
+from diffseg.core.registry import set_alias
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ NAME = "e2e-seg"
 
 def train(tmp_path, steps):
     """The tiny factorized model, trained in-process (Ray Train local mode); the run registers its final model."""
-    from diffseg.train import TrainConfig, run
+    from diffseg.training.ray_train import TrainConfig, run
 
     cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "factorized_tiny.yaml")
     cfg = replace(cfg, **{"name": "e2e", "output_dir": str(tmp_path / "runs"), "loop.num_steps": steps,

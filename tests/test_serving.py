@@ -18,35 +18,33 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.checkpoint import resolve_source, save_checkpoint
-from diffseg.config import ConfigError, from_dict, to_dict
-from diffseg.factorized import FactorizedConfig
-from diffseg.models import ModelConfig, build_model
-from diffseg.serving import (
-    DiffusionSampler,
-    FactorizedSegmenter,
-    Limits,
-    PixelBudget,
-    PixelEnsembleSegmenter,
+from diffseg.core.config import ConfigError, from_dict, to_dict
+from diffseg.core.tracking import experiment_id, process_tracking_uri
+from diffseg.models.builder import ModelConfig, build_model
+from diffseg.models.checkpoint import resolve_source, save_checkpoint
+from diffseg.models.factorized import FactorizedConfig
+from diffseg.models.unet import UNetConfig
+from diffseg.serving.app_config import Limits, ServeAppConfig
+from diffseg.serving.ingress import PixelBudget, await_model
+from diffseg.serving.requests import (
     RequestError,
     SampleParams,
-    SampleScheduler,
     SegmentParams,
-    ServeAppConfig,
-    await_model,
     decode_image,
     parse_sample_request,
     parse_segment_params,
+    to_model_input,
+)
+from diffseg.serving.responses import (
     public_info,
     render_samples,
     render_segmentation,
     segment_labels,
     segmentation_stats,
-    to_model_input,
     upsample_result,
 )
-from diffseg.tracking import experiment_id, process_tracking_uri
-from diffseg.unet import UNetConfig
+from diffseg.serving.scheduler import SampleScheduler
+from diffseg.serving.wrappers import DiffusionSampler, FactorizedSegmenter, PixelEnsembleSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,10 +68,10 @@ def tiny_checkpoint(path, kind="factorized", num_classes=None, image_size=16, nu
 
 
 def tiny_pixel_bundle(folder, class_names=("background", "horse")):
-    """A pixel-segmenter bundle (diffseg.pixel) on a tiny random-init DDPM backbone: real DDPM features, an
+    """A pixel-segmenter bundle (diffseg.methods.pixel) on a tiny random-init DDPM backbone: real DDPM features, an
     untrained 3-member ensemble. Returns its path."""
-    from diffseg.features import FeatureConfig, FeaturePipeline
-    from diffseg.pixel import MLPEnsemble, PixelSegmenter
+    from diffseg.methods.features import FeatureConfig, FeaturePipeline
+    from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
 
     backbone = tiny_checkpoint(Path(folder) / "ddpm.pt", kind="ddpm")
     recipe = FeatureConfig(backbone=str(backbone), blocks=("dec.1", "dec.3"), timesteps=(5, 20), precision="fp32")
@@ -292,7 +290,7 @@ def test_sampler_batch_independent_and_conditional(ckpt, tmp_path):
 
 
 class FakeBundle:
-    """Stands in for diffseg.pixel.PixelSegmenter: the adapter needs only these three members."""
+    """Stands in for diffseg.methods.pixel.PixelSegmenter: the adapter needs only these three members."""
 
     class_names = ["background", "horse"]
     image_size = 16
@@ -379,7 +377,7 @@ def test_resolve_source_paths_and_mlflow_uri(ckpt, tmp_path):
 def test_sample_job_and_serve_sampler_give_identical_images(ckpt, tmp_path):
     """The one seeding rule: the sampler Serve's replica runs returns, for a request seeded 7, bit for bit the images
     (and masks) `jobs/sample.py seed=7` writes first, in batches of another size."""
-    from diffseg.sampling import SampleJobConfig, run_sample_job
+    from diffseg.methods.sampling import SampleJobConfig, run_sample_job
 
     cfg = SampleJobConfig(checkpoint=str(ckpt), output_dir=str(tmp_path), name="s", seed=7, steps=4, num_images=3,
                           batch_size=3, device="cpu")  # fmt: skip
@@ -399,8 +397,8 @@ def test_sample_job_and_serve_sampler_give_identical_images(ckpt, tmp_path):
 def test_segment_job_and_serve_segmenter_give_identical_masks(ckpt, tmp_path):
     """The one resize policy and seeding rule: an upload to /v1/segment?t=20&seed=3 gets, pixel for pixel, the mask
     `jobs/segment.py t=20 seed=3` writes for the first image of a folder (non-square, not the model's size)."""
-    from diffseg.data import DataConfig
-    from diffseg.segment import SegmentJobConfig, run_segment_job
+    from diffseg.data.datasets import DataConfig
+    from diffseg.methods.segment import SegmentJobConfig, run_segment_job
 
     folder = tmp_path / "upload"
     (folder / "images").mkdir(parents=True)
@@ -485,11 +483,11 @@ def test_info_hides_paths_and_pids_unless_exposed():
 
 def test_banded_rendering_equals_full_size_upsampling(monkeypatch):
     """The band-wise path (bounded memory) gives exactly the labels and stats of upsampling whole."""
-    import diffseg.serving as serving
+    import diffseg.serving.responses as responses
 
     rng = np.random.default_rng(0)
     for c, s, h, w, band in [(3, 16, 37, 301, 500), (2, 32, 300, 7, 64), (5, 16, 16, 16, 50), (3, 8, 200, 90, 1)]:
-        monkeypatch.setattr(serving, "BAND_PIXELS", band)
+        monkeypatch.setattr(responses, "BAND_PIXELS", band)
         names = [str(i) for i in range(c)]
         probs = rng.random((c, s, s)).astype(np.float32) ** 3
         ref_labels, ref_unc = upsample_result({"probs": probs}, (h, w))

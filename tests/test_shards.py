@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from diffseg.shards import (
+from diffseg.data.shards import (
     MANIFEST_NAME,
     FeatureMeta,
     IncompleteShardSet,

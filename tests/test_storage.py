@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffseg import storage
-from diffseg.data import DataConfig, build_dataset
-from diffseg.features import FeatureConfig, FeaturePipeline, extract_dataset
-from diffseg.label_efficient import train_segmenter
-from diffseg.pixel import PixelTrainConfig
-from diffseg.shards import FeatureCache, ShardSet, feature_key, read_manifest
+from diffseg.core import storage
+from diffseg.data.datasets import DataConfig, build_dataset
+from diffseg.data.feature_cache import FeatureCache, feature_key
+from diffseg.data.shards import ShardSet, read_manifest
+from diffseg.experiments.label_efficient import train_segmenter
+from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
+from diffseg.methods.pixel import PixelTrainConfig
 
 BUCKET = "diffseg-test"
 
@@ -120,12 +121,12 @@ def test_a_sweep_keeps_its_outputs_in_the_bucket(s3_server, tmp_path, monkeypatc
     feature cache all in the bucket; the best model loads from there; a resume from the bucket is refused."""
     import ray
 
-    from diffseg.config import load_config
-    from diffseg.pixel import PixelSegmenter
-    from diffseg.runtime import code_runtime_env
-    from diffseg.sweep import SweepConfig
-    from diffseg.sweep import run as run_sweep_job
-    from diffseg.trust import UntrustedState
+    from diffseg.core.config import load_config
+    from diffseg.core.runtime import code_runtime_env
+    from diffseg.core.trust import UntrustedState
+    from diffseg.experiments.sweep import SweepConfig
+    from diffseg.experiments.sweep import run as run_sweep_job
+    from diffseg.methods.pixel import PixelSegmenter
 
     here = tmp_path / "here"
     here.mkdir()

@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from diffseg.config import replace
-from diffseg.report import decode, plot_sweep, trial_overrides
-from diffseg.shards import FeatureCache, feature_key
-from diffseg.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials, run_sweep
-from diffseg.trust import SIGNATURE_NAME, UntrustedState, check_state, sign_state, trust_state
+from diffseg.core.config import replace
+from diffseg.core.report import decode, plot_sweep, trial_overrides
+from diffseg.core.trust import SIGNATURE_NAME, UntrustedState, check_state, sign_state, trust_state
+from diffseg.data.feature_cache import FeatureCache, feature_key
+from diffseg.experiments.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_plot_sweep_heatmap_and_bars(tmp_path):
 
 
 def test_sweep_yaml_specs_load():
-    from diffseg.config import load_config
+    from diffseg.core.config import load_config
 
     for name in ("sweep_k_tiny.yaml", "sweep_blocks_tiny.yaml"):
         cfg = load_config(SweepConfig, REPO / "jobs" / "configs" / name)
@@ -128,9 +128,9 @@ def test_sweep_yaml_specs_load():
 # ---------------------------------------------------------------------------------------------------- slow
 def _tiny_backbone(path: Path) -> str:
     """A randomly initialised 16 px DDPM checkpoint: the plumbing, not the quality, is under test here."""
-    from diffseg.checkpoint import save_checkpoint
-    from diffseg.models import build_model
-    from diffseg.train import TrainConfig
+    from diffseg.models.builder import build_model
+    from diffseg.models.checkpoint import save_checkpoint
+    from diffseg.training.ray_train import TrainConfig
 
     tc = replace(TrainConfig(), **{"model.unet.image_size": 16, "model.unet.model_channels": 16,
                                    "model.unet.channel_mult": [1, 2], "model.unet.attention_resolutions": [],
@@ -221,10 +221,10 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
 
     # The best trial's model is served without conversion: Serve's pixel replica loads best/segmenter.pt as it is,
     # and that very bundle scores exactly the test mIoU the best trial reported.
-    from diffseg.data import DataConfig, build_dataset
-    from diffseg.evaluate import evaluate_segmenter
-    from diffseg.pixel import PixelSegmenter
-    from diffseg.serving import PixelEnsembleSegmenter
+    from diffseg.data.datasets import DataConfig, build_dataset
+    from diffseg.evaluation.evaluate import evaluate_segmenter
+    from diffseg.methods.pixel import PixelSegmenter
+    from diffseg.serving.wrappers import PixelEnsembleSegmenter
 
     best_model = exp_dir / "best" / "segmenter.pt"
     served = PixelEnsembleSegmenter.load(str(best_model), device="cpu")
@@ -242,7 +242,7 @@ def test_base_overrides_merge_and_searchers():
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from diffseg.sweep import _scheduler, _search_alg, apply_overrides
+    from diffseg.experiments.sweep import _scheduler, _search_alg, apply_overrides
 
     base = PixelTrialConfig()
     cfg = apply_overrides(

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffseg.checkpoint import load_checkpoint, load_diffusion_model
-from diffseg.config import load_config, replace
-from diffseg.factorized import FactorizedUNet
-from diffseg.runtime import code_runtime_env
+from diffseg.core.config import load_config, replace
+from diffseg.core.runtime import code_runtime_env
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
+from diffseg.models.factorized import FactorizedUNet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -36,7 +36,7 @@ TINY = {
 
 
 def tiny_cfg(tmp_path: Path, kind: str = "factorized", **changes):
-    from diffseg.train import TrainConfig
+    from diffseg.training.ray_train import TrainConfig
 
     path = REPO / "jobs" / "configs" / ("factorized_tiny.yaml" if kind == "factorized" else "ddpm_tiny.yaml")
     cfg = load_config(TrainConfig, path)
@@ -57,9 +57,9 @@ def _git_head() -> str | None:
 
 def test_local_mode_trains_checkpoints_resumes_and_tracks(tmp_path, mlflow_uri, capfd):
     """Ray Train local mode: a run, its export, progress lines, resuming a finished run, and what MLflow holds."""
-    from diffseg.config import to_dict
-    from diffseg.tracking import flatten
-    from diffseg.train import run
+    from diffseg.core.config import to_dict
+    from diffseg.core.tracking import flatten
+    from diffseg.training.ray_train import run
 
     cfg = tiny_cfg(tmp_path, name="resume", **{"loop.num_steps": 20})
     out = run(cfg).return_value
@@ -127,8 +127,9 @@ sys.modules["ray"] = None  # any import of ray now fails
 sys.path.insert(0, {str(REPO / "platform")!r})
 import torch
 torch.set_num_threads(1)
-from diffseg.config import load_config, replace
-from diffseg.loop import LocalContext, TrainConfig, fit
+from diffseg.core.config import load_config, replace
+from diffseg.training.loop import LocalContext, fit
+from diffseg.training.config import TrainConfig
 cfg = replace(load_config(TrainConfig, {str(REPO / "jobs/configs/factorized_tiny.yaml")!r}), **{{
     **{TINY!r}, "name": "noray", "output_dir": "file://{tmp_path}/store", "tracking.enabled": False,
     "loop.num_steps": 10}})
@@ -148,7 +149,7 @@ print("OK", out["checkpoint"])
 
 def test_train_step_fp32_and_bf16(tmp_path):
     """One step updates weights, EMA and the step; bf16 autocast runs on CPU too (the GPU path's precision)."""
-    from diffseg.loop import build_train_state, step_generator, train_step
+    from diffseg.training.loop import build_train_state, step_generator, train_step
 
     for precision in ("fp32", "bf16"):
         cfg = tiny_cfg(tmp_path, **{"loop.precision": precision})
@@ -168,7 +169,7 @@ def test_train_step_fp32_and_bf16(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run(tmp_path):
-    from diffseg.loop import LocalContext, fit
+    from diffseg.training.loop import LocalContext, fit
 
     changes = {"loop.num_steps": 10, "optim.lr": 1e30, "optim.grad_clip": 0.0, "tracking.enabled": False}
     cfg = tiny_cfg(tmp_path, kind="ddpm", name="nan", **changes)
@@ -198,7 +199,7 @@ def _falls(history, factor=0.8):
 def test_one_and_two_workers_same_curve_shape(tmp_path, mlflow_uri, ray_cluster):
     """2 DDP workers on CPU train the tiny factorized model and the loss falls; 1 worker (Ray Train's local mode:
     the same loop in this process) with the same global batch draws the same curve."""
-    from diffseg.train import run
+    from diffseg.training.ray_train import run
 
     curves = {}
     for n in (0, 2):
@@ -245,7 +246,7 @@ def _train_worker_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path, mlflow_uri, ray_cluster):
-    from diffseg.train import run
+    from diffseg.training.ray_train import run
 
     cfg = tiny_cfg(
         tmp_path,
@@ -323,7 +324,8 @@ def test_train_job_dry_run(capsys):
 def test_paper64_factorized_bf16_step_on_gpu():
     """Training steps of the 64 px paper-size factorized model (K=3) in bf16 through the Ray-free loop; prints
     images/s (the figure in the README's performance table). Needs CUDA, not Ray."""
-    from diffseg.loop import TrainConfig, build_train_state, step_generator, train_step
+    from diffseg.training.config import TrainConfig
+    from diffseg.training.loop import build_train_state, step_generator, train_step
 
     cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "factorized_paper64.yaml")
     cfg = replace(cfg, **{"loop.precision": "bf16", "optim.batch_size": 32})
@@ -352,8 +354,8 @@ def test_resume_guard_allows_loop_reapplies_optim_and_refuses_architecture_or_da
     """Re-running a name with a changed config: loop.*/scaling.* carry on; optim.* is re-applied to the restored
     optimizer (moments kept; the checkpoint's lr no longer wins); model/data changes are refused naming the keys,
     before anything of the run is overwritten."""
-    from diffseg.config import ConfigError
-    from diffseg.loop import LocalContext, fit
+    from diffseg.core.config import ConfigError
+    from diffseg.training.loop import LocalContext, fit
 
     cfg = tiny_cfg(tmp_path, name="guard", **{"loop.num_steps": 4, "loop.log_every": 2, "loop.checkpoint_every": 2,
                                               "tracking.enabled": False})  # fmt: skip
@@ -376,7 +378,7 @@ def test_resume_guard_allows_loop_reapplies_optim_and_refuses_architecture_or_da
     assert out["starts"] == [0, 4, 6]
 
     # 3. architecture or data: refused, naming each key, and the run is left as it was.
-    from diffseg.train import run
+    from diffseg.training.ray_train import run
 
     bad = replace(cfg, **{**changed, "loop.num_steps": 9, "model.factorized.num_components": 4, "data.num_images": 64})
     run(replace(cfg, **changed))  # through the driver: it writes the run's config.yaml (nothing left to train)

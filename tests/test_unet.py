@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from diffseg.checkpoint import import_guided_diffusion
-from diffseg.diffusion import GaussianDiffusion, get_named_beta_schedule
-from diffseg.unet import (
+from diffseg.models.diffusion import GaussianDiffusion, get_named_beta_schedule
+from diffseg.models.guided import import_guided_diffusion
+from diffseg.models.unet import (
     UNET_SIZES,
     UNet,
     UNetConfig,

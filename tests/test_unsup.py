@@ -15,20 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
-from diffseg.baselines import grabcut
-from diffseg.checkpoint import save_checkpoint
-from diffseg.config import from_dict, load_config
-from diffseg.data import DataConfig, write_synthetic_folder
-from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.evaluate import EvalConfig, Scorer
-from diffseg.factorized import FactorizedConfig, FactorizedUNet
-from diffseg.models import ModelConfig
-from diffseg.runtime import image_generators
-from diffseg.sampling import generate, sample
-from diffseg.segment import FactorizedSegmenter, segment_images
-from diffseg.segmenter import segment_dataset
-from diffseg.unet import UNet, UNetConfig
-from diffseg.viz import colorize
+from diffseg.core.config import from_dict, load_config
+from diffseg.core.runtime import image_generators
+from diffseg.core.viz import colorize
+from diffseg.data.datasets import DataConfig, write_synthetic_folder
+from diffseg.evaluation.baselines import grabcut
+from diffseg.evaluation.evaluate import EvalConfig, Scorer
+from diffseg.methods.sampling import generate, sample
+from diffseg.methods.segment import FactorizedSegmenter, segment_images
+from diffseg.models.builder import ModelConfig
+from diffseg.models.checkpoint import save_checkpoint
+from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.unet import UNet, UNetConfig
+from diffseg.scoring.segmenter import segment_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -94,7 +94,7 @@ def test_segment_class_conditional_needs_labels():
 
 def test_segment_batches_groups_sizes(tmp_path):
     root = write_synthetic_folder(tmp_path / "syn", 5, SIZE)
-    from diffseg.data import PairedFolderDataset
+    from diffseg.data.datasets import PairedFolderDataset
 
     # image_size None keeps native sizes: make one image larger to force a size change mid-stream
     Image.open(root / "images" / "000002.png").resize((24, 24)).save(root / "images" / "000002.png")
@@ -103,7 +103,7 @@ def test_segment_batches_groups_sizes(tmp_path):
     model, diffusion = _factorized(k=3), _diffusion()
     batches = list(segment_dataset(FactorizedSegmenter(model, diffusion, t=10), ds, seed=0, batch_size=8))
     # the job over that folder: masks at each image's own size, the preview only of images of the first one's size
-    from diffseg.segment import SegmentJobConfig, run_segment_job
+    from diffseg.methods.segment import SegmentJobConfig, run_segment_job
 
     ckpt = _save(model, tmp_path / "f.pt", "factorized")
     cfg = SegmentJobConfig(checkpoint=ckpt, data=DataConfig(name="folder", root=str(root), image_size=0),
@@ -175,7 +175,7 @@ def test_generate_class_conditional_and_plain_ddpm():
 def _save(model, path: Path, kind: str, k: int = 3, T: int = 100) -> str:
     mcfg = ModelConfig(kind=kind, unet=model.cfg, factorized=FactorizedConfig(num_components=k))
     config = {"model": mcfg, "diffusion": DiffusionConfig(num_timesteps=T)}
-    from diffseg.config import to_dict
+    from diffseg.core.config import to_dict
 
     save_checkpoint(path, config=to_dict(config), model=model, ema=model, step=5)
     return str(path)
@@ -333,9 +333,9 @@ def test_score_supervised_is_not_matched_and_regions_are():
 
 
 def test_grabcut_and_kmeans_on_ddpm_features_of_a_synthetic_image(tmp_path):
-    from diffseg.baselines import kmeans_segment
-    from diffseg.data import synthetic_scene
-    from diffseg.features import extract, shared_noise
+    from diffseg.data.datasets import synthetic_scene
+    from diffseg.evaluation.baselines import kmeans_segment
+    from diffseg.methods.features import extract, shared_noise
 
     image, mask = synthetic_scene(0, 0, 32)
     fg = grabcut(image, margin=0.1, iterations=3)

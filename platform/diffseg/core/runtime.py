@@ -1,0 +1,171 @@
+"""Where and how code runs: the one device resolver, the one per-image seeding rule, logging, and starting Ray.
+
+Every job, the training loop, the sweeps and the Serve replicas call these, so that a device string, a seed or a
+cluster address means the same thing everywhere:
+
+    resolve_device("auto")            cuda when this process sees a GPU, else cpu; any torch device string otherwise
+    image_generators(seed, indices)   image i of a run seeded `seed` draws its noise from its own CPU generator,
+                                      seeded `image_seed(seed, i)`: the same image from a job and from Serve, whatever
+                                      else is in its batch and on whichever device the network runs
+    init_ray(num_cpus)                `ray.init` with this checkout's code shipped to the workers (honours RAY_ADDRESS)
+    decide_gpu("auto", "train")       the one `use_gpu: auto` rule (Ray Train workers, feature actors, Serve replicas):
+                                      GPUs when the cluster has them up OR its autoscaler can start a GPU node type
+    setup_logging()                   what a job (or a Ray worker) shows: the library's `logging` records on stdout
+
+Ray is imported only inside `init_ray`; nothing here has a side effect at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+SEED_STRIDE = 1_000_003  # a prime: (seed, index) pairs of any realistic range map to distinct generator seeds
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """A config's device string as a torch device; "auto" (or None) picks CUDA when there is one."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"device: {spec!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from e
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The generator seed of image `index` in a run (a job, a request, a sample grid) seeded `seed`."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and image index must be >= 0, got seed={seed}, index={index}")
+    return int(seed) * SEED_STRIDE + int(index)
+
+
+def image_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by `image_seed(seed, i)`: noise independent of batching and device."""
+    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ship the diffseg package to every worker (`py_modules`), so a cluster needs no install of it.
+
+    Local directories can only be shipped at the job level (`ray.init`); inside `ray job submit` Ray merges this
+    with the job's own runtime env (its working_dir, env_vars).
+    """
+    return {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # the diffseg package, all its layers
+
+
+def init_ray(num_cpus: int = 0) -> None:
+    """Start (or join) Ray once per process: `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else a local
+    instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens."""
+    import ray  # costs seconds: only when a job needs Ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {}
+    if num_cpus and not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus
+    ray.init(runtime_env=code_runtime_env(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- GPUs
+AUTOSCALER_CONFIG_ENV = "DIFFSEG_AUTOSCALER_CONFIG"  # the autoscaler config to read (default: the launcher's)
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler's config on the head node
+log = logging.getLogger(__name__)
+
+
+def autoscaler_config_path() -> Path:
+    """The autoscaler config this process can read: $DIFFSEG_AUTOSCALER_CONFIG, else the cluster launcher's
+    `~/ray_bootstrap_config.yaml` (on the head node, where job drivers run; the file Ray Tune also looks for)."""
+    return Path(os.environ.get(AUTOSCALER_CONFIG_ENV) or BOOTSTRAP_CONFIG).expanduser()
+
+
+def autoscaler_gpu_node_types(path: str | os.PathLike | None = None) -> dict[str, float]:
+    """{node type: GPUs per node} of the worker node types the autoscaler may start (max_workers > 0) that have GPUs.
+
+    The launcher writes each type's `resources` into its bootstrap config (filled in from the instance type when
+    cluster.yaml leaves them `{}`), so `gpu_1x` of cluster.yaml reads `{"CPU": 8, "GPU": 1}` there. Empty when there
+    is no config (a laptop, a `ray start` cluster) or it cannot be read."""
+    path = Path(path).expanduser() if path else autoscaler_config_path()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("available_node_types"), dict):
+        return {}
+    cluster_max = data.get("max_workers", 1)
+    found = {}
+    for name, node_type in data["available_node_types"].items():
+        if not isinstance(node_type, dict) or name == data.get("head_node_type"):
+            continue  # the head is up already: its GPUs are in the live resources
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0) or 0)
+        if gpus > 0 and node_type.get("max_workers", cluster_max) and cluster_max:
+            found[str(name)] = gpus
+    return found
+
+
+@dataclass(frozen=True)
+class GpuDecision:
+    use_gpu: bool  # place the work on GPUs (one per Train worker, feature actor or model replica)
+    reason: str  # why, in words (printed)
+
+
+def decide_gpu(setting: Literal["auto", "yes", "no"] | str, what: str = "job", *, cluster: bool = True) -> GpuDecision:
+    """THE `use_gpu` rule, printed: `yes`/`no` as written; `auto` = GPUs when the Ray cluster has GPUs up, or when
+    its autoscaler can start a node type that has them (cluster.yaml starts GPU workers at min_workers 0, so a fresh
+    cluster has none up); without a running Ray (or `cluster=False`), when this process sees a GPU."""
+    if setting not in ("auto", "yes", "no"):
+        raise ValueError(f"use_gpu: {setting!r} is not one of auto, yes, no")
+    if setting != "auto":
+        decision = GpuDecision(setting == "yes", f"use_gpu={setting}")
+    else:
+        ray = sys.modules.get("ray")  # only a process that already imported Ray can have it running
+        if cluster and ray is not None and ray.is_initialized():
+            live = float(ray.cluster_resources().get("GPU", 0))
+            types = autoscaler_gpu_node_types() if not live else {}
+            if live:
+                decision = GpuDecision(True, f"the cluster has {live:g} GPU(s)")
+            elif types:
+                names = ", ".join(f"{n} ({g:g} GPU)" for n, g in types.items())
+                decision = GpuDecision(True, f"no GPU node is up, but the autoscaler can start {names}")
+            else:
+                decision = GpuDecision(
+                    False, f"the cluster has no GPUs and no autoscaler GPU node type ({autoscaler_config_path()})"
+                )
+        else:
+            seen = torch.cuda.is_available()
+            decision = GpuDecision(seen, "this process sees a GPU" if seen else "this process sees no GPU")
+    log.info(f"[{what}] use_gpu={setting}: {'GPUs' if decision.use_gpu else 'CPUs only'} ({decision.reason})")
+    return decision
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the time of the record (a notebook's, a test's capture, a Ray log)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always looks it up instead
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers)."""
+    logger = logging.getLogger("diffseg")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)

@@ -1,0 +1,574 @@
+"""Unsupervised segmentation evaluation: methods x data sets -> one table with the paper's columns.
+
+    for each data set (a paired folder, a protocol, the trained models that go with it):
+        for each method: predict a label map (N, H, W) for every test image
+        foreground protocol (binary ground truth):  Acc / IoU / DICE as IEM/ReDO compute them (per image, per metric,
+            the better polarity; K regions reduced to a foreground as `foreground.reduction` says), and the strict
+            IoU with one foreground fixed for the whole data set
+        multiclass protocol (e.g. face3):  mIoU after Hungarian matching of regions to classes, intersections and
+            unions pooled over the set (per-image matching as an extra column); the supervised U-Net is scored
+            without matching (its labels are classes)
+
+Methods (`methods` in the config):
+    all_foreground, centred_box      trivial priors (rows of every table)
+    grabcut                          OpenCV GrabCut from a centred rectangle (margin, iterations stated)
+    kmeans_ddpm                      k-means (k = K) on a DDPM U-Net's decoder features ("DatasetDDPM-unsup")
+    kmeans_rgb                       k-means on the pixels' colours (a feature-free reference for kmeans_ddpm)
+    factorized                       the factorized model's argmax mask at t (default 30)
+    supervised                       a U-Net trained on the labelled training split (the upper bound)
+
+THE evaluation path: every method is a `diffseg.scoring.segmenter.Segmenter`, run over the data set by
+`evaluate_segmenter` and scored by `Scorer`, whose metric keys are `split/name` (`test/fg_iou`, `test/miou`,
+`test/hungarian_miou`, ...), the keys Tune, MLflow and the tables use. The label-efficient jobs, DatasetDDPM and the
+sweeps score their segmenters with the same function.
+
+Everything here is plain PyTorch / NumPy; `jobs/evaluate.py` is the command line. Outputs: table.md, table.csv,
+results.json, figures/<dataset>.png, the resolved config, and an MLflow run holding the table with one nested run
+per (data set, method) holding that row's `test/...` metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffseg.core.config import InputPath, Name, OutputPath, job_dir, save_config, to_dict
+from diffseg.core.report import markdown_table
+from diffseg.core.runtime import resolve_device
+from diffseg.core.tracking import Tracker, TrackingConfig, status_for
+from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
+from diffseg.data.datasets import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
+from diffseg.evaluation import baselines
+from diffseg.methods.features import FeatureConfig, FeaturePipeline
+from diffseg.methods.pixel import image_score
+from diffseg.methods.segment import FactorizedSegmenter
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
+from diffseg.models.unet import UNetConfig
+from diffseg.scoring.metrics import ConfusionMatrix, ForegroundAccumulator
+from diffseg.scoring.regions import HungarianIoU, ImageDependence
+from diffseg.scoring.segmenter import Segmenter, num_labels, segment_dataset
+
+log = logging.getLogger(__name__)
+
+METHODS = ("all_foreground", "centred_box", "grabcut", "kmeans_rgb", "kmeans_ddpm", "factorized", "supervised")
+METHOD_TITLES = {
+    "all_foreground": "All foreground (prior)",
+    "centred_box": "Centred box (prior)",
+    "grabcut": "GrabCut",
+    "kmeans_rgb": "k-means on RGB",
+    "kmeans_ddpm": "k-means on DDPM features (DatasetDDPM-unsup)",
+    "factorized": "Factorized diffusion (ours)",
+    "supervised": "Supervised U-Net (upper bound)",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: Name = "data"  # the data set's name in the table
+    protocol: Literal["foreground", "multiclass"] = "foreground"  # binary fg/bg ground truth, or C classes
+    data: DataConfig = field(default_factory=DataConfig)  # the folder, size, split (and class_merge)
+    split: Literal["train", "test", "all"] = "test"  # which images are scored (num_train/num_test in data)
+    factorized: InputPath | None = None  # checkpoint of the factorized model (method "factorized")
+    ddpm: InputPath | None = None  # checkpoint of the DDPM whose features k-means clusters (method "kmeans_ddpm")
+    num_regions: int = 0  # K for k-means; 0 = the factorized model's K, else the number of ground-truth classes
+    limit: int = 0  # score only the first N images (0 = all)
+
+
+@dataclass(frozen=True)
+class SegmentSection:
+    t: int = 30  # noise level the factorized model segments at (of T = 1000)
+    seed: int = 0  # noise seed (image i uses its own generator from (seed, i))
+    batch_size: int = 32  # images per forward pass
+    use_ema: bool = True  # EMA weights
+
+
+@dataclass(frozen=True)
+class GrabCutSection:
+    margin: float = 0.1  # border left free on each side, as a fraction of the side (box over the central 80%)
+    iterations: int = 5  # GrabCut rounds
+    seed: int = 0  # OpenCV RNG seed (GMM initialisation)
+
+
+@dataclass(frozen=True)
+class BoxSection:
+    margin: float = 0.25  # the centred-box prior covers the central (1 - 2 margin) of each side
+
+
+@dataclass(frozen=True)
+class KMeansSection:
+    blocks: tuple[str, ...] = ("dec.2", "dec.3", "dec.4", "dec.5")  # DDPM U-Net decoder blocks read as features
+    timesteps: tuple[int, ...] = (50, 150, 250)  # diffusion steps the blocks are read at
+    noise_seed: int = 0  # the ONE noise tensor shared by all images and steps
+    scope: Literal["dataset", "image"] = "dataset"  # one k-means over the pooled pixels, or one per image
+    fit_pixels: int = 200_000  # dataset scope: at most this many pixels (a seeded subsample) fit the centres
+    num_iters: int = 30  # Lloyd iterations
+    normalize: Literal["standardize", "l2", "none"] = "standardize"  # per-channel feature scaling
+    seed: int = 0  # k-means++ seed
+    batch_size: int = 16  # images per feature forward pass
+
+
+@dataclass(frozen=True)
+class SupervisedSection:
+    steps: int = 500  # training steps on the labelled training split
+    batch_size: int = 8  # images per step
+    lr: float = 1.0e-3  # Adam learning rate
+    model_channels: int = 32  # U-Net width (channel_mult 1,2,2, no attention)
+    seed: int = 0  # init and batch order
+
+
+@dataclass(frozen=True)
+class ForegroundSection:
+    reduction: Literal["best_single", "best_subset", "fixed"] = "best_single"  # K regions -> foreground, per image
+    strict: bool = True  # also report the strict IoU: one foreground (regions and polarity) fixed per data set
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: Name = "eval"  # the run's folder under output_dir and its MLflow run name
+    output_dir: OutputPath = "runs/eval"  # where tables and figures go
+    datasets: tuple[DatasetSpec, ...] = ()  # the data sets (rows are grouped by data set)
+    methods: tuple[str, ...] = ("all_foreground", "centred_box", "grabcut", "kmeans_ddpm", "factorized")  # columns
+    segment: SegmentSection = field(default_factory=SegmentSection)  # the factorized model's segmentation
+    grabcut: GrabCutSection = field(default_factory=GrabCutSection)
+    centred_box: BoxSection = field(default_factory=BoxSection)
+    kmeans: KMeansSection = field(default_factory=KMeansSection)
+    supervised: SupervisedSection = field(default_factory=SupervisedSection)
+    foreground: ForegroundSection = field(default_factory=ForegroundSection)
+    num_figure_images: int = 8  # rows of the image | ground truth | methods figure (0 = no figure)
+    device: str = "auto"  # torch device for the networks: auto (cuda when visible), cpu, cuda, cuda:1
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+
+    def check(self) -> None:
+        """Cross-field checks (run by --dry-run and before the job)."""
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
+        if not self.datasets:
+            raise ValueError("datasets: no data sets to evaluate")
+        needs = {"factorized": "factorized", "kmeans_ddpm": "ddpm"}
+        for i, spec in enumerate(self.datasets):
+            for method, key in needs.items():
+                if method in self.methods and not getattr(spec, key):
+                    raise ValueError(f"datasets[{i}].{key}: method {method!r} needs a checkpoint for {spec.name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def binary_ground_truth(masks: np.ndarray | torch.Tensor, ignore_index: int = 255) -> np.ndarray:
+    """0 background, 1 foreground (any non-background class), ignore_index kept."""
+    m = np.asarray(masks)
+    return np.where(m == ignore_index, ignore_index, (m != 0).astype(np.int64))
+
+
+class Scorer:
+    """Streams label maps against ground truth under a protocol; `compute()` -> {`split/name`: value}.
+
+    foreground (binary ground truth, any non-zero class is foreground):
+        regions: `fg_acc`, `fg_iou`, `fg_dice` as IEM/ReDO compute them (per image and per metric the better
+            polarity; K regions reduced to a foreground by `reduction`), and `fg_iou_strict` (one foreground fixed for
+            the whole data set) when `strict`;
+        classes: class 0 is background, every other class foreground, no polarity search (`fg_iou_strict` = `fg_iou`).
+    multiclass (C ground-truth classes):
+        classes: `miou`, `pixel_accuracy`, `iou/<class>` with intersections and unions pooled over the set;
+        regions: `hungarian_miou` (regions matched to classes once for the set, then pooled), `hungarian_iou/<class>`
+            and `hungarian_miou_per_image` (matched per image).
+    """
+
+    def __init__(
+        self,
+        protocol: Literal["foreground", "multiclass"],
+        kind: Literal["regions", "classes"],
+        num_labels: int,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
+        reduction: Literal["best_single", "best_subset", "fixed"] = "best_single",
+        strict: bool = True,
+        split: str = "test",
+    ):
+        if protocol not in ("foreground", "multiclass"):
+            raise ValueError(f"protocol must be 'foreground' or 'multiclass', got {protocol!r}")
+        self.protocol, self.kind, self.split, self.strict = protocol, kind, split, strict
+        self.class_names, self.ignore_index = list(class_names), ignore_index
+        k, c = max(int(num_labels), 2), len(self.class_names)
+        self.parts: dict[str, Any] = {}
+        if protocol == "foreground" and kind == "classes":
+            self.parts["fg"] = ForegroundAccumulator(2, "fixed", fg_regions=(1,), ignore_index=ignore_index)
+        elif protocol == "foreground":
+            self.parts["fg"] = ForegroundAccumulator(k, reduction, ignore_index=ignore_index)
+            if strict:
+                self.parts["strict"] = ForegroundAccumulator(k, "fixed", ignore_index=ignore_index)
+        elif kind == "classes":
+            self.parts["cm"] = ConfusionMatrix(c, ignore_index)
+        else:
+            self.parts["matched"] = HungarianIoU(k, c, per_image=False, ignore_index=ignore_index)
+            self.parts["per_image"] = HungarianIoU(k, c, per_image=True, ignore_index=ignore_index)
+
+    def update(self, labels: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> list[dict[str, float]]:
+        """Add a batch of label maps (B, H, W) and ground truth (B, H, W); returns per-image scores where the
+        protocol has them (a class segmenter's per-image mIoU)."""
+        labels, gt = np.asarray(labels, dtype=np.int64), np.asarray(gt, dtype=np.int64)
+        if self.protocol == "foreground":
+            gt = binary_ground_truth(gt, self.ignore_index)
+            if self.kind == "classes":
+                labels = (labels != 0).astype(np.int64)
+        rows: list[dict[str, float]] = [{} for _ in range(len(labels))]
+        for name, part in self.parts.items():
+            part.update(labels, gt)
+            if name == "cm":
+                for j in range(len(labels)):
+                    one = ConfusionMatrix(part.num_classes, self.ignore_index).update(labels[j], gt[j])
+                    rows[j]["miou"] = one.miou()
+        return rows
+
+    def compute(self) -> dict[str, float]:
+        sp, parts = self.split, self.parts
+        if self.protocol == "foreground":
+            fg = parts["fg"].compute()
+            out = fg.as_dict(sp)
+            if "strict" in parts:
+                out[f"{sp}/fg_iou_strict"] = parts["strict"].compute().iou
+            elif self.kind == "classes":
+                out[f"{sp}/fg_iou_strict"] = fg.iou
+            return out
+        if "cm" in parts:
+            return parts["cm"].as_dict(sp, self.class_names)
+        matched = parts["matched"].compute()
+        out = matched.as_dict(sp, self.class_names)
+        out[f"{sp}/hungarian_miou_per_image"] = parts["per_image"].compute().miou
+        return out
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate_segmenter` measured."""
+
+    metrics: dict[str, float]  # `split/name` keys (see `Scorer`)
+    per_image: list[dict[str, Any]]  # {"id", per-image scores, "uncertainty" (top-10% score) when the method has one}
+    num_images: int
+    seconds: float  # wall time of segmenting and scoring
+    labels: np.ndarray | None = None  # (N, H, W) when asked for (`keep_labels`, same-size images)
+
+
+def evaluate_segmenter(
+    seg: Segmenter,
+    dataset: Sequence[dict[str, Any]] | torch.utils.data.Dataset,
+    *,
+    protocol: Literal["foreground", "multiclass"] | Sequence[str] = "multiclass",
+    class_names: Sequence[str] | None = None,
+    ignore_index: int = 255,
+    seed: int = 0,
+    batch_size: int = 16,
+    reduction: Literal["best_single", "best_subset", "fixed"] = "best_single",
+    strict: bool = True,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    save_overlays: int = 16,
+    keep_labels: bool = False,
+) -> EvalResult:
+    """THE evaluation of any Segmenter on a labelled data set ({"image", "mask", "id"} items).
+
+    Image i is segmented with noise seed `image_seed(seed, i)`; the labels are scored by `Scorer` under `protocol`
+    (or under each of several protocols, e.g. ("foreground", "multiclass") for regions against part masks: the
+    foreground and the Hungarian-matched scores of one segmentation), plus `split/dependence`, the image dependence of
+    the label maps (`regions.mask_image_dependence`: 0 when every image gets the same layout, as a prior does; NaN for
+    one image or mixed sizes). Metric keys are `split/name`. With `out_dir`:
+    predictions/<id>.png, overlays.png (image | ground truth | prediction, per row), per_image.csv and metrics.json.
+    """
+    if len(dataset) == 0:
+        raise ValueError("evaluate_segmenter: the test set is empty; a metric over zero images is not a result")
+    names = list(class_names or getattr(dataset, "class_names", None) or seg.class_names)
+    protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+    scorers = [Scorer(p, seg.kind, num_labels(seg), names, ignore_index, reduction, strict, split) for p in protocols]
+    out = Path(out_dir) if out_dir else None
+    if out:
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    tiles: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    dependence = ImageDependence()  # do the label maps follow the image, or a fixed layout? (0 = fixed)
+    t0 = time.perf_counter()
+    for _, items, res in segment_dataset(seg, dataset, seed, batch_size):
+        if "mask" not in items[0]:
+            raise ValueError(f"image {items[0]['id']!r} has no ground-truth mask: evaluation needs labelled data")
+        labels = res.labels.numpy()  # (B, H, W)
+        masks = torch.stack([it["mask"] for it in items]).numpy()
+        per_scorer = [sc.update(labels, masks) for sc in scorers]
+        dependence.update(labels)
+        scores = [{k: v for rows_j in per for k, v in rows_j.items()} for per in zip(*per_scorer)]
+        for j, it in enumerate(items):
+            row = {"id": str(it["id"]), **scores[j]}
+            if res.uncertainty is not None:
+                row["uncertainty"] = image_score(res.uncertainty[j])
+            rows.append(row)
+            if out:
+                Image.fromarray(labels[j].astype(np.uint8)).save(out / "predictions" / f"{it['id']}.png")
+                if len(tiles) < 3 * save_overlays:
+                    rgb = to_uint8(it["image"])
+                    c = max(len(names), num_labels(seg))
+                    tiles += [rgb, overlay(rgb, masks[j], num_classes=c), overlay(rgb, labels[j], num_classes=c)]
+        if keep_labels:
+            kept.append(labels)
+    metrics = {k: v for sc in scorers for k, v in sc.compute().items()}
+    metrics[f"{split}/dependence"] = dependence.compute()
+    seconds = time.perf_counter() - t0
+    if out:
+        if tiles and all(t.shape == tiles[0].shape for t in tiles):
+            save_png(grid(tiles, nrow=3), out / "overlays.png")  # image | ground truth | prediction, per row
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "per_image.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        (out / "metrics.json").write_text(json.dumps({**metrics, "num_images": len(rows)}, indent=1))
+    labels_all = np.concatenate(kept) if kept and all(k.shape[1:] == kept[0].shape[1:] for k in kept) else None
+    return EvalResult(metrics, rows, len(rows), seconds, labels_all)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class EvalData:
+    """The scored images of one data set, held in memory (test sets of hundreds of small images)."""
+
+    spec: DatasetSpec
+    items: list[dict[str, Any]]  # {"image" (3, H, W) in [-1, 1], "mask" (H, W) long, "id"}
+    class_names: list[str]
+    ignore_index: int
+
+    @property
+    def images(self) -> torch.Tensor:
+        return torch.stack([it["image"] for it in self.items])  # (N, 3, H, W)
+
+    @property
+    def masks(self) -> torch.Tensor:
+        return torch.stack([it["mask"] for it in self.items])  # (N, H, W)
+
+
+def load_eval_data(spec: DatasetSpec, split: str | None = None) -> EvalData:
+    split = split or spec.split
+    dataset = build_dataset(spec.data, split=split)
+    n = len(dataset) if not spec.limit or split != spec.split else min(spec.limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"data set {spec.name!r}: split {split!r} is empty (set data.num_train/num_test)")
+    items = [dataset[i] for i in range(n)]
+    if "mask" not in items[0]:
+        raise ValueError(f"data set {spec.name!r}: no ground-truth masks under {spec.data.root}")
+    names = list(getattr(dataset, "class_names", None) or SYNTHETIC_CLASSES)
+    return EvalData(spec, items, names, int(getattr(dataset, "ignore_index", 255)))
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def _num_regions(data: EvalData) -> int:
+    if data.spec.num_regions:
+        return data.spec.num_regions
+    if data.spec.factorized:
+        return load_checkpoint(data.spec.factorized).model_config.factorized.num_components
+    return 2 if data.spec.protocol == "foreground" else len(data.class_names)
+
+
+def _need(path: str | None, method: str, data: EvalData, key: str) -> str:
+    if not path:
+        raise ValueError(f"method {method!r} on data set {data.spec.name!r} needs a checkpoint: set {key}")
+    return path
+
+
+def _ddpm_featurizer(cfg: EvalConfig, path: str) -> tuple[Any, dict[str, Any]]:
+    """images (B, 3, H, W) -> DDPM decoder features (B, D, H, W): the one resize policy around the feature pipeline."""
+    loaded = load_diffusion_model(path, cfg.device)
+    km = cfg.kmeans
+    recipe = FeatureConfig(backbone=path, blocks=km.blocks, timesteps=km.timesteps, noise_seed=km.noise_seed)
+    pipe = FeaturePipeline(recipe, loaded.device, model=loaded.model, diffusion=loaded.diffusion)
+
+    def featurize(images: torch.Tensor) -> torch.Tensor:
+        return resize_maps(pipe(resize_images(images, pipe.image_size)).cpu(), tuple(images.shape[-2:]))
+
+    info = {"ddpm": path, "ddpm_step": loaded.step, "blocks": list(km.blocks), "timesteps": list(km.timesteps),
+            "feature_dim": pipe.dim}  # fmt: skip
+    return featurize, info
+
+
+def build_segmenter(method: str, cfg: EvalConfig, data: EvalData) -> tuple[Segmenter, dict[str, Any]]:
+    """The Segmenter a table column stands for, built (and fitted or trained where it must be) for one data set."""
+    if method in ("all_foreground", "centred_box"):
+        margin = cfg.centred_box.margin
+        return baselines.PriorSegmenter(method, margin), ({"margin": margin} if method == "centred_box" else {})
+    if method == "grabcut":
+        g = cfg.grabcut
+        info = {"margin": g.margin, "iterations": g.iterations}
+        return baselines.GrabCutSegmenter(g.margin, g.iterations, g.seed), info
+    if method in ("kmeans_rgb", "kmeans_ddpm"):
+        k, km = _num_regions(data), cfg.kmeans
+        featurize, info = None, {}
+        if method == "kmeans_ddpm":
+            featurize, info = _ddpm_featurizer(cfg, _need(data.spec.ddpm, method, data, "datasets[].ddpm"))
+        seg = baselines.KMeansSegmenter(k, featurize, km.scope, km.fit_pixels, km.num_iters, km.normalize, km.seed)
+        return seg.fit(data.images, km.batch_size), {"k": k, "scope": km.scope, **info}
+    if method == "factorized":
+        path = _need(data.spec.factorized, method, data, "datasets[].factorized")
+        seg = FactorizedSegmenter.load(path, cfg.device, cfg.segment.use_ema, cfg.segment.t)
+        info = {"K": len(seg.class_names), "t": seg.t, "checkpoint": path, "train_step": seg.step,
+                "image_size": seg.image_size}  # fmt: skip
+        return seg, info
+    if method == "supervised":
+        s = cfg.supervised
+        train = load_eval_data(data.spec, split="train")
+        masks = train.masks
+        names = ["background", "foreground"] if data.spec.protocol == "foreground" else train.class_names
+        if data.spec.protocol == "foreground":
+            masks = torch.from_numpy(binary_ground_truth(masks, train.ignore_index))
+        images = train.images
+        ucfg = UNetConfig(image_size=images.shape[-1], model_channels=s.model_channels, channel_mult=(1, 2, 2),
+                          attention_resolutions=())  # fmt: skip
+        net = baselines.train_supervised_unet(
+            images, masks, len(names), ucfg, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+            ignore_index=train.ignore_index, seed=s.seed, device=resolve_device(cfg.device),
+        )  # fmt: skip
+        info = {"train_images": len(images), "steps": s.steps, "batch_size": s.batch_size}
+        return baselines.NetworkSegmenter(net, names, image_size=images.shape[-1]), info
+    raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+
+
+# ---------------------------------------------------------------------------------------------------- table
+def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[tuple[tuple[str, ...], str]]:
+    """(metric keys, header) of the table columns for a protocol; a cell shows the first key a row has."""
+    if protocol == "foreground":
+        cols = [(("fg_acc",), "Acc"), (("fg_iou",), "IoU"), (("fg_dice",), "DICE")]
+        cols += [(("fg_iou_strict",), "IoU (fixed fg)")] if strict else []
+        return cols + [(("dependence",), "Image dep.")]
+    cols = [
+        (("miou", "hungarian_miou"), "mIoU"),
+        (("hungarian_miou_per_image", "miou"), "mIoU (per-image match)"),
+    ]
+    cols += [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
+    return cols + [(("dependence",), "Image dep.")]
+
+
+def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
+    return next((metrics[k] for k in keys if k in metrics), None)
+
+
+def _fmt(v: Any, keys: tuple[str, ...] = ()) -> str:
+    """Scores in %; the image dependence (`regions.mask_image_dependence`, a share in [0, 1]) as it is."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if "dependence" in keys else f"{100 * v:.1f}"
+
+
+def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
+    """One Markdown table per protocol (the columns differ), rows grouped by data set; numbers in %."""
+    out = []
+    for protocol in ("foreground", "multiclass"):
+        prow = [r for r in rows if r["protocol"] == protocol]
+        if not prow:
+            continue
+        names: list[str] = []
+        for r in prow:
+            names += [n for n in r.get("class_names", []) if n not in names]
+        cols = columns(protocol, names, cfg.foreground.strict)
+        head = ["Data set", "Method", *[h for _, h in cols], "N", "s"]
+        body = []
+        for r in prow:
+            cells = [_fmt(_cell(r["metrics"], k), k) for k, _ in cols]
+            title = METHOD_TITLES.get(r["method"], r["method"])
+            body.append([r["dataset"], title, *cells, str(r["num_images"]), f"{r['seconds']:.1f}"])
+        out.append(f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1)\n")
+        out.append(markdown_table(head, body, align=["---"] * 2 + ["---:"] * (len(head) - 2)))
+    return "\n".join(out)
+
+
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r["metrics"] if k not in keys]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["dataset", "protocol", "method", *keys, "num_images", "seconds"])
+    for r in rows:
+        vals = [r["metrics"].get(k, "") for k in keys]
+        vals = ["" if isinstance(v, float) and math.isnan(v) else (f"{v:.6f}" if isinstance(v, float) else v)
+                for v in vals]  # fmt: skip
+        writer.writerow([r["dataset"], r["protocol"], r["method"], *vals, r["num_images"], f"{r['seconds']:.2f}"])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run every method on every data set; write table.md, table.csv, results.json and figures under out_dir."""
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    if not cfg.datasets:
+        raise ValueError("no data sets to evaluate: set datasets in the config")
+    out = Path(out_dir or job_dir(cfg.output_dir, cfg.name))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tracker = Tracker(cfg.tracking, cfg.name)
+    tracker.log_params(to_dict(cfg))
+    rows: list[dict[str, Any]] = []
+    figures = []
+    try:
+        for spec in cfg.datasets:
+            data = load_eval_data(spec)
+            log.info(f"[evaluate] {spec.name}: {len(data.items)} images ({spec.split}), protocol {spec.protocol}")
+            labels: dict[str, np.ndarray] = {}
+            ks: dict[str, int] = {}
+            for method in cfg.methods:
+                t0 = time.perf_counter()
+                seg, info = build_segmenter(method, cfg, data)
+                res = evaluate_segmenter(
+                    seg, data.items, protocol=spec.protocol, class_names=data.class_names,
+                    ignore_index=data.ignore_index, seed=cfg.segment.seed, batch_size=cfg.segment.batch_size,
+                    reduction=cfg.foreground.reduction, strict=cfg.foreground.strict, keep_labels=True,
+                )  # fmt: skip
+                seconds = time.perf_counter() - t0
+                labels[method], ks[method] = res.labels, num_labels(seg)
+                metrics = {k.split("/", 1)[1]: v for k, v in res.metrics.items()}  # the row: names without split
+                rows.append({
+                    "dataset": spec.name, "protocol": spec.protocol, "method": method, "metrics": metrics,
+                    "num_images": res.num_images, "seconds": seconds, "info": info,
+                    "class_names": data.class_names if spec.protocol == "multiclass" else [],
+                })  # fmt: skip
+                shown = ", ".join(f"{k} {_fmt(v, (k,))}" for k, v in metrics.items() if "/" not in k)
+                log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s)")
+                child = Tracker(cfg.tracking, f"{spec.name}/{method}", parent_run_id=tracker.run_id)
+                child.log_params({"dataset": spec.name, "method": method, **info})
+                child.log_metrics({k: v for k, v in res.metrics.items() if np.isfinite(v)} | {"time/seconds": seconds})
+                child.finish()
+            if cfg.num_figure_images:
+                n = min(cfg.num_figure_images, len(data.items))
+                masks = data.masks.numpy()
+                gt = binary_ground_truth(masks, data.ignore_index) if spec.protocol == "foreground" else masks
+                gt_classes = 2 if spec.protocol == "foreground" else len(data.class_names)
+                fig = comparison_grid(
+                    data.images[:n], gt[:n], [labels[m][:n] for m in cfg.methods], [ks[m] for m in cfg.methods],
+                    gt_classes,
+                )  # fmt: skip
+                path = save_png(fig, out / "figures" / f"{spec.name}.png")
+                (out / "figures" / f"{spec.name}.txt").write_text(
+                    "columns: image | ground truth | " + " | ".join(cfg.methods) + "\n"
+                )
+                figures.append(path)
+        md, table_csv = render_markdown(rows, cfg), render_csv(rows)
+        (out / "table.md").write_text(md)
+        (out / "table.csv").write_text(table_csv)
+        (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+        for path in [out / "table.md", out / "table.csv", out / "results.json", out / "config.yaml", *figures]:
+            tracker.log_artifact(path, "figures" if path.suffix == ".png" else None)
+        tracker.finish()
+    except BaseException as e:
+        tracker.finish(status_for(e))  # FAILED, or KILLED for an interrupt
+        raise
+    log.info(md)
+    log.info(f"[evaluate] table -> {out / 'table.md'}, {out / 'table.csv'}; figures -> {out / 'figures'}")
+    return {"rows": rows, "markdown": md, "csv": table_csv, "out_dir": str(out), "mlflow_run_id": tracker.run_id}

@@ -1,0 +1,71 @@
+"""What every `jobs/*.py` does: parse its config, show the library's log, call the job's `run(cfg)`.
+
+    python jobs/<job>.py [--config FILE] [--dry-run] [--help] [key.path=value ...]
+
+`--help` lists every config key with its default and comment; `--dry-run` prints the resolved config and runs its
+cross-field checks; a bad key, value or cross-field combination exits with status 2 and a message naming the key;
+bad input data (`DataError`) exits with its message, which names the file. SIGTERM (`ray job stop`, `kill`) raises
+`JobInterrupted` so the job unwinds; however the job ends, the MLflow runs it left open are ended with the status that
+says how (FINISHED, FAILED, KILLED: `diffseg.core.tracking`). A job file is a launcher only:
+
+    def main(argv=None):
+        return run_job(SampleJobConfig, run_sample_job, argv, doc=__doc__)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from diffseg.core.cli import parse_job_args
+from diffseg.core.config import ConfigError
+from diffseg.core.runtime import setup_logging
+from diffseg.core.tracking import end_live_runs, sigterm_interrupts
+from diffseg.data.datasets import DataError
+
+T = TypeVar("T")
+
+QUIET_ENV = {  # what Ray and MLflow would otherwise print or send on every job start
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "1",
+}
+
+
+def run_job(
+    cls: type[T],
+    run: Callable[..., Any],
+    argv: list[str] | None = None,
+    *,
+    doc: str | None = None,
+    default_config: str | None = None,
+    flags: dict[str, str] | None = None,
+    prepare: Callable[[T, Any], T] | None = None,
+) -> Any:
+    """Parse `[--config FILE] [--dry-run] [key=value ...]` into a `cls`, then return `run(cfg, **flags)`.
+
+    :param doc: the job file's docstring (its first line describes the job in --help, the rest shows examples).
+    :param flags: extra boolean options, {"--resume": "help text"}, passed to `run` as keyword arguments.
+    :param prepare: `prepare(cfg, args) -> cfg` before the checks (e.g. paths relative to the --config file).
+    """
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    cfg, args = parse_job_args(cls, argv, doc, default_config, flags)
+    if prepare is not None:
+        cfg = prepare(cfg, args)
+    setup_logging()
+    names = [flag.lstrip("-").replace("-", "_") for flag in flags or {}]
+    kwargs = {name: getattr(args, name) for name in names}
+    try:
+        with sigterm_interrupts():
+            result = run(cfg, **kwargs)
+    except (ConfigError, DataError) as e:
+        end_live_runs(e)
+        sys.exit(f"error: {e}")
+    except BaseException as e:
+        end_live_runs(e)
+        raise
+    end_live_runs(None)  # a run the job left open ends with it
+    return result

@@ -1,0 +1,597 @@
+"""Checkpoints: our format, THE loader (checkpoint -> model, diffusion, config), safetensors export.
+
+Our format is one file written by `torch.save` holding only tensors, numbers, strings, lists and dicts, so it loads
+with `weights_only=True` (no pickled code runs on load):
+
+    {"format": "diffseg/1", "config": <resolved run config as JSON>, "model": state_dict, "ema": state_dict | None,
+     "optimizer": optimizer state | None, "step": int, "extra": {...},
+     "integrity": {"algorithm": "sha256", "tensors": {"model/<key>": hex, ...}, "meta": hex}}
+
+Every file we write this way (checkpoints, pixel-segmenter bundles, sweep ensembles) goes through `write_payload` /
+`read_payload`: the payload carries a SHA-256 of every tensor (of its dtype, shape and raw bytes, so any dtype works:
+fp32, bf16, fp16, int) and one of everything else (config, step, extra), and loading recomputes them. A flipped bit
+is an error that names the file and the tensor, never a model that silently serves wrong weights. Every load error is
+a `CheckpointError` naming the real file and what is wrong with it: empty, truncated, pickled code, not ours, the
+wrong kind of file, or damaged.
+
+Writes are atomic (`diffseg.core.config.atomic_write`: a temp file beside the target, fsync, one rename), so a killed
+writer never leaves a torn file, nor a temp file.
+
+Every job, the sweeps and the Serve replicas get a network the same way:
+
+    loaded = load_diffusion_model("runs/x/checkpoint.pt" | "runs/x" | "runs:/<run_id>/checkpoint", device="auto")
+    loaded.model, loaded.diffusion, loaded.config, loaded.step     # model in eval mode on the device, no gradients
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from diffseg.core import storage
+from diffseg.core.config import atomic_write, from_dict, to_dict
+from diffseg.core.runtime import resolve_device
+from diffseg.models.builder import ModelConfig, build_model
+from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
+
+FORMAT = "diffseg/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+INTEGRITY_KEY = "integrity"
+# Config keys that checkpoints written by an older diffseg hold and this one no longer has (they were never read):
+# dropped when a checkpoint's config is parsed, so old runs still load.
+RETIRED_KEYS: dict[str, tuple[str, ...]] = {"diffusion": ("sample_steps", "eta", "clip_denoised")}
+# Sources that are downloaded through MLflow's artifact API rather than read as local paths.
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "hdfs://", "dbfs:/")
+log = logging.getLogger(__name__)
+
+# What each of our file formats is, for errors that say "this is a <kind>, not a <kind>".
+KINDS = {
+    FORMAT: "a diffseg model checkpoint (diffseg.models.checkpoint.load_checkpoint)",
+    "diffseg-pixel-segmenter/1": "a pixel-segmenter bundle (diffseg.methods.pixel.PixelSegmenter.load)",
+    "diffseg-ensemble-state/1": "a sweep trial's ensemble state (diffseg.experiments.sweep)",
+}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as the kind of file asked for; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------------- integrity
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (any dtype: the bytes are read as uint8)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{prefix}/{i}" if prefix else str(i))
+
+
+def _skeleton(obj: Any) -> Any:
+    """The payload without tensor data, in a canonical JSON-able form (dict keys of any type, sorted)."""
+    if torch.is_tensor(obj):
+        return "<tensor>"
+    if isinstance(obj, dict):
+        return [[repr(k), _skeleton(v)] for k, v in sorted(obj.items(), key=lambda kv: repr(kv[0]))]
+    if isinstance(obj, (list, tuple)):
+        return [_skeleton(v) for v in obj]
+    return repr(obj) if isinstance(obj, float) else obj
+
+
+def payload_integrity(payload: dict[str, Any]) -> dict[str, Any]:
+    """{"algorithm": "sha256", "tensors": {path: digest}, "meta": digest of everything that is not tensor data}."""
+    body = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
+    meta = json.dumps(_skeleton(body), sort_keys=True, default=repr).encode()
+    return {
+        "algorithm": "sha256",
+        "tensors": {name: tensor_digest(t) for name, t in _walk(body, "")},
+        "meta": hashlib.sha256(meta).hexdigest(),
+    }
+
+
+def verify_integrity(payload: dict[str, Any], where: str) -> None:
+    """Raise CheckpointError naming `where` and the first tensor whose bytes do not match the stored SHA-256."""
+    stored = payload.get(INTEGRITY_KEY)
+    if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
+        raise CheckpointError(f"{where}: the file's integrity record is missing or unreadable")
+    actual = payload_integrity(payload)
+    expected = stored.get("tensors") or {}
+    for name, digest in actual["tensors"].items():
+        if name not in expected:
+            raise CheckpointError(f"{where}: tensor {name!r} is not in the file's integrity record (altered file)")
+        if digest != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} does not match its SHA-256: the file is damaged or was altered"
+            )
+    missing = sorted(set(expected) - set(actual["tensors"]))
+    if missing:
+        raise CheckpointError(f"{where}: tensor(s) {missing[:5]} listed in the integrity record are missing")
+    if actual["meta"] != stored.get("meta"):
+        raise CheckpointError(
+            f"{where}: the non-tensor part (format, config, step, extra) does not match its SHA-256: "
+            "the file is damaged or was altered"
+        )
+
+
+def write_payload(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Save a dict of tensors and plain data atomically, with its integrity record (see the module docstring)."""
+    if "format" not in payload:
+        raise ValueError("a payload needs a 'format' key")
+    body = {k: v for k, v in payload.items() if k != INTEGRITY_KEY}
+    body[INTEGRITY_KEY] = payload_integrity(body)
+    return atomic_torch_save(body, path)
+
+
+def _describe(fmt: Any) -> str:
+    return KINDS.get(fmt, f"a file of format {fmt!r}") if fmt is not None else "a file with no 'format' key"
+
+
+def read_payload(
+    path: str | os.PathLike,
+    expected: str,
+    *,
+    source: str | None = None,
+    require_integrity: bool = False,
+) -> dict[str, Any]:
+    """Load a payload written by `write_payload` (weights_only: no pickled code runs), check that its format is
+    `expected` and that every tensor matches its SHA-256. Errors are CheckpointError (FileNotFoundError for no file)
+    and name `source` (the file as the user knows it, e.g. a URI that was downloaded to `path`) or `path`.
+
+    Files written before checksums existed have no integrity record: they load with a warning, or are refused with
+    `require_integrity=True`.
+    """
+    path = Path(path)
+    where = source or str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{where}: empty file (0 bytes): not {_describe(expected)}; was its write interrupted?")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(
+            f"{where}: not {_describe(expected)}: not a torch zip file (starts with {head!r}, {size} bytes)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{where}: truncated or damaged: the end of the zip archive is missing ({size} bytes); "
+            "was its write interrupted or its copy cut short?"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{where}: holds pickled Python objects other than tensors and plain data; refused, because "
+                "loading it would run code from the file"
+            ) from None
+        raise CheckpointError(f"{where}: damaged: torch cannot read it ({type(e).__name__}: {msg[:200]})") from e
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != expected:
+        hint = " (guided-diffusion files: diffseg.models.guided.import_guided_diffusion)" if fmt is None else ""
+        raise CheckpointError(f"{where}: this is {_describe(fmt)}, not {_describe(expected)}{hint}")
+    if INTEGRITY_KEY in payload:
+        verify_integrity(payload, where)
+    elif require_integrity:
+        raise CheckpointError(f"{where}: has no integrity record (SHA-256 of its tensors); refused")
+    else:
+        log.warning("%s: written before checksums existed; its integrity cannot be checked (save it again)", where)
+    return payload
+
+
+@dataclass
+class Checkpoint:
+    config: dict[str, Any]  # the resolved run config (plain dict)
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any] | None
+    step: int
+    extra: dict[str, Any]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        if "model" not in self.config:
+            raise KeyError("the checkpoint's config has no 'model' section")
+        return from_dict(ModelConfig, self.config["model"], prefix="model")
+
+    @property
+    def diffusion_config(self) -> DiffusionConfig:
+        """The process the network was trained with (the defaults when the config has no 'diffusion' section)."""
+        data = dict(self.config.get("diffusion") or {})
+        for key in RETIRED_KEYS["diffusion"]:
+            data.pop(key, None)
+        return from_dict(DiffusionConfig, data, prefix="diffusion")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _cpu(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    config: Any,
+    model: nn.Module | dict[str, torch.Tensor],
+    step: int,
+    ema: nn.Module | dict[str, torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically, with the SHA-256 of every tensor; `config` is a config dataclass or a dict."""
+
+    def sd(obj):
+        if obj is None or isinstance(obj, dict):
+            return obj
+        return unwrap(obj).state_dict()
+
+    payload = {
+        "format": FORMAT,
+        "config": json.dumps(to_dict(config)),
+        "model": _cpu(sd(model)),
+        "ema": _cpu(sd(ema)),
+        "optimizer": sd(optimizer),
+        "step": int(step),
+        "extra": extra or {},
+    }
+    return write_payload(path, payload)
+
+
+MLMODEL_FILE = "MLmodel"  # marks an MLflow model folder (our pyfunc models keep their files under data/)
+MODEL_SPEC = "spec.json"  # in data/: what kind of diffseg model it is and which files make it (diffseg.serving.pyfunc)
+SAFETENSORS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the diffusers file names of an exported model folder
+SAFETENSORS_CONFIG = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+SAFETENSORS_FORMAT = "diffseg-safetensors/1"
+
+
+def mlflow_model_data(folder: Path) -> Path:
+    """The data folder of an MLflow pyfunc model folder (its MLmodel's `python_function.data`)."""
+    try:
+        meta = yaml.safe_load((folder / MLMODEL_FILE).read_text()) or {}
+        data = meta["flavors"]["python_function"]["data"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/{MLMODEL_FILE}: not a pyfunc model with a data folder ({e})") from None
+    return folder / data
+
+
+def checkpoint_file(path: str | os.PathLike, source: str | None = None) -> tuple[Path, str | None]:
+    """The file to read for a checkpoint given as a file or a folder (a run folder, an MLflow model, a safetensors
+    export), and how errors name it; FileNotFoundError naming what was looked for otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, source
+    where = source or str(path)
+    if (path / MLMODEL_FILE).is_file():  # an MLflow model (a downloaded models:/ or runs:/ URI)
+        data = mlflow_model_data(path)
+        return checkpoint_file(data, f"{where}/{data.relative_to(path)}" if source else None)
+    for name in (CHECKPOINT_NAME, SAFETENSORS_WEIGHTS):
+        if (path / name).is_file():
+            return path / name, f"{source}/{name}" if source else None
+    raise FileNotFoundError(
+        f"{where}: a folder without {CHECKPOINT_NAME} (a run folder), {SAFETENSORS_WEIGHTS} + {SAFETENSORS_CONFIG} "
+        f"(a safetensors export) or {MLMODEL_FILE} (an MLflow model)"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, source: str | None = None
+) -> Checkpoint:
+    """Read a checkpoint, verifying every tensor's SHA-256: our file, a run folder holding checkpoint.pt, an MLflow
+    model folder (`diffseg.serving.pyfunc`: the checkpoint is under data/), or a safetensors export
+    (`export_safetensors`).
+
+    `source` is how errors name the file when `path` is a local copy of it (a downloaded URI). Every failure is a
+    CheckpointError (FileNotFoundError when there is no file) that names the file and says what is wrong with it.
+    """
+    path, source = checkpoint_file(path, source)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path.parent, source=source)
+    where = source or str(path)
+    payload = read_payload(path, FORMAT, source=source)
+    missing = [k for k in ("config", "model", "step") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{where}: a diffseg checkpoint without {missing}")
+    try:
+        config = json.loads(payload["config"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: its config is not JSON ({e})") from None
+    ckpt = Checkpoint(
+        config=config,
+        model=payload["model"],
+        ema=payload.get("ema"),
+        optimizer=payload.get("optimizer"),
+        step=int(payload["step"]),
+        extra=payload.get("extra") or {},
+    )
+    if torch.device(map_location).type != "cpu":  # verified on the CPU, then moved
+        ckpt.model = {k: v.to(map_location) if torch.is_tensor(v) else v for k, v in ckpt.model.items()}
+        if ckpt.ema is not None:
+            ckpt.ema = {k: v.to(map_location) if torch.is_tensor(v) else v for k, v in ckpt.ema.items()}
+    return ckpt
+
+
+def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path, or a URI fetched to a local file or folder: an MLflow artifact URI (`runs:/<run_id>/checkpoint`,
+    `models:/name@alias`) with `mlflow.artifacts.download_artifacts`; a storage file (`s3://`, `gs://`, `file://`)
+    with pyarrow's filesystems, as every other location (`diffseg.core.storage`)."""
+    if str(source).startswith(("s3://", "gs://", "file://")) and storage.is_file(str(source)):
+        folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="diffseg-fetch-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        local = folder / storage.name(str(source))
+        storage.fetch_file(str(source), local)
+        return local
+    if str(source).startswith(MLFLOW_SCHEMES):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
+        import mlflow  # costs seconds: only when a URI asks for it
+
+        dst = str(cache_dir) if cache_dir else None
+        local = mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=dst)
+        return Path(local)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model source {str(source)!r}: no such file or folder")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A trained network ready to use: what `load_diffusion_model` returns."""
+
+    model: nn.Module  # in eval mode, on `device`, requires_grad off
+    diffusion: GaussianDiffusion  # the process it was trained with (T, schedule)
+    config: dict[str, Any]  # the run's resolved config (plain dict), as saved inside the checkpoint
+    step: int  # the training step of the weights
+    source: str  # what was asked for (a path or a URI)
+    path: Path  # the local checkpoint file read
+    weights: str  # "ema", "model" or "random"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return from_dict(ModelConfig, self.config["model"], prefix="model")
+
+
+def load_diffusion_model(
+    source: str | os.PathLike,
+    device: str | torch.device | None = "auto",
+    use_ema: bool = True,
+    random_init: bool = False,
+) -> LoadedModel:
+    """THE loader: a checkpoint (a file, a run folder, or an MLflow artifact URI) -> network, diffusion, config.
+
+    The network is rebuilt from the config inside and gets the EMA weights (`use_ema`, when the checkpoint has them)
+    or the raw ones; `random_init=True` keeps the architecture and a fixed random init (seed 0, without touching the
+    caller's RNG) for the random-features baseline. The model comes back in eval mode with gradients off.
+
+    Every tensor's SHA-256 is verified (`load_checkpoint`); a file that is damaged, not ours, or whose config or
+    weights do not make a model is a CheckpointError naming the file (the URI, for a downloaded one).
+    """
+    path = resolve_source(source)
+    uri = str(source) if str(source).startswith(MLFLOW_SCHEMES) else None  # errors name the URI, not a download
+    ckpt = load_checkpoint(path, source=uri)
+    where = uri or str(path)
+    dev = resolve_device(device)
+    try:
+        if random_init:
+            with torch.random.fork_rng(devices=[]):  # a fixed random init that leaves the caller's RNG alone
+                torch.manual_seed(0)
+                model = build_model(ckpt.model_config)
+            weights = "random"
+        else:
+            model = build_model(ckpt.model_config)
+            use = use_ema and ckpt.ema is not None
+            weights = "ema" if use else "model"
+        diffusion = GaussianDiffusion.from_config(ckpt.diffusion_config)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: its config does not describe a model we can build ({e})") from e
+    if weights != "random":
+        try:
+            model.load_state_dict(ckpt.ema if weights == "ema" else ckpt.model)
+        except RuntimeError as e:
+            raise CheckpointError(f"{where}: the weights do not fit the model its config describes ({e})") from e
+    model = model.eval().requires_grad_(False).to(dev)
+    return LoadedModel(
+        model=model,
+        diffusion=diffusion,
+        config=ckpt.config,
+        step=ckpt.step,
+        source=str(source),
+        path=checkpoint_file(path)[0],
+        weights=weights,
+    )
+
+
+def save_checkpoint_as(ckpt: Checkpoint, dst: str | os.PathLike) -> Path:
+    """Write a Checkpoint (loaded, imported, converted) in our format."""
+    return save_checkpoint(
+        dst, config=ckpt.config, model=ckpt.model, ema=ckpt.ema, optimizer=ckpt.optimizer, step=ckpt.step,
+        extra=ckpt.extra,
+    )  # fmt: skip
+
+
+def export_weights(
+    src: str | os.PathLike | Checkpoint,
+    dst: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    use_ema: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """An inference checkpoint: only the (EMA) weights, floating tensors cast to `dtype`, no optimizer.
+
+    Half the size of the fp32 weights and a quarter of a training checkpoint (weights, EMA, AdamW moments), so a
+    small model fits where files are capped. It is an ordinary checkpoint of our format: `load_diffusion_model`
+    rebuilds the fp32 network and `load_state_dict` casts the weights back (so jobs and Serve read it unchanged); it
+    cannot resume training. A weight outside `dtype`'s range is an error rather than a silent inf.
+    """
+    ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
+    weights = ckpt.ema if use_ema and ckpt.ema is not None else ckpt.model
+    cast: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if torch.is_floating_point(tensor):
+            low = tensor.to(dtype)
+            if not torch.isfinite(low).all() and torch.isfinite(tensor).all():
+                raise ValueError(f"weight {name!r} overflows {dtype} (max |w| = {tensor.abs().max():.3g})")
+            tensor = low
+        cast[name] = tensor
+    info = {
+        "exported_from": str(src) if not isinstance(src, Checkpoint) else "checkpoint",
+        "weights": "ema" if use_ema and ckpt.ema is not None else "model",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return save_checkpoint(
+        dst, config=ckpt.config, model=cast, step=ckpt.step, extra={**ckpt.extra, "export": {**info, **(extra or {})}}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- exports
+def _export_weights(ckpt: Checkpoint, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    use = use_ema and ckpt.ema is not None
+    return (ckpt.ema if use else ckpt.model), ("ema" if use else "model")
+
+
+def scheduler_config(diffusion: DiffusionConfig, learn_sigma: bool) -> dict[str, Any]:
+    """The process as a diffusers `DDPMScheduler` config. guided-diffusion's linear schedule scaled to T (betas from
+    1e-4 * 1000/T to 0.02 * 1000/T) is diffusers' "linear" with those endpoints; its cosine schedule is
+    "squaredcos_cap_v2" (both clip betas at 0.999)."""
+    scale = 1000 / diffusion.num_timesteps
+    out: dict[str, Any] = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": diffusion.num_timesteps,
+        "prediction_type": "epsilon",
+        "variance_type": "learned_range" if learn_sigma else "fixed_small",
+        "clip_sample": True,
+    }
+    if diffusion.schedule == "linear":
+        out.update(beta_schedule="linear", beta_start=1e-4 * scale, beta_end=0.02 * scale)
+    else:
+        out.update(beta_schedule="squaredcos_cap_v2")
+    return out
+
+
+def export_safetensors(
+    src: str | os.PathLike | Checkpoint, dst: str | os.PathLike, use_ema: bool = True, dtype: torch.dtype | None = None
+) -> Path:
+    """A model folder as the diffusers ecosystem shares them: `diffusion_pytorch_model.safetensors` (the EMA weights,
+    or the raw ones; guided-diffusion's key names), `config.json` (our model and diffusion config, class name, step)
+    and `scheduler_config.json` (the process as a DDPMScheduler config). The SHA-256 of every tensor travels in the
+    safetensors metadata; `load_checkpoint` / `load_diffusion_model` read the folder back (no pickle involved).
+    Returns the folder. `dtype` casts the floating-point weights (e.g. torch.float16)."""
+    ckpt = src if isinstance(src, Checkpoint) else load_checkpoint(src)
+    from safetensors.torch import save  # lazy: only exports and safetensors loads need it
+
+    weights, which = _export_weights(ckpt, use_ema)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and torch.is_floating_point(v) else v).detach().cpu().contiguous()
+        for k, v in weights.items()
+    }
+    model_cfg, diff_cfg = ckpt.model_config, ckpt.diffusion_config
+    config = {
+        "_class_name": "FactorizedUNet" if model_cfg.kind == "factorized" else "UNet",
+        "_diffseg_format": SAFETENSORS_FORMAT,
+        "_note": "diffseg's ADM U-Net (guided-diffusion key names): load with "
+        "diffseg.models.checkpoint.load_diffusion_model",
+        "model": to_dict(model_cfg),
+        "diffusion": to_dict(diff_cfg),
+        "step": ckpt.step,
+        "weights": which,
+        "run_config": ckpt.config,
+    }
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    digests = json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)
+    meta = {"format": SAFETENSORS_FORMAT, "sha256": digests, "step": str(ckpt.step), "weights": which}
+    blob = save(tensors, metadata=meta)  # bytes: written through atomic_write (safetensors' writer wants a path)
+    atomic_write(out / SAFETENSORS_WEIGHTS, lambda tmp: Path(tmp).write_bytes(blob))
+    learn_sigma = bool(model_cfg.unet.learn_sigma)
+    for name, data in ((SAFETENSORS_CONFIG, config), (SCHEDULER_CONFIG, scheduler_config(diff_cfg, learn_sigma))):
+        text = json.dumps(data, indent=1)
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    return out
+
+
+def load_safetensors(folder: str | os.PathLike, *, source: str | None = None) -> Checkpoint:
+    """A folder written by `export_safetensors` -> a Checkpoint (weights as `model`, no EMA or optimizer), every
+    tensor checked against the SHA-256 in the file's metadata."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    where = source.rsplit("/", 1)[0] if source else str(folder)
+    weights_file, config_file = folder / SAFETENSORS_WEIGHTS, folder / SAFETENSORS_CONFIG
+    for f in (weights_file, config_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{where}: no {f.name} (a safetensors export has {SAFETENSORS_WEIGHTS} and "
+                                    f"{SAFETENSORS_CONFIG})")  # fmt: skip
+    try:
+        with safe_open(str(weights_file), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: damaged: {e}") from e
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}/{SAFETENSORS_CONFIG}: not JSON ({e})") from None
+    if config.get("_diffseg_format") != SAFETENSORS_FORMAT or "model" not in config:
+        raise CheckpointError(
+            f"{where}/{SAFETENSORS_CONFIG}: not a diffseg export (no _diffseg_format {SAFETENSORS_FORMAT!r}); a "
+            "diffusers UNet2DModel folder is a feature backbone as diffusers:<folder>"
+        )
+    if "sha256" not in meta:
+        raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: no SHA-256 record in its metadata; refused")
+    expected = json.loads(meta["sha256"])
+    if sorted(expected) != sorted(tensors):
+        raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: its tensors are not those of its SHA-256 record")
+    for name, tensor in tensors.items():
+        if tensor_digest(tensor) != expected[name]:
+            raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: tensor {name!r} does not match its SHA-256")
+    run_config = dict(config.get("run_config") or {})
+    run_config.update(model=config["model"], diffusion=config.get("diffusion") or {})
+    return Checkpoint(
+        config=run_config,
+        model=tensors,
+        ema=None,
+        optimizer=None,
+        step=int(config.get("step", 0)),
+        extra={"imported_from": "safetensors", "weights": config.get("weights", "model")},
+    )

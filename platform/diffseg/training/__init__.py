@@ -1,0 +1,1 @@
+"""Training: the Ray-free loop (state, step, fit) and its Ray Train adapter."""

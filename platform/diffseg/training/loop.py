@@ -1,0 +1,599 @@
+"""The training loop in plain PyTorch: configs, the train state, one training step, and the loop around it.
+
+    build_train_state(cfg, device)  -> TrainState (model, EMA, optimizer, diffusion, precision, step, history)
+    train_step(state, batch, gen)   -> loss (one optimizer step: autocast forward, backward, clip, AdamW, EMA)
+    fit(cfg, ctx)                   -> the whole run: resume, data, steps, progress, MLflow, samples, checkpoints
+
+Nothing here imports Ray. What the loop needs from whatever runs it (rank, world size, device, the latest
+checkpoint the framework kept, DDP wrapping, reporting a checkpoint) is a `WorkerContext`: `LocalContext` runs the
+loop in this process (a GPU box without Ray, a benchmark, a notebook), and `diffseg.training.ray_train.RayTrainContext`
+is the thin adapter that Ray Train's `train_loop_per_worker` uses. Runs resume from `<output_dir>/<name>/checkpoint.pt`,
+so a run started one way can be continued the other.
+
+Re-running a name with a changed config (`check_resume`): `loop.*`, `scaling.*`, `tracking.*`, `eval.*` and where
+things live (`output_dir`, `init_from`, `data.cache`) may change; `optim.*` changes are re-applied to the restored
+optimizer (its moments are kept); any other change (the architecture `model.*`, the process `diffusion.*`, the data
+`data.*`) is refused with a message naming the keys, since the checkpoint's weights belong to the old ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from diffseg.core.config import dumps, from_dict, staging_dir, to_dict
+from diffseg.core.runtime import image_generators, resolve_device
+from diffseg.core.storage import put_file
+from diffseg.core.tracking import Tracker, status_for
+from diffseg.core.viz import sample_grid, save_png
+from diffseg.data.datasets import build_dataset, stack
+from diffseg.methods.sampling import sample
+from diffseg.methods.segment import heldout_eps_mse, mask_diagnostics, segment_images
+from diffseg.models.builder import EMA, build_model
+from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
+from diffseg.models.diffusion import GaussianDiffusion, sample_timesteps
+from diffseg.models.factorized import FactorizedUNet
+from diffseg.serving.pyfunc import log_checkpoint_model
+from diffseg.training.config import LoopConfig, OptimConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- resume guard
+
+
+# ---------------------------------------------------------------------------------------------------- context
+class WorkerContext(Protocol):
+    """What the loop needs from whatever runs it."""
+
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint the framework kept for this run (a restarted worker resumes from it)."""
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Wrap for data parallelism (DDP) when there is more than one worker; the model is already on `device`."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        """Hand a checkpoint folder (rank 0; None elsewhere) to the framework; every rank calls it (a barrier)."""
+
+
+class LocalContext:
+    """One process, no Ray: the loop on this machine's GPU (or CPU). The run-folder export is the checkpoint."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = resolve_device(device)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything a training step touches and a checkpoint keeps."""
+
+    cfg: TrainConfig
+    model: nn.Module  # as trained: DDP-wrapped when distributed (unwrap(model) is the network)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    diffusion: GaussianDiffusion
+    device: torch.device
+    memory_format: torch.memory_format
+    autocast_dtype: torch.dtype | None  # None = fp32
+    step: int = 0
+    history: list[list[float]] = field(default_factory=list)  # [[step, mean loss], ...] at every log step
+    starts: list[int] = field(default_factory=list)  # the step of every (re)start: a resume is visible
+    mlflow_run_id: str | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)  # mask diagnostics, each with its "step"
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "loss_history": self.history,
+            "starts": self.starts,
+            "mlflow_run_id": self.mlflow_run_id,
+            "mask_diagnostics": self.evals,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Model, EMA, optimizer, step and history in our checkpoint format (atomic)."""
+        return save_checkpoint(
+            path,
+            config=self.cfg,
+            model=self.model,
+            ema=self.ema.model,
+            optimizer=self.optimizer,
+            step=self.step,
+            extra=self.extra(),
+        )
+
+
+def resolve_precision(cfg: LoopConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 when asked, or on CUDA with `auto`; None = fp32."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_train_state(
+    cfg: TrainConfig,
+    device: torch.device | str,
+    resume: Checkpoint | None = None,
+    prepare_model=None,
+) -> tuple[TrainState, str]:
+    """A fresh (or resumed, or `init_from`-initialised) train state on `device`; returns (state, where from).
+
+    The initial weights come from `loop.seed` alone, so every rank (and a 1-worker run) starts from the same network.
+    `prepare_model` wraps the network after it is on the device (DDP); identity by default.
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.loop.seed)
+    model = build_model(cfg.model)
+    ema = EMA(model, cfg.optim.ema_decay)
+    state_kw: dict[str, Any] = {}
+    source = "fresh"
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        ema.load_state_dict(resume.ema or resume.model, num_updates=resume.step)
+        state_kw = {
+            "step": resume.step,
+            "history": list(resume.extra.get("loss_history", [])),
+            "starts": list(resume.extra.get("starts", [])),
+            "mlflow_run_id": resume.extra.get("mlflow_run_id"),
+            "evals": list(resume.extra.get("mask_diagnostics", [])),
+        }
+        source = f"step {resume.step}"
+    elif cfg.init_from:
+        init = load_checkpoint(cfg.init_from)
+        missing, unexpected = model.load_state_dict(init.ema or init.model, strict=False)
+        ema.load_state_dict(model.state_dict(), num_updates=0)
+        source = f"weights of {cfg.init_from} ({len(missing)} tensors left at init, {len(unexpected)} unused)"
+
+    use_channels_last = cfg.loop.channels_last == "on" or (cfg.loop.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    ema.model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",  # one kernel per step on GPU
+    )
+    if resume is not None and resume.optimizer is not None:
+        restore_optimizer(optimizer, model, resume, fused=device.type == "cuda")
+    if prepare_model is not None:
+        model = prepare_model(model)
+    state = TrainState(
+        cfg=cfg,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        diffusion=GaussianDiffusion.from_config(cfg.diffusion),
+        device=device,
+        memory_format=memory_format,
+        autocast_dtype=resolve_precision(cfg.loop, device),
+        **state_kw,
+    )
+    return state, source
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, resume: Checkpoint, fused: bool) -> None:
+    """Put a checkpoint's optimizer moments into `optimizer`, keeping `optimizer`'s hyperparameters (this config's
+    optim.lr, weight_decay, mask_lr_scale): the saved state is loaded into an optimizer laid out as the saved config
+    had it (its parameter groups), then handed over parameter by parameter."""
+    saved = resume.config.get("optim") or {}
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    old_cfg = from_dict(OptimConfig, {k: v for k, v in saved.items() if k in known}, "optim")
+    old = torch.optim.AdamW(param_groups(model, old_cfg), lr=old_cfg.lr, weight_decay=old_cfg.weight_decay, fused=fused)
+    old.load_state_dict(resume.optimizer)
+    for param, state in old.state.items():
+        optimizer.state[param] = state
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """One group at optim.lr, plus the factorized mask generator's own group when `mask_lr_scale` != 1."""
+    if cfg.mask_lr_scale == 1 or not isinstance(model, FactorizedUNet):
+        return [{"params": list(model.parameters())}]
+    is_mask = lambda name: name.startswith(("mask_blocks.", "mask_out."))  # noqa: E731
+    return [
+        {"params": [p for n, p in model.named_parameters() if not is_mask(n)]},
+        {"params": [p for n, p in model.named_parameters() if is_mask(n)], "lr": cfg.lr * cfg.mask_lr_scale},
+    ]
+
+
+def mask_mode(cfg: TrainConfig, step: int) -> str | None:
+    """The factorized warm-up's mask mode for the step about to run (None: no warm-up, or not factorized)."""
+    fcfg = cfg.model.factorized
+    if cfg.model.kind != "factorized" or step >= fcfg.mask_warmup_steps:
+        return None
+    return fcfg.mask_warmup
+
+
+def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """One optimizer step on one (local) batch; returns the detached mean loss (no host sync: read it when logging).
+
+    Timesteps and noise come from `generator` (on the state's device), so a run is reproducible from its seeds.
+    """
+    cfg, device = state.cfg, state.device
+    x0 = batch["image"].to(device, non_blocking=True).to(memory_format=state.memory_format)  # (B, C, H, W)
+    y = None
+    if cfg.model.unet.num_classes is not None:  # class-conditional: the data set must give a class per image
+        if "label" not in batch:
+            raise ValueError(
+                f"model.unet.num_classes={cfg.model.unet.num_classes} but data {cfg.data.name!r} gives no 'label' "
+                "per image: unset num_classes or use a data set with image labels"
+            )
+        y = batch["label"].to(device)  # (B,)
+    t = sample_timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
+    model_kwargs: dict[str, Any] = {"y": y} if y is not None else {}
+    if (mode := mask_mode(cfg, state.step)) is not None:
+        model_kwargs["mask_mode"] = mode
+    if "fixed_masks" in batch:  # the oracle experiment: given masks instead of the mask generator's
+        model_kwargs["masks"] = batch["fixed_masks"].to(device, non_blocking=True)  # (B, K, H, W)
+    dtype = state.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        losses = state.diffusion.training_losses(state.model, x0, t, noise, model_kwargs=model_kwargs or None)
+    loss = losses["loss"].mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.ema.update(unwrap(state.model))
+    state.step += 1
+    return loss.detach()
+
+
+def check_finite(loss: float, step: int, name: str) -> None:
+    """Stop the run on a non-finite loss, with a message that says what to try."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss ({loss}) at step {step} of run {name!r}: lower optim.lr, "
+            f"check the data for NaNs, or set loop.precision=fp32"
+        )
+
+
+def step_generator(cfg: TrainConfig, rank: int, start_step: int, device: torch.device) -> torch.Generator:
+    """Timesteps and noise: seeded by (seed, rank, start step), so a resumed run is reproducible."""
+    seed = (cfg.loop.seed * 1_000_003 + rank) * 1_000_003 + start_step
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, device: torch.device) -> Iterator[dict]:
+    """An endless stream of local batches (global batch / world): a DistributedSampler shards the data set."""
+    if cfg.optim.batch_size % world:
+        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} workers")
+    dataset = build_dataset(cfg.data, split="train")
+    if len(dataset) < cfg.optim.batch_size:
+        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch ({cfg.optim.batch_size})")
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.loop.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.optim.batch_size // world,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.loop.num_data_workers,
+        # Kept across epochs: a small data set (150 images, batch 64) is 2 batches per epoch, and forking the
+        # workers again every epoch would cost more than the steps on a GPU.
+        persistent_workers=cfg.loop.num_data_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.loop.seed + start_step) if sampler is None else None,
+    )
+    epoch = start_step // max(len(loader), 1)
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The held-out images (and, factorized, masks) of the validation (`eval`), or None when `loop.eval_every` is 0."""
+    if not cfg.loop.eval_every:
+        return None
+    data = cfg.eval.data or cfg.data
+    dataset = build_dataset(data, split=cfg.eval.split)
+    if len(dataset) < 2:
+        raise ValueError(
+            f"eval: the {cfg.eval.split!r} split of {data.root or data.name!r} has {len(dataset)} image(s); mask "
+            "diagnostics need >= 2 (set data.num_test, or eval.data / eval.split)"
+        )
+    items = stack(dataset, limit=cfg.eval.num_images)
+    if cfg.model.kind != "factorized":  # a DDPM is validated on its held-out denoising loss: images only
+        if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
+            raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+        return {"image": items["image"]}
+    if "mask" not in items:
+        raise ValueError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
+    if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
+        raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+    num_classes = getattr(dataset, "num_classes", 2)
+    return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def resume_state(cfg: TrainConfig, ctx: WorkerContext) -> tuple[TrainState, str, dict[str, list[str]] | None]:
+    """The state to train from -> (state, where it came from, the config changes `check_resume` allowed).
+
+    The context's latest checkpoint, else `<output_dir>/<name>/checkpoint.pt` (a local folder or a URI), else a
+    fresh model; a resumed state records the step it restarted at in `state.starts`."""
+    resume, source = ctx.latest_checkpoint(), "the framework's latest checkpoint"
+    if resume is None:
+        resume, source = load_run_checkpoint(cfg), run_uri(cfg, CHECKPOINT_NAME)
+    changes = check_resume(cfg, resume.config, run_uri(cfg, CHECKPOINT_NAME)) if resume is not None else None
+    state, built_from = build_train_state(cfg, ctx.device, resume, prepare_model=ctx.prepare_model)
+    source = f"{built_from} of {source}" if resume is not None else built_from
+    state.starts.append(state.step)
+    return state, source, changes
+
+
+def start_run(
+    cfg: TrainConfig,
+    state: TrainState,
+    world: int,
+    device: torch.device,
+    source: str,
+    changes: dict[str, list[str]] | None,
+    *,
+    tracking_uri: str | None,
+    git_commit: str | None,
+    git_dirty: bool | None,
+) -> Tracker:
+    """Rank 0: the MLflow run (continued when the state has one; a new one gets the params, tags and resolved config)
+    and the log line that says what is trained, where, and from what."""
+    start_step = state.step
+    tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
+    if state.mlflow_run_id is None:
+        tracker.log_params(to_dict(cfg))
+        tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
+        if git_commit:
+            tags["mlflow.source.git.commit"] = git_commit
+        if git_dirty is not None:
+            tags["diffseg.git_dirty"] = str(git_dirty).lower()
+        tracker.set_tags(tags)
+        tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
+    state.mlflow_run_id = tracker.run_id
+    if changes and (changes["reapplied"] or changes["free"]):
+        log.info(f"[train] resuming with a changed config: {'; '.join(changes['reapplied'] + changes['free'])}")
+    num_params = sum(p.numel() for p in state.model.parameters())
+    log.info(
+        f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "
+        f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})"
+    )
+    return tracker
+
+
+def time_box_reached(cfg: TrainConfig, started: float, world: int, device: torch.device) -> bool:
+    """`loop.max_minutes` used up; with several workers every rank must stop at the same step, so they agree (the
+    caller asks at log steps only)."""
+    over = time.perf_counter() - started > 60 * cfg.loop.max_minutes
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        flag = torch.tensor(float(over), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        over = bool(flag.item())
+    return over
+
+
+def log_window(
+    cfg: TrainConfig,
+    state: TrainState,
+    tracker: Tracker | None,
+    rank: int,
+    world: int,
+    step: int,
+    loss_sum: torch.Tensor,
+    loss_count: int,
+    images_seen: int,
+    t0: float,
+) -> dict[str, float]:
+    """The steps since the last log step -> their metrics (mean loss over the workers, images/s): checked finite,
+    kept in `state.history`, logged by rank 0."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    mean_loss = loss_sum.item() / loss_count
+    check_finite(mean_loss, step, cfg.name)
+    ips = images_seen / (time.perf_counter() - t0)
+    state.history.append([step, mean_loss])
+    metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
+    if rank == 0:
+        left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
+        log.info(
+            f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
+            f"left {format_duration(left)}"
+        )
+        tracker.log_metrics(metrics, step)
+    return metrics
+
+
+def checkpoint_and_report(
+    cfg: TrainConfig,
+    ctx: WorkerContext,
+    state: TrainState,
+    tracker: Tracker | None,
+    metrics: dict[str, float],
+    final: bool,
+) -> None:
+    """Every rank reports to its context; rank 0 writes the checkpoint first (and, when final, logs it to MLflow)."""
+    rank = ctx.world_rank
+    # rank 0 stages the checkpoint beside the run's export (never a full-size copy in the system temp folder)
+    with staging_dir(run_uri(cfg, CHECKPOINT_NAME)) if rank == 0 else contextlib.nullcontext() as tmp:
+        ckpt_dir = None
+        if rank == 0:
+            path = state.save(Path(tmp) / CHECKPOINT_NAME)
+            put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
+            if final:  # the final checkpoint, also on remote storage, and the model in MLflow (registered
+                tracker.log_artifact(path, "checkpoint")  # as tracking.register_as when set)
+                log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
+            ckpt_dir = path.parent
+        ctx.report({**metrics, "step": state.step}, ckpt_dir)
+
+
+def run_diagnostics(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any], tracker: Tracker) -> None:
+    """Rank 0, on the held-out images: a DDPM's denoising loss; a factorized model's masks (EMA and raw weights)."""
+    if cfg.model.kind != "factorized":  # DDPM: the held-out denoising loss of the EMA weights
+        m = heldout_eps_mse(state.ema.model, state.diffusion, eval_set["image"], seed=cfg.eval.seed)
+        state.evals.append({"step": state.step, **m})
+        tracker.log_metrics(m, state.step)
+        log.info(f"[train] eval step {state.step}: eps_mse {m['val/eps_mse']:.4f} (EMA, held out)")
+        return
+    data = (state.diffusion, eval_set["image"], eval_set["mask"], cfg.eval.protocol, eval_set["num_classes"])
+    m = mask_diagnostics(state.ema.model, *data, t=cfg.eval.t, seed=cfg.eval.seed)
+    raw = mask_diagnostics(  # the raw weights: their masks only (no held-out eps-MSE)
+        unwrap(state.model), *data, t=cfg.eval.t, seed=cfg.eval.seed, mse_timesteps=(), prefix="val_raw"
+    )
+    m.update(raw)
+    state.evals.append({"step": state.step, **m})
+    tracker.log_metrics(m, state.step)
+    if n := min(cfg.eval.num_figure_images, len(eval_set["image"])):  # image | masks | overlay, by step
+        images = eval_set["image"][:n]
+        gens = image_generators(cfg.eval.seed, range(n))  # the diagnostics' noise for these images
+        masks = segment_images(state.ema.model, state.diffusion, images, t=cfg.eval.t, generator=gens)["masks"]
+        tracker.log_image(sample_grid(images, masks.cpu()), "val/masks", state.step)
+    score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
+    log.info(
+        f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
+        f"mask_dependence {m['val/mask_dependence']:.3f} eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
+        f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
+    )
+
+
+def write_samples(cfg: TrainConfig, state: TrainState, tracker: Tracker, device: torch.device) -> None:
+    """Rank 0: a grid of samples (with masks from a factorized model) under samples/ and in MLflow, by step."""
+    n = cfg.loop.num_samples
+    gens = image_generators(cfg.loop.seed, range(n))  # the grid's images are jobs/sample.py's for this seed
+    images, masks = sample(
+        state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
+    )
+    name = f"step_{state.step:07d}.png"
+    with staging_dir(run_uri(cfg, "samples", name)) as tmp:
+        grid = sample_grid(images, masks)
+        path = save_png(grid, Path(tmp) / name)
+        put_file(path, run_uri(cfg, "samples", name))
+        tracker.log_artifact(path, "samples")
+    tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
+    log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
+
+
+def fit(
+    cfg: TrainConfig,
+    ctx: WorkerContext | None = None,
+    *,
+    tracking_uri: str | None = None,
+    git_commit: str | None = None,
+    git_dirty: bool | None = None,
+) -> dict[str, Any] | None:
+    """Train as `cfg` says on one worker of `ctx` (default: this process); rank 0 returns a summary, others None.
+
+    Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt` (a local folder or a
+    URI), after `check_resume` (a changed architecture or data set is refused; optim.* is re-applied). Rank 0 logs
+    progress and MLflow (`tracking_uri`; `git_commit` and `git_dirty` are tagged on new runs), writes sample grids
+    (`samples/`) and exports every checkpoint there.
+
+    The steps: `resume_state`, `start_run` (rank 0), then one `train_step` per batch; at log steps `log_window` and
+    `time_box_reached`, at their intervals `write_samples`, `run_diagnostics` and `checkpoint_and_report`; rank 0
+    ends with a last sample grid and the summary.
+    """
+    cfg.check()
+    ctx = ctx or LocalContext()
+    rank, world, device = ctx.world_rank, ctx.world_size, ctx.device
+    state, source, changes = resume_state(cfg, ctx)
+    start_step = state.step
+    torch.manual_seed(cfg.loop.seed + rank)  # anything unseeded below (dropout) differs per rank
+    batches = build_batches(cfg, rank, world, start_step, device)
+    gen = step_generator(cfg, rank, start_step, device)
+
+    eval_set = build_eval_set(cfg) if rank == 0 else None
+    tracker = None
+    if rank == 0:
+        tracker = start_run(
+            cfg, state, world, device, source, changes,
+            tracking_uri=tracking_uri, git_commit=git_commit, git_dirty=git_dirty,
+        )  # fmt: skip
+
+    try:
+        state.model.train()
+        t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        stopped_early = False
+        while state.step < cfg.loop.num_steps:
+            batch = next(batches)
+            loss_sum += train_step(state, batch, gen)
+            images_seen += batch["image"].shape[0] * world
+            loss_count += 1
+            step = state.step
+            last = step >= cfg.loop.num_steps
+            if cfg.loop.max_minutes > 0 and not last and (world == 1 or step % cfg.loop.log_every == 0):
+                stopped_early = last = time_box_reached(cfg, started, world, device)
+
+            if step % cfg.loop.log_every == 0 or last:
+                metrics = log_window(cfg, state, tracker, rank, world, step, loss_sum, loss_count, images_seen, t0)
+                t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+
+            if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and not last:
+                write_samples(cfg, state, tracker, device)
+            if eval_set is not None and (step % cfg.loop.eval_every == 0 or last):
+                run_diagnostics(cfg, state, eval_set, tracker)
+            if step % cfg.loop.checkpoint_every == 0 or last:
+                checkpoint_and_report(cfg, ctx, state, tracker, metrics, final=last)
+            if last:
+                break
+
+        if stopped_early and rank == 0:
+            log.info(f"[train] loop.max_minutes={cfg.loop.max_minutes} reached: stopped at step {state.step}")
+        if start_step >= cfg.loop.num_steps:  # nothing left to train: still report, so the run has a result
+            checkpoint_and_report(cfg, ctx, state, tracker, metrics, final=True)
+        if rank != 0:
+            return None
+        write_samples(cfg, state, tracker, device)
+        tracker.finish()
+        return {
+            "step": state.step,
+            "loss_history": state.history,
+            "starts": state.starts,
+            "checkpoint": run_uri(cfg, CHECKPOINT_NAME),
+            "mlflow_run_id": tracker.run_id,
+            "world_size": world,
+            "mask_diagnostics": state.evals,
+            "stopped_early": stopped_early,
+            "train_seconds": time.perf_counter() - started,
+        }
+    except BaseException as e:
+        if tracker is not None:  # FAILED, or KILLED for an interrupt; a restarted worker (or a re-run) sets it
+            tracker.finish(status_for(e))  # RUNNING again
+        raise
