@@ -50,7 +50,7 @@ from diffseg.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.config import InputPath, Name, OutputPath, job_dir, save_config, to_dict
 from diffseg.data import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
 from diffseg.features import FeatureConfig, FeaturePipeline
-from diffseg.metrics import ConfusionMatrix, ForegroundAccumulator, HungarianIoU, ImageDependence
+from diffseg.metrics import BandShare, ConfusionMatrix, ForegroundAccumulator, HungarianIoU, ImageDependence
 from diffseg.pixel import image_score
 from diffseg.report import markdown_table
 from diffseg.runtime import resolve_device
@@ -297,6 +297,7 @@ def evaluate_segmenter(
     tiles: list[np.ndarray] = []
     kept: list[np.ndarray] = []
     dependence = ImageDependence()  # do the label maps follow the image, or a fixed layout? (0 = fixed)
+    band, gt_band = BandShare(), BandShare()  # are they horizontal bands (1)? the ground truth's value is the reference
     t0 = time.perf_counter()
     for _, items, res in segment_dataset(seg, dataset, seed, batch_size):
         if "mask" not in items[0]:
@@ -305,6 +306,9 @@ def evaluate_segmenter(
         masks = torch.stack([it["mask"] for it in items]).numpy()
         per_scorer = [sc.update(labels, masks) for sc in scorers]
         dependence.update(labels)
+        band.update(labels)
+        gt = np.where(masks == ignore_index, 0, masks)  # ignored pixels count as background here
+        gt_band.update((gt != 0).astype(np.int64) if "foreground" in protocols else gt)
         scores = [{k: v for rows_j in per for k, v in rows_j.items()} for per in zip(*per_scorer)]
         for j, it in enumerate(items):
             row = {"id": str(it["id"]), **scores[j]}
@@ -321,6 +325,8 @@ def evaluate_segmenter(
             kept.append(labels)
     metrics = {k: v for sc in scorers for k, v in sc.compute().items()}
     metrics[f"{split}/dependence"] = dependence.compute()
+    metrics[f"{split}/band"] = band.compute()
+    metrics[f"{split}/gt_band"] = gt_band.compute()
     seconds = time.perf_counter() - t0
     if out:
         if tiles and all(t.shape == tiles[0].shape for t in tiles):
@@ -444,13 +450,19 @@ def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[
     if protocol == "foreground":
         cols = [(("fg_acc",), "Acc"), (("fg_iou",), "IoU"), (("fg_dice",), "DICE")]
         cols += [(("fg_iou_strict",), "IoU (fixed fg)")] if strict else []
-        return cols + [(("dependence",), "Image dep.")]
+        return cols + SHARE_COLUMNS
     cols = [
         (("miou", "hungarian_miou"), "mIoU"),
         (("hungarian_miou_per_image", "miou"), "mIoU (per-image match)"),
     ]
     cols += [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
-    return cols + [(("dependence",), "Image dep.")]
+    return cols + SHARE_COLUMNS
+
+
+# Shares in [0, 1], printed as they are: image dependence (0 = a fixed layout), band share (1 = horizontal bands),
+# and the ground truth's band share on the same images (the reference for the band column).
+SHARE_COLUMNS = [(("dependence",), "Image dep."), (("band",), "Band"), (("gt_band",), "Band (gt)")]
+SHARE_KEYS = ("dependence", "band", "gt_band")
 
 
 def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
@@ -461,7 +473,7 @@ def _fmt(v: Any, keys: tuple[str, ...] = ()) -> str:
     """Scores in %; the image dependence (`metrics.mask_image_dependence`, a share in [0, 1]) as it is."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.2f}" if "dependence" in keys else f"{100 * v:.1f}"
+    return f"{v:.2f}" if set(keys) & set(SHARE_KEYS) else f"{100 * v:.1f}"
 
 
 def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
@@ -481,7 +493,10 @@ def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
             cells = [_fmt(_cell(r["metrics"], k), k) for k, _ in cols]
             title = METHOD_TITLES.get(r["method"], r["method"])
             body.append([r["dataset"], title, *cells, str(r["num_images"]), f"{r['seconds']:.1f}"])
-        out.append(f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1)\n")
+        out.append(
+            f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1; band: share of "
+            "the masks' variance in their row means, 1 = horizontal bands)\n"
+        )
         out.append(markdown_table(head, body, align=["---"] * 2 + ["---:"] * (len(head) - 2)))
     return "\n".join(out)
 
