@@ -92,25 +92,32 @@ def test_every_decoding_and_padding_trains(decoding, padding):
 
 
 def test_masked_mid_hides_other_regions_from_a_branch():
-    """With h_mid masked too, branch k's output does not change when the input changes only outside region k."""
-    model = randomize_(FactorizedUNet(CFG, FactorizedConfig(num_components=2, decoding="masked_skips_and_mid"))).eval()
-    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    """With h_mid masked too, branch k's output changes less when the input changes only outside region k (the
+    encoder still mixes the halves through 3x3 convs and attention, so "less", summed over seeded draws: one draw's
+    maximum difference was a coin toss)."""
     masks = torch.zeros(1, 2, 16, 16)
     masks[:, 0, :8], masks[:, 1, 8:] = 1, 1  # region 0 = top half (aligned with every pooling level)
-    x2 = x.clone()
-    x2[..., 8:, :] += 1.0  # change only region 1
-    with torch.no_grad():
-        # the encoder mixes the halves (3x3 convs, attention): region 0's branch sees only masked features
-        _, _, a = model.forward_with_masks(x, t, masks=masks)
-        _, _, b = model.forward_with_masks(x2, t, masks=masks)
-    assert not torch.allclose(a[:, 1], b[:, 1])  # region 1's branch sees the change
-    base = FactorizedUNet(CFG, FactorizedConfig(num_components=2))
-    base.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        _, _, c = base.eval().forward_with_masks(x, t, masks=masks)
-        _, _, d = base.forward_with_masks(x2, t, masks=masks)
+    hidden, leaked = 0.0, 0.0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = randomize_(FactorizedUNet(CFG, FactorizedConfig(num_components=2, decoding="masked_skips_and_mid")))
+        model.eval()
+        x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+        x2 = x.clone()
+        x2[..., 8:, :] += 1.0  # change only region 1
+        base = FactorizedUNet(CFG, FactorizedConfig(num_components=2))
+        base.load_state_dict(model.state_dict())
+        base.eval()
+        with torch.no_grad():
+            _, _, a = model.forward_with_masks(x, t, masks=masks)
+            _, _, b = model.forward_with_masks(x2, t, masks=masks)
+            _, _, c = base.forward_with_masks(x, t, masks=masks)
+            _, _, d = base.forward_with_masks(x2, t, masks=masks)
+        assert not torch.allclose(a[:, 1], b[:, 1])  # region 1's branch sees the change
+        hidden += float((a[:, 0] - b[:, 0]).abs().mean())
+        leaked += float((c[:, 0] - d[:, 0]).abs().mean())
     # without masking h_mid, the unmasked bottleneck carries region 1's change into region 0's branch
-    assert (c[:, 0] - d[:, 0]).abs().max() > (a[:, 0] - b[:, 0]).abs().max()
+    assert leaked > hidden
 
 
 def test_circular_padding_removes_the_position_cue():

@@ -59,8 +59,12 @@ def _item_dataclass(tp: Any) -> type | None:
     return None
 
 
-def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, comment) of every leaf field of a config dataclass, sections expanded."""
+def describe(
+    cls: type, defaults: Any = None, prefix: str = "", within: tuple[type, ...] = ()
+) -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) of every leaf field of a config dataclass, sections expanded (a section of its
+    own type, such as `DataConfig.mix`, is listed once: its keys are the enclosing section's)."""
+    within = (*within, cls)
     rows: list[tuple[str, str, str]] = []
     comments = field_comments(cls)
     hints = get_type_hints(cls)
@@ -71,12 +75,13 @@ def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[tuple[st
         if dataclasses.is_dataclass(tp) and dataclasses.is_dataclass(value):
             section = comments.get(f.name, "")
             rows.append((key, "", section))
-            rows += describe(tp, value, key + ".")
+            rows += describe(tp, value, key + ".", within)
             continue
         item = _item_dataclass(tp)
         if item is not None:  # a list of sections (e.g. EvalConfig.datasets): the value, then one item's keys
             rows.append((key, json.dumps(to_dict(value), default=str), comments.get(f.name, "")))
-            rows += describe(item, None, key + "[].")
+            if item not in within:
+                rows += describe(item, None, key + "[].", within)
             continue
         shown = "(required)" if value is dataclasses.MISSING else json.dumps(to_dict(value), default=str)
         rows.append((key, shown, comments.get(f.name, "")))

@@ -58,7 +58,7 @@ from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.models.unet import UNetConfig
 from diffseg.scoring.metrics import ConfusionMatrix, ForegroundAccumulator
-from diffseg.scoring.regions import HungarianIoU, ImageDependence
+from diffseg.scoring.regions import BandShare, HungarianIoU, ImageDependence
 from diffseg.scoring.segmenter import Segmenter, num_labels, segment_dataset
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ def evaluate_segmenter(
     tiles: list[np.ndarray] = []
     kept: list[np.ndarray] = []
     dependence = ImageDependence()  # do the label maps follow the image, or a fixed layout? (0 = fixed)
+    band, gt_band = BandShare(), BandShare()  # are they horizontal bands (1)? the ground truth's value is the reference
     t0 = time.perf_counter()
     for _, items, res in segment_dataset(seg, dataset, seed, batch_size):
         if "mask" not in items[0]:
@@ -306,6 +307,9 @@ def evaluate_segmenter(
         masks = torch.stack([it["mask"] for it in items]).numpy()
         per_scorer = [sc.update(labels, masks) for sc in scorers]
         dependence.update(labels)
+        band.update(labels)
+        gt = np.where(masks == ignore_index, 0, masks)  # ignored pixels count as background here
+        gt_band.update((gt != 0).astype(np.int64) if "foreground" in protocols else gt)
         scores = [{k: v for rows_j in per for k, v in rows_j.items()} for per in zip(*per_scorer)]
         for j, it in enumerate(items):
             row = {"id": str(it["id"]), **scores[j]}
@@ -322,6 +326,8 @@ def evaluate_segmenter(
             kept.append(labels)
     metrics = {k: v for sc in scorers for k, v in sc.compute().items()}
     metrics[f"{split}/dependence"] = dependence.compute()
+    metrics[f"{split}/band"] = band.compute()
+    metrics[f"{split}/gt_band"] = gt_band.compute()
     seconds = time.perf_counter() - t0
     if out:
         if tiles and all(t.shape == tiles[0].shape for t in tiles):
@@ -445,13 +451,19 @@ def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[
     if protocol == "foreground":
         cols = [(("fg_acc",), "Acc"), (("fg_iou",), "IoU"), (("fg_dice",), "DICE")]
         cols += [(("fg_iou_strict",), "IoU (fixed fg)")] if strict else []
-        return cols + [(("dependence",), "Image dep.")]
+        return cols + SHARE_COLUMNS
     cols = [
         (("miou", "hungarian_miou"), "mIoU"),
         (("hungarian_miou_per_image", "miou"), "mIoU (per-image match)"),
     ]
     cols += [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
-    return cols + [(("dependence",), "Image dep.")]
+    return cols + SHARE_COLUMNS
+
+
+# Shares in [0, 1], printed as they are: image dependence (0 = a fixed layout), band share (1 = horizontal bands),
+# and the ground truth's band share on the same images (the reference for the band column).
+SHARE_COLUMNS = [(("dependence",), "Image dep."), (("band",), "Band"), (("gt_band",), "Band (gt)")]
+SHARE_KEYS = ("dependence", "band", "gt_band")
 
 
 def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
@@ -462,7 +474,7 @@ def _fmt(v: Any, keys: tuple[str, ...] = ()) -> str:
     """Scores in %; the image dependence (`regions.mask_image_dependence`, a share in [0, 1]) as it is."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.2f}" if "dependence" in keys else f"{100 * v:.1f}"
+    return f"{v:.2f}" if set(keys) & set(SHARE_KEYS) else f"{100 * v:.1f}"
 
 
 def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
@@ -482,7 +494,10 @@ def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
             cells = [_fmt(_cell(r["metrics"], k), k) for k, _ in cols]
             title = METHOD_TITLES.get(r["method"], r["method"])
             body.append([r["dataset"], title, *cells, str(r["num_images"]), f"{r['seconds']:.1f}"])
-        out.append(f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1)\n")
+        out.append(
+            f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1; band: share of "
+            "the masks' variance in their row means, 1 = horizontal bands)\n"
+        )
         out.append(markdown_table(head, body, align=["---"] * 2 + ["---:"] * (len(head) - 2)))
     return "\n".join(out)
 

@@ -34,7 +34,7 @@ from diffseg.models.checkpoint import load_diffusion_model
 from diffseg.models.diffusion import GaussianDiffusion, randn
 from diffseg.models.factorized import FactorizedUNet
 from diffseg.scoring.metrics import foreground_scores
-from diffseg.scoring.regions import hungarian_miou, mask_image_dependence
+from diffseg.scoring.regions import hungarian_miou, mask_band_share, mask_image_dependence
 from diffseg.scoring.segmenter import Segmentation, default_seeds, segment_dataset
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,9 @@ def mask_diagnostics(
 
     Returns `{prefix}/fg_iou` (foreground protocol: IEM/ReDO per-image polarity, K regions reduced by best_single,
     which covers every union for K <= 3) or `{prefix}/hungarian_miou` (multiclass, pooled over the images),
-    `{prefix}/mask_dependence` (`regions.mask_image_dependence` of the soft masks: 0 for a fixed split) and the
+    `{prefix}/mask_dependence` (`regions.mask_image_dependence` of the soft masks: 0 for a fixed split),
+    `{prefix}/mask_band` (`regions.mask_band_share`: 1 for horizontal bands, which dependence cannot tell from
+    objects when the bands move from image to image) and the
     held-out denoising loss `{prefix}/eps_mse` (mean over `mse_timesteps`, also per t as `{prefix}/eps_mse_t<t>`),
     with image i's noise from its own generator, so two models are scored on the same (paired) noise.
 
@@ -161,6 +163,7 @@ def mask_diagnostics(
         labels = soft.argmax(dim=1).numpy()
         out[f"{prefix}/hungarian_miou"] = hungarian_miou(labels, gt_np, soft.shape[1], num_classes).miou
     out[f"{prefix}/mask_dependence"] = mask_image_dependence(soft)
+    out[f"{prefix}/mask_band"] = mask_band_share(soft)  # 1 = horizontal bands (the collapse), gt horses ~0.5
     out.update(heldout_eps_mse(model, diffusion, images, seed, mse_timesteps, batch_size, prefix))
     return out
 

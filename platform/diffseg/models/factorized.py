@@ -55,6 +55,16 @@ class FactorizedConfig:
     mask_grad_max_t: int = 0  # the mask generator learns only from timesteps t < this; 0 = from every t (the paper)
     mask_warmup_steps: int = 0  # first N training steps with masks per mask_warmup (0 = no warm-up, the paper)
     mask_warmup: Literal["uniform", "frozen"] = "uniform"  # warm-up: masks 1/K, or the mask generator not learning
+    # Anti-collapse priors of the unsupervised-segmentation literature (all off by default; see `mask_prior`):
+    min_area: float = 0.0  # PerturbGAN's minimum-area hinge target c: relu(c - mean_hw m_k) per image and region
+    area_weight: float = 0.0  # weight of that hinge in the loss (0 = off); a region cannot vanish
+    binarize_weight: float = 0.0  # weight of PerturbGAN's binarisation term mean(min(m, 1 - m)) (0 = off)
+    restart_area: float = 0.0  # ReDO's autoRestart: re-initialise the mask generator when a region's running mean
+    # area falls below this during the first `restart_steps` steps (0 = off); a collapsed start is thrown away
+    restart_dependence: float = 0.0  # also restart when the running image dependence of the batch's masks
+    # (`metrics.mask_image_dependence`) falls below this: the fixed-split collapse, where no region vanishes (0 = off)
+    restart_steps: int = 0  # the window of steps in which a collapse restarts the mask generator
+    max_restarts: int = 5  # restarts at most (then the run goes on as it is, and says so)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -197,8 +207,12 @@ class FactorizedUNet(UNetTrunk):
         y: torch.Tensor | None = None,
         mask_mode: MaskMode = "learned",
         masks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.forward_with_masks(x, t, y, mask_mode, masks)[0]
+        return_masks: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """eps (B, C, H, W); with `return_masks`, (eps, masks (B, K, H, W)): the training loop's priors need the
+        masks of the same forward pass, through the (DDP-wrapped) module call."""
+        eps, m, _ = self.forward_with_masks(x, t, y, mask_mode, masks)
+        return (eps, m) if return_masks else eps
 
     def forward_looped(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The same function (default decoding) with a Python loop over the K regions: the reference the batched
@@ -212,6 +226,43 @@ class FactorizedUNet(UNetTrunk):
             skips_k = [s * _pool(mk, ds) for s, ds in zip(skips, self.layout.skip_ds)]
             eps = eps + self.decode(h_mid, skips_k, emb) * mk
         return eps
+
+
+def mask_prior(masks: torch.Tensor, fcfg: FactorizedConfig) -> dict[str, torch.Tensor]:
+    """The anti-collapse priors on soft masks (B, K, H, W), per image (B,), each already weighted (empty when off).
+
+        area     = area_weight * sum_k relu(min_area - mean_hw m_k)       (PerturbGAN, Bielski & Favaro 2019)
+        binarize = binarize_weight * mean_{k,h,w} min(m_k, 1 - m_k)       (ibid.: pushes masks to 0/1)
+
+    The denoising loss alone admits a region that covers nothing; the hinge makes every region keep at least
+    `min_area` of each image, and the binarisation term makes soft masks commit (a soft, blurred split lets the
+    K decoders share the work without dividing the image).
+    """
+    out: dict[str, torch.Tensor] = {}
+    m = masks.float()
+    if fcfg.area_weight > 0:
+        area = m.mean(dim=(2, 3))  # (B, K)
+        out["area"] = fcfg.area_weight * F.relu(fcfg.min_area - area).sum(dim=1)  # (B,)
+    if fcfg.binarize_weight > 0:
+        out["binarize"] = fcfg.binarize_weight * torch.minimum(m, 1 - m).mean(dim=(1, 2, 3))  # (B,)
+    return out
+
+
+def mask_generator_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The mask generator's (name, parameter) pairs: the decoder half ending in the softmax (`mask_blocks`,
+    `mask_out`). It is what the mask generator's own learning rate, weight decay and restarts act on."""
+    return [(n, p) for n, p in model.named_parameters() if n.startswith(("mask_blocks.", "mask_out."))]
+
+
+def reset_mask_generator(model: FactorizedUNet, seed: int) -> None:
+    """Draw the mask generator's weights afresh (seeded), as `initialize_weights` would: PyTorch's default init,
+    zeroed residual outputs, the mask head random (ReDO's autoRestart; the encoder and decoder keep theirs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in [*model.mask_blocks.modules(), *model.mask_out.modules()]:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        zero_init_residual_outputs(model.mask_blocks)
 
 
 def _pool(masks: torch.Tensor, ds: int) -> torch.Tensor:

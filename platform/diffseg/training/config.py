@@ -34,6 +34,8 @@ class OptimConfig:
     ema_decay: float = 0.9999  # EMA of the weights used for sampling and segmentation
     batch_size: int = 16  # GLOBAL batch size, split evenly over the workers
     mask_lr_scale: float = 1.0  # factorized: the mask generator's learning rate as a multiple of lr (1 = the paper)
+    mask_weight_decay: float | None = None  # factorized: the mask generator's own AdamW weight decay (None = as
+    # weight_decay): a decayed mask generator is pulled toward small logits, i.e. soft masks that have not committed
 
 
 @dataclass(frozen=True)

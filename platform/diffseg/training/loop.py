@@ -45,7 +45,8 @@ from diffseg.methods.segment import heldout_eps_mse, mask_diagnostics, segment_i
 from diffseg.models.builder import EMA, build_model
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from diffseg.models.diffusion import GaussianDiffusion, sample_timesteps
-from diffseg.models.factorized import FactorizedUNet
+from diffseg.models.factorized import FactorizedUNet, mask_generator_parameters, mask_prior, reset_mask_generator
+from diffseg.scoring.regions import mask_image_dependence
 from diffseg.serving.pyfunc import log_checkpoint_model
 from diffseg.training.config import LoopConfig, OptimConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
 
@@ -110,6 +111,12 @@ class TrainState:
     starts: list[int] = field(default_factory=list)  # the step of every (re)start: a resume is visible
     mlflow_run_id: str | None = None
     evals: list[dict[str, float]] = field(default_factory=list)  # mask diagnostics, each with its "step"
+    restart_steps: list[int] = field(default_factory=list)  # steps at which the mask generator was restarted
+    area_ema: torch.Tensor | None = None  # running (area per region, image dependence): the restart check
+
+    @property
+    def mask_restarts(self) -> int:
+        return len(self.restart_steps)
 
     def extra(self) -> dict[str, Any]:
         return {
@@ -117,6 +124,7 @@ class TrainState:
             "starts": self.starts,
             "mlflow_run_id": self.mlflow_run_id,
             "mask_diagnostics": self.evals,
+            "mask_restarts": self.restart_steps,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -165,6 +173,7 @@ def build_train_state(
             "starts": list(resume.extra.get("starts", [])),
             "mlflow_run_id": resume.extra.get("mlflow_run_id"),
             "evals": list(resume.extra.get("mask_diagnostics", [])),
+            "restart_steps": list(resume.extra.get("mask_restarts", [])),
         }
         source = f"step {resume.step}"
     elif cfg.init_from:
@@ -215,14 +224,19 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, resume
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """One group at optim.lr, plus the factorized mask generator's own group when `mask_lr_scale` != 1."""
-    if cfg.mask_lr_scale == 1 or not isinstance(model, FactorizedUNet):
+    """One group at optim.lr, plus the factorized mask generator's own group when `mask_lr_scale` != 1 or it has
+    its own `mask_weight_decay`."""
+    own_decay = cfg.mask_weight_decay is not None and cfg.mask_weight_decay != cfg.weight_decay
+    if (cfg.mask_lr_scale == 1 and not own_decay) or not isinstance(model, FactorizedUNet):
         return [{"params": list(model.parameters())}]
-    is_mask = lambda name: name.startswith(("mask_blocks.", "mask_out."))  # noqa: E731
-    return [
-        {"params": [p for n, p in model.named_parameters() if not is_mask(n)]},
-        {"params": [p for n, p in model.named_parameters() if is_mask(n)], "lr": cfg.lr * cfg.mask_lr_scale},
-    ]
+    mask = {id(p) for _, p in mask_generator_parameters(model)}
+    group: dict[str, Any] = {
+        "params": [p for p in model.parameters() if id(p) in mask],
+        "lr": cfg.lr * cfg.mask_lr_scale,
+    }
+    if own_decay:
+        group["weight_decay"] = cfg.mask_weight_decay
+    return [{"params": [p for p in model.parameters() if id(p) not in mask]}, group]
 
 
 def mask_mode(cfg: TrainConfig, step: int) -> str | None:
@@ -256,9 +270,22 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
     if "fixed_masks" in batch:  # the oracle experiment: given masks instead of the mask generator's
         model_kwargs["masks"] = batch["fixed_masks"].to(device, non_blocking=True)  # (B, K, H, W)
     dtype = state.autocast_dtype
+    fcfg = cfg.model.factorized
+    wants_masks = cfg.model.kind == "factorized" and (
+        fcfg.area_weight > 0 or fcfg.binarize_weight > 0 or fcfg.restart_area > 0 or fcfg.restart_dependence > 0
+    )
+    seen: dict[str, torch.Tensor] = {}
+
+    def model_with_masks(x_t: torch.Tensor, ts: torch.Tensor, **kw) -> torch.Tensor:
+        eps, seen["masks"] = state.model(x_t, ts, return_masks=True, **kw)  # one pass: eps and its masks
+        return eps
+
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        losses = state.diffusion.training_losses(state.model, x0, t, noise, model_kwargs=model_kwargs or None)
+        model = model_with_masks if wants_masks else state.model
+        losses = state.diffusion.training_losses(model, x0, t, noise, model_kwargs=model_kwargs or None)
     loss = losses["loss"].mean()
+    if wants_masks:
+        loss = loss + sum((v.mean() for v in mask_prior(seen["masks"], fcfg).values()), torch.zeros((), device=device))
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.grad_clip > 0:
@@ -266,7 +293,42 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
     state.optimizer.step()
     state.ema.update(unwrap(state.model))
     state.step += 1
+    if wants_masks and (fcfg.restart_area > 0 or fcfg.restart_dependence > 0):
+        maybe_restart_masks(state, seen["masks"].detach())
     return loss.detach()
+
+
+def maybe_restart_masks(state: TrainState, masks: torch.Tensor) -> bool:
+    """ReDO's autoRestart: a region whose running mean area (an EMA over steps of the batch's mean) falls below
+    `restart_area` within the first `restart_steps` steps has collapsed; so have masks whose running image
+    dependence falls below `restart_dependence` (one split for every image: our failure mode, which no area test
+    sees). Then the mask generator (and its EMA copy and optimizer state) is drawn afresh, at most `max_restarts`
+    times. Returns whether it restarted."""
+    fcfg = state.cfg.model.factorized
+    if state.step > fcfg.restart_steps or state.mask_restarts >= fcfg.max_restarts:
+        return False
+    stats = masks.float().mean(dim=(0, 2, 3)).cpu()  # (K,) mean area per region
+    stats = torch.cat([stats, torch.tensor([mask_image_dependence(masks)])])  # (K + 1,)
+    state.area_ema = stats if state.area_ema is None else 0.9 * state.area_ema + 0.1 * stats
+    area, dependence = float(state.area_ema[:-1].min()), float(state.area_ema[-1])
+    collapsed = area < fcfg.restart_area or dependence < fcfg.restart_dependence
+    if state.step - max([0, *state.restart_steps]) < 20 or not collapsed:  # 20 steps: let the EMA settle first
+        return False
+    model = unwrap(state.model)
+    reset_mask_generator(model, seed=state.cfg.loop.seed * 1_000_003 + state.mask_restarts + 1)
+    ema_params = dict(state.ema.model.named_parameters())
+    for name, p in mask_generator_parameters(model):
+        state.optimizer.state.pop(p, None)
+        with torch.no_grad():
+            ema_params[name].copy_(p)
+    state.restart_steps.append(state.step)
+    log.warning(
+        "[train] step %d: min region area %.3f (restart_area %.3f), image dependence %.3f (restart_dependence %.3f): "
+        "mask generator restarted (%d of at most %d)", state.step, area, fcfg.restart_area, dependence,
+        fcfg.restart_dependence, state.mask_restarts, fcfg.max_restarts,
+    )  # fmt: skip
+    state.area_ema = None
+    return True
 
 
 def check_finite(loss: float, step: int, name: str) -> None:
@@ -487,7 +549,8 @@ def run_diagnostics(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any
     score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
     log.info(
         f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
-        f"mask_dependence {m['val/mask_dependence']:.3f} eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
+        f"mask_dependence {m['val/mask_dependence']:.3f} band {m['val/mask_band']:.3f} "
+        f"eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
         f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
     )
 
