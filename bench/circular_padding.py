@@ -1,12 +1,13 @@
 """What circular padding costs: a full train step (forward, DDPM loss, backward, AdamW, EMA: `loop.train_step`) of a
 recipe with circular padding over the same recipe with zero padding, on the same machine, interleaved.
 
-    circular            the recipe as it ships (every 3x3 conv pads through `diffseg.unet.circular_pad`)
-    circular-reference  the same network through nn.Conv2d's own circular padding (F.pad per conv): what it cost
-                        before `circular_pad` (the "before" figure)
+    circular            the recipe as it ships (every 3x3 conv pads through `diffseg.unet.circular_pad`; on a CPU the
+                        network computes in channels_last, `UNetTrunk.circular_channels_last`)
+    circular-reference  the same network through nn.Conv2d's own circular padding (F.pad per conv) in the input's
+                        memory format: what it cost before `circular_pad` (the "before" figure)
     zeros               the recipe with model.unet.padding_mode=zeros (no other change)
 
-`--channels-last` adds the three again with loop.channels_last=on (NHWC), where the padding gathers whole pixels.
+`--channels-last` adds the three again with loop.channels_last=on (the whole state in NHWC, as on CUDA).
 Every variant is built by the training code from the config (`build_train_state`), initialised from the same seed
 and fed the same random batch, so all that differs is the padding (and the memory format).
 
@@ -49,6 +50,7 @@ def make_step(config: str, padding: str, reference: bool, channels_last: bool, b
     cfg = load_config(TrainConfig, config, overrides)
     state, _ = build_train_state(cfg, device)
     if reference:
+        state.model.circular_channels_last = False  # the input's memory format, as before
         for m in state.model.modules():
             if isinstance(m, Conv2d):
                 m.reference_padding = True
@@ -87,12 +89,6 @@ def main(argv=None) -> None:
             print(
                 f"ratio circular{suffix}/zeros{suffix} ({clock}) = {secs['circular' + suffix][clock] / z:.3f}   "
                 f"(before, nn.Conv2d's circular padding: {secs['circular-reference' + suffix][clock] / z:.3f})"
-            )
-    if args.channels_last:
-        for clock in clocks:
-            print(
-                f"ratio circular-nhwc/zeros ({clock}) = {secs['circular-nhwc'][clock] / secs['zeros'][clock]:.3f}   "
-                "(circular in channels_last against the zero-padded recipe as it runs on a CPU)"
             )
 
 

@@ -18,6 +18,16 @@ CFG = UNetConfig(
 )  # fmt: skip
 
 
+def test_circular_pad_backward_leaves_the_incoming_gradient_alone():
+    x = torch.randn(1, 1, 4, 5, requires_grad=True)  # one plane: an H-only slice of the gradient is contiguous
+    g = torch.randn(1, 1, 7, 5)
+    kept = g.clone()
+    circular_pad(x, (0, 0, 1, 2)).backward(g)
+    assert torch.equal(g, kept) and torch.allclose(
+        x.grad, torch.autograd.grad(F.pad(x, (0, 0, 1, 2), mode="circular"), x, g)[0]
+    )
+
+
 @pytest.mark.parametrize("pad", [(1, 1, 1, 1), (2, 1, 0, 3), (0, 0, 1, 2), (5, 5, 4, 4)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_circular_pad_is_f_pad_with_an_exact_adjoint(pad, channels_last):
@@ -60,6 +70,8 @@ def test_conv_equals_torch_circular_conv(stride, size, channels_last):
 
 
 def _use_reference_padding(model: nn.Module) -> nn.Module:
+    """The implementation before `circular_pad`: nn.Conv2d's own circular padding, in the input's memory format."""
+    model.circular_channels_last = False
     for m in model.modules():
         if isinstance(m, Conv2d):
             m.reference_padding = True
@@ -69,7 +81,8 @@ def _use_reference_padding(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_factorized_model_outputs_and_gradients_equal_the_reference(channels_last):
     """The whole K=3 factorized model with circular padding: eps, masks and every parameter's gradient match
-    PyTorch's own circular padding (float32 tolerance)."""
+    PyTorch's own circular padding in the input's memory format (float32 tolerance), whether the input is
+    contiguous (then the fast model computes in channels_last on the CPU) or channels_last."""
     fcfg = FactorizedConfig(num_components=3, decoding="masked_skips_and_mid")
     torch.manual_seed(0)
     fast = FactorizedUNet(CFG, fcfg)
@@ -86,6 +99,7 @@ def test_factorized_model_outputs_and_gradients_equal_the_reference(channels_las
     eps, masks, _ = fast.forward_with_masks(x, t)
     eps_ref, masks_ref, _ = ref.forward_with_masks(x, t)
     assert torch.allclose(eps, eps_ref, atol=1e-5) and torch.allclose(masks, masks_ref, atol=1e-5)
+    assert fast.circular_channels_last and not ref.circular_channels_last
     (eps.square().mean() + masks[:, 0].mean()).backward()
     (eps_ref.square().mean() + masks_ref[:, 0].mean()).backward()
     for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
