@@ -291,14 +291,14 @@ def _circular_index(
 
 
 class _CircularPad(torch.autograd.Function):
-    """Circular padding of (B, C, H, W) in one gather forward and one gather plus one scatter-add backward (the
-    same numbers as F.pad's).
+    """Circular padding of (B, C, H, W): one gather forward; backward, one copy of the interior's gradient and one
+    scatter-add of the border's (the same numbers as F.pad's).
 
     `F.pad(mode="circular")` copies the interior and then each border slice, and autograd differentiates each copy on
     its own (a zero tensor of the input's size per slice, filled and summed); its column copies stride across every
     row. For every 3x3 conv of every step that made circular padding cost 1.7x zero padding per train step on a CPU
     (bench/circular_padding.py). Here the forward gathers the padded image from the input with one flat index; the
-    backward gathers the interior's gradient and adds the border's onto the pixels it was copied from. A
+    backward copies the interior's gradient and adds the border's onto the pixels it was copied from. A
     channels_last tensor is gathered pixel by pixel (C contiguous values each), which is cheaper still.
     """
 
