@@ -4,6 +4,8 @@
   foreground baseline of the ReDO / IEM tables.
 - `all_foreground`, `centred_box`: the trivial priors those tables also report (object-centric data sets put the object
   in the middle, so a centred box is a strong floor).
+- IEM (Savarese et al., CVPR 2021), the training-free inpainting-error baseline, has its own module:
+  `diffseg.evaluation.iem`.
 - `KMeans`, `kmeans_segment`: k-means over per-pixel feature vectors. On DDPM U-Net decoder features supplied by the
   caller this is the "DatasetDDPM-unsup" baseline of Baranchuk et al. (2022), which clusters the pixels of a data set
   and assigns each image's pixels to the nearest centre; on raw pixels it is a colour clustering baseline.
@@ -13,8 +15,9 @@ Every mask is returned as NumPy, (H, W) or (..., H, W), ready for `diffseg.scori
 - Supervised networks: `SupervisedUNet` (the same ADM U-Net trained on labels, the upper bound) and ONE trainer for
   any segmentation network, `train_supervised` (also DatasetDDPM's DeepLabV3).
 
-Each baseline is also a `diffseg.scoring.segmenter.Segmenter` (`PriorSegmenter`, `GrabCutSegmenter`, `KMeansSegmenter`,
-`NetworkSegmenter`), so `diffseg.evaluation.evaluate` scores them on the same path as the diffusion methods.
+Each baseline is also a `diffseg.scoring.segmenter.Segmenter` (`PriorSegmenter`, `GrabCutSegmenter`,
+`KMeansSegmenter`, `NetworkSegmenter`; `iem.IEMSegmenter`), so `diffseg.evaluation.evaluate` scores them on the
+same path as the diffusion methods.
 """
 
 from __future__ import annotations

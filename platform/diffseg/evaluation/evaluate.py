@@ -12,6 +12,7 @@
 Methods (`methods` in the config):
     all_foreground, centred_box      trivial priors (rows of every table)
     grabcut                          OpenCV GrabCut from a centred rectangle (margin, iterations stated)
+    iem                              IEM: per-image inpainting error maximisation (defaults scaled to the image size)
     kmeans_ddpm                      k-means (k = K) on a DDPM U-Net's decoder features ("DatasetDDPM-unsup")
     kmeans_rgb                       k-means on the pixels' colours (a feature-free reference for kmeans_ddpm)
     factorized                       the factorized model's argmax mask at t (default 30)
@@ -30,6 +31,7 @@ per (data set, method) holding that row's `test/...` metrics.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -51,7 +53,7 @@ from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
 from diffseg.data.datasets import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
-from diffseg.evaluation import baselines
+from diffseg.evaluation import baselines, iem
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
 from diffseg.methods.pixel import image_score
 from diffseg.methods.segment import FactorizedSegmenter
@@ -63,11 +65,14 @@ from diffseg.scoring.segmenter import Segmenter, num_labels, segment_dataset
 
 log = logging.getLogger(__name__)
 
-METHODS = ("all_foreground", "centred_box", "grabcut", "kmeans_rgb", "kmeans_ddpm", "factorized", "supervised")
+METHODS = (
+    "all_foreground", "centred_box", "grabcut", "iem", "kmeans_rgb", "kmeans_ddpm", "factorized", "supervised",
+)  # fmt: skip
 METHOD_TITLES = {
     "all_foreground": "All foreground (prior)",
     "centred_box": "Centred box (prior)",
     "grabcut": "GrabCut",
+    "iem": "IEM (inpainting error maximisation)",
     "kmeans_rgb": "k-means on RGB",
     "kmeans_ddpm": "k-means on DDPM features (DatasetDDPM-unsup)",
     "factorized": "Factorized diffusion (ours)",
@@ -100,6 +105,19 @@ class GrabCutSection:
     margin: float = 0.1  # border left free on each side, as a fraction of the side (box over the central 80%)
     iterations: int = 5  # GrabCut rounds
     seed: int = 0  # OpenCV RNG seed (GMM initialisation)
+
+
+@dataclass(frozen=True)
+class IEMSection:
+    # Savarese et al. 2021 (lolemacs/iem-code); null = the reference's 128 px default scaled to the image size
+    # (`diffseg.evaluation.iem.iem_params`: sigma 5 s, kernel 2 ceil(5 s) + 1, lmbda 0.001 / s^2, s = size / 128)
+    iters: int = 150  # mask updates (the reference's)
+    sigma: float | None = None  # the Gaussian inpainter's sigma in pixels (1.25 at 32 px)
+    kernel_size: int | None = None  # its support in pixels, odd (5 at 32 px)
+    reps: int = 2  # Gaussian filter passes per inpainting
+    lmbda: float | None = None  # weight of the diversity regulariser (0.016 at 32 px)
+    margin: float = 0.2  # the initial centred square leaves this fraction of each side on each border
+    batch_size: int = 64  # images optimised at once (independent; only memory and speed depend on it)
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,7 @@ class EvalConfig:
     methods: tuple[str, ...] = ("all_foreground", "centred_box", "grabcut", "kmeans_ddpm", "factorized")  # columns
     segment: SegmentSection = field(default_factory=SegmentSection)  # the factorized model's segmentation
     grabcut: GrabCutSection = field(default_factory=GrabCutSection)
+    iem: IEMSection = field(default_factory=IEMSection)
     centred_box: BoxSection = field(default_factory=BoxSection)
     kmeans: KMeansSection = field(default_factory=KMeansSection)
     supervised: SupervisedSection = field(default_factory=SupervisedSection)
@@ -413,6 +432,13 @@ def build_segmenter(method: str, cfg: EvalConfig, data: EvalData) -> tuple[Segme
         g = cfg.grabcut
         info = {"margin": g.margin, "iterations": g.iterations}
         return baselines.GrabCutSegmenter(g.margin, g.iterations, g.seed), info
+    if method == "iem":
+        c = cfg.iem
+        opts = {"iters": c.iters, "sigma": c.sigma, "kernel_size": c.kernel_size, "reps": c.reps, "lmbda": c.lmbda,
+                "margin": c.margin}  # fmt: skip
+        seg = iem.IEMSegmenter(batch_size=c.batch_size, **opts)
+        size = min(data.images.shape[-2:])
+        return seg, {"image_size": size, **dataclasses.asdict(seg.params_for(size))}
     if method in ("kmeans_rgb", "kmeans_ddpm"):
         k, km = _num_regions(data), cfg.kmeans
         featurize, info = None, {}
