@@ -51,7 +51,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffseg import segment, viz
-from diffseg.checkpoint import LoadedModel, load_diffusion_model, resolve_source
+from diffseg.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    LoadedModel,
+    fetched_source,
+    load_checkpoint,
+    load_diffusion_model,
+)
 from diffseg.config import WORKDIR_ENV, InputPath, is_uri
 from diffseg.data import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
 from diffseg.pixel import PixelSegmenter
@@ -131,6 +138,29 @@ def check_sources(cfg: ServeAppConfig) -> None:
             )
 
 
+def verify_sources(cfg: ServeAppConfig) -> None:
+    """Read and verify every local model file of a resolved app config here, where the app is built, before any
+    replica starts: a damaged, unsealed (without `allow_unverified`) or wrong file fails the deploy once, with the
+    error naming the key and the file, instead of failing every replica start in its own log. The pixel bundle's
+    backbone checkpoint is checked too. URIs (models:/, runs:/, s3://) are verified by the replicas that fetch them.
+    """
+    allow = cfg.allow_unverified
+    checks = [("segmenter", cfg.segmenter, FORMAT), ("sampler", cfg.sampler_source, FORMAT), ("pixel", cfg.pixel, None)]
+    for key, value, kind in checks:
+        if not value or is_uri(value):
+            continue
+        try:
+            if kind == FORMAT:
+                load_checkpoint(value, allow_unverified=allow)
+                continue
+            backbone = PixelSegmenter.load(value, "cpu", allow_unverified=allow).recipe.backbone
+            spec = backbone.split(":", 1)[1] if backbone.startswith("random:") else backbone
+            if spec != "rgb" and not backbone.startswith("diffusers:") and not is_uri(spec):
+                load_checkpoint(spec, allow_unverified=allow)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise CheckpointError(f"{key}: {e}") from None
+
+
 def model_num_gpus(use_gpu: str) -> int:
     """GPUs per model replica: 1 or 0 by the one `use_gpu` rule (`diffseg.runtime.decide_gpu`, printed)."""
     return 1 if decide_gpu(use_gpu, "serve").use_gpu else 0
@@ -144,6 +174,7 @@ class ServeAppConfig:
     use_sampler: bool = True  # serve /v1/sample (False: segmenters only, one replica fewer)
     device: str = "auto"  # torch device of the model replicas: auto (cuda when visible), cpu, cuda, cuda:1
     use_ema: bool = True  # load the EMA weights when the checkpoint has them
+    allow_unverified: bool = False  # serve checkpoints/bundles without an integrity record (refused by default)
     expose_internals: bool = False  # /v1/info and answers show checkpoint paths, devices and pids (trusted clients)
     tracking_uri: str | None = None  # MLflow store of models:/ and runs:/ sources; None = $MLFLOW_TRACKING_URI
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # @serve.batch on/off and sizes
@@ -562,7 +593,9 @@ class PixelEnsembleSegmenter:
     @classmethod
     def load(cls, source: str, device: str = "auto") -> PixelEnsembleSegmenter:
         dev = resolve_device(device)
-        bundle = PixelSegmenter.load(resolve_source(source), device=dev)
+        with fetched_source(source) as local:  # a downloaded model is removed once read
+            bundle = PixelSegmenter.load(local, device=dev)
+            bundle.pipeline  # noqa: B018 -- the backbone now, while a packaged one is still on disk
         return cls(bundle, source=source, device=dev)
 
     def info(self) -> dict[str, Any]:
