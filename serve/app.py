@@ -210,6 +210,27 @@ class SamplerModel(_ModelReplica):
             raise
 
 
+def _failed_deployments(names: list[str]) -> dict[str, str]:
+    """{deployment: "<state>: <Serve's message>"} of this app's deployments among `names` that Serve reports
+    UNHEALTHY or DEPLOY_FAILED (`serve.status()`, the public status API); empty when the status cannot be read.
+    Defined above the ingress: `serve.ingress` pickles the FastAPI app, with what its routes use, where applied."""
+    try:
+        app = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app].deployments
+    except Exception:  # the status is a hint for the reason: the round trip below still decides
+        return {}
+    out = {}
+    for name in names:
+        dep = deployments.get(name)
+        state = str(getattr(dep, "status", ""))
+        state = state.rsplit(".", 1)[-1]
+        if dep is not None and state in FAILED_STATES:
+            # Serve's message ends with the replica's traceback: its last line is the error (the file, for a load)
+            lines = [line.strip() for line in str(dep.message or "").splitlines() if line.strip()]
+            out[name] = f"{state}: {safe_text(lines[-1] if lines else 'no message', 2000)}"
+    return out
+
+
 api = FastAPI(title="diffseg", summary="segmentation and sampling with diffusion models", docs_url="/docs")
 
 
@@ -316,12 +337,17 @@ class Ingress:
         raised: a damaged checkpoint, a missing file) is 503 at once with Serve's message for it, which holds the error.
         """
         handles = {**self.segmenters, **({"sampler": self.sampler} if self.sampler else {})}
-        failed = await asyncio.to_thread(_failed_deployments, [DEPLOYMENT_NAMES[name] for name in handles])
+        names = [DEPLOYMENT_NAMES[name] for name in handles]
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S  # the whole probe, status and round trip
+        try:
+            failed = await asyncio.wait_for(asyncio.to_thread(_failed_deployments, names), HEALTH_TIMEOUT_S / 2)
+        except TimeoutError:  # the controller is slow to answer: the round trip below decides alone
+            failed = {}
         if failed:
             return _error(503, "; ".join(f"{name} is {why}" for name, why in failed.items()))
         try:
             calls = asyncio.gather(*(h.info.remote() for h in handles.values()))
-            infos = await asyncio.wait_for(calls, HEALTH_TIMEOUT_S)
+            infos = await asyncio.wait_for(calls, max(0.1, deadline - time.monotonic()))
         except TimeoutError:
             return _error(503, f"a model replica did not answer within {HEALTH_TIMEOUT_S:g} s (starting or busy)")
         except Exception as e:  # a health probe reports, it does not raise
@@ -377,24 +403,6 @@ class Ingress:
         result = await self._call(self.sampler.sample.remote(params))
         media, out = await asyncio.to_thread(render_samples, result, params, info)
         return JSONResponse(out) if media == "application/json" else Response(out, media_type=media)
-
-
-def _failed_deployments(names: list[str]) -> dict[str, str]:
-    """{deployment: "<state>: <Serve's message>"} of this app's deployments among `names` that Serve reports
-    UNHEALTHY or DEPLOY_FAILED (`serve.status()`, the public status API); empty when the status cannot be read."""
-    try:
-        app = serve.get_replica_context().app_name
-        deployments = serve.status().applications[app].deployments
-    except Exception:  # the status is a hint for the reason: the round trip below still decides
-        return {}
-    out = {}
-    for name in names:
-        dep = deployments.get(name)
-        state = str(getattr(dep, "status", ""))
-        state = state.rsplit(".", 1)[-1]
-        if dep is not None and state in FAILED_STATES:
-            out[name] = f"{state}: {safe_text(dep.message, 2000)}"
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- building

@@ -432,7 +432,9 @@ def test_state_planted_during_the_run_is_not_signed(tmp_path):
     assert f"searcher-state-{other}.pkl" in left_out and f"experiment_state-{new_stamp}.json" in left_out
     # a name Tune does not write into a trial folder
     _plant(exp / "trial_2" / "evil.pkl", marker)
-    assert "trial_2/evil.pkl" in run.written()[1]
+    (exp / "trial_2" / "deeper").mkdir()
+    _plant(exp / "trial_2" / "deeper" / "params.pkl", marker)  # nor one below a trial's folder
+    assert {"trial_2/evil.pkl", "trial_2/deeper/params.pkl"} <= set(run.written()[1])
     assert not marker.exists()
 
 

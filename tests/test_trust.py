@@ -225,7 +225,7 @@ def test_a_fetched_source_lands_in_the_callers_folder_or_is_removed(tmp_path, mo
     good = _factorized_checkpoint(tmp_path / "model.pt")
     uri = f"file://{good}"
     assert load_diffusion_model(uri, "cpu").step == 3
-    assert not list((tmp_path / "tmp").iterdir())  # the fetched copy went with the load
+    assert not list((tmp_path / "tmp").glob("diffseg-*"))  # the fetched copy went with the load
     cache = tmp_path / "cache"
     local = resolve_source(uri, cache)
     assert local.parent == cache and local.is_file()
@@ -265,3 +265,33 @@ def test_init_ray_makes_the_token_file_owner_only(tmp_path, monkeypatch):
     assert runtime.tighten_token_file() is False  # already owner-only: left alone
     token.unlink()
     assert runtime.tighten_token_file() is False  # no token: nothing to do
+
+
+@pytest.mark.parametrize("where", ["folder", "uri"])
+def test_a_trial_leaves_no_temp_folder(tmp_path, monkeypatch, where):
+    """`trials.py` saved each pixel trial's bundle into a `mkdtemp` folder it never removed (43 of them after a
+    sweep). Now a local trial saves into its own folder, and a trial on a bucket stages in a temp folder that goes
+    with it, also when the scheduler stops the trial after its first report."""
+    import tempfile
+
+    from diffseg.data import DataConfig
+    from diffseg.trials import PixelTrialConfig, TrialState, pixel_chunks
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    cfg = PixelTrialConfig(
+        features=FeatureConfig(backbone="rgb"),
+        data=DataConfig(image_size=16, num_images=6, num_train=3, num_test=2),
+        pixel={"members": 2, "max_epochs": 1, "batch_size": 64},
+    )
+    trial = tmp_path / "trials" / "t1"
+    trial_dir = str(trial) if where == "folder" else f"file://{trial}"
+    common = {"device": torch.device("cpu"), "cache_root": str(tmp_path / "cache")}
+    reports = list(pixel_chunks(cfg, TrialState(), trial_dir, num_reports=2, **common))
+    assert len(reports) == 2 and (trial / "segmenter.pt").is_file()
+    assert not list(scratch.glob("diffseg-*"))  # (torch keeps its own caches here)
+    stopped = pixel_chunks(cfg, TrialState(), trial_dir + "-b", num_reports=3, **common)
+    next(stopped)
+    stopped.close()  # what Tune does to a trial ASHA stops
+    assert not list(scratch.glob("diffseg-*")) and (tmp_path / "trials" / "t1-b" / "segmenter.pt").is_file()

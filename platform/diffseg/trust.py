@@ -140,7 +140,7 @@ SESSION_FILE = re.compile(
     r"-(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\.(json|pkl)"
 )
 TOP_LEVEL_NAMES = ("tuner.pkl", "sweep.json")  # the other restorable files a run writes at the top
-TRIAL_NAMES = ("params.pkl", "error.pkl")  # what Tune pickles into a trial's folder
+TRIAL_NAMES = ("params.pkl", "error.pkl")  # what Tune pickles into a trial's folder (<experiment>/<trial>/)
 
 
 def session_time(name: str) -> float | None:
@@ -201,8 +201,8 @@ class DriverRun:
         # one session per run: two stamps in the window mean one of them was planted, so neither is signed
         ours = next(iter(stamps.values())) if len(stamps) == 1 else []
         for name, digest in new.items():
-            top, base = "/" not in name, name.rsplit("/", 1)[-1]
-            if (top and (name in TOP_LEVEL_NAMES or name in ours)) or (not top and base in TRIAL_NAMES):
+            depth, base = name.count("/"), name.rsplit("/", 1)[-1]  # a trial's files sit in its folder, one down
+            if (depth == 0 and (name in TOP_LEVEL_NAMES or name in ours)) or (depth == 1 and base in TRIAL_NAMES):
                 sign[name] = digest
         return sign, sorted(set(actual) - set(sign))
 
