@@ -145,7 +145,8 @@ def verify_sources(cfg: ServeAppConfig) -> None:
     backbone checkpoint is checked too. URIs (models:/, runs:/, s3://) are verified by the replicas that fetch them.
     """
     allow = cfg.allow_unverified
-    checks = [("segmenter", cfg.segmenter, FORMAT), ("sampler", cfg.sampler_source, FORMAT), ("pixel", cfg.pixel, None)]
+    sampler = cfg.sampler_source if cfg.sampler_source != cfg.segmenter else None  # the same file: read once
+    checks = [("segmenter", cfg.segmenter, FORMAT), ("sampler", sampler, FORMAT), ("pixel", cfg.pixel, None)]
     for key, value, kind in checks:
         if not value or is_uri(value):
             continue
