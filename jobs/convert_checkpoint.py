@@ -6,10 +6,15 @@ python jobs/convert_checkpoint.py src=model.pt flags='--image_size 64 --num_chan
 python jobs/convert_checkpoint.py src=runs/x/checkpoint.pt to=safetensors dst=exports/x        # diffusers layout
 python jobs/convert_checkpoint.py src=runs/ddpm/checkpoint.pt to=guided-diffusion dst=exports/ddpm.pt  # + ddpm.json
 python jobs/convert_checkpoint.py preset=ffhq src=ffhq.pt dst=runs/backbones/ffhq.pt tracking.register_as=ffhq-ddpm
+python jobs/convert_checkpoint.py src=old/checkpoint.pt dst=runs/x/checkpoint.pt allow_unverified=true  # re-seal
 
 Presets (the published checkpoints, with the flags of the README that publishes them): lsun_bedroom, lsun_cat,
 lsun_horse, lsun_horse_nodropout, ffhq (label-efficient paper), imagenet64, imagenet128, imagenet256,
 imagenet256_uncond, imagenet512. Every conversion is read back and compared with its source on a fixed input.
+
+Every loader refuses a checkpoint or pixel bundle of ours that has no integrity record (one written before checksums
+existed). `allow_unverified=true` reads such a src, prints what it is (format, tensors, step, model, the file's
+SHA-256) and writes dst with a fresh record: check the description, then the new file verifies everywhere.
 """
 
 import sys

@@ -7,8 +7,10 @@ The YAML is a `diffseg.experiments.sweep.SweepConfig`: `base_config` (a factoriz
 YAML, relative to the sweep's YAML), `base_overrides` (dotted or nested overrides of it), `space` (config path ->
 values), metric/mode, search, num_samples, scheduler, resources. `--resume` continues an interrupted sweep of the same
 name (Tune's restore), only if its folder is provably this user's (diffseg.core.trust: permissions and an HMAC under a
-per-user key recorded when the driver stopped). `--trust-state` signs a folder whose driver was killed before it could,
-and exits. The best trial's servable model is written to <output_dir>/<name>/best/.
+per-user key recorded when the driver stopped, over only the state files that run wrote; a file planted in the folder
+makes the resume fail, naming it). A new sweep does not start in a folder that already holds Tune state files.
+`--trust-state` signs a folder whose driver was killed before it could, and exits. The best trial's servable model is
+written to <output_dir>/<name>/best/.
 """
 
 import sys

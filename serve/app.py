@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffseg.core.config import from_dict, resolve_paths, to_dict
 from diffseg.core.registry import resolve_model_uri
+from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV
 from diffseg.core.tracking import resolve_tracking_uri
 from diffseg.serving.app_config import (
     DEPLOYMENT_NAMES,
@@ -55,6 +56,7 @@ from diffseg.serving.app_config import (
     check_sources,
     deployment_names,
     model_num_gpus,
+    verify_sources,
 )
 from diffseg.serving.ingress import PixelBudget, await_model, segment_upload
 from diffseg.serving.requests import RequestError, SampleParams, parse_sample_request, parse_segment_params, safe_text
@@ -67,6 +69,8 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream
 
 
 CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+HEALTH_TIMEOUT_S = 5.0  # /healthz answers 503 when a model replica has not answered within this
+FAILED_STATES = ("UNHEALTHY", "DEPLOY_FAILED")  # Serve deployment states in which no replica will answer
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -83,7 +87,9 @@ class _ModelReplica:
 
     STALL_S = 600.0
 
-    def _setup(self, batching: dict[str, Any], registry: dict[str, Any] | None) -> None:
+    def _setup(self, batching: dict[str, Any], registry: dict[str, Any] | None, allow_unverified: bool) -> None:
+        if allow_unverified:  # the app's named opt-out, for everything this replica loads (a bundle's backbone too)
+            os.environ[ALLOW_UNVERIFIED_ENV] = "1"
         # torch threads = the CPUs this replica reserved (its ray_actor_options, from the config's deployments:)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
@@ -126,9 +132,10 @@ class _ModelReplica:
 @serve.deployment
 class SegmenterModel(_ModelReplica):
     def __init__(
-        self, method: str, source: str, device: str, use_ema: bool, batching: dict, registry: dict | None = None
-    ):
-        self._setup(batching, registry)
+        self, method: str, source: str, device: str, use_ema: bool, batching: dict, registry: dict | None = None,
+        allow_unverified: bool = False,
+    ):  # fmt: skip
+        self._setup(batching, registry, allow_unverified)
         if method == "factorized":
             self.model = FactorizedSegmenter.load(source, device, use_ema)
         elif method == "pixel":
@@ -164,9 +171,10 @@ class SamplerModel(_ModelReplica):
     dropped between two steps."""
 
     def __init__(
-        self, source: str, device: str, use_ema: bool, batching: dict, limits: dict, registry: dict | None = None
-    ):
-        self._setup(batching, registry)
+        self, source: str, device: str, use_ema: bool, batching: dict, limits: dict, registry: dict | None = None,
+        allow_unverified: bool = False,
+    ):  # fmt: skip
+        self._setup(batching, registry, allow_unverified)
         lim = from_dict(Limits, limits, prefix="limits")
         self.model = DiffusionSampler.load(source, device, use_ema)
         self.scheduler = SampleScheduler(
@@ -193,6 +201,27 @@ class SamplerModel(_ModelReplica):
         except asyncio.CancelledError:  # the ingress cancelled the call: stop the work, not just the wait
             self.scheduler.cancel(req)
             raise
+
+
+def _failed_deployments(names: list[str]) -> dict[str, str]:
+    """{deployment: "<state>: <Serve's message>"} of this app's deployments among `names` that Serve reports
+    UNHEALTHY or DEPLOY_FAILED (`serve.status()`, the public status API); empty when the status cannot be read.
+    Defined above the ingress: `serve.ingress` pickles the FastAPI app, with what its routes use, where applied."""
+    try:
+        app = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app].deployments
+    except Exception:  # the status is a hint for the reason: the round trip below still decides
+        return {}
+    out = {}
+    for name in names:
+        dep = deployments.get(name)
+        state = str(getattr(dep, "status", ""))
+        state = state.rsplit(".", 1)[-1]
+        if dep is not None and state in FAILED_STATES:
+            # Serve's message ends with the replica's traceback: its last line is the error (the file, for a load)
+            lines = [line.strip() for line in str(dep.message or "").splitlines() if line.strip()]
+            out[name] = f"{state}: {safe_text(lines[-1] if lines else 'no message', 2000)}"
+    return out
 
 
 api = FastAPI(title="diffseg", summary="segmentation and sampling with diffusion models", docs_url="/docs")
@@ -296,12 +325,26 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """Every model replica answers (a round trip through each deployment, not a cached reply)."""
+        """Every model replica answers (a round trip through each deployment, not a cached reply) within
+        `HEALTH_TIMEOUT_S`; else 503 with the reason. A model deployment that failed to start (its replicas' constructor
+        raised: a damaged checkpoint, a missing file) is 503 at once with Serve's message for it, which holds the error.
+        """
         handles = {**self.segmenters, **({"sampler": self.sampler} if self.sampler else {})}
+        names = [DEPLOYMENT_NAMES[name] for name in handles]
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S  # the whole probe, status and round trip
         try:
-            infos = await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in handles.values())), 30)
+            failed = await asyncio.wait_for(asyncio.to_thread(_failed_deployments, names), HEALTH_TIMEOUT_S / 2)
+        except TimeoutError:  # the controller is slow to answer: the round trip below decides alone
+            failed = {}
+        if failed:
+            return _error(503, "; ".join(f"{name} is {why}" for name, why in failed.items()))
+        try:
+            calls = asyncio.gather(*(h.info.remote() for h in handles.values()))
+            infos = await asyncio.wait_for(calls, max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            return _error(503, f"a model replica did not answer within {HEALTH_TIMEOUT_S:g} s (starting or busy)")
         except Exception as e:  # a health probe reports, it does not raise
-            return _error(503, f"a model is not ready: {type(e).__name__}: {e}")
+            return _error(503, f"a model is not ready: {type(e).__name__}: {safe_text(e, 2000)}")
         self._infos.update(zip(handles, infos))
         return JSONResponse({"status": "ok", "models": list(handles)})
 
@@ -391,6 +434,7 @@ def build_application(
     check_app_args(args)
     cfg = resolve_paths(from_dict(ServeAppConfig, args))
     check_sources(cfg)
+    verify_sources(cfg)  # a damaged or unsealed local file fails here, once, naming it (not in every replica's log)
     if cfg.tracking_uri:  # replicas and this build resolve MLflow URIs against it (a relative SQLite file: from here)
         os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(cfg.tracking_uri)
     overrides = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in deployments or []}
@@ -400,7 +444,8 @@ def build_application(
     sources = {cfg.segmenter, cfg.pixel, cfg.sampler_source} - {None}
     refs = {src: resolve_model_uri(src, os.environ.get("MLFLOW_TRACKING_URI")) for src in sources}
     gpus = model_num_gpus(cfg.use_gpu)
-    common = {"device": cfg.device, "use_ema": cfg.use_ema, "batching": to_dict(cfg.batching)}
+    common = {"device": cfg.device, "use_ema": cfg.use_ema, "batching": to_dict(cfg.batching),
+              "allow_unverified": cfg.allow_unverified}  # fmt: skip
     handles: dict[str, Any] = {}
     if cfg.segmenter:
         opts = _options(DEPLOYMENT_NAMES["factorized"], MODEL_DEFAULTS, gpus, overrides)

@@ -165,6 +165,50 @@ def test_pixel_job_with_an_empty_test_set_exits_nonzero_before_training(tmp_path
     assert "[pixel] trained" not in out.stdout  # it failed before training
 
 
+def test_pixel_job_refuses_a_damaged_shard_naming_it_and_the_set(tmp_path):
+    """Issue 29: 20 flipped bytes in one shard of a complete set, and `jobs/train_pixel_classifier.py` trained on the
+    changed values with exit 0. The manifest's SHA-256 now stops it, naming the shard and the set."""
+    root = write_synthetic_folder(tmp_path / "data", num_images=4, image_size=16)
+    data = DataConfig(name="folder", root=str(root), image_size=16, num_train=2, num_test=2)
+    from diffseg.data.datasets import build_dataset
+    from diffseg.data.shards import DamagedShard
+
+    train = build_dataset(data, "train")
+    shards = tmp_path / "shards"
+    fx = FeatureExtractor(
+        to_dict(FeatureConfig(backbone="rgb")),
+        str(shards),
+        {"num_classes": train.num_classes, "class_names": train.class_names, "ignore_index": 255},
+    )
+    begin_shard_set(shards, [train[i]["id"] for i in range(2)])
+    items = [train[i] for i in range(2)]
+    fx(
+        {
+            "id": np.array([it["id"] for it in items]),
+            "image": np.stack([((it["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy() for it in items]),
+            "mask": np.stack([it["mask"].numpy().astype(np.uint8) for it in items]),
+        }
+    )
+    end_shard_set(shards)
+    shard = sorted(shards.glob("*.parquet"))[0]
+    raw = bytearray(shard.read_bytes())
+    for i in range(20):
+        raw[len(raw) // 4 + 3 * i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "jobs" / "train_pixel_classifier.py"), f"train_shards={shards}",
+         f"data.root={root}", "data.name=folder", "data.num_train=2", "data.num_test=2", "data.image_size=16",
+         f"output_dir={tmp_path / 'out'}", "tracking.enabled=false", "device=cpu", "train.members=2",
+         "train.max_epochs=1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert DamagedShard.__name__ in out.stderr and str(shard) in out.stderr, out.stderr[-2000:]
+    assert f"feature set {shards}" in out.stderr, out.stderr[-2000:]
+    assert "[pixel] trained" not in out.stdout
+
+
 def _compare_run(folder, images, ddpm=None, random=None, seed=0):
     """A finished comparison run as the compare job leaves it: results.json (+ config.yaml with the MLP seed)."""
     folder.mkdir(parents=True)

@@ -416,3 +416,38 @@ def test_info_is_closed_by_default(slow_sampler_url):
     text = json.dumps(info)
     assert "pid" not in info["ingress"] and "pid" not in info["models"]["sampler"]
     assert "source" not in info["models"]["sampler"] and "checkpoint.pt" not in text
+
+
+def test_a_failed_deploy_names_the_file_and_healthz_answers_503(app_url, tmp_path_factory):
+    """A bad model file used to fail the deploy as "Failed to update the deployments ['Sampler']" (the error naming
+    the file only in the replica logs, once per retry), and /healthz then hung for more than 10 s. Now a local file
+    that does not verify fails the build, once, naming it; one that fails in the replicas anyway (changed after the
+    build, or a URI's download) makes /healthz answer 503 at once with Serve's message, which names the file."""
+    import torch
+    from ray import serve
+
+    from diffseg.models.checkpoint import INTEGRITY_KEY, CheckpointError
+
+    build_app = importlib.import_module("serve.app").build_application
+    folder = tmp_path_factory.mktemp("broken")
+    ckpt = tiny_checkpoint(folder / "checkpoint.pt")
+    raw = torch.load(ckpt, weights_only=True)
+    raw["integritx"] = raw.pop(INTEGRITY_KEY)  # the report's one flipped bit in the record's key
+    bad = folder / "bad.pt"
+    torch.save(raw, bad)
+    with pytest.raises(CheckpointError, match=rf"segmenter: {bad}: has no integrity record"):
+        build_app({**ARGS, "segmenter": str(bad)})
+    app = build_app({**ARGS, "segmenter": str(ckpt), "use_sampler": False}, deployments=DEPLOYMENTS[:1])
+    torch.save(raw, ckpt)  # changed after the build: the replicas meet it
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application broken failed"):
+            serve.run(app, name="broken", route_prefix="/broken")
+        t0 = time.perf_counter()
+        answer = requests.get(f"{app_url}/broken/healthz", timeout=30)
+        elapsed = time.perf_counter() - t0
+        message = answer.json()["error"]["message"]
+        assert answer.status_code == 503 and elapsed < 10, (answer.status_code, elapsed, message)
+        assert "FactorizedSegmenter is" in message and str(ckpt) in message and "integrity record" in message
+    finally:
+        serve.delete("broken")
+    assert requests.get(f"{app_url}/healthz", timeout=30).status_code == 200  # the other app is untouched

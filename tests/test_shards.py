@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from diffseg.data.shards import (
     MANIFEST_NAME,
+    DamagedShard,
     FeatureMeta,
     IncompleteShardSet,
     ShardSet,
@@ -142,3 +147,80 @@ def test_incomplete_sets_are_refused_naming_what_is_missing(tmp_path):
         ShardSet(bare)
     with pytest.raises(ValueError, match="zero images"):
         begin_shard_set(tmp_path / "empty", [])
+
+
+def _complete_set(folder, num_shards=2, rows=600):
+    """A complete set of float16 features with varied values (so that flipped bytes change what is trained on)."""
+    rng = np.random.default_rng(0)
+    ids = [f"im{i}" for i in range(num_shards)]
+    begin_shard_set(folder, ids)
+    for i, image in enumerate(ids):
+        x = rng.normal(size=(rows, 5))
+        write_shard(folder / f"shard-{i}.parquet", x, rng.integers(0, 3, rows), [image] * rows, [0] * rows,
+                    [0] * rows, _meta(), row_group_size=200)  # fmt: skip
+    end_shard_set(folder)
+    return folder
+
+
+def test_damaged_shard_is_refused_naming_it_and_its_set(tmp_path):
+    """The report's attack: 20 flipped bytes in one shard of a complete set were trained on without a word. The
+    manifest now holds every shard's SHA-256, checked as the shard is read."""
+    folder = _complete_set(tmp_path / "feats")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    shard = folder / "shard-1.parquet"
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert manifest["sha256"]["shard-1.parquet"] == [shard.stat().st_size, digest]
+    clean = ShardSet(folder)
+    assert sum(len(w) for w in clean.iter_windows(max_rows=10**6)) == 1200  # intact: reads as before
+    before = pq.read_table(shard).column("features").to_pylist()
+    data = bytearray(shard.read_bytes())
+    for i in range(20):  # 20 bytes in the middle of the file: inside the feature pages, not the footer
+        data[len(data) // 3 + 7 * i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    try:  # control: the change is there (plain pyarrow reads other values, or cannot read it at all)
+        assert pq.read_table(shard).column("features").to_pylist() != before
+    except OSError:
+        pass
+    ss = ShardSet(folder)  # opening reads only footers: the set looks fine
+    for read in (lambda: list(ss.iter_windows(max_rows=10**6)), lambda: list(ss.iter_shards()),
+                 lambda: ss.class_counts(3), lambda: ss.image_ids()):  # fmt: skip
+        with pytest.raises(DamagedShard) as e:
+            read()
+        assert str(shard) in str(e.value) and f"feature set {folder}" in str(e.value), str(e.value)
+    # a shard changed AFTER it was verified (mid-training) is checked again
+    fresh = _complete_set(tmp_path / "feats2")
+    ss = ShardSet(fresh)
+    assert ss.class_counts(3).sum() == 1200
+    target = fresh / "shard-0.parquet"
+    good = target.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x01
+    time.sleep(0.05)  # past the file system's timestamp granularity: the rewrite is a new ctime
+    target.write_bytes(bytes(damaged))
+    with pytest.raises(DamagedShard, match="does not match the manifest"):
+        ss.class_counts(3)
+    target.write_bytes(good)
+    assert ss.class_counts(3).sum() == 1200
+
+
+def test_truncated_shard_is_refused_naming_it_and_its_set(tmp_path):
+    """A truncated shard failed as `ArrowInvalid: Parquet magic bytes not found in footer`, naming nothing."""
+    folder = _complete_set(tmp_path / "feats")
+    shard = folder / "shard-0.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DamagedShard) as e:
+        ShardSet(folder)
+    msg = str(e.value)
+    assert str(shard) in msg and f"feature set {folder}" in msg and "truncated" in msg, msg
+    with pytest.raises(DamagedShard):
+        ShardSet(folder, allow_incomplete=True)  # damage is not incompleteness
+
+
+def test_sets_written_before_checksums_still_load(tmp_path, caplog):
+    folder = _complete_set(tmp_path / "feats")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    del manifest["sha256"]
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        assert ShardSet(folder).class_counts(3).sum() == 1200
+    assert "before shard checksums" in caplog.text

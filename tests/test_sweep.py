@@ -19,7 +19,7 @@ import yaml
 
 from diffseg.core.config import replace
 from diffseg.core.report import decode, plot_sweep, trial_overrides
-from diffseg.core.trust import SIGNATURE_NAME, UntrustedState, check_state, sign_state, trust_state
+from diffseg.core.trust import SIGNATURE_NAME, DriverRun, UntrustedState, check_state, sign_state, trust_state
 from diffseg.data.feature_cache import FeatureCache, feature_key
 from diffseg.experiments.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials, run_sweep
 
@@ -178,15 +178,27 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     while _finished_trials(exp_dir) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{proc.stdout.read()[-3000:]}"
+    # the attack of issue 29: a state file planted while the sweep runs, whose name sorts after Tune's own
+    planted, marker = exp_dir / "experiment_state-2099-01-01_00-00-00.json", tmp_path / "code-ran"
+    _plant(planted, marker)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "resume=True" in out, out[-3000:]
     assert (exp_dir / SIGNATURE_NAME).is_file()  # the interrupted driver signed Tune's state: resume may trust it
+    signed = json.loads((exp_dir / SIGNATURE_NAME).read_text())["files"]
+    assert planted.name not in signed and any(n.startswith("experiment_state-20") for n in signed), signed
+    refused = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and f"['{planted.name}'] are not covered by the signature" in refused.stderr, (
+        refused.stdout + refused.stderr
+    )[-3000:]
+    assert not marker.exists()  # nothing was unpickled
+    planted.unlink()  # the user removes what they did not write; the sweep's own state resumes
     interrupted_events = FeatureCache(tmp_path / "sweeps" / "feature_cache").events()
     assert 1 <= len(interrupted_events) < 4
 
     done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    check_state(exp_dir)  # the resumed run signed everything it wrote, and left the first run's state signed
 
     import pandas as pd
 
@@ -313,7 +325,7 @@ def test_state_signature_catches_changes_and_permissions(tmp_path):
         check_state(exp)
     sign_state(exp)
     (exp / "searcher-state-x.pkl").write_bytes(b"z")
-    with pytest.raises(UntrustedState, match=r"searcher-state-x.pkl'\] appeared after"):
+    with pytest.raises(UntrustedState, match=r"searcher-state-x.pkl'\] are not covered by the signature"):
         check_state(exp)
     (exp / "searcher-state-x.pkl").unlink()
     check_state(exp)
@@ -335,6 +347,111 @@ def test_state_signature_catches_changes_and_permissions(tmp_path):
     (exp / SIGNATURE_NAME).unlink()
     assert trust_state(exp) == ["sweep.json", "trial_1/error.pkl", "tuner.pkl"]  # the explicit vouch
     check_state(exp)
+
+
+def _stamp(t: float | None = None) -> str:
+    """A Tune session stamp (`TuneController._session_str`: local time, to the second)."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(time.time() if t is None else t).strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _tune_writes(exp: Path, trial: str = "trial_1") -> str:
+    """What a Tune run writes into the experiment folder (the names of Ray 2.60), under this second's stamp."""
+    import pickle
+
+    stamp = _stamp()
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"tuner": stamp}))
+    (exp / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": [], "at": stamp}))
+    (exp / f"basic-variant-state-{stamp}.json").write_text(json.dumps({"at": stamp}))
+    (exp / trial).mkdir(exist_ok=True)
+    (exp / trial / "params.pkl").write_bytes(pickle.dumps({"lr": 1e-3}))
+    (exp / "sweep.json").write_text(json.dumps({"parent_run_id": None}))
+    return stamp
+
+
+def _plant(path: Path, marker: Path) -> None:
+    """The attacker's state file: a cloudpickle payload, as Tune's experiment state holds (running it touches
+    `marker`)."""
+    import cloudpickle
+
+    path.write_bytes(cloudpickle.dumps(_Boom(marker)))
+
+
+@pytest.mark.parametrize(
+    "planted", ["experiment_state-2099-01-01_00-00-00.json", "searcher-state-2099-01-01_00-00-00.pkl"]
+)
+def test_state_planted_before_a_sweep_is_not_signed_and_refuses_the_resume(tmp_path, planted):
+    """The report's attack: a state file planted in the folder before the first run was signed with Tune's when the
+    driver stopped, and `--resume` unpickled it (Tune restores the experiment state, and the searcher state, whose
+    name sorts last). Now the driver signs only what its run wrote, so the resume is refused, naming the file."""
+    exp = tmp_path / "sweeps" / "victim"
+    exp.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    _plant(exp / planted, marker)
+    run = DriverRun(exp, own=("sweep.json",))  # the run starts: whatever is there is not its own
+    _tune_writes(exp)
+    run.sign()  # the driver stops (as it does on finish, Ctrl-C or failure)
+    with pytest.raises(UntrustedState, match=rf"\['{planted}'\] are not covered by the signature"):
+        check_state(exp)
+    assert not marker.exists()
+    # and `run_sweep` no longer starts a sweep in such a folder at all (before Ray or Tune are touched)
+    fresh = tmp_path / "sweeps" / "fresh"
+    fresh.mkdir()
+    _plant(fresh / planted, marker)
+    with pytest.raises(UntrustedState, match=rf"a new sweep does not start .*{planted}"):
+        run_sweep(PixelTrialConfig(), {"pixel.lr": [1e-3]}, name="fresh", output_dir=str(tmp_path / "sweeps"),
+                  **{"tracking.enabled": False})  # fmt: skip
+    assert not marker.exists()
+
+
+def test_state_planted_during_the_run_is_not_signed(tmp_path):
+    """A file planted while the sweep runs: not Tune's session stamp (2099), or a second stamp beside Tune's own, or
+    a name Tune does not write; none of them is signed, and the resume is refused."""
+    exp = tmp_path / "victim"
+    exp.mkdir()
+    marker = tmp_path / "code-ran"
+    run = DriverRun(exp, own=("sweep.json",))
+    stamp = _tune_writes(exp)
+    _plant(exp / "experiment_state-2099-01-01_00-00-00.json", marker)  # during the run
+    files, left_out = run.written()
+    assert left_out == ["experiment_state-2099-01-01_00-00-00.json"]
+    assert f"experiment_state-{stamp}.json" in files and "trial_1/params.pkl" in files
+    run.sign()
+    with pytest.raises(UntrustedState, match=r"experiment_state-2099-01-01_00-00-00.json'\] are not covered"):
+        check_state(exp)
+    (exp / "experiment_state-2099-01-01_00-00-00.json").unlink()
+    check_state(exp)  # what the run wrote itself is trusted
+    # a planted file with a plausible stamp of this second, beside Tune's: two sessions, so neither is signed
+    run = DriverRun(exp, trusted=check_state(exp), own=("sweep.json",))
+    other = _stamp(time.time() - 1)  # within the run's window, but not the session Tune starts below
+    _plant(exp / f"searcher-state-{other}.pkl", marker)
+    time.sleep(1.1)  # the resumed run's own session (a new stamp)
+    new_stamp = _tune_writes(exp, "trial_2")
+    files, left_out = run.written()
+    assert f"searcher-state-{other}.pkl" in left_out and f"experiment_state-{new_stamp}.json" in left_out
+    # a name Tune does not write into a trial folder
+    _plant(exp / "trial_2" / "evil.pkl", marker)
+    (exp / "trial_2" / "deeper").mkdir()
+    _plant(exp / "trial_2" / "deeper" / "params.pkl", marker)  # nor one below a trial's folder
+    assert {"trial_2/evil.pkl", "trial_2/deeper/params.pkl"} <= set(run.written()[1])
+    assert not marker.exists()
+
+
+def test_a_resumed_run_keeps_what_the_first_run_signed(tmp_path):
+    """Nothing the driver wrote is refused: a run, a resume with its own session, and a second resume."""
+    exp = tmp_path / "sweep"
+    exp.mkdir()
+    run = DriverRun(exp, own=("sweep.json",))
+    first = _tune_writes(exp)
+    run.sign()
+    time.sleep(1.1)
+    run = DriverRun(exp, trusted=check_state(exp), own=("sweep.json",))
+    second = _tune_writes(exp, "trial_2")
+    run.sign()
+    signed = set(check_state(exp))
+    assert {f"experiment_state-{first}.json", f"experiment_state-{second}.json", "trial_1/params.pkl",
+            "trial_2/params.pkl", "tuner.pkl", "sweep.json"} <= signed  # fmt: skip
 
 
 def test_trust_state_from_the_command_line(tmp_path, capsys):

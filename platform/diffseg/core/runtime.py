@@ -7,7 +7,8 @@ cluster address means the same thing everywhere:
     image_generators(seed, indices)   image i of a run seeded `seed` draws its noise from its own CPU generator,
                                       seeded `image_seed(seed, i)`: the same image from a job and from Serve, whatever
                                       else is in its batch and on whichever device the network runs
-    init_ray(num_cpus)                `ray.init` with this checkout's code shipped to the workers (honours RAY_ADDRESS)
+    init_ray(num_cpus)                `ray.init` with this checkout's code shipped to the workers (honours RAY_ADDRESS);
+                                      tightens Ray's token file `~/.ray/auth_token` to 0600 (Ray writes it 0644)
     decide_gpu("auto", "train")       the one `use_gpu: auto` rule (Ray Train workers, feature actors, Serve replicas):
                                       GPUs when the cluster has them up OR its autoscaler can start a GPU node type
     setup_logging()                   what a job (or a Ray worker) shows: the library's `logging` records on stdout
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +31,10 @@ import torch
 import yaml
 
 SEED_STRIDE = 1_000_003  # a prime: (seed, index) pairs of any realistic range map to distinct generator seeds
+# The process-wide opt-out of checkpoint integrity (`diffseg.models.checkpoint.unverified_allowed`): set by a job's
+# `--allow-unverified` and by Serve's `allow_unverified: true`, handed on to Ray workers by `code_runtime_env`.
+ALLOW_UNVERIFIED_ENV = "DIFFSEG_ALLOW_UNVERIFIED"
+RAY_TOKEN_FILE = Path("~/.ray/auth_token")  # where `ray.init` writes the cluster token (token auth)
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -59,14 +65,37 @@ def code_runtime_env() -> dict[str, Any]:
     """Ship the diffseg package to every worker (`py_modules`), so a cluster needs no install of it.
 
     Local directories can only be shipped at the job level (`ray.init`); inside `ray job submit` Ray merges this
-    with the job's own runtime env (its working_dir, env_vars).
+    with the job's own runtime env (its working_dir, env_vars). A job that opted out of checkpoint integrity
+    (`ALLOW_UNVERIFIED_ENV`) hands the opt-out to its workers, and only then.
     """
-    return {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # the diffseg package, all its layers
+    env: dict[str, Any] = {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # diffseg, all its layers
+    if os.environ.get(ALLOW_UNVERIFIED_ENV):
+        env["env_vars"] = {ALLOW_UNVERIFIED_ENV: os.environ[ALLOW_UNVERIFIED_ENV]}
+    return env
+
+
+def tighten_token_file(path: str | os.PathLike | None = None) -> bool:
+    """Make Ray's token file (`~/.ray/auth_token`) owner-only (0600) when it exists and others may read or write it:
+    Ray writes it with a plain `open` (0644 under the usual umask), and whoever reads it can run code on the
+    cluster. True when the mode was changed."""
+    token = Path(path or RAY_TOKEN_FILE).expanduser()
+    try:
+        st = token.stat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077 or st.st_uid != os.getuid():
+        return False
+    os.chmod(token, 0o600)
+    log.info("made %s owner-only (mode %o -> 600): it is the Ray cluster's credential", token, st.st_mode & 0o777)
+    return True
 
 
 def init_ray(num_cpus: int = 0) -> None:
     """Start (or join) Ray once per process: `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else a local
-    instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens."""
+    instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens.
+
+    Ray's token file (`~/.ray/auth_token`, which `ray.init` creates for a new local cluster with a plain `open`) is
+    made 0600 before and after (`tighten_token_file`)."""
     import ray  # costs seconds: only when a job needs Ray
 
     if ray.is_initialized():
@@ -74,7 +103,11 @@ def init_ray(num_cpus: int = 0) -> None:
     kwargs: dict[str, Any] = {}
     if num_cpus and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
-    ray.init(runtime_env=code_runtime_env(), **kwargs)
+    tighten_token_file()
+    try:
+        ray.init(runtime_env=code_runtime_env(), **kwargs)
+    finally:
+        tighten_token_file()
 
 
 # ---------------------------------------------------------------------------------------------------- GPUs

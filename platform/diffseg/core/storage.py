@@ -7,7 +7,7 @@ feature cache and sweep outputs all go through these, so a job writes to a bucke
     put_file(local, "s3://bucket/runs/x/checkpoint.pt")     # atomic locally (temp + rename); an object put on S3/GCS
     fetch_file("s3://bucket/runs/x/checkpoint.pt", local)   # False when there is no such file
     list_files("gs://bucket/features/set", ".parquet")      # sorted full locations
-    read_text / write_text / exists / is_file / copy_file / makedirs / join
+    read_text / write_text / exists / is_file / size / copy_file / makedirs / join
 
 Local paths keep their atomic-rename semantics (`diffseg.core.config.atomic_write`). Object stores have no rename, and a
 put is atomic per object: writers that publish a set of files (a shard set, a cache entry) write a marker object
@@ -75,6 +75,14 @@ def is_dir(location: str | os.PathLike) -> bool:
         return Path(location).is_dir()
     kind, types = _info(str(location))
     return kind == types.Directory
+
+
+def size(location: str | os.PathLike) -> int:
+    """The size of a file in bytes."""
+    if not is_remote(location):
+        return Path(location).stat().st_size
+    fs, path = filesystem(str(location))
+    return int(fs.get_file_info(path).size)
 
 
 def makedirs(location: str | os.PathLike) -> None:

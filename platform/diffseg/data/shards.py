@@ -19,6 +19,13 @@ lists the images it was made from in its footer, key `diffseg_images`). `ShardSe
 missing or not complete, or whose shards differ from the manifest's, with a message naming what is missing; pass
 `allow_incomplete=True` to use such a set anyway (logged). A failed extraction is never trained on silently.
 
+Integrity: the complete manifest records every shard's size and SHA-256 (`end_shard_set`). `ShardSet` refuses a
+shard whose size differs when it opens the set (a truncated copy), and checks the SHA-256 while it reads: the first
+time a shard is opened the file is memory-mapped, hashed, and its row groups are then read from that same mapping, so
+the disk is read once and nothing is decoded before the check. A mismatch is `DamagedShard`, naming the shard and
+the set (never an Arrow error about magic bytes); `allow_incomplete` does not cover it. Sets written before shard
+checksums existed still load, with a warning, unverified.
+
 Reading. `ShardSet.iter_shards` loads ONE shard at a time (for inspection and the benches). The ensemble trains from
 `ShardSet.iter_windows`: the row groups of ALL shards (`ROW_GROUP_ROWS` rows each, a few image rows of one image) are
 shuffled, and consecutive ones are gathered into windows of at most `max_rows` rows, so one window mixes the pixels
@@ -64,11 +71,18 @@ FORMAT = "diffseg-features/1"
 ROW_GROUP_ROWS = 4096
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "diffseg-shard-set/1"
+# a verified shard whose stat changes is verified again (ctime too: a writer can reset mtime, not ctime)
+_FILE_STATE = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino")
 log = logging.getLogger(__name__)
 
 
 class IncompleteShardSet(ValueError):
     """A shard folder that is not a complete feature set; the message names the folder and what is missing."""
+
+
+class DamagedShard(ValueError):
+    """A shard of a set that is not what its manifest records (size, SHA-256) or not readable Parquet; the message
+    names the shard and the set."""
 
 
 @dataclass
@@ -251,6 +265,7 @@ def end_shard_set(folder: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise IncompleteShardSet(_missing_message(folder, manifest, missing))
     manifest["shards"] = {storage.name(p): _num_rows(p) for p in _shard_paths(folder)}
+    manifest["sha256"] = {storage.name(p): _file_digest(p) for p in _shard_paths(folder)}  # name -> [bytes, hex]
     manifest["complete"] = True
     storage.write_text(storage.join(folder, MANIFEST_NAME), json.dumps(manifest, indent=1, default=str))
     return manifest
@@ -291,11 +306,78 @@ def check_shard_set(folder: str | os.PathLike) -> list[str]:
     extra = sorted(set(present) - set(listed))
     if extra:
         raise IncompleteShardSet(f"{folder}: shard(s) {extra[:5]} are not part of the set its manifest describes")
+    digests = manifest.get("sha256") or {}
     for name, rows in listed.items():
-        actual = _num_rows(present[name])
+        if name in digests:  # the size first: a truncated shard is named as such, not as a Parquet error
+            size, expected = int(digests[name][0]), int(storage.size(present[name]))
+            if size != expected:
+                raise DamagedShard(
+                    f"{present[name]}: {expected} bytes, but the manifest of the feature set {folder} records {size}: "
+                    "the shard is truncated or was replaced; re-extract the set (finished shards are kept)"
+                )
+        try:
+            actual = _num_rows(present[name])
+        except (OSError, pa.ArrowInvalid) as e:
+            msg = f"{present[name]}: not a readable Parquet shard of the feature set {folder} ({e})"
+            raise DamagedShard(msg) from e
         if actual != rows:
             raise IncompleteShardSet(f"{present[name]}: {actual} rows, but the set's manifest says {rows}")
+    if listed and not digests:
+        log.warning("%s: written before shard checksums existed; its shards are read unverified (re-extract)", folder)
     return [str(present[name]) for name in sorted(listed)]
+
+
+def shard_digests(folder: str | os.PathLike) -> dict[str, tuple[int, str]]:
+    """{shard file name: (bytes, SHA-256)} of a complete set's manifest (empty for sets written before checksums)."""
+    manifest = read_manifest(folder) or {}
+    return {name: (int(v[0]), str(v[1])) for name, v in (manifest.get("sha256") or {}).items()}
+
+
+def _file_digest(path: str | os.PathLike) -> list[Any]:
+    """[bytes, SHA-256] of one shard file, read in 8 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with _open_raw(path) as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return [size, h.hexdigest()]
+
+
+def _open_raw(path: str | os.PathLike):
+    if not storage.is_remote(path):
+        return open(path, "rb")
+    fs, where = storage.filesystem(str(path))
+    return fs.open_input_stream(where)
+
+
+def open_verified(path: str | os.PathLike, digest: tuple[int, str] | None, set_path: str) -> pq.ParquetFile:
+    """One shard opened for reading, its SHA-256 checked on the way in: a local file is memory-mapped and hashed, and
+    Parquet then reads from the same mapping (the disk is read once); a URI is read once into memory. `digest` None
+    (a set without checksums, a lone file): opened as it is."""
+    if digest is None:
+        return _parquet_file(path)
+    size, expected = digest
+    if storage.is_remote(path):
+        fs, where = storage.filesystem(str(path))
+        with fs.open_input_stream(where) as f:
+            source: Any = pa.BufferReader(f.read_buffer())
+    else:
+        source = pa.memory_map(str(path), "r")
+    data = memoryview(source.read_buffer())
+    h = hashlib.sha256()
+    for start in range(0, len(data), 8 << 20):
+        h.update(data[start : start + (8 << 20)])
+    source.seek(0)
+    if len(data) != size or h.hexdigest() != expected:
+        what = f"{len(data)} bytes, the manifest records {size}" if len(data) != size else "its SHA-256 differs"
+        raise DamagedShard(
+            f"{path}: does not match the manifest of the feature set {set_path} ({what}): the shard is damaged or "
+            "was changed after extraction; re-extract the set (jobs/extract_features.py)"
+        )
+    try:
+        return pq.ParquetFile(source)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DamagedShard(f"{path}: not a readable Parquet shard of the feature set {set_path} ({e})") from e
 
 
 @dataclass
@@ -319,7 +401,10 @@ def _features(table: pa.Table) -> np.ndarray:
 
 def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> Shard:
     """Load one whole shard (a local path or URI) into memory (float16 features, no copy to float32)."""
-    table = _read_table(path, columns)
+    return shard_from_table(_read_table(path, columns), path)
+
+
+def shard_from_table(table: pa.Table, path: str | os.PathLike = "") -> Shard:
     n = table.num_rows
     names = table.column_names
 
@@ -389,7 +474,14 @@ class ShardSet:
             raise FileNotFoundError(f"no .parquet shards in {source}")
         self.paths = [str(p) for p in paths]
         self.source = str(source) if isinstance(source, (str, os.PathLike)) else self.paths[0].rsplit("/", 1)[0]
-        metas = [read_meta(p) for p in self.paths]
+        digests = shard_digests(self.source) if storage.is_dir(self.source) else {}
+        # (bytes, SHA-256) per shard from the manifest; checked when a shard is first read (`_open`)
+        self.digests = [digests.get(storage.name(p)) for p in self.paths]
+        self._verified: dict[int, Any] = {}  # shard index -> the file state it was verified in
+        try:
+            metas = [read_meta(p) for p in self.paths]
+        except IncompleteShardSet as e:
+            raise DamagedShard(f"{e} (a shard of the feature set {self.source})") from e
         self.meta = metas[0]
         rule = self.meta.extra.get("min_class_pixels", 0)
         for p, m in zip(self.paths, metas):
@@ -403,10 +495,26 @@ class ShardSet:
                     f"{p}: labels written with min_class_pixels={m.extra.get('min_class_pixels', 0)}, "
                     f"{self.paths[0]} with {rule}; do not mix label rules in one set"
                 )
-        files = [_parquet_file(p).metadata for p in self.paths]
+        files = [self._metadata(p) for p in self.paths]
         self.rows_per_shard = [f.num_rows for f in files]
         # (shard, row group, rows) of every row group: the units `iter_windows` shuffles
         self.pieces = [(s, g, f.row_group(g).num_rows) for s, f in enumerate(files) for g in range(f.num_row_groups)]
+
+    def _metadata(self, path: str) -> pq.FileMetaData:
+        try:
+            return _parquet_file(path).metadata
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DamagedShard(f"{path}: not a readable Parquet shard of the feature set {self.source} ({e})") from e
+
+    def _open(self, s: int) -> pq.ParquetFile:
+        """Shard `s` for reading; its SHA-256 is checked the first time, and again if the file changed since."""
+        path = self.paths[s]
+        state = None if storage.is_remote(path) else tuple(getattr(os.stat(path), k) for k in _FILE_STATE)
+        if self.digests[s] is None or (s in self._verified and self._verified[s] == state):
+            return _parquet_file(path)
+        pf = open_verified(path, self.digests[s], self.source)
+        self._verified[s] = state
+        return pf
 
     @property
     def num_rows(self) -> int:
@@ -429,7 +537,9 @@ class ShardSet:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.paths)) if shuffle else np.arange(len(self.paths))
         for i in order:
-            shard = read_shard(self.paths[i], columns)
+            pf = self._open(int(i))
+            shard = shard_from_table(pf.read(columns=list(columns) if columns else None), self.paths[i])
+            del pf
             if shuffle:
                 perm = rng.permutation(len(shard))
                 shard = Shard(
@@ -464,7 +574,7 @@ class ShardSet:
             for i in sorted(group):  # file order: sequential reads (the trainer permutes the rows anyway)
                 s, g, rows = self.pieces[i]
                 if s not in handles:
-                    handles = {s: _parquet_file(self.paths[s])}  # one open file at a time
+                    handles = {s: self._open(s)}  # one open file at a time (checked on its first read)
                 table = handles[s].read_row_group(g, columns=["features", "label"])
                 feats[pos : pos + rows] = _features(table)
                 labels[pos : pos + rows] = table.column("label").to_numpy()
@@ -477,15 +587,15 @@ class ShardSet:
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         counts = np.zeros(num_classes, np.int64)
-        for p in self.paths:
-            labels = _read_table(p, ["label"]).column("label").to_numpy()
+        for s in range(len(self.paths)):
+            labels = self._open(s).read(columns=["label"]).column("label").to_numpy()
             counts += np.bincount(labels[labels >= 0], minlength=num_classes)[:num_classes]
         return counts
 
     def image_ids(self) -> list[str]:
         ids: set[str] = set()
-        for p in self.paths:
-            ids.update(_read_table(p, ["image_id"]).column("image_id").to_pylist())
+        for s in range(len(self.paths)):
+            ids.update(self._open(s).read(columns=["image_id"]).column("image_id").to_pylist())
         return sorted(ids)
 
 

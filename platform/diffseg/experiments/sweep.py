@@ -17,8 +17,9 @@ run). Tables and plots: `diffseg.core.report`; the command line: `jobs/sweep.py`
 
 Trust: resuming unpickles Tune's state in the experiment folder, so it is restored only if `diffseg.core.trust` proves
 it is this user's (owner and permissions, and an HMAC recorded under a per-user key kept outside the folder when the
-driver stopped); otherwise the resume is refused before anything is read. `jobs/sweep.py --trust-state` signs a
-folder whose driver was killed before it could.
+driver stopped, over only the files that run wrote); otherwise the resume is refused before anything is read. A new
+sweep does not start in a folder that already holds state files Tune would restore. `jobs/sweep.py --trust-state`
+signs a folder whose driver was killed before it could.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from diffseg.core.registry import find_nested_run, finish_nested_runs
 from diffseg.core.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.core.runtime import init_ray, resolve_device, setup_logging
 from diffseg.core.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri, status_for
-from diffseg.core.trust import UntrustedState, check_state, key_path, sign_state
+from diffseg.core.trust import DriverRun, UntrustedState, check_fresh, check_state, key_path
 from diffseg.core.trust import trust_state as vouch_for_state
 from diffseg.experiments.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
 from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model
@@ -305,6 +306,10 @@ def run_sweep(
     out, remote = sweep.output_dir, storage.is_remote(sweep.output_dir)
     exp_dir = storage.join(out, check_name(sweep.name)) if remote else job_dir(out, sweep.name)
     state_file = storage.join(exp_dir, "sweep.json")
+    if not resume and storage.exists(state_file):
+        raise FileExistsError(f"{exp_dir} holds a sweep already: pass resume=True (jobs/sweep.py --resume) to "
+                              "continue it, or choose another name")  # fmt: skip
+    trusted: dict[str, str] = {}  # the state files the resume check verified
     if resume and storage.exists(storage.join(exp_dir, "tuner.pkl")):  # Tune's restore unpickles the folder
         if remote:
             raise UntrustedState(
@@ -313,14 +318,15 @@ def run_sweep(
                 "can write, sign it there (jobs/sweep.py --trust-state) and resume from that output_dir, or start a "
                 "new sweep"
             )
-        check_state(exp_dir)  # only the user's own
+        trusted = check_state(exp_dir)  # only the user's own
+    elif not remote:
+        check_fresh(exp_dir, keep=("sweep.json",))  # a new Tune run: nothing it would restore may be there already
+    # what is there now is not this run's to sign; sweep.json is the driver's own (rewritten below)
+    driver = None if remote else DriverRun(exp_dir, trusted, own=("sweep.json",))
     init_ray()
     cache_dir = sweep.cache_dir or storage.join(out, "feature_cache")
     uri = resolve_tracking_uri(sweep.tracking.uri)
     restoring = resume and tune.Tuner.can_restore(str(exp_dir))
-    if not resume and storage.exists(state_file):
-        raise FileExistsError(f"{exp_dir} holds a sweep already: pass resume=True (jobs/sweep.py --resume) to "
-                              "continue it, or choose another name")  # fmt: skip
     parent_run_id = json.loads(storage.read_text(state_file))["parent_run_id"] if storage.is_file(state_file) else None
     parent = Tracker(sweep.tracking, run_name=sweep.name, run_id=parent_run_id, tracking_uri=uri)
     if parent_run_id is None:
@@ -363,9 +369,9 @@ def run_sweep(
     finally:
         if handler is not None:
             signal.signal(signal.SIGINT, handler)
-        try:  # however the driver stops (but SIGKILL), sign what Tune wrote, so that resume=True may restore it
-            if not remote:
-                sign_state(exp_dir)
+        try:  # however the driver stops (but SIGKILL), sign what this run wrote, so that resume=True may restore it
+            if driver is not None:
+                driver.sign()
         except (OSError, UntrustedState) as e:
             log.warning("could not sign the sweep state in %s (a resume will be refused): %s", exp_dir, e)
     unfinished = len(grid) - grid.num_terminated - grid.num_errors

@@ -14,6 +14,7 @@ Nothing here calls Ray but the factorized task with `scaling.num_workers > 0`, w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tempfile
@@ -88,35 +89,40 @@ def pixel_chunks(
     test = build_dataset(dataclasses.replace(cfg.test_data or cfg.data, flip=False), "test")
     pcfg = from_dict(PixelTrainConfig, cfg.pixel, "pixel")
     bundle = storage.join(trial_dir, BEST_MODEL["pixel"])
-    local = Path(tempfile.mkdtemp(prefix="diffseg-trial-")) / BEST_MODEL["pixel"]  # saved here, then published
-    ensemble = None
-    if state.report > 0 and storage.fetch_file(bundle, local):
-        ensemble = PixelSegmenter.load(local, device).ensemble
-    n = num_reports
-    for r in range(state.report, n):  # the ensemble's epochs (or its iteration cap) split evenly over the reports
-        iters = max(1, math.ceil(pcfg.max_iterations / n)) if pcfg.max_iterations else 0
-        chunk = replace(
-            pcfg, max_epochs=max(1, math.ceil(pcfg.max_epochs / n)), max_iterations=iters, seed=pcfg.seed + r
-        )
-        t1 = time.perf_counter()
-        seg, res = train_segmenter(shards, chunk, device, ensemble=ensemble)
-        ensemble, train_s = seg.ensemble, time.perf_counter() - t1
-        seg.save(local)  # servable as it is: the best trial's bundle is the sweep's result
-        storage.put_file(local, bundle)
-        ignore = int(seg.extra["ignore_index"])
-        result = evaluate_segmenter(
-            seg, test, class_names=seg.class_names, ignore_index=ignore, batch_size=cfg.eval_batch_size
-        )
-        finite = [x for x in res.final_loss if math.isfinite(x)]
-        yield {
-            **result.metrics,
-            "train/loss": float(np.mean(finite)) if finite else float("nan"),
-            "train/iterations": res.iterations,
-            "time/features_s": feature_s,
-            "time/train_s": train_s,
-            "feature_dim": shards.meta.feature_dim,
-        }
-        feature_s = 0.0
+    remote = storage.is_remote(trial_dir)
+    # The bundle is saved in the trial's own folder (atomically), or, for a bucket, in a temp folder that goes with
+    # the trial (also when the scheduler stops it: closing the generator leaves this block).
+    with tempfile.TemporaryDirectory(prefix="diffseg-trial-") if remote else contextlib.nullcontext() as tmp:
+        local = Path(tmp) / BEST_MODEL["pixel"] if remote else Path(bundle)
+        ensemble = None
+        if state.report > 0 and (storage.fetch_file(bundle, local) if remote else local.is_file()):
+            ensemble = PixelSegmenter.load(local, device).ensemble
+        n = num_reports
+        for r in range(state.report, n):  # the ensemble's epochs (or its iteration cap) split evenly over the reports
+            iters = max(1, math.ceil(pcfg.max_iterations / n)) if pcfg.max_iterations else 0
+            chunk = replace(
+                pcfg, max_epochs=max(1, math.ceil(pcfg.max_epochs / n)), max_iterations=iters, seed=pcfg.seed + r
+            )
+            t1 = time.perf_counter()
+            seg, res = train_segmenter(shards, chunk, device, ensemble=ensemble)
+            ensemble, train_s = seg.ensemble, time.perf_counter() - t1
+            seg.save(local)  # servable as it is: the best trial's bundle is the sweep's result
+            if remote:
+                storage.put_file(local, bundle)
+            ignore = int(seg.extra["ignore_index"])
+            result = evaluate_segmenter(
+                seg, test, class_names=seg.class_names, ignore_index=ignore, batch_size=cfg.eval_batch_size
+            )
+            finite = [x for x in res.final_loss if math.isfinite(x)]
+            yield {
+                **result.metrics,
+                "train/loss": float(np.mean(finite)) if finite else float("nan"),
+                "train/iterations": res.iterations,
+                "time/features_s": feature_s,
+                "time/train_s": train_s,
+                "feature_dim": shards.meta.feature_dim,
+            }
+            feature_s = 0.0
 
 
 def factorized_chunks(

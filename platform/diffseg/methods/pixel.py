@@ -612,13 +612,17 @@ class PixelSegmenter:
         return write_payload(path, payload)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> PixelSegmenter:
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, *, allow_unverified: bool = False
+    ) -> PixelSegmenter:
         """A bundle file, or an MLflow model of one (`diffseg.serving.pyfunc`: its backbone packaged inside or
-        referenced by a model URI)."""
+        referenced by a model URI). A bundle without its integrity record is refused unless `allow_unverified` (its
+        backbone, loaded when first used, follows the process-wide rule:
+        `diffseg.models.checkpoint.unverified_allowed`)."""
         path, backbone = Path(path), None
         if path.is_dir():
             path, backbone = bundle_in_folder(path)
-        payload = read_payload(path, BUNDLE_FORMAT)
+        payload = read_payload(path, BUNDLE_FORMAT, allow_unverified=allow_unverified)
         try:
             ecfg = json.loads(payload["ensemble_config"])
             ens = MLPEnsemble(ecfg["in_dim"], ecfg["num_classes"], ecfg["members"], ecfg["hidden"])

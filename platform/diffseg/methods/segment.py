@@ -103,9 +103,10 @@ class FactorizedSegmenter:
 
     @classmethod
     def load(
-        cls, source: str, device: str = "auto", use_ema: bool = True, t: int = 30, class_label: int | None = None
-    ) -> FactorizedSegmenter:
-        loaded = load_diffusion_model(source, device, use_ema)
+        cls, source: str, device: str = "auto", use_ema: bool = True, t: int = 30, class_label: int | None = None,
+        *, allow_unverified: bool = False,
+    ) -> FactorizedSegmenter:  # fmt: skip
+        loaded = load_diffusion_model(source, device, use_ema, allow_unverified=allow_unverified)
         if not isinstance(loaded.model, FactorizedUNet):
             kind = type(loaded.model).__name__
             raise ValueError(f"{source}: a {kind} checkpoint cannot segment; need kind=factorized")

@@ -10,7 +10,10 @@ with `weights_only=True` (no pickled code runs on load):
 Every file we write this way (checkpoints, pixel-segmenter bundles, sweep ensembles) goes through `write_payload` /
 `read_payload`: the payload carries a SHA-256 of every tensor (of its dtype, shape and raw bytes, so any dtype works:
 fp32, bf16, fp16, int) and one of everything else (config, step, extra), and loading recomputes them. A flipped bit
-is an error that names the file and the tensor, never a model that silently serves wrong weights. Every load error is
+is an error that names the file and the tensor, never a model that silently serves wrong weights. A file without the
+record is refused too, everywhere (jobs, Serve, pyfunc models, `init_from`, feature backbones), unless the caller
+opts out by name: `allow_unverified=True`, or `--allow-unverified` / `DIFFSEG_ALLOW_UNVERIFIED=1` for a whole job;
+`jobs/convert_checkpoint.py src=<old> dst=<new> allow_unverified=true` re-seals an old file once. Every load error is
 a `CheckpointError` naming the real file and what is wrong with it: empty, truncated, pickled code, not ours, the
 wrong kind of file, or damaged.
 
@@ -25,6 +28,7 @@ Every job, the sweeps and the Serve replicas get a network the same way:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +46,7 @@ from torch import nn
 
 from diffseg.core import storage
 from diffseg.core.config import atomic_write, from_dict, to_dict
-from diffseg.core.runtime import resolve_device
+from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV, resolve_device
 from diffseg.models.builder import ModelConfig, build_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
 
@@ -148,19 +152,29 @@ def _describe(fmt: Any) -> str:
     return KINDS.get(fmt, f"a file of format {fmt!r}") if fmt is not None else "a file with no 'format' key"
 
 
+def unverified_allowed(allow_unverified: bool = False) -> bool:
+    """Whether files without an integrity record may load: the caller's `allow_unverified`, or the process-wide
+    opt-out `DIFFSEG_ALLOW_UNVERIFIED=1` (what `--allow-unverified` of every job and Serve's `allow_unverified: true`
+    set; `diffseg.core.runtime.code_runtime_env` hands it to Ray workers)."""
+    return allow_unverified or os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def read_payload(
     path: str | os.PathLike,
     expected: str,
     *,
     source: str | None = None,
-    require_integrity: bool = False,
+    allow_unverified: bool = False,
 ) -> dict[str, Any]:
     """Load a payload written by `write_payload` (weights_only: no pickled code runs), check that its format is
     `expected` and that every tensor matches its SHA-256. Errors are CheckpointError (FileNotFoundError for no file)
     and name `source` (the file as the user knows it, e.g. a URI that was downloaded to `path`) or `path`.
 
-    Files written before checksums existed have no integrity record: they load with a warning, or are refused with
-    `require_integrity=True`.
+    A file without its integrity record (written before checksums existed, or with the record removed or renamed) is
+    refused: whoever could edit its weights could also drop the record. Loading one anyway is a deliberate, named
+    choice (`allow_unverified=True`, or `unverified_allowed`'s process-wide opt-out), logged as a warning; re-seal
+    such a file once with `jobs/convert_checkpoint.py src=<old> dst=<new> allow_unverified=true`. A record that does
+    not match is refused always.
     """
     path = Path(path)
     where = source or str(path)
@@ -196,11 +210,61 @@ def read_payload(
         raise CheckpointError(f"{where}: this is {_describe(fmt)}, not {_describe(expected)}{hint}")
     if INTEGRITY_KEY in payload:
         verify_integrity(payload, where)
-    elif require_integrity:
-        raise CheckpointError(f"{where}: has no integrity record (SHA-256 of its tensors); refused")
+    elif not unverified_allowed(allow_unverified):
+        raise CheckpointError(
+            f"{where}: has no integrity record (the SHA-256 of its tensors; keys {sorted(map(str, payload))}), so "
+            "nothing shows its weights are the ones written; refused. If you know where this file comes from (one "
+            "written before checksums existed), re-seal it once: python jobs/convert_checkpoint.py "
+            f"src={where} dst=<new file> allow_unverified=true (or load it unverified with --allow-unverified, "
+            f"{ALLOW_UNVERIFIED_ENV}=1)"
+        )
     else:
-        log.warning("%s: written before checksums existed; its integrity cannot be checked (save it again)", where)
+        log.warning("%s: loaded WITHOUT an integrity check (allow_unverified): nothing shows its weights are the "
+                    "ones written; re-seal it with jobs/convert_checkpoint.py", where)  # fmt: skip
     return payload
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a whole file (streamed), to compare with what its publisher says it is."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_payload(payload: dict[str, Any], path: str | os.PathLike) -> str:
+    """What a payload file holds, in one line, for a person deciding whether to trust it (see `reseal_payload`)."""
+    tensors = list(_walk({k: v for k, v in payload.items() if k != INTEGRITY_KEY}, ""))
+    values = sum(t.numel() for _, t in tensors)
+    parts = [_describe(payload.get("format")), f"{len(tensors)} tensors ({values:,} values)"]
+    if "step" in payload:
+        parts.append(f"step {payload['step']}")
+    try:
+        model = json.loads(payload["config"]).get("model", {})
+        parts.append(f"model {model.get('kind')} at {model.get('unet', {}).get('image_size')} px")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    for key in ("ema", "optimizer"):
+        if key in payload:
+            parts.append(f"{key} {'yes' if payload[key] is not None else 'no'}")
+    if isinstance(payload.get("extra"), dict):
+        parts.append(f"extra keys {sorted(payload['extra'])}")
+    parts.append("integrity record " + ("present" if INTEGRITY_KEY in payload else "MISSING"))
+    parts.append(f"file SHA-256 {file_sha256(path)}")
+    return "; ".join(parts)
+
+
+def reseal_payload(src: str | os.PathLike, dst: str | os.PathLike, expected: str) -> tuple[Path, str]:
+    """Re-seal a payload file written before checksums existed (or whose record was lost): read it WITHOUT the
+    integrity check (the caller vouches for it, having seen `describe_payload`), then write it to `dst` with a fresh
+    record, and read that back verified. Returns (dst, the description of src). A file whose record is present but
+    does not match is refused as always: re-sealing is for missing records, not for damage."""
+    payload = read_payload(src, expected, allow_unverified=True)
+    what = describe_payload(payload, src)
+    out = write_payload(dst, payload)
+    read_payload(out, expected)
+    return out, what
 
 
 @dataclass
@@ -311,20 +375,25 @@ def checkpoint_file(path: str | os.PathLike, source: str | None = None) -> tuple
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, source: str | None = None
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    source: str | None = None,
+    allow_unverified: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint, verifying every tensor's SHA-256: our file, a run folder holding checkpoint.pt, an MLflow
     model folder (`diffseg.serving.pyfunc`: the checkpoint is under data/), or a safetensors export
     (`export_safetensors`).
 
     `source` is how errors name the file when `path` is a local copy of it (a downloaded URI). Every failure is a
-    CheckpointError (FileNotFoundError when there is no file) that names the file and says what is wrong with it.
+    CheckpointError (FileNotFoundError when there is no file) that names the file and says what is wrong with it; a
+    file without its integrity record is one of them unless `allow_unverified` (see `read_payload`).
     """
     path, source = checkpoint_file(path, source)
     if path.suffix == ".safetensors":
         return load_safetensors(path.parent, source=source)
     where = source or str(path)
-    payload = read_payload(path, FORMAT, source=source)
+    payload = read_payload(path, FORMAT, source=source, allow_unverified=allow_unverified)
     missing = [k for k in ("config", "model", "step") if k not in payload]
     if missing:
         raise CheckpointError(f"{where}: a diffseg checkpoint without {missing}")
@@ -347,12 +416,33 @@ def load_checkpoint(
     return ckpt
 
 
+def is_fetched(source: str | os.PathLike) -> bool:
+    """A source that `resolve_source` downloads (an MLflow artifact URI or a storage URI), not a local path."""
+    return str(source).startswith(MLFLOW_SCHEMES + ("file://",))
+
+
+@contextlib.contextmanager
+def fetched_source(source: str | os.PathLike) -> Iterator[Path]:
+    """`resolve_source` for a caller that reads the model while the block runs: a URI is downloaded into a temp
+    folder that is removed on exit (nothing fetched outlives the load); a local path is yielded as it is."""
+    if not is_fetched(source):
+        yield resolve_source(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="diffseg-fetch-") as tmp:
+        yield resolve_source(source, tmp)
+
+
 def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local path, or a URI fetched to a local file or folder: an MLflow artifact URI (`runs:/<run_id>/checkpoint`,
     `models:/name@alias`) with `mlflow.artifacts.download_artifacts`; a storage file (`s3://`, `gs://`, `file://`)
-    with pyarrow's filesystems, as every other location (`diffseg.core.storage`)."""
+    with pyarrow's filesystems, as every other location (`diffseg.core.storage`).
+
+    A URI is fetched into `cache_dir`, which the caller owns (a job's own folder); without one, use
+    `fetched_source`, which removes what it fetched."""
     if str(source).startswith(("s3://", "gs://", "file://")) and storage.is_file(str(source)):
-        folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="diffseg-fetch-"))
+        if cache_dir is None:
+            raise ValueError(f"{source}: fetching a URI needs a folder to put it in (cache_dir or fetched_source)")
+        folder = Path(cache_dir)
         folder.mkdir(parents=True, exist_ok=True)
         local = folder / storage.name(str(source))
         storage.fetch_file(str(source), local)
@@ -361,8 +451,9 @@ def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | Non
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
         import mlflow  # costs seconds: only when a URI asks for it
 
-        dst = str(cache_dir) if cache_dir else None
-        local = mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=dst)
+        if cache_dir is None:
+            raise ValueError(f"{source}: fetching a URI needs a folder to put it in (cache_dir or fetched_source)")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=str(cache_dir))
         return Path(local)
     path = Path(source).expanduser()
     if not path.exists():
@@ -379,7 +470,7 @@ class LoadedModel:
     config: dict[str, Any]  # the run's resolved config (plain dict), as saved inside the checkpoint
     step: int  # the training step of the weights
     source: str  # what was asked for (a path or a URI)
-    path: Path  # the local checkpoint file read
+    path: Path  # the local checkpoint file read (for a URI: its download, removed once read)
     weights: str  # "ema", "model" or "random"
 
     @property
@@ -396,6 +487,8 @@ def load_diffusion_model(
     device: str | torch.device | None = "auto",
     use_ema: bool = True,
     random_init: bool = False,
+    *,
+    allow_unverified: bool = False,
 ) -> LoadedModel:
     """THE loader: a checkpoint (a file, a run folder, or an MLflow artifact URI) -> network, diffusion, config.
 
@@ -403,12 +496,14 @@ def load_diffusion_model(
     or the raw ones; `random_init=True` keeps the architecture and a fixed random init (seed 0, without touching the
     caller's RNG) for the random-features baseline. The model comes back in eval mode with gradients off.
 
-    Every tensor's SHA-256 is verified (`load_checkpoint`); a file that is damaged, not ours, or whose config or
-    weights do not make a model is a CheckpointError naming the file (the URI, for a downloaded one).
+    Every tensor's SHA-256 is verified (`load_checkpoint`); a file that is damaged, not ours, without its integrity
+    record (unless `allow_unverified`), or whose config or weights do not make a model is a CheckpointError naming
+    the file (the URI, for a downloaded one).
     """
-    path = resolve_source(source)
-    uri = str(source) if str(source).startswith(MLFLOW_SCHEMES) else None  # errors name the URI, not a download
-    ckpt = load_checkpoint(path, source=uri)
+    uri = str(source) if is_fetched(source) else None  # errors name the URI, not a download
+    with fetched_source(source) as path:  # a downloaded copy is removed once read
+        ckpt = load_checkpoint(path, source=uri, allow_unverified=allow_unverified)
+        local = checkpoint_file(path)[0]
     where = uri or str(path)
     dev = resolve_device(device)
     try:
@@ -436,7 +531,7 @@ def load_diffusion_model(
         config=ckpt.config,
         step=ckpt.step,
         source=str(source),
-        path=checkpoint_file(path)[0],
+        path=local,
         weights=weights,
     )
 

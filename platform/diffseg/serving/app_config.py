@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from diffseg.core.config import WORKDIR_ENV, InputPath, is_uri
 from diffseg.core.runtime import decide_gpu
+from diffseg.methods.pixel import PixelSegmenter
+from diffseg.models.checkpoint import FORMAT, CheckpointError, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,30 @@ def check_sources(cfg: ServeAppConfig) -> None:
             )
 
 
+def verify_sources(cfg: ServeAppConfig) -> None:
+    """Read and verify every local model file of a resolved app config here, where the app is built, before any
+    replica starts: a damaged, unsealed (without `allow_unverified`) or wrong file fails the deploy once, with the
+    error naming the key and the file, instead of failing every replica start in its own log. The pixel bundle's
+    backbone checkpoint is checked too. URIs (models:/, runs:/, s3://) are verified by the replicas that fetch them.
+    """
+    allow = cfg.allow_unverified
+    sampler = cfg.sampler_source if cfg.sampler_source != cfg.segmenter else None  # the same file: read once
+    checks = [("segmenter", cfg.segmenter, FORMAT), ("sampler", sampler, FORMAT), ("pixel", cfg.pixel, None)]
+    for key, value, kind in checks:
+        if not value or is_uri(value):
+            continue
+        try:
+            if kind == FORMAT:
+                load_checkpoint(value, allow_unverified=allow)
+                continue
+            backbone = PixelSegmenter.load(value, "cpu", allow_unverified=allow).recipe.backbone
+            spec = backbone.split(":", 1)[1] if backbone.startswith("random:") else backbone
+            if spec != "rgb" and not backbone.startswith("diffusers:") and not is_uri(spec):
+                load_checkpoint(spec, allow_unverified=allow)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise CheckpointError(f"{key}: {e}") from None
+
+
 def model_num_gpus(use_gpu: str) -> int:
     """GPUs per model replica: 1 or 0 by the one `use_gpu` rule (`diffseg.core.runtime.decide_gpu`, printed)."""
     return 1 if decide_gpu(use_gpu, "serve").use_gpu else 0
@@ -94,6 +120,7 @@ class ServeAppConfig:
     use_sampler: bool = True  # serve /v1/sample (False: segmenters only, one replica fewer)
     device: str = "auto"  # torch device of the model replicas: auto (cuda when visible), cpu, cuda, cuda:1
     use_ema: bool = True  # load the EMA weights when the checkpoint has them
+    allow_unverified: bool = False  # serve checkpoints/bundles without an integrity record (refused by default)
     expose_internals: bool = False  # /v1/info and answers show checkpoint paths, devices and pids (trusted clients)
     tracking_uri: str | None = None  # MLflow store of models:/ and runs:/ sources; None = $MLFLOW_TRACKING_URI
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # @serve.batch on/off and sizes

@@ -13,6 +13,13 @@ Every conversion is checked: the written file is read back by the loader that wi
 reader, or the guided-diffusion importer) and must give the source network's output on a fixed input, bit for bit
 (`convert/max_abs_diff`, 0 for fp32). The job is an MLflow run; `tracking.register_as=<name>` also logs the result
 as an MLflow model and registers it (`models:/<name>/<version>`, a backbone any job or Serve can name).
+
+Re-sealing: a file of ours without its integrity record (written before checksums existed) is refused by every
+loader. `allow_unverified=true` reads such a source anyway, prints what it is (format, tensors, step, model, the
+file's SHA-256) and writes `dst` with a fresh record, once; from then on `dst` verifies like any other file. This
+works for checkpoints and for pixel-segmenter bundles (`to=diffseg`):
+
+    python jobs/convert_checkpoint.py src=old/checkpoint.pt dst=runs/x/checkpoint.pt allow_unverified=true
 """
 
 from __future__ import annotations
@@ -20,22 +27,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from diffseg.core import storage
 from diffseg.core.config import ConfigError, Name, to_dict
 from diffseg.core.tracking import Tracker, TrackingConfig
 from diffseg.models.builder import build_model
 from diffseg.models.checkpoint import (
     FORMAT,
-    MLFLOW_SCHEMES,
+    INTEGRITY_KEY,
+    KINDS,
     Checkpoint,
+    describe_payload,
     export_safetensors,
+    fetched_source,
+    is_fetched,
     load_checkpoint,
-    resolve_source,
+    read_payload,
+    reseal_payload,
     save_checkpoint_as,
 )
 from diffseg.models.guided import (
@@ -62,6 +76,8 @@ class ConvertConfig:
     flags: str = ""  # ... or its MODEL_FLAGS ("--image_size 256 --learn_sigma True ...") or a .json of flags
     use_ema: bool = True  # exports: the EMA weights when the checkpoint has them (else the raw weights)
     verify: bool = True  # read the result back and compare its output with the source's on a fixed input
+    allow_unverified: bool = False  # read a src of ours that has no integrity record (an old file): print what it is
+    # and write dst sealed (re-sealing it once); without it such a src is refused
     name: Name = "convert"  # the MLflow run's name
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(log_models=False))  # MLflow; with
     # register_as=<name> the result is also logged as an MLflow model and registered
@@ -90,14 +106,23 @@ def read_flags(cfg: ConvertConfig, src: Path) -> dict[str, Any] | None:
 
 
 def read_source(cfg: ConvertConfig) -> tuple[Checkpoint, str]:
-    """The source as a Checkpoint, and what it was ("diffseg", "safetensors", "guided-diffusion")."""
-    local = resolve_source(cfg.src)
+    """The source as a Checkpoint, and what it was ("diffseg", "safetensors", "guided-diffusion"); a URI's download
+    is removed once read."""
+    with fetched_source(cfg.src) as local:
+        return _read_local(cfg, local)
+
+
+def _read_local(cfg: ConvertConfig, local: Path) -> tuple[Checkpoint, str]:
+    uri = cfg.src if is_fetched(cfg.src) else None
     if local.is_dir():
-        ckpt = load_checkpoint(local, source=cfg.src if cfg.src.startswith(MLFLOW_SCHEMES) else None)
+        ckpt = load_checkpoint(local, source=uri, allow_unverified=cfg.allow_unverified)
         return ckpt, "safetensors" if ckpt.extra.get("imported_from") == "safetensors" else "diffseg"
     payload = torch.load(local, map_location="cpu", weights_only=True, mmap=True)  # mmap: a peek, not a read
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return load_checkpoint(local), "diffseg"
+        if INTEGRITY_KEY not in payload and cfg.allow_unverified:  # re-sealing an old file: say what it is first
+            log.info(f"[convert] {cfg.src} has no integrity record; re-sealing what it holds: "
+                     f"{describe_payload(payload, local)}")  # fmt: skip
+        return load_checkpoint(local, source=uri, allow_unverified=cfg.allow_unverified), "diffseg"
     flags = read_flags(cfg, local)
     if flags is None:
         raise ValueError(
@@ -108,6 +133,19 @@ def read_source(cfg: ConvertConfig) -> tuple[Checkpoint, str]:
         return guided_checkpoint(local, flags, preset=cfg.preset or None), "guided-diffusion"
     except ValueError as e:  # flags (a preset) of another network: say so without a traceback
         raise ConfigError(f"src, {'preset' if cfg.preset else 'flags'}: {e}") from e
+
+
+def _other_payload_format(src: str) -> str | None:
+    """The format of a local file of ours that is not a model checkpoint (a pixel bundle, an ensemble state)."""
+    path = Path(src)
+    if storage.is_remote(src) or not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours, or damaged: read_source and the loaders say what is wrong
+        return None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    return fmt if fmt in KINDS and fmt != FORMAT else None
 
 
 def _weights(ckpt: Checkpoint, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -128,6 +166,15 @@ def run_convert(cfg: ConvertConfig) -> dict[str, Any]:
     """Convert `src` to `to` at `dst`, check it, record the run; a summary."""
     cfg.check()
     track = dataclasses.replace(cfg.tracking, log_models=cfg.tracking.log_models or bool(cfg.tracking.register_as))
+    bundle = _other_payload_format(cfg.src)
+    if bundle is not None:  # a pixel bundle or ensemble state: re-sealed as it is, nothing to convert
+        if cfg.to != "diffseg":
+            raise ConfigError(f"to: {cfg.src} is {KINDS[bundle]}; it can only be re-sealed (to=diffseg)")
+        if not cfg.allow_unverified:
+            read_payload(cfg.src, bundle)  # a sealed file verifies (or names its damage); an unsealed one says how
+        out, what = reseal_payload(cfg.src, cfg.dst, bundle)
+        log.info(f"[convert] re-sealed {cfg.src} -> {out}: {what}")
+        return {"src": cfg.src, "from": bundle, "to": cfg.to, "dst": str(out), "kind": bundle}
     with Tracker(track, cfg.name) as tracker:
         tracker.log_params(to_dict(cfg))
         ckpt, kind = read_source(cfg)

@@ -16,7 +16,7 @@ from diffseg.core.runtime import image_generators, image_seed, resolve_device
 from diffseg.methods import segment
 from diffseg.methods.pixel import PixelSegmenter
 from diffseg.methods.sampling import sample_progressive
-from diffseg.models.checkpoint import LoadedModel, load_diffusion_model, resolve_source
+from diffseg.models.checkpoint import LoadedModel, fetched_source, load_diffusion_model
 from diffseg.serving.requests import SampleParams
 
 
@@ -99,7 +99,9 @@ class PixelEnsembleSegmenter:
     @classmethod
     def load(cls, source: str, device: str = "auto") -> PixelEnsembleSegmenter:
         dev = resolve_device(device)
-        bundle = PixelSegmenter.load(resolve_source(source), device=dev)
+        with fetched_source(source) as local:  # a downloaded model is removed once read
+            bundle = PixelSegmenter.load(local, device=dev)
+            bundle.pipeline  # noqa: B018 -- the backbone now, while a packaged one is still on disk
         return cls(bundle, source=source, device=dev)
 
     def info(self) -> dict[str, Any]:
