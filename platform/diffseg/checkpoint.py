@@ -41,7 +41,7 @@ import yaml
 from torch import nn
 
 from diffseg import storage
-from diffseg.config import atomic_write, from_dict, to_dict
+from diffseg.config import UserError, atomic_write, from_dict, to_dict
 from diffseg.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.models import ModelConfig, build_model
 from diffseg.runtime import resolve_device
@@ -72,7 +72,7 @@ KINDS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that cannot be loaded as the kind of file asked for; the message names the file and what is wrong."""
 
 

@@ -37,7 +37,12 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """An error the user caused and can fix from its message alone (a config, input data, a checkpoint file, an
+    unsupported conversion): a job ends with the message in one line, no traceback (`diffseg.launch`)."""
+
+
+class ConfigError(UserError):
     """A config key is unknown or its value has the wrong type; the message names the dotted key."""
 
 
@@ -704,6 +709,9 @@ def parse_job_args(
     )
     parser.add_argument("--config", default=default_config, help="YAML config file (defaults are the dataclass's)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, check it and exit")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of a user error (config, data, checkpoint)"
+    )
     for flag, text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
