@@ -52,7 +52,7 @@ from diffseg.diffusion import DiffusionConfig, GaussianDiffusion, sample_timeste
 from diffseg.factorized import FactorizedUNet
 from diffseg.models import EMA, ModelConfig, build_model
 from diffseg.pyfunc import log_checkpoint_model
-from diffseg.runtime import image_generators, resolve_device
+from diffseg.runtime import Progress, format_duration, image_generators, resolve_device
 from diffseg.sampling import sample
 from diffseg.segment import heldout_eps_mse, mask_diagnostics, segment_images
 from diffseg.storage import fetch_file, is_remote, put_file
@@ -78,7 +78,7 @@ class LoopConfig:
     log_every: int = 10  # steps between progress lines and metric logging
     checkpoint_every: int = 100  # steps between checkpoints (reported to Ray Train and exported)
     sample_every: int = 0  # steps between sample grids (0 = only at the end)
-    num_samples: int = 8  # images in each sample grid
+    num_samples: int = 8  # images in each sample grid (0 = no sample grids)
     sample_steps: int = 50  # DDIM steps for the sample grids
     seed: int = 0  # global seed: the initial weights; rank r uses seed + r for its data order, timesteps and noise
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
@@ -132,6 +132,8 @@ class TrainConfig:
                 f"data.image_size ({self.data.image_size}) != model.unet.image_size ({self.model.unet.image_size}): "
                 "the network would train on one size and sample another; set both"
             )
+        if self.loop.num_samples < 0:
+            raise ValueError(f"loop.num_samples: {self.loop.num_samples} < 0 (0 = no sample grids)")
         workers = max(1, self.scaling.num_workers)
         if self.optim.batch_size % workers:
             raise ValueError(f"optim.batch_size {self.optim.batch_size} is not divisible by {workers} workers")
@@ -499,13 +501,6 @@ def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
     return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
 
 
-def format_duration(seconds: float) -> str:
-    """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
 def fit(
     cfg: TrainConfig,
     ctx: WorkerContext | None = None,
@@ -565,9 +560,13 @@ def fit(
             if rank == 0:
                 path = state.save(Path(tmp) / CHECKPOINT_NAME)
                 put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
-                if final:  # the final checkpoint, also on remote storage, and the model in MLflow (registered
-                    tracker.log_artifact(path, "checkpoint")  # as tracking.register_as when set)
+                if final and tracker.enabled:  # the final checkpoint, also on remote storage, and the model in
+                    t_log = time.perf_counter()  # MLflow (registered as tracking.register_as when set)
+                    log.info("[train] MLflow: logging the final checkpoint and the model (MLflow first loads it and "
+                             "predicts on its input example) ...")  # fmt: skip
+                    tracker.log_artifact(path, "checkpoint")
                     log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
+                    log.info(f"[train] MLflow: checkpoint and model logged in {time.perf_counter() - t_log:.1f} s")
                 ckpt_dir = path.parent
             ctx.report({**metrics, "step": state.step}, ckpt_dir)
 
@@ -598,8 +597,13 @@ def fit(
             f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
         )
 
-    def write_samples() -> None:
+    def write_samples(final: bool = False) -> None:
         n = cfg.loop.num_samples
+        if n == 0:  # no sample grids asked for
+            return
+        t_samples = time.perf_counter()
+        if final:
+            log.info(f"[train] final samples: {n} images, {cfg.loop.sample_steps} DDIM steps ...")
         gens = image_generators(cfg.loop.seed, range(n))  # the grid's images are jobs/sample.py's for this seed
         images, masks = sample(
             state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
@@ -611,12 +615,13 @@ def fit(
             put_file(path, run_uri(cfg, "samples", name))
             tracker.log_artifact(path, "samples")
         tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
-        log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
+        log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)} ({time.perf_counter() - t_samples:.1f} s)")
 
     try:
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
         started = time.perf_counter()
+        progress = Progress(cfg.loop.num_steps - start_step, "steps", clock=time.perf_counter)
         metrics: dict[str, float] = {}
         stopped_early = False
         while state.step < cfg.loop.num_steps:
@@ -645,10 +650,12 @@ def fit(
                 state.history.append([step, mean_loss])
                 metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
                 if rank == 0:
-                    left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
+                    progress.update(step - start_step)  # the ETA from a smoothed rate: steady under load
+                    left = progress.eta_s() or 0.0
+                    bar = progress.bar_text()  # on a terminal only
                     log.info(
                         f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
-                        f"left {format_duration(left)}"
+                        f"left {format_duration(left)}" + (f" {bar}" if bar else "")
                     )
                     tracker.log_metrics(metrics, step)
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
@@ -668,7 +675,7 @@ def fit(
             checkpoint_and_report(metrics, final=True)
         if rank != 0:
             return None
-        write_samples()
+        write_samples(final=True)
         tracker.finish()
         return {
             "step": state.step,
