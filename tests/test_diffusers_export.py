@@ -27,7 +27,7 @@ OFF = TrackingConfig(enabled=False)
 BASE = dict(image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,))
 
 
-def random_checkpoint(path: Path, unet: UNetConfig, kind: str = "ddpm", diffusion=DiffusionConfig()) -> Path:
+def random_checkpoint(path: Path, unet: UNetConfig, kind: str = "ddpm") -> Path:
     """A checkpoint whose every weight is random (ADM's zero init would make every output 0 and the check void)."""
     torch.manual_seed(0)
     cfg = ModelConfig(kind=kind, unet=unet)
@@ -35,7 +35,7 @@ def random_checkpoint(path: Path, unet: UNetConfig, kind: str = "ddpm", diffusio
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    run = {"model": to_dict(cfg), "diffusion": to_dict(diffusion), "name": "x"}
+    run = {"model": to_dict(cfg), "diffusion": to_dict(DiffusionConfig()), "name": "x"}
     return save_checkpoint(path, config=run, model=model.state_dict(), step=7)
 
 

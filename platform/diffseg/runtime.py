@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,7 +71,10 @@ def code_runtime_env() -> dict[str, Any]:
 
 def init_ray(num_cpus: int = 0) -> None:
     """Start (or join) Ray once per process: `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else a local
-    instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens."""
+    instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens.
+
+    `ray.init` replaces the process's SIGTERM handler with its own `sys.exit(15)`, which would end a job's MLflow runs
+    FAILED; a Python handler installed before (the job's: SIGTERM -> JobInterrupted -> KILLED) is put back."""
     import ray  # costs seconds: only when a job needs Ray
 
     if ray.is_initialized():
@@ -77,7 +82,11 @@ def init_ray(num_cpus: int = 0) -> None:
     kwargs: dict[str, Any] = {}
     if num_cpus and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(runtime_env=code_runtime_env(), **kwargs)
+    if callable(before):  # ours (or the caller's): not SIG_DFL / SIG_IGN, which Ray's exit handler improves on
+        signal.signal(signal.SIGTERM, before)
 
 
 # ---------------------------------------------------------------------------------------------------- GPUs

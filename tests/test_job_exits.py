@@ -1,0 +1,138 @@
+"""How jobs end for the user: one line for a user error or an interrupt (the traceback behind --traceback), KILLED
+runs on SIGTERM also once Ray is attached, and a submission refused by Ray's token auth saying what to set."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from diffseg.tracking import JobInterrupted, sigterm_interrupts
+
+REPO = Path(__file__).resolve().parents[1]
+PY = [sys.executable]
+
+
+def test_init_ray_keeps_the_jobs_sigterm_handler(monkeypatch):
+    """`ray.init` installs `sys.exit(15)` as the SIGTERM handler (ray/_private/worker.py), which ended a Ray-attached
+    job's runs FAILED; init_ray puts the job's handler back. A stand-in for ray does what ray.init does."""
+    from diffseg import runtime
+
+    def init(**kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    with pytest.raises(JobInterrupted, match="SIGTERM"), sigterm_interrupts():
+        runtime.init_ray()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in the main thread long before this ends
+    before = signal.getsignal(signal.SIGTERM)
+    runtime.init_ray()  # outside a job: Ray's own exit handler stays (nothing of ours to put back)
+    assert signal.getsignal(signal.SIGTERM) is not before
+    signal.signal(signal.SIGTERM, before)
+
+
+JOB = """
+import sys, time
+sys.path.insert(0, {platform!r})
+from diffseg.launch import run_job
+from diffseg.runtime import init_ray
+from diffseg.tracking import Tracker, TrackingConfig
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Cfg:
+    ray: bool = False  # attach to Ray first
+
+def run(cfg):
+    tracker = Tracker(TrackingConfig(experiment="exits", system_metrics=False), "sigterm")
+    if cfg.ray:
+        init_ray(1)
+    print("RUN", tracker.run_id, flush=True)
+    time.sleep(600)
+
+run_job(Cfg, run, sys.argv[1:])
+"""
+
+
+def _sigterm(tmp_path, *args, wait_s=240):
+    script = tmp_path / "job.py"
+    script.write_text(JOB.format(platform=str(REPO / "platform")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*PY, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env)  # fmt: skip
+    try:
+        line = ""
+        deadline = time.time() + wait_s
+        while not line.startswith("RUN") and time.time() < deadline:
+            line = job.stdout.readline()
+            if not line and job.poll() is not None:
+                break
+        assert line.startswith("RUN"), job.stderr.read()[-3000:] if job.poll() is not None else "no RUN line"
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return job.returncode, err, line.split()[1]
+
+
+def _status(run_id: str) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status
+
+
+def test_sigterm_ends_a_job_in_one_line_and_its_run_killed(tmp_path):
+    code, err, run_id = _sigterm(tmp_path)
+    assert code == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "interrupted: terminated by signal SIGTERM" and "Traceback" not in err, err
+    assert _status(run_id) == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_ray_attached_job_killed(tmp_path):
+    """The same job attached to a (local) Ray cluster first: still KILLED, still one line."""
+    code, err, run_id = _sigterm(tmp_path, "ray=true")
+    assert code == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "interrupted: terminated by signal SIGTERM", err
+    assert "Traceback" not in err
+    assert _status(run_id) == "KILLED"
+
+
+def test_a_submission_refused_by_token_auth_says_what_to_set(monkeypatch, capsys):
+    """`ray start --head` with token auth on, this shell without RAY_AUTH_MODE=token: the Job API answers 401 and
+    Ray's client raises AuthenticationError; jobs/submit.py turns it into one line naming the variable."""
+    import ray.job_submission
+    from ray.exceptions import AuthenticationError
+
+    from diffseg import submit
+
+    class Refusing:
+        def __init__(self, address, *args, **kwargs):
+            raise AuthenticationError("Unauthorized: Missing authentication token")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Refusing)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        submit.main(["--address", "http://127.0.0.1:8265", "--no-wait", "--", "python", "jobs/demo.py"])
+    message = str(exit_.value.code)
+    assert "\n" not in message and message.startswith("error: the Ray cluster at http://127.0.0.1:8265 requires")
+    assert "export RAY_AUTH_MODE=token" in message and "it is unset" in message
+
+
+def test_docs_local_route_exports_the_auth_mode():
+    """docs/cluster.md's own-working-directory route starts a `ray start` cluster and submits to it: with Ray's
+    token auth that works only with RAY_AUTH_MODE=token exported first, so the route says so before it submits."""
+    text = (REPO / "docs" / "cluster.md").read_text()
+    route = text[text.index("## From your own working directory") :]
+    commands = [line.strip() for line in route[: route.index("jobs/submit.py --address")].splitlines()]
+    commands = [line for line in commands if line and not line[0].isalpha() or line.startswith(("export", "ray "))]
+    start = next(i for i, line in enumerate(commands) if line.startswith("ray start --head"))
+    assert any(line.startswith("export RAY_AUTH_MODE=token") for line in commands[:start]), commands
