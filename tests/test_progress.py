@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+
+import pytest
+
 from diffseg.runtime import Progress
 
 
@@ -47,3 +53,49 @@ def test_bar_only_when_asked_or_on_a_terminal():
     assert p.update(10).endswith("|#####---------------| 25%")
     assert Progress(40, clock=clock).bar_text() == ""  # pytest's captured stdout is not a terminal
     assert Progress(40, clock=clock, bar=False).text() == "0/40 img, ? img/s, left ?"
+
+
+@pytest.fixture
+def diffseg_log(caplog):
+    """The library's records, also when a job in this process has set up its own stdout handler (no propagation)."""
+    logger = logging.getLogger("diffseg")
+    own = not logger.propagate  # else the records reach caplog's root handler anyway
+    if own:
+        logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="diffseg"):
+        yield caplog
+    if own:
+        logger.removeHandler(caplog.handler)
+
+
+def test_extraction_says_how_far_it_is_and_warns_when_its_actors_wait(diffseg_log):
+    """What the feature job prints of its own while Ray Data works: images done / total, rate, ETA; and, when no
+    shard finishes for the bounded wait (actors that cannot be scheduled), a warning naming the resources asked for
+    and those free. The rows are the actors' summary rows (one per shard), here from a generator."""
+    from diffseg.features import follow_extraction
+
+    def rows():
+        time.sleep(1.5)  # nothing is scheduled yet
+        for i in range(5):
+            yield {"shard": f"shard-{i}.parquet", "num_pixels": 10, "num_images": 8}
+
+    free = lambda: {"CPU": 0.25, "memory": 1e9, "object_store_memory": 1e8}  # noqa: E731
+    paths = follow_extraction(rows(), 40, {"CPU": 1.0}, free, stall_warn_s=0.5, every_s=0.0)
+    assert paths == [f"shard-{i}.parquet" for i in range(5)]
+    text = diffseg_log.text
+    warnings = [r for r in diffseg_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, text  # one warning per stall, not one per check
+    assert "no shard finished for" in warnings[0].message and "0/40 images done" in warnings[0].message
+    assert "ask for 1 CPU in all, the cluster has 0.25 CPU free" in warnings[0].message
+    lines = re.findall(r"\[extract\] (\d+)/40 img, ([\d.]+) img/s, left (\d\d:\d\d:\d\d)", text)
+    assert [int(done) for done, _, _ in lines] == [8, 16, 24, 32, 40]
+    assert lines[-1][2] == "00:00:00"
+
+
+def test_a_steady_extraction_does_not_warn(diffseg_log):
+    from diffseg.features import follow_extraction
+
+    rows = ({"shard": f"s{i}", "num_images": 2} for i in range(3))
+    follow_extraction(rows, 6, {"CPU": 0.5}, dict, stall_warn_s=30.0, every_s=3600.0)
+    assert not [r for r in diffseg_log.records if r.levelno >= logging.WARNING]
+    assert re.findall(r"\[extract\] (\d+)/6 img", diffseg_log.text) == ["2", "6"]  # the first, then throttled, the end

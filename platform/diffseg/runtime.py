@@ -235,7 +235,8 @@ class Progress:
 
     def text(self) -> str:
         eta = self.eta_s()
-        rate = f"{self.rate:.1f} {self.unit}/s" if self.rate is not None else f"? {self.unit}/s"
+        rate = "?" if self.rate is None else f"{self.rate:.2f}" if self.rate < 1 else f"{self.rate:.1f}"
+        rate = f"{rate} {self.unit}/s"
         out = f"{self.done}/{self.total} {self.unit}, {rate}, left {format_duration(eta) if eta is not None else '?'}"
         return out + (f" {bar}" if (bar := self.bar_text()) else "")
 
