@@ -543,6 +543,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     cfg = resolve_paths(cfg)  # in the driver: the actors run elsewhere
     with Tracker(cfg.tracking, cfg.name, parent_run_id=current_run_id()) as tracker:
         tracker.log_params(to_dict(cfg))
+        tracker.log_data_input(cfg.data, context="features")
         summary = _extract(cfg)
         tracker.log_metrics({f"extract/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         tracker.set_tags({"diffseg.shard_dir": summary["shard_dir"], "diffseg.recipe_hash": summary["recipe_hash"]})

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from diffseg.config import UserError, parse_job_args
 from diffseg.runtime import setup_logging
-from diffseg.tracking import JobInterrupted, end_live_runs, sigterm_interrupts
+from diffseg.tracking import SOURCE_ENV, USER_ENV, JobInterrupted, end_live_runs, sigterm_interrupts, source_tags
 
 T = TypeVar("T")
 
@@ -78,6 +78,11 @@ def run_job(
     names = [flag.lstrip("-").replace("-", "_") for flag in flags or {}]
     kwargs = {name: getattr(args, name) for name in names}
     show_traceback = bool(getattr(args, "traceback", False)) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    # The job file and user every MLflow run of the job records, also in the Ray workers this process starts.
+    tags = source_tags()
+    exported = {k: v for k, v in ((SOURCE_ENV, tags["mlflow.source.name"]), (USER_ENV, tags["mlflow.user"]))
+                if k not in os.environ}  # fmt: skip
+    os.environ.update(exported)
     try:
         with sigterm_interrupts():
             result = run(cfg, **kwargs)
@@ -87,5 +92,8 @@ def run_job(
     except BaseException as e:
         end_live_runs(e)
         raise
+    finally:
+        for key in exported:
+            os.environ.pop(key, None)
     end_live_runs(None)  # a run the job left open ends with it
     return result

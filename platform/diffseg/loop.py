@@ -508,12 +508,14 @@ def fit(
     tracking_uri: str | None = None,
     git_commit: str | None = None,
     git_dirty: bool | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Train as `cfg` says on one worker of `ctx` (default: this process); rank 0 returns a summary, others None.
 
     Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt` (a local folder or a
     URI), after `check_resume` (a changed architecture or data set is refused; optim.* is re-applied). Rank 0 logs
-    progress and MLflow (`tracking_uri`; `git_commit` and `git_dirty` are tagged on new runs), writes sample grids
+    progress and MLflow (`tracking_uri`; `git_commit`, `git_dirty` and `run_tags` (the driver's user and job file) are
+    tagged on new runs, and the training data is the run's dataset input), writes sample grids
     (`samples/`) and exports every checkpoint there.
     """
     cfg.check()
@@ -542,7 +544,8 @@ def fit(
                 tags["mlflow.source.git.commit"] = git_commit
             if git_dirty is not None:
                 tags["diffseg.git_dirty"] = str(git_dirty).lower()
-            tracker.set_tags(tags)
+            tracker.set_tags({**tags, **(run_tags or {})})
+            tracker.log_data_input(cfg.data, context="training")
             tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
         state.mlflow_run_id = tracker.run_id
         if changes and (changes["reapplied"] or changes["free"]):

@@ -40,7 +40,7 @@ from diffseg.loop import (  # noqa: F401  (the configs are part of this module's
 )
 from diffseg.runtime import decide_gpu, init_ray, setup_logging
 from diffseg.storage import exists, put_file, read_text
-from diffseg.tracking import end_runs_named, git_dirty, git_sha, resolve_tracking_uri, status_for
+from diffseg.tracking import end_runs_named, git_dirty, git_sha, resolve_tracking_uri, source_tags, status_for
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RayTrainContext:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What each Ray Train worker runs; `config` = {"cfg": TrainConfig as dict (every path absolute), "tracking_uri",
-    "git_commit", "git_dirty"}."""
+    "git_commit", "git_dirty", "source"}."""
     setup_logging()  # a worker process shows the loop's progress lines in its log
     cfg = from_dict(TrainConfig, config["cfg"])
     return fit(
@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         tracking_uri=config.get("tracking_uri"),
         git_commit=config.get("git_commit"),
         git_dirty=config.get("git_dirty"),
+        run_tags=config.get("source"),
     )
 
 
@@ -103,6 +104,7 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
             # The driver knows the commit; workers run shipped copies of the code, outside any git checkout.
             "git_commit": git_sha(),
             "git_dirty": git_dirty(),
+            "source": source_tags(),  # the user and job file: a worker's own __main__ is Ray's
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
