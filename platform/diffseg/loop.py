@@ -132,6 +132,12 @@ class TrainConfig:
                 f"data.image_size ({self.data.image_size}) != model.unet.image_size ({self.model.unet.image_size}): "
                 "the network would train on one size and sample another; set both"
             )
+        if self.loop.eval_every and self.eval.data is None and self.eval.split == "test" and self.data.num_test < 2:
+            raise ValueError(
+                f"loop.eval_every={self.loop.eval_every} validates on held-out images, but data.num_test is "
+                f"{self.data.num_test}: set data.num_test (>= 2; the images after data.num_train), or eval.data / "
+                "eval.split"
+            )
         if self.loop.num_samples < 0:
             raise ValueError(f"loop.num_samples: {self.loop.num_samples} < 0 (0 = no sample grids)")
         workers = max(1, self.scaling.num_workers)
