@@ -136,3 +136,29 @@ def test_docs_local_route_exports_the_auth_mode():
     commands = [line for line in commands if line and not line[0].isalpha() or line.startswith(("export", "ray "))]
     start = next(i for i, line in enumerate(commands) if line.startswith("ray start --head"))
     assert any(line.startswith("export RAY_AUTH_MODE=token") for line in commands[:start]), commands
+
+
+def test_promote_redeploys_only_the_config_apps_that_serve_the_alias():
+    """jobs/promote.py's plan from the dashboard's Serve details (no cluster here): the apps naming the alias get
+    `promoted:` in their args (a changed config: Serve rebuilds them), the others go back unchanged (a PUT replaces
+    every app), an earlier pin of the same alias is replaced."""
+    from diffseg.promote import app_info_url, apps_serving, promoted_config
+
+    seg = {"import_path": "serve.app:build_app", "route_prefix": "/", "args": {"segmenter": "models:/m@champion"}}
+    other = {"import_path": "serve.app:build_app", "route_prefix": "/b", "args": {"pixel": "runs/x.pt"}}
+    details = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": 8123},
+        "applications": {"a": {"deployed_app_config": seg, "route_prefix": "/"},
+                         "b": {"deployed_app_config": other, "route_prefix": "/b"}},
+    }  # fmt: skip
+    assert apps_serving(details, "models:/m@champion") == (["a"], [])
+    config = promoted_config(details, ["a"], "m@champion=2")
+    assert config["applications"][0]["args"] == {"segmenter": "models:/m@champion", "promoted": "m@champion=2"}
+    assert config["applications"][1] == other and config["http_options"]["port"] == 8123
+    details["applications"]["a"]["deployed_app_config"] = config["applications"][0]
+    again = promoted_config(details, ["a"], "m@champion=3")
+    assert again["applications"][0]["args"]["promoted"] == "m@champion=3"
+    assert app_info_url(details, "b") == "http://127.0.0.1:8123/b/v1/info"
+    details["applications"]["c"] = {"deployed_app_config": None}
+    assert apps_serving(details, "models:/m@champion") == (["a"], ["c"])
