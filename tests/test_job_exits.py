@@ -162,3 +162,46 @@ def test_promote_redeploys_only_the_config_apps_that_serve_the_alias():
     assert app_info_url(details, "b") == "http://127.0.0.1:8123/b/v1/info"
     details["applications"]["c"] = {"deployed_app_config": None}
     assert apps_serving(details, "models:/m@champion") == (["a"], ["c"])
+
+
+@pytest.mark.slow
+def test_local_route_with_token_auth(tmp_path):
+    """docs/cluster.md's local route on a `ray start` cluster with token auth on (its own token file, never
+    ~/.ray/auth_token): jobs/submit.py without RAY_AUTH_MODE=token is refused in one line naming it; with it exported,
+    as the route does, the job runs."""
+    import secrets
+    import urllib.request
+
+    from test_cluster import LocalCluster  # tests/test_cluster.py's `ray start` nodes (own ports and temp dir)
+
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+
+    class TokenCluster(LocalCluster):
+        def _alive_nodes(self) -> int:
+            req = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
+                                         headers={"Authorization": f"Bearer {token.read_text()}"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    nodes = __import__("json").loads(r.read())["data"]["summary"]
+            except OSError:
+                return 0
+            return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
+
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    cluster = TokenCluster(env=auth)
+    try:
+        submit = [*PY, str(REPO / "jobs" / "submit.py"), "--address", cluster.dashboard, "--",
+                  "python", "-c", "print('token ok')"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+        env.update(OMP_NUM_THREADS="1", RAY_AUTH_TOKEN_PATH=str(token))
+        refused = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the Ray cluster at") and "export RAY_AUTH_MODE=token" in last, refused.stderr
+        assert "Traceback" not in refused.stderr
+        ok = subprocess.run(submit, cwd=tmp_path, env={**env, **auth}, capture_output=True, text=True, timeout=600)
+        assert ok.returncode == 0 and "token ok" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
+    finally:
+        cluster.shutdown()
