@@ -99,3 +99,15 @@ def test_a_steady_extraction_does_not_warn(diffseg_log):
     follow_extraction(rows, 6, {"CPU": 0.5}, dict, stall_warn_s=30.0, every_s=3600.0)
     assert not [r for r in diffseg_log.records if r.levelno >= logging.WARNING]
     assert re.findall(r"\[extract\] (\d+)/6 img", diffseg_log.text) == ["2", "6"]  # the first, then throttled, the end
+
+
+def test_long_log_intervals_are_smoothed_too():
+    """A log line every 5 minutes (a big model): the rate still averages over about three lines, not one."""
+    clock, etas, done = Clock(), [], 0
+    p = Progress(100_000, clock=clock, bar=False)
+    for i in range(1, 13):
+        done += int((2.0 if i % 2 else 8.0) * 300)
+        clock.now = 300.0 * i
+        p.update(done)
+        etas.append(p.eta_s())
+    assert max(etas[6:]) / min(etas[6:]) < 1.6  # the raw ETAs swing 4x

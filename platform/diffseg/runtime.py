@@ -195,9 +195,9 @@ class Progress:
     """How far a job is: done / total, a smoothed rate and the time left it gives, as one line of text.
 
     The rate is an exponential moving average of the rates between updates, weighted by the time each covers
-    (`half_life_s`: a rate measured that long ago counts half), so one slow or fast interval on a shared machine moves
-    the ETA a little instead of making it jump. With `bar` (default: when stdout is a terminal) the text ends with a
-    bar, `|#####-----| 50%`.
+    (`half_life_s`, at least three updates: a rate measured that long ago counts half), so one slow or fast interval
+    on a shared machine moves the ETA a little instead of making it jump. With `bar` (default: when stdout is a
+    terminal) the text ends with a bar, `|#####-----| 50%`.
     """
 
     def __init__(
@@ -221,7 +221,9 @@ class Progress:
         dt, dn = now - self._last_t, done - self._last_done
         if dt > 0 and dn >= 0:
             rate = dn / dt
-            keep = math.exp(-dt * math.log(2) / self.half_life_s) if self.half_life_s > 0 else 0.0
+            # at least 3 updates per half-life, so long log intervals are smoothed too
+            half_life = max(self.half_life_s, 3 * dt) if self.half_life_s > 0 else 0.0
+            keep = math.exp(-dt * math.log(2) / half_life) if half_life > 0 else 0.0
             self.rate = rate if self.rate is None else keep * self.rate + (1 - keep) * rate
             self._last_t, self._last_done = now, done
         self.done = done
