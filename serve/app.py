@@ -22,6 +22,7 @@ Deployments are named (`FactorizedSegmenter`, `PixelSegmenter`, `Sampler`, `Ingr
 """
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -71,6 +72,9 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream
 CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
 HEALTH_TIMEOUT_S = 5.0  # /healthz answers 503 when a model replica has not answered within this
 FAILED_STATES = ("UNHEALTHY", "DEPLOY_FAILED")  # Serve deployment states in which no replica will answer
+
+
+log = logging.getLogger("diffseg.serve")
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -443,6 +447,11 @@ def build_application(
         raise ValueError(f"deployments: no deployment named {unknown}; this app has {deployment_names(cfg)}")
     sources = {cfg.segmenter, cfg.pixel, cfg.sampler_source} - {None}
     refs = {src: resolve_model_uri(src, os.environ.get("MLFLOW_TRACKING_URI")) for src in sources}
+    for pin in filter(None, (cfg.promoted or "").split(",")):  # jobs/promote.py's record vs the registry now
+        alias_uri, _, version = pin.partition("=")
+        ref = refs.get(f"models:/{alias_uri}")
+        if ref is not None and ref.version != version:
+            log.warning(f"[serve] models:/{alias_uri} names version {ref.version} now, not {version} (promoted)")
     gpus = model_num_gpus(cfg.use_gpu)
     common = {"device": cfg.device, "use_ema": cfg.use_ema, "batching": to_dict(cfg.batching),
               "allow_unverified": cfg.allow_unverified}  # fmt: skip

@@ -79,8 +79,8 @@ class LocalCluster:
             RAY_AUTH_MODE="disabled",
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONUNBUFFERED="1",
-            **(env or {}),
         )
+        self.env.update(env or {})  # the caller's win (RAY_AUTH_MODE=token for a cluster with token auth)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         port, self.dashboard_port, client_port = _free_ports(3)

@@ -51,7 +51,7 @@ def serve_config(tmp_path, port) -> Path:
     return path
 
 
-def start_serve(config: Path, log: Path) -> subprocess.Popen:
+def start_serve(config: Path, log: Path, address: str = "local") -> subprocess.Popen:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -60,7 +60,7 @@ def start_serve(config: Path, log: Path) -> subprocess.Popen:
     }  # this checkout's code everywhere
     env.pop("RAY_ADDRESS", None)
     serve_cli = Path(sys.executable).parent / "serve"
-    return subprocess.Popen([str(serve_cli), "run", "--address", "local", str(config)], cwd=REPO, env=env,
+    return subprocess.Popen([str(serve_cli), "run", "--address", address, str(config)], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
@@ -125,3 +125,44 @@ def test_serve_follows_the_alias_across_deploys(tmp_path, monkeypatch):
         assert answer["model"]["model_version"] == version and answer["model"]["step"] == {"1": 10, "2": 15}[version]
         seen[version] = answer["mask_png"]
     assert set(seen) == {"1", "2"}
+
+
+def test_promote_switches_the_live_app_without_stopping_serve(tmp_path, monkeypatch):
+    """docs/mlflow.md's alias switch on a live app: `serve run` of a config naming models:/<name>@champion (version
+    1) on a `ray start` cluster, then `jobs/promote.py name=... alias=champion version=2 address=<dashboard>`: the
+    same Serve (never stopped) answers with version 2 in /v1/info and in its answers."""
+    from test_cluster import LocalCluster  # the `ray start` nodes of tests/test_cluster.py (own ports, temp dir)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    train(tmp_path, 10)  # version 1
+    train(tmp_path, 15)  # version 2
+    set_alias(NAME, "champion", 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, config = f"http://127.0.0.1:{port}", serve_config(tmp_path, port)
+    code = os.pathsep.join([str(REPO / "platform"), str(REPO)])  # serve.app imports on the nodes
+    cluster = LocalCluster(head_cpus=2, worker_cpus=1, env={"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": code})
+    log = tmp_path / "serve.log"
+    proc = None
+    try:
+        proc = start_serve(config, log, address=cluster.address)
+        wait_healthy(url, proc, log)
+        assert segment(url)["model"]["model_version"] == "1"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+        promote = [sys.executable, str(REPO / "jobs" / "promote.py"), f"name={NAME}", "alias=champion", "version=2",
+                   f"address={cluster.dashboard}", "wait_s=300"]  # fmt: skip
+        res = subprocess.run(promote, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "[promote] models:/e2e-seg@champion: version 1 -> 2" in res.stdout
+        assert "redeploying ['diffseg']" in res.stdout
+        assert proc.poll() is None  # the same `serve run`, never stopped
+        info = requests.get(f"{url}/v1/info", timeout=30).json()["models"]["factorized"]
+        assert info["model_version"] == "2" and info["alias"] == "champion"
+        answer = segment(url)
+        assert answer["model"]["model_version"] == "2" and answer["model"]["step"] == 15
+    finally:
+        if proc is not None:
+            stop(proc)
+        cluster.shutdown()

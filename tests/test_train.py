@@ -390,3 +390,28 @@ def test_resume_guard_allows_loop_reapplies_optim_and_refuses_architecture_or_da
         assert "optim." not in msg.split("(loop.*")[0] and "name=" in msg and "init_from=" in msg
     assert load_checkpoint(ckpt_path).step == 7
     assert "num_components: 3" in (ckpt_path.parent / "config.yaml").read_text()
+
+
+def test_no_sample_grids_and_the_tail_steps_say_what_they_do(tmp_path, mlflow_uri, caplog):
+    """loop.num_samples=0 asks for no sample grid: the run ends normally after its last checkpoint (it used to fail
+    in write_samples). The slow tail steps each get a line: the final samples, and logging the model to MLflow."""
+    import logging
+
+    from diffseg.training.loop import LocalContext, fit
+
+    cfg = tiny_cfg(tmp_path, kind="ddpm", name="nosamples", **{"loop.num_steps": 5, "loop.num_samples": 0})
+    with caplog.at_level(logging.INFO, logger="diffseg"):
+        out = fit(cfg, LocalContext("cpu"))
+    assert out["step"] == 5 and load_checkpoint(out["checkpoint"]).step == 5
+    assert not (Path(out["checkpoint"]).parent / "samples").exists()
+    text = caplog.text
+    assert "final samples" not in text
+    assert "MLflow: logging the final checkpoint and the model" in text
+    assert re.search(r"MLflow: checkpoint and model logged in [\d.]+ s", text)
+
+    with caplog.at_level(logging.INFO, logger="diffseg"):
+        fit(tiny_cfg(tmp_path, kind="ddpm", name="samples", **{"loop.num_steps": 5, "tracking.enabled": False}))
+    assert "[train] final samples: 2 images, 4 DDIM steps" in caplog.text
+    assert re.search(r"samples -> .*step_0000005\.png \([\d.]+ s\)", caplog.text)
+    with pytest.raises(ValueError, match="loop.num_samples"):
+        tiny_cfg(tmp_path, **{"loop.num_samples": -1}).check()

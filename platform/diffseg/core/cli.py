@@ -131,6 +131,9 @@ def parse_job_args(
     )
     parser.add_argument("--config", default=default_config, help="YAML config file (defaults are the dataclass's)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, check it and exit")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of a user error (config, data, checkpoint)"
+    )
     for flag, text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")

@@ -30,7 +30,12 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """An error the user caused and can fix from its message alone (a config, input data, a checkpoint file, an
+    unsupported conversion): a job ends with the message in one line, no traceback (`diffseg.experiments.launch`)."""
+
+
+class ConfigError(UserError):
     """A config key is unknown or its value has the wrong type; the message names the dotted key."""
 
 

@@ -12,6 +12,7 @@ cluster address means the same thing everywhere:
     decide_gpu("auto", "train")       the one `use_gpu: auto` rule (Ray Train workers, feature actors, Serve replicas):
                                       GPUs when the cluster has them up OR its autoscaler can start a GPU node type
     setup_logging()                   what a job (or a Ray worker) shows: the library's `logging` records on stdout
+    Progress(total, "img")            done/total, a smoothed rate and the ETA it gives (a bar when stdout is a terminal)
 
 Ray is imported only inside `init_ray`; nothing here has a side effect at import time.
 """
@@ -19,10 +20,14 @@ Ray is imported only inside `init_ray`; nothing here has a side effect at import
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import stat
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +100,9 @@ def init_ray(num_cpus: int = 0) -> None:
     instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens.
 
     Ray's token file (`~/.ray/auth_token`, which `ray.init` creates for a new local cluster with a plain `open`) is
-    made 0600 before and after (`tighten_token_file`)."""
+    made 0600 before and after (`tighten_token_file`). `ray.init` replaces the process's SIGTERM handler with its own
+    `sys.exit(15)`, which would end a job's MLflow runs FAILED; a Python handler installed before (the job's: SIGTERM
+    -> JobInterrupted -> KILLED) is put back."""
     import ray  # costs seconds: only when a job needs Ray
 
     if ray.is_initialized():
@@ -103,11 +110,15 @@ def init_ray(num_cpus: int = 0) -> None:
     kwargs: dict[str, Any] = {}
     if num_cpus and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
     tighten_token_file()
     try:
         ray.init(runtime_env=code_runtime_env(), **kwargs)
     finally:
         tighten_token_file()
+    if callable(before):  # ours (or the caller's): not SIG_DFL / SIG_IGN, which Ray's exit handler improves on
+        signal.signal(signal.SIGTERM, before)
 
 
 # ---------------------------------------------------------------------------------------------------- GPUs
@@ -202,3 +213,71 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+def format_duration(seconds: float) -> str:
+    """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+    """How far a job is: done / total, a smoothed rate and the time left it gives, as one line of text.
+
+    The rate is an exponential moving average of the rates between updates, weighted by the time each covers
+    (`half_life_s`, at least three updates: a rate measured that long ago counts half), so one slow or fast interval
+    on a shared machine moves the ETA a little instead of making it jump. With `bar` (default: when stdout is a
+    terminal) the text ends with a bar, `|#####-----| 50%`.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        unit: str = "img",
+        *,
+        half_life_s: float = 30.0,
+        bar: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.total, self.unit, self.half_life_s, self.clock = int(total), unit, float(half_life_s), clock
+        self.bar = sys.stdout.isatty() if bar is None else bar
+        self.started = self._last_t = clock()
+        self.done = self._last_done = 0
+        self.rate: float | None = None  # smoothed units per second; None before the first measured interval
+
+    def update(self, done: int) -> str:
+        """Record `done` units finished so far; the progress text."""
+        now = self.clock()
+        dt, dn = now - self._last_t, done - self._last_done
+        if dt > 0 and dn >= 0:
+            rate = dn / dt
+            # at least 3 updates per half-life, so long log intervals are smoothed too
+            half_life = max(self.half_life_s, 3 * dt) if self.half_life_s > 0 else 0.0
+            keep = math.exp(-dt * math.log(2) / half_life) if half_life > 0 else 0.0
+            self.rate = rate if self.rate is None else keep * self.rate + (1 - keep) * rate
+            self._last_t, self._last_done = now, done
+        self.done = done
+        return self.text()
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the smoothed rate (None before a rate is known)."""
+        if not self.rate:
+            return None
+        return max(self.total - self.done, 0) / self.rate
+
+    def text(self) -> str:
+        eta = self.eta_s()
+        rate = "?" if self.rate is None else f"{self.rate:.2f}" if self.rate < 1 else f"{self.rate:.1f}"
+        rate = f"{rate} {self.unit}/s"
+        out = f"{self.done}/{self.total} {self.unit}, {rate}, left {format_duration(eta) if eta is not None else '?'}"
+        return out + (f" {bar}" if (bar := self.bar_text()) else "")
+
+    def bar_text(self) -> str:
+        """`|#####-----| 50%` when the bar is on, else ""."""
+        if not (self.bar and self.total > 0):
+            return ""
+        frac = min(self.done / self.total, 1.0)
+        filled = int(round(20 * frac))
+        return f"|{'#' * filled}{'-' * (20 - filled)}| {100 * frac:.0f}%"

@@ -17,8 +17,10 @@ What `ray job submit --working-dir .` does, plus what it cannot know (`build_run
 - `MLFLOW_TRACKING_URI` from your environment, made absolute (a relative `sqlite:///mlflow.db` means your folder).
 
 The address is `--address`, else `$RAY_API_SERVER_ADDRESS`, else `$RAY_ADDRESS` when it is an http URL, else the
-local dashboard (http://127.0.0.1:8265). With token auth on, export RAY_AUTH_MODE=token as for `ray job`. Waits for
-the job and streams its log unless `--no-wait`; exits 0 only when the job succeeded.
+local dashboard (http://127.0.0.1:8265). A cluster with token auth on (Ray 2.60 turns it on for `ray start` when
+`~/.ray/auth_token` exists, and a local `ray.init` writes that file) needs RAY_AUTH_MODE=token here, as `ray job`
+does; without it the submission ends with one line saying so (`auth_hint`), not a traceback. Waits for the job and
+streams its log unless `--no-wait`; exits 0 only when the job succeeded.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ def job_address(address: str | None = None) -> str:
     if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
         return os.environ["RAY_ADDRESS"]
     return DEFAULT_ADDRESS
+
+
+def auth_hint(address: str) -> str:
+    """The one line a refused submission prints: what to set so that this client sends the cluster's token."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    have = "it is 'token', so the token itself is wrong or missing" if mode == "token" else (
+        f"it is {mode!r}" if mode else "it is unset")  # fmt: skip
+    return (
+        f"the Ray cluster at {address} requires its auth token: export RAY_AUTH_MODE=token ({have}; the token is read "
+        "from ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN, and must be the cluster's)"
+    )
 
 
 def build_runtime_env(
@@ -128,5 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no entrypoint: give the command after --, e.g. -- python jobs/train_factorized.py")
     extra = dict(item.split("=", 1) for item in args.env)
     runtime_env = build_runtime_env(args.workdir, extra, use_workdir=not args.no_workdir)
-    _, status = submit(entrypoint, args.address, runtime_env, wait=not args.no_wait, timeout_s=args.timeout)
+    from ray.exceptions import AuthenticationError
+
+    try:
+        _, status = submit(entrypoint, args.address, runtime_env, wait=not args.no_wait, timeout_s=args.timeout)
+    except AuthenticationError:
+        sys.exit(f"error: {auth_hint(job_address(args.address))}")
+    except ConnectionError as e:  # no dashboard there
+        sys.exit(f"error: {e} (start one with `ray start --head --dashboard-port=8265`, or pass --address)")
     return 0 if args.no_wait or status == "SUCCEEDED" else 1

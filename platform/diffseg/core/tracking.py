@@ -22,6 +22,9 @@ Models: `log_pyfunc_model` logs an MLflow model (the flavor `diffseg.serving.pyf
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
+import json
 import logging
 import os
 import re
@@ -29,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +44,7 @@ from typing import Annotated, Any
 import numpy as np
 
 from diffseg.core.config import (
+    REPO_ROOT,
     WORKDIR_ENV,
     ConfigError,
     PathField,
@@ -55,6 +60,8 @@ SQLITE = "sqlite:///"
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store: <folder of mlflow.db>/mlartifacts/<experiment>/<run>/artifacts
 HOST_TAG, PID_TAG, PID_START_TAG = "diffseg.host", "diffseg.pid", "diffseg.pid_start"
 FAILURE_TAG = "diffseg.failure"  # why a run was ended FAILED / KILLED by someone else than its own process
+SOURCE_ENV, USER_ENV = "DIFFSEG_SOURCE", "DIFFSEG_USER"  # set by run_job: a run's job file and user, in any process
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view, not GenAI
 # The library's source folder (diffseg/): MLflow models carry a copy, so `mlflow.pyfunc.load_model` works anywhere.
 CODE_DIR = Path(__file__).resolve().parents[1]  # the diffseg package (this file is diffseg/core/tracking.py)
 # What a pyfunc model needs installed besides its copied code (no inference: it would call pip, which needs an index).
@@ -150,6 +157,32 @@ def git_tags(commit: str | None = None, dirty: bool | None = None) -> dict[str, 
     if dirty is not None:
         tags["diffseg.git_dirty"] = str(dirty).lower()
     return tags
+
+
+def job_source() -> str:
+    """The job file this process runs (`jobs/train_factorized.py`, relative to the checkout when inside it): what
+    `diffseg.experiments.launch.run_job` exports as $DIFFSEG_SOURCE, else `__main__`'s file."""
+    if src := os.environ.get(SOURCE_ENV):
+        return src
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or (sys.argv[0] if sys.argv else "")
+    if not main:
+        return "<interactive>"
+    path = Path(main).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def source_tags() -> dict[str, str]:
+    """What the MLflow UI shows as "Created by" and "Source": `mlflow.user` ($DIFFSEG_USER, else the login name)
+    and `mlflow.source.name` (`job_source`), `mlflow.source.type` LOCAL or JOB (a submitted Ray job)."""
+    try:
+        user = os.environ.get(USER_ENV) or getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container's uid without a passwd entry)
+        user = str(os.getuid())
+    return {
+        "mlflow.user": user,
+        "mlflow.source.name": job_source(),
+        "mlflow.source.type": "JOB" if is_submitted_job() else "LOCAL",
+    }
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -331,7 +364,7 @@ class Tracker:
         exp_id = experiment_id(self._client, self.uri, self.cfg.experiment)
         if parent_run_id is None:
             _reap(self._client, exp_id)
-        tags = {"mlflow.runName": run_name, **_process_tags()}
+        tags = {"mlflow.runName": run_name, **_process_tags(), **source_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         tags.update(git_tags())
@@ -402,6 +435,23 @@ class Tracker:
         if self.enabled:
             for k, v in tags.items():
                 self._client.set_tag(self.run_id, k, str(v))
+
+    def log_data_input(self, data: Any, context: str = "training") -> None:
+        """The data set a run read, as an MLflow dataset input (the UI's Dataset column, with `context`): named after
+        its folder (or `synthetic`), its source the folder (or the generator and seed), its profile the data config
+        (sizes, splits), its digest a hash of those. `data` is a data config (`diffseg.data.datasets.DataConfig`)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = to_dict(data)
+        root = profile.get("root")
+        name = Path(str(root)).name if root else str(profile.get("name", "data"))
+        source = {"uri": str(root)} if root else {"generator": name, "seed": profile.get("seed")}
+        text = json.dumps({"name": name, "source": source, "profile": profile}, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        dataset = Dataset(name, digest, "local" if root else "code", json.dumps(source), None, json.dumps(profile))
+        self._client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -555,11 +605,15 @@ def experiment_id(client: Any, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+            return client.create_experiment(
+                name, artifact_location=artifact_location(uri, name), tags=dict([EXPERIMENT_KIND])
+            )
         except MlflowException:  # created by another process meanwhile
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
+    if EXPERIMENT_KIND[0] not in exp.tags:  # the UI then opens it as a model-training experiment (runs, models)
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     wanted = artifact_location(uri, name)
     if wanted and exp.artifact_location.removeprefix("file://") != wanted:
         log.warning(
@@ -588,4 +642,7 @@ def start_job(cfg: Any) -> tuple[Path, Tracker]:
     save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg.tracking, cfg.name)
     tracker.log_params(flatten(to_dict(cfg)))
+    data = getattr(cfg, "data", None)
+    if data is not None and hasattr(data, "root") and hasattr(data, "image_size"):  # a DataConfig: what it reads
+        tracker.log_data_input(data, context="input")
     return out, tracker

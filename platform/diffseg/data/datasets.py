@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffseg.core.config import InputPath
+from diffseg.core.config import InputPath, UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_AUTO_BYTES = 2**30  # data.cache=auto keeps a paired folder's decoded images in memory up to this size
@@ -60,7 +60,7 @@ CLASS_MERGES: dict[str, dict[str, Any]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file."""
 
 

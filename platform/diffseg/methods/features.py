@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -44,7 +45,7 @@ from diffseg.core.config import (
     resolve_paths,
     to_dict,
 )
-from diffseg.core.runtime import decide_gpu, init_ray, resolve_device
+from diffseg.core.runtime import Progress, decide_gpu, init_ray, resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id
 from diffseg.data.datasets import DataConfig, build_dataset, item_ids, read_images_ray
 from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
@@ -391,12 +392,69 @@ class FeatureExtractor:
         ids = [str(i) for i in batch["id"]]
         path = storage.join(self.out_dir, f"shard-{ids[0]}.parquet")
         if storage.exists(path):  # idempotent: finished work is skipped
-            return {"shard": np.array([str(path)]), "num_pixels": np.array([-1])}
+            return {"shard": np.array([str(path)]), "num_pixels": np.array([-1]), "num_images": np.array([len(ids)])}
         images = torch.from_numpy(np.stack(batch["image"]))  # (B, H, W, 3) uint8
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
         masks = np.stack(batch["mask"]) if "mask" in batch else None
         n = write_feature_shard(self.pipeline, images, ids, path, masks, self.meta_extra, self.min_class_pixels)
-        return {"shard": np.array([str(path)]), "num_pixels": np.array([n])}
+        return {"shard": np.array([str(path)]), "num_pixels": np.array([n]), "num_images": np.array([len(ids)])}
+
+
+STALL_WARN_S = 60.0  # no shard finished for this long: say what the extraction asked Ray for and what is free
+PROGRESS_EVERY_S = 10.0  # at most one progress line this often (and one at the end)
+
+
+def follow_extraction(
+    rows: Iterable[dict[str, Any]],
+    total: int,
+    asked: dict[str, float],
+    free: Callable[[], dict[str, float]],
+    *,
+    stall_warn_s: float = STALL_WARN_S,
+    every_s: float = PROGRESS_EVERY_S,
+) -> list[str]:
+    """Consume the extraction's summary rows (one per shard, as they finish), logging progress (`[extract] 16/40 img,
+    3.1 img/s, left 00:00:08`) and, when no shard has finished for `stall_warn_s`, a warning naming the resources
+    its actors asked for (`asked`, all actors together) and those free now (`free()`): actors that cannot be
+    scheduled (a Serve app or another job holding the CPUs) otherwise wait without a word. Returns the shard paths."""
+    progress = Progress(total, "img")
+    paths: set[str] = set()
+    last_row = [time.monotonic()]
+    stop = threading.Event()
+
+    def watch() -> None:
+        warned_at = None
+        while not stop.wait(min(5.0, stall_warn_s / 4)):
+            since = time.monotonic() - last_row[0]
+            if since < stall_warn_s or warned_at == last_row[0]:
+                continue
+            warned_at = last_row[0]
+            have = {k: round(v, 2) for k, v in sorted(free().items()) if k in asked or k in ("CPU", "GPU")}
+            log.warning(
+                f"[extract] no shard finished for {since:.0f} s ({progress.done}/{total} images done): the actors "
+                f"ask for {_resources(asked)} in all, the cluster has {_resources(have)} free; if other work holds "
+                "them (a Serve app, another job), free them or lower num_actors / cpus_per_actor / gpus_per_actor"
+            )
+
+    watcher = threading.Thread(target=watch, name="extract-watch", daemon=True)
+    watcher.start()
+    shown = -float("inf")  # the first shard is shown at once, then one line per `every_s`, and the last
+    try:
+        for row in rows:
+            last_row[0] = time.monotonic()
+            paths.add(str(row["shard"]))
+            text = progress.update(progress.done + int(row.get("num_images", 0)))
+            if last_row[0] - shown >= every_s or progress.done >= total:
+                log.info(f"[extract] {text}")
+                shown = last_row[0]
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    return sorted(paths)
+
+
+def _resources(res: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in res.items()) or "nothing"
 
 
 def extract_to_shards(
@@ -408,11 +466,14 @@ def extract_to_shards(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
     min_class_pixels: int = 0,
+    num_images: int = 0,
+    stall_warn_s: float = STALL_WARN_S,
 ) -> list[str]:
     """Run extraction over a Ray Dataset of {"id", "image" (H, W, 3) uint8, "mask"?}; returns the shard paths.
 
     On a small CPU machine pass a fractional `cpus_per_actor` (e.g. 0.5) so the read tasks still get a CPU slot
-    while the actors hold theirs (otherwise Ray Data can wait forever); on GPUs use `gpus_per_actor=1`.
+    while the actors hold theirs (otherwise Ray Data can wait forever); on GPUs use `gpus_per_actor=1`. Progress
+    (of `num_images`, when given) and stalls are logged (`follow_extraction`).
     """
     import ray  # the Ray edge of this module: only the actor-pool path needs it
 
@@ -432,7 +493,8 @@ def extract_to_shards(
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         **kwargs,
     )
-    return sorted({str(r["shard"]) for r in out.iter_rows()})
+    asked = {"CPU": cpus_per_actor * num_actors, **({"GPU": gpus_per_actor * num_actors} if gpus_per_actor else {})}
+    return follow_extraction(out.iter_rows(), num_images, asked, ray.available_resources, stall_warn_s=stall_warn_s)
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -481,6 +543,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     cfg = resolve_paths(cfg)  # in the driver: the actors run elsewhere
     with Tracker(cfg.tracking, cfg.name, parent_run_id=current_run_id()) as tracker:
         tracker.log_params(to_dict(cfg))
+        tracker.log_data_input(cfg.data, context="features")
         summary = _extract(cfg)
         tracker.log_metrics({f"extract/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         tracker.set_tags({"diffseg.shard_dir": summary["shard_dir"], "diffseg.recipe_hash": summary["recipe_hash"]})
@@ -505,8 +568,9 @@ def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
     expected = item_ids(dataset)[:n]
     begin_shard_set(out, expected, {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)})
     t0 = time.perf_counter()
+    log.info(f"[extract] {n} images, {cfg.num_actors} actor(s) of {cfg.cpus_per_actor:g} CPU, {gpus:g} GPU -> {out}")
     paths = extract_to_shards(
-        cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus, cfg.min_class_pixels
+        cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus, cfg.min_class_pixels, n
     )
     seconds = time.perf_counter() - t0
     end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones

@@ -45,7 +45,7 @@ import yaml
 from torch import nn
 
 from diffseg.core import storage
-from diffseg.core.config import atomic_write, from_dict, to_dict
+from diffseg.core.config import UserError, atomic_write, from_dict, to_dict
 from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV, resolve_device
 from diffseg.models.builder import ModelConfig, build_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
@@ -68,7 +68,7 @@ KINDS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that cannot be loaded as the kind of file asked for; the message names the file and what is wrong."""
 
 

@@ -128,6 +128,8 @@ class ServeAppConfig:
     # A `deployments:` entry's ray_actor_options replaces the app's own (Serve's rule): give num_gpus there too.
     # Replicas, autoscaling, queues and CPUs: Serve's `deployments:` section (serve/config.yaml).
     use_gpu: Literal["auto", "yes", "no"] = "auto"  # a GPU per model replica; auto: the cluster has or can start GPUs
+    promoted: str | None = None  # written by jobs/promote.py: "<name>@<alias>=<version>,...", the versions it moved
+    # aliases to; a new value is a changed config, so Serve rebuilds the app (which resolves every alias again)
 
     def __post_init__(self):
         if not (self.segmenter or self.pixel or (self.sampler and self.use_sampler)):

@@ -44,7 +44,7 @@ class LoopConfig:
     log_every: int = 10  # steps between progress lines and metric logging
     checkpoint_every: int = 100  # steps between checkpoints (reported to Ray Train and exported)
     sample_every: int = 0  # steps between sample grids (0 = only at the end)
-    num_samples: int = 8  # images in each sample grid
+    num_samples: int = 8  # images in each sample grid (0 = no sample grids)
     sample_steps: int = 50  # DDIM steps for the sample grids
     seed: int = 0  # global seed: the initial weights; rank r uses seed + r for its data order, timesteps and noise
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
@@ -98,6 +98,14 @@ class TrainConfig:
                 f"data.image_size ({self.data.image_size}) != model.unet.image_size ({self.model.unet.image_size}): "
                 "the network would train on one size and sample another; set both"
             )
+        if self.loop.eval_every and self.eval.data is None and self.eval.split == "test" and self.data.num_test < 2:
+            raise ValueError(
+                f"loop.eval_every={self.loop.eval_every} validates on held-out images, but data.num_test is "
+                f"{self.data.num_test}: set data.num_test (>= 2; the images after data.num_train), or eval.data / "
+                "eval.split"
+            )
+        if self.loop.num_samples < 0:
+            raise ValueError(f"loop.num_samples: {self.loop.num_samples} < 0 (0 = no sample grids)")
         workers = max(1, self.scaling.num_workers)
         if self.optim.batch_size % workers:
             raise ValueError(f"optim.batch_size {self.optim.batch_size} is not divisible by {workers} workers")

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.core.config import dumps, from_dict, staging_dir, to_dict
-from diffseg.core.runtime import image_generators, resolve_device
+from diffseg.core.runtime import Progress, format_duration, image_generators, resolve_device
 from diffseg.core.storage import put_file
 from diffseg.core.tracking import Tracker, status_for
 from diffseg.core.viz import sample_grid, save_png
@@ -401,13 +401,6 @@ def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
     return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
 
 
-def format_duration(seconds: float) -> str:
-    """H:MM:SS with as many hours as it takes (a paper-size run is days)."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
 def resume_state(cfg: TrainConfig, ctx: WorkerContext) -> tuple[TrainState, str, dict[str, list[str]] | None]:
     """The state to train from -> (state, where it came from, the config changes `check_resume` allowed).
 
@@ -434,9 +427,11 @@ def start_run(
     tracking_uri: str | None,
     git_commit: str | None,
     git_dirty: bool | None,
+    run_tags: dict[str, str] | None = None,
 ) -> Tracker:
-    """Rank 0: the MLflow run (continued when the state has one; a new one gets the params, tags and resolved config)
-    and the log line that says what is trained, where, and from what."""
+    """Rank 0: the MLflow run (continued when the state has one; a new one gets the params, tags (`run_tags`: the
+    driver's user and job file), the training data as its dataset input and the resolved config) and the log line
+    that says what is trained, where, and from what."""
     start_step = state.step
     tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
     if state.mlflow_run_id is None:
@@ -446,7 +441,8 @@ def start_run(
             tags["mlflow.source.git.commit"] = git_commit
         if git_dirty is not None:
             tags["diffseg.git_dirty"] = str(git_dirty).lower()
-        tracker.set_tags(tags)
+        tracker.set_tags({**tags, **(run_tags or {})})
+        tracker.log_data_input(cfg.data, context="training")
         tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
     state.mlflow_run_id = tracker.run_id
     if changes and (changes["reapplied"] or changes["free"]):
@@ -481,9 +477,12 @@ def log_window(
     loss_count: int,
     images_seen: int,
     t0: float,
+    progress: Progress | None = None,
+    start_step: int = 0,
 ) -> dict[str, float]:
     """The steps since the last log step -> their metrics (mean loss over the workers, images/s): checked finite,
-    kept in `state.history`, logged by rank 0."""
+    kept in `state.history`, logged by rank 0 with the ETA of `progress` (a smoothed rate over the steps since
+    `start_step`: steady under load) and, on a terminal, its bar."""
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(loss_sum)
         loss_sum /= world
@@ -493,10 +492,14 @@ def log_window(
     state.history.append([step, mean_loss])
     metrics = {"train/loss": mean_loss, "train/images_per_s": ips}
     if rank == 0:
-        left = (cfg.loop.num_steps - step) * cfg.optim.batch_size / max(ips, 1e-9)
+        if progress is None:
+            progress = Progress(cfg.loop.num_steps - start_step, "steps", clock=time.perf_counter)
+        progress.update(step - start_step)  # the ETA from a smoothed rate: steady under load
+        left = progress.eta_s() or 0.0
+        bar = progress.bar_text()  # on a terminal only
         log.info(
             f"[train] step {step}/{cfg.loop.num_steps} loss {mean_loss:.4f} {ips:.1f} img/s "
-            f"left {format_duration(left)}"
+            f"left {format_duration(left)}" + (f" {bar}" if bar else "")
         )
         tracker.log_metrics(metrics, step)
     return metrics
@@ -518,9 +521,13 @@ def checkpoint_and_report(
         if rank == 0:
             path = state.save(Path(tmp) / CHECKPOINT_NAME)
             put_file(path, run_uri(cfg, CHECKPOINT_NAME))  # the export every other job reads; never torn
-            if final:  # the final checkpoint, also on remote storage, and the model in MLflow (registered
-                tracker.log_artifact(path, "checkpoint")  # as tracking.register_as when set)
+            if final and tracker.enabled:  # the final checkpoint, also on remote storage, and the model in
+                t_log = time.perf_counter()  # MLflow (registered as tracking.register_as when set)
+                log.info("[train] MLflow: logging the final checkpoint and the model (MLflow first loads it and "
+                         "predicts on its input example) ...")  # fmt: skip
+                tracker.log_artifact(path, "checkpoint")
                 log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
+                log.info(f"[train] MLflow: checkpoint and model logged in {time.perf_counter() - t_log:.1f} s")
             ckpt_dir = path.parent
         ctx.report({**metrics, "step": state.step}, ckpt_dir)
 
@@ -555,9 +562,17 @@ def run_diagnostics(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any
     )
 
 
-def write_samples(cfg: TrainConfig, state: TrainState, tracker: Tracker, device: torch.device) -> None:
-    """Rank 0: a grid of samples (with masks from a factorized model) under samples/ and in MLflow, by step."""
+def write_samples(
+    cfg: TrainConfig, state: TrainState, tracker: Tracker, device: torch.device, final: bool = False
+) -> None:
+    """Rank 0: a grid of samples (with masks from a factorized model) under samples/ and in MLflow, by step; none
+    when `loop.num_samples` is 0. The final grid (a slow tail step) gets a line before and after."""
     n = cfg.loop.num_samples
+    if n == 0:  # no sample grids asked for
+        return
+    t_samples = time.perf_counter()
+    if final:
+        log.info(f"[train] final samples: {n} images, {cfg.loop.sample_steps} DDIM steps ...")
     gens = image_generators(cfg.loop.seed, range(n))  # the grid's images are jobs/sample.py's for this seed
     images, masks = sample(
         state.ema.model, state.diffusion, n, steps=cfg.loop.sample_steps, generator=gens, device=device
@@ -569,7 +584,7 @@ def write_samples(cfg: TrainConfig, state: TrainState, tracker: Tracker, device:
         put_file(path, run_uri(cfg, "samples", name))
         tracker.log_artifact(path, "samples")
     tracker.log_image(grid, "samples", state.step)  # a step-slider image chart in the MLflow UI
-    log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)}")
+    log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)} ({time.perf_counter() - t_samples:.1f} s)")
 
 
 def fit(
@@ -579,12 +594,14 @@ def fit(
     tracking_uri: str | None = None,
     git_commit: str | None = None,
     git_dirty: bool | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Train as `cfg` says on one worker of `ctx` (default: this process); rank 0 returns a summary, others None.
 
     Resumes from the context's latest checkpoint, else from `<output_dir>/<name>/checkpoint.pt` (a local folder or a
     URI), after `check_resume` (a changed architecture or data set is refused; optim.* is re-applied). Rank 0 logs
-    progress and MLflow (`tracking_uri`; `git_commit` and `git_dirty` are tagged on new runs), writes sample grids
+    progress and MLflow (`tracking_uri`; `git_commit`, `git_dirty` and `run_tags` (the driver's user and job file) are
+    tagged on new runs, and the training data is the run's dataset input), writes sample grids
     (`samples/`) and exports every checkpoint there.
 
     The steps: `resume_state`, `start_run` (rank 0), then one `train_step` per batch; at log steps `log_window` and
@@ -605,13 +622,14 @@ def fit(
     if rank == 0:
         tracker = start_run(
             cfg, state, world, device, source, changes,
-            tracking_uri=tracking_uri, git_commit=git_commit, git_dirty=git_dirty,
+            tracking_uri=tracking_uri, git_commit=git_commit, git_dirty=git_dirty, run_tags=run_tags,
         )  # fmt: skip
 
     try:
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
         started = time.perf_counter()
+        progress = Progress(cfg.loop.num_steps - start_step, "steps", clock=time.perf_counter)
         metrics: dict[str, float] = {}
         stopped_early = False
         while state.step < cfg.loop.num_steps:
@@ -625,7 +643,9 @@ def fit(
                 stopped_early = last = time_box_reached(cfg, started, world, device)
 
             if step % cfg.loop.log_every == 0 or last:
-                metrics = log_window(cfg, state, tracker, rank, world, step, loss_sum, loss_count, images_seen, t0)
+                metrics = log_window(
+                    cfg, state, tracker, rank, world, step, loss_sum, loss_count, images_seen, t0, progress, start_step
+                )
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
 
             if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and not last:
@@ -643,7 +663,7 @@ def fit(
             checkpoint_and_report(cfg, ctx, state, tracker, metrics, final=True)
         if rank != 0:
             return None
-        write_samples(cfg, state, tracker, device)
+        write_samples(cfg, state, tracker, device, final=True)
         tracker.finish()
         return {
             "step": state.step,

@@ -28,7 +28,7 @@ from diffseg.core.config import from_dict, resolve_paths, save_config, staging_d
 from diffseg.core.registry import end_runs_named
 from diffseg.core.runtime import decide_gpu, init_ray, setup_logging
 from diffseg.core.storage import exists, put_file, read_text
-from diffseg.core.tracking import git_dirty, git_sha, resolve_tracking_uri, status_for
+from diffseg.core.tracking import git_dirty, git_sha, resolve_tracking_uri, source_tags, status_for
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from diffseg.training.config import (  # noqa: F401  (the configs are part of this module's API)
     LoopConfig,
@@ -72,7 +72,7 @@ class RayTrainContext:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What each Ray Train worker runs; `config` = {"cfg": TrainConfig as dict (every path absolute), "tracking_uri",
-    "git_commit", "git_dirty"}."""
+    "git_commit", "git_dirty", "source"}."""
     setup_logging()  # a worker process shows the loop's progress lines in its log
     cfg = from_dict(TrainConfig, config["cfg"])
     return fit(
@@ -81,6 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         tracking_uri=config.get("tracking_uri"),
         git_commit=config.get("git_commit"),
         git_dirty=config.get("git_dirty"),
+        run_tags=config.get("source"),
     )
 
 
@@ -104,6 +105,7 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
             # The driver knows the commit; workers run shipped copies of the code, outside any git checkout.
             "git_commit": git_sha(),
             "git_dirty": git_dirty(),
+            "source": source_tags(),  # the user and job file: a worker's own __main__ is Ray's
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,

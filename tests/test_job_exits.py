@@ -1,0 +1,207 @@
+"""How jobs end for the user: one line for a user error or an interrupt (the traceback behind --traceback), KILLED
+runs on SIGTERM also once Ray is attached, and a submission refused by Ray's token auth saying what to set."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from diffseg.core.tracking import JobInterrupted, sigterm_interrupts
+
+REPO = Path(__file__).resolve().parents[1]
+PY = [sys.executable]
+
+
+def test_init_ray_keeps_the_jobs_sigterm_handler(monkeypatch):
+    """`ray.init` installs `sys.exit(15)` as the SIGTERM handler (ray/_private/worker.py), which ended a Ray-attached
+    job's runs FAILED; init_ray puts the job's handler back. A stand-in for ray does what ray.init does."""
+    from diffseg.core import runtime
+
+    def init(**kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    with pytest.raises(JobInterrupted, match="SIGTERM"), sigterm_interrupts():
+        runtime.init_ray()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in the main thread long before this ends
+    before = signal.getsignal(signal.SIGTERM)
+    runtime.init_ray()  # outside a job: Ray's own exit handler stays (nothing of ours to put back)
+    assert signal.getsignal(signal.SIGTERM) is not before
+    signal.signal(signal.SIGTERM, before)
+
+
+JOB = """
+import sys, time
+sys.path.insert(0, {platform!r})
+from diffseg.experiments.launch import run_job
+from diffseg.core.runtime import init_ray
+from diffseg.core.tracking import Tracker, TrackingConfig
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Cfg:
+    ray: bool = False  # attach to Ray first
+
+def run(cfg):
+    tracker = Tracker(TrackingConfig(experiment="exits", system_metrics=False), "sigterm")
+    if cfg.ray:
+        init_ray(1)
+    print("RUN", tracker.run_id, flush=True)
+    time.sleep(600)
+
+run_job(Cfg, run, sys.argv[1:])
+"""
+
+
+def _sigterm(tmp_path, *args, wait_s=240):
+    script = tmp_path / "job.py"
+    script.write_text(JOB.format(platform=str(REPO / "platform")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*PY, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env)  # fmt: skip
+    try:
+        line = ""
+        deadline = time.time() + wait_s
+        while not line.startswith("RUN") and time.time() < deadline:
+            line = job.stdout.readline()
+            if not line and job.poll() is not None:
+                break
+        assert line.startswith("RUN"), job.stderr.read()[-3000:] if job.poll() is not None else "no RUN line"
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return job.returncode, err, line.split()[1]
+
+
+def _status(run_id: str) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status
+
+
+def test_sigterm_ends_a_job_in_one_line_and_its_run_killed(tmp_path):
+    code, err, run_id = _sigterm(tmp_path)
+    assert code == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "interrupted: terminated by signal SIGTERM" and "Traceback" not in err, err
+    assert _status(run_id) == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_ray_attached_job_killed(tmp_path):
+    """The same job attached to a (local) Ray cluster first: still KILLED, still one line."""
+    code, err, run_id = _sigterm(tmp_path, "ray=true")
+    assert code == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "interrupted: terminated by signal SIGTERM", err
+    assert "Traceback" not in err
+    assert _status(run_id) == "KILLED"
+
+
+def test_a_submission_refused_by_token_auth_says_what_to_set(monkeypatch, capsys):
+    """`ray start --head` with token auth on, this shell without RAY_AUTH_MODE=token: the Job API answers 401 and
+    Ray's client raises AuthenticationError; jobs/submit.py turns it into one line naming the variable."""
+    import ray.job_submission
+    from ray.exceptions import AuthenticationError
+
+    from diffseg.core import submit
+
+    class Refusing:
+        def __init__(self, address, *args, **kwargs):
+            raise AuthenticationError("Unauthorized: Missing authentication token")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Refusing)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        submit.main(["--address", "http://127.0.0.1:8265", "--no-wait", "--", "python", "jobs/demo.py"])
+    message = str(exit_.value.code)
+    assert "\n" not in message and message.startswith("error: the Ray cluster at http://127.0.0.1:8265 requires")
+    assert "export RAY_AUTH_MODE=token" in message and "it is unset" in message
+
+
+def test_docs_local_route_exports_the_auth_mode():
+    """docs/cluster.md's own-working-directory route starts a `ray start` cluster and submits to it: with Ray's
+    token auth that works only with RAY_AUTH_MODE=token exported first, so the route says so before it submits."""
+    text = (REPO / "docs" / "cluster.md").read_text()
+    route = text[text.index("## From your own working directory") :]
+    commands = [line.strip() for line in route[: route.index("jobs/submit.py --address")].splitlines()]
+    commands = [line for line in commands if line and not line[0].isalpha() or line.startswith(("export", "ray "))]
+    start = next(i for i, line in enumerate(commands) if line.startswith("ray start --head"))
+    assert any(line.startswith("export RAY_AUTH_MODE=token") for line in commands[:start]), commands
+
+
+def test_promote_redeploys_only_the_config_apps_that_serve_the_alias():
+    """jobs/promote.py's plan from the dashboard's Serve details (no cluster here): the apps naming the alias get
+    `promoted:` in their args (a changed config: Serve rebuilds them), the others go back unchanged (a PUT replaces
+    every app), an earlier pin of the same alias is replaced."""
+    from diffseg.experiments.promote import app_info_url, apps_serving, promoted_config
+
+    seg = {"import_path": "serve.app:build_app", "route_prefix": "/", "args": {"segmenter": "models:/m@champion"}}
+    other = {"import_path": "serve.app:build_app", "route_prefix": "/b", "args": {"pixel": "runs/x.pt"}}
+    details = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": 8123},
+        "applications": {"a": {"deployed_app_config": seg, "route_prefix": "/"},
+                         "b": {"deployed_app_config": other, "route_prefix": "/b"}},
+    }  # fmt: skip
+    assert apps_serving(details, "models:/m@champion") == (["a"], [])
+    config = promoted_config(details, ["a"], "m@champion=2")
+    assert config["applications"][0]["args"] == {"segmenter": "models:/m@champion", "promoted": "m@champion=2"}
+    assert config["applications"][1] == other and config["http_options"]["port"] == 8123
+    details["applications"]["a"]["deployed_app_config"] = config["applications"][0]
+    again = promoted_config(details, ["a"], "m@champion=3")
+    assert again["applications"][0]["args"]["promoted"] == "m@champion=3"
+    assert app_info_url(details, "b") == "http://127.0.0.1:8123/b/v1/info"
+    details["applications"]["c"] = {"deployed_app_config": None}
+    assert apps_serving(details, "models:/m@champion") == (["a"], ["c"])
+
+
+@pytest.mark.slow
+def test_local_route_with_token_auth(tmp_path):
+    """docs/cluster.md's local route on a `ray start` cluster with token auth on (its own token file, never
+    ~/.ray/auth_token): jobs/submit.py without RAY_AUTH_MODE=token is refused in one line naming it; with it exported,
+    as the route does, the job runs."""
+    import secrets
+    import urllib.request
+
+    from test_cluster import LocalCluster  # tests/test_cluster.py's `ray start` nodes (own ports and temp dir)
+
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+
+    class TokenCluster(LocalCluster):
+        def _alive_nodes(self) -> int:
+            req = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
+                                         headers={"Authorization": f"Bearer {token.read_text()}"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    nodes = __import__("json").loads(r.read())["data"]["summary"]
+            except OSError:
+                return 0
+            return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
+
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    cluster = TokenCluster(env=auth)
+    try:
+        submit = [*PY, str(REPO / "jobs" / "submit.py"), "--address", cluster.dashboard, "--",
+                  "python", "-c", "print('token ok')"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+        env.update(OMP_NUM_THREADS="1", RAY_AUTH_TOKEN_PATH=str(token))
+        refused = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the Ray cluster at") and "export RAY_AUTH_MODE=token" in last, refused.stderr
+        assert "Traceback" not in refused.stderr
+        ok = subprocess.run(submit, cwd=tmp_path, env={**env, **auth}, capture_output=True, text=True, timeout=600)
+        assert ok.returncode == 0 and "token ok" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
+    finally:
+        cluster.shutdown()

@@ -1,0 +1,87 @@
+"""What the MLflow UI shows of a run: who created it and from which job file, the data set it read (an MLflow dataset
+input), a name that tells conversions apart, and an experiment the UI opens as model training (not GenAI)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffseg.core.tracking import EXPERIMENT_KIND, Tracker, TrackingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def client(uri):
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
+
+
+def test_runs_carry_user_source_and_their_data_set(store, monkeypatch):
+    from diffseg.data.datasets import DataConfig
+
+    monkeypatch.setenv("DIFFSEG_SOURCE", "jobs/evaluate.py")  # what run_job exports for the job file it runs
+    monkeypatch.delenv("DIFFSEG_USER", raising=False)
+    with Tracker(TrackingConfig(experiment="ui", system_metrics=False), "eval") as tracker:
+        tracker.log_data_input(DataConfig(name="folder", root="/data/weizmann-horse-200", image_size=32), "input")
+        tracker.log_data_input(DataConfig(), "training")
+    run = client(store).get_run(tracker.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.name"] == "jobs/evaluate.py"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"weizmann-horse-200", "synthetic"}
+    horse = inputs["weizmann-horse-200"]
+    assert '"/data/weizmann-horse-200"' in horse.dataset.source and horse.dataset.source_type == "local"
+    assert [(t.key, t.value) for t in horse.tags] == [("mlflow.data.context", "input")]
+    assert '"image_size": 32' in horse.dataset.profile and len(horse.dataset.digest) == 16
+    exp = client(store).get_experiment(run.info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+
+
+def test_training_logs_its_data_set_and_the_drivers_source(tmp_path, store):
+    from diffseg.core.config import load_config, replace
+    from diffseg.training.loop import LocalContext, TrainConfig, fit
+
+    cfg = replace(
+        load_config(TrainConfig, REPO / "jobs" / "configs" / "ddpm_tiny.yaml"),
+        **{"model.unet.model_channels": 8, "model.unet.channel_mult": [1, 2], "model.unet.image_size": 16,
+           "model.unet.attention_resolutions": [8], "data.image_size": 16, "optim.batch_size": 4,
+           "loop.num_steps": 2, "loop.num_samples": 0, "tracking.log_models": False,
+           "tracking.system_metrics": False, "output_dir": str(tmp_path / "runs"), "name": "ui-train"},
+    )  # fmt: skip
+    source = {"mlflow.user": "alice", "mlflow.source.name": "jobs/train_ddpm.py", "mlflow.source.type": "LOCAL"}
+    out = fit(cfg, LocalContext("cpu"), run_tags=source)  # a Ray Train worker gets the driver's tags so
+    run = client(store).get_run(out["mlflow_run_id"])
+    assert {k: run.data.tags[k] for k in source} == source
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "synthetic" and [t.value for t in data.tags] == ["training"]
+
+
+def test_a_conversion_job_run_is_named_after_what_it_wrote_with_its_job_file(tmp_path, store):
+    """jobs/convert_checkpoint.py as a user runs it: the run is `convert-<to>-<dst's name>` (every conversion used
+    to be `convert`), created by this user from jobs/convert_checkpoint.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": store}
+    env.pop("DIFFSEG_SOURCE", None)
+    src = REPO / "models" / "ddpm-celeba32-145k.pt"
+    job = [sys.executable, str(REPO / "jobs" / "convert_checkpoint.py"), f"src={src}", "to=safetensors",
+           f"dst={tmp_path / 'celeba-st'}", "tracking.system_metrics=false"]  # fmt: skip
+    res = subprocess.run(job, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = client(store)
+    (run,) = c.search_runs([c.get_experiment_by_name("diffseg").experiment_id])
+    assert run.info.run_name == "convert-safetensors-celeba-st"
+    assert run.data.tags["mlflow.source.name"] == "jobs/convert_checkpoint.py"
+    assert run.data.tags["mlflow.user"] == getpass.getuser()

@@ -1,0 +1,113 @@
+"""Progress: a smoothed rate and ETA (steady on a loaded machine), the bar on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import pytest
+
+from diffseg.core.runtime import Progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_eta_is_exact_at_a_steady_rate_and_steady_under_jumps():
+    clock = Clock()
+    steady = Progress(1000, "img", clock=clock, bar=False)
+    for i in range(1, 6):
+        clock.now = 10.0 * i
+        steady.update(100 * i)  # 10 img/s
+    assert abs(steady.rate - 10.0) < 1e-9 and abs(steady.eta_s() - 50.0) < 1e-6
+    assert steady.text() == "500/1000 img, 10.0 img/s, left 00:00:50"
+
+    # A machine whose speed jumps between 4 and 16 img/s every 10 s interval (other jobs come and go): the ETA
+    # from each interval's own rate swings 4x; the smoothed one moves much less.
+    clock, raw_etas, etas = Clock(), [], []
+    jumpy = Progress(10_000, clock=clock, half_life_s=30.0, bar=False)
+    done = 0
+    for i in range(1, 21):
+        rate = 4.0 if i % 2 else 16.0
+        done += int(rate * 10)
+        clock.now = 10.0 * i
+        jumpy.update(done)
+        raw_etas.append((10_000 - done) / rate)
+        etas.append(jumpy.eta_s())
+    late, raw_late = etas[10:], raw_etas[10:]
+    assert max(raw_late) / min(raw_late) > 3.5
+    assert max(late) / min(late) < 1.6
+    assert 6.0 < jumpy.rate < 14.0  # near the mean rate (10)
+
+
+def test_bar_only_when_asked_or_on_a_terminal():
+    clock = Clock()
+    p = Progress(40, clock=clock, bar=True)
+    clock.now = 2.0
+    assert p.update(10).endswith("|#####---------------| 25%")
+    assert Progress(40, clock=clock).bar_text() == ""  # pytest's captured stdout is not a terminal
+    assert Progress(40, clock=clock, bar=False).text() == "0/40 img, ? img/s, left ?"
+
+
+@pytest.fixture
+def diffseg_log(caplog):
+    """The library's records, also when a job in this process has set up its own stdout handler (no propagation)."""
+    logger = logging.getLogger("diffseg")
+    own = not logger.propagate  # else the records reach caplog's root handler anyway
+    if own:
+        logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="diffseg"):
+        yield caplog
+    if own:
+        logger.removeHandler(caplog.handler)
+
+
+def test_extraction_says_how_far_it_is_and_warns_when_its_actors_wait(diffseg_log):
+    """What the feature job prints of its own while Ray Data works: images done / total, rate, ETA; and, when no
+    shard finishes for the bounded wait (actors that cannot be scheduled), a warning naming the resources asked for
+    and those free. The rows are the actors' summary rows (one per shard), here from a generator."""
+    from diffseg.methods.features import follow_extraction
+
+    def rows():
+        time.sleep(1.5)  # nothing is scheduled yet
+        for i in range(5):
+            yield {"shard": f"shard-{i}.parquet", "num_pixels": 10, "num_images": 8}
+
+    free = lambda: {"CPU": 0.25, "memory": 1e9, "object_store_memory": 1e8}  # noqa: E731
+    paths = follow_extraction(rows(), 40, {"CPU": 1.0}, free, stall_warn_s=0.5, every_s=0.0)
+    assert paths == [f"shard-{i}.parquet" for i in range(5)]
+    text = diffseg_log.text
+    warnings = [r for r in diffseg_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, text  # one warning per stall, not one per check
+    assert "no shard finished for" in warnings[0].message and "0/40 images done" in warnings[0].message
+    assert "ask for 1 CPU in all, the cluster has 0.25 CPU free" in warnings[0].message
+    lines = re.findall(r"\[extract\] (\d+)/40 img, ([\d.]+) img/s, left (\d\d:\d\d:\d\d)", text)
+    assert [int(done) for done, _, _ in lines] == [8, 16, 24, 32, 40]
+    assert lines[-1][2] == "00:00:00"
+
+
+def test_a_steady_extraction_does_not_warn(diffseg_log):
+    from diffseg.methods.features import follow_extraction
+
+    rows = ({"shard": f"s{i}", "num_images": 2} for i in range(3))
+    follow_extraction(rows, 6, {"CPU": 0.5}, dict, stall_warn_s=30.0, every_s=3600.0)
+    assert not [r for r in diffseg_log.records if r.levelno >= logging.WARNING]
+    assert re.findall(r"\[extract\] (\d+)/6 img", diffseg_log.text) == ["2", "6"]  # the first, then throttled, the end
+
+
+def test_long_log_intervals_are_smoothed_too():
+    """A log line every 5 minutes (a big model): the rate still averages over about three lines, not one."""
+    clock, etas, done = Clock(), [], 0
+    p = Progress(100_000, clock=clock, bar=False)
+    for i in range(1, 13):
+        done += int((2.0 if i % 2 else 8.0) * 300)
+        clock.now = 300.0 * i
+        p.update(done)
+        etas.append(p.eta_s())
+    assert max(etas[6:]) / min(etas[6:]) < 1.6  # the raw ETAs swing 4x
