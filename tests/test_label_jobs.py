@@ -162,6 +162,7 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, mo
         val_data=data,
         val_limit=2,
         test_data=data,
+        real_baseline=True,
         device="cpu",
         tracking=tracking,
     )
@@ -197,6 +198,13 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, mo
     assert len(list((out / "eval" / "predictions").glob("*.png"))) == 2
     _, runs = _runs(tracking)
     assert runs[0].data.metrics["dataset/kept"] == 8 and runs[0].data.metrics["test/miou"] == pytest.approx(res["miou"])
+    # the same network on the 2 real labelled images, as many steps as on the 8 kept samples (2 epochs x 2 steps):
+    # 2 // 4 -> 1 step per epoch, so 4 epochs; scored on the real test images
+    real = res["real_baseline"]
+    assert real["images"] == 2 and real["steps"] == 4 and real["epochs"] == 4 and 0.0 <= real["miou"] <= 1.0
+    assert len(list((out / "real" / "predictions").glob("*.png"))) == 2
+    assert runs[0].data.metrics["real/miou"] == pytest.approx(real["miou"])
+    assert (out / "samples.png").is_file() and (out / "samples_labelled.png").is_file()
 
 
 @pytest.mark.slow
