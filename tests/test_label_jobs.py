@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -205,6 +206,14 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, mo
     assert len(list((out / "real" / "predictions").glob("*.png"))) == 2
     assert runs[0].data.metrics["real/miou"] == pytest.approx(real["miou"])
     assert (out / "samples.png").is_file() and (out / "samples_labelled.png").is_file()
+    # reuse_samples: a re-run trains on the written samples and labels without sampling again
+    monkeypatch.setattr(dataset_ddpm, "sample", lambda *a, **k: pytest.fail("sampled although reuse_samples"))
+    again = run_dataset_ddpm(dataclasses.replace(cfg, reuse_samples=True, real_baseline=False))
+    assert again["kept"] == 8 and again["real_baseline"] is None
+    with open(out / "synthetic" / "scores.csv") as f:
+        assert [r["kept"] for r in csv.DictReader(f)] == [r["kept"] for r in rows]
+    with pytest.raises(ValueError, match="asks for 12"):
+        run_dataset_ddpm(dataclasses.replace(cfg, reuse_samples=True, num_samples=12))
 
 
 @pytest.mark.slow

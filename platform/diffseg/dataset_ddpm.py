@@ -100,6 +100,7 @@ class DatasetDDPMConfig:
     val_limit: int = 20  # first N images of val_split (the labelled ones)
     test_data: DataConfig = field(default_factory=DataConfig)  # real test images (split "test")
     test_limit: int = 0
+    reuse_samples: bool = False  # reuse the synthetic/ folder of a previous run of this name (same DDPM and N)
     real_baseline: bool = False  # also train the same network on the val images (the real labels), same steps
     grid_samples: int = 64  # the first N samples (and their labels) in samples.png / samples_labelled.png
     device: str = "auto"
@@ -243,22 +244,11 @@ def train_deeplab(
     return net.eval(), history
 
 
-def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
-    cfg.check()
-    out, tracker = start_job(cfg)
-    device = resolve_device(cfg.device)
-    seg = PixelSegmenter.load(cfg.segmenter, device)
-    ckpt = cfg.checkpoint or seg.recipe.backbone
-    if ckpt.startswith(("random:", "diffusers:")) or ckpt == "rgb":
-        raise ValueError(f"checkpoint: DatasetDDPM samples from one of our (or a converted) DDPMs, not {ckpt!r}")
-    loaded = load_diffusion_model(ckpt, device)
-    if cfg.backbone_weights == "imagenet":
-        imagenet_backbone_state(cfg.arch)  # fail now, not after hours of sampling
-
-    # 1-2. sample and label, batch by batch (image i's noise: image_generators(seed, [i]), as jobs/sample.py)
-    folder = out / "synthetic"
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
+def sample_and_label(
+    cfg: DatasetDDPMConfig, loaded: Any, seg: PixelSegmenter, folder: Any, source: str, device: torch.device
+):
+    """Steps 1-3: sample, label with the ensemble, score, filter; the paired folder written under `folder`.
+    -> (images in [-1, 1], labels, scores, kept indices)."""
     images, labels, scores = [], [], []
     steps = cfg.sample_steps or None  # None: all T steps
     for s in range(0, cfg.num_samples, cfg.sample_batch_size):
@@ -281,8 +271,54 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
             Image.fromarray(lab.astype(np.uint8)).save(folder / "masks" / f"{i:06d}.png")
             w.writerow([f"{i:06d}", f"{scores_np[i]:.6f}", int(i in kept_set)])
     (folder / "dataset.json").write_text(
-        json.dumps({"name": "dataset-ddpm", "classes": seg.class_names, "ignore_index": 255, "source": str(ckpt)})
+        json.dumps({"name": "dataset-ddpm", "classes": seg.class_names, "ignore_index": 255, "source": source})
     )
+    return images_t, labels_t, scores_np, kept
+
+
+def read_synthetic(folder: Any, num_samples: int, source: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:
+    """The samples, labels and scores a previous run wrote to `folder` (images back in [-1, 1] from their PNGs), or
+    None when there are none; samples of another DDPM or another number of them are an error."""
+    path = folder / "scores.csv"
+    if not path.is_file():
+        return None
+    meta = json.loads((folder / "dataset.json").read_text())
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != num_samples or meta.get("source") != source:
+        raise ValueError(
+            f"{path}: {len(rows)} samples of {meta.get('source')}, this run asks for {num_samples} of {source}; "
+            "set reuse_samples=false to sample again"
+        )
+    imgs = np.stack([np.asarray(Image.open(folder / "images" / f"{r['id']}.png").convert("RGB")) for r in rows])
+    masks = np.stack([np.asarray(Image.open(folder / "masks" / f"{r['id']}.png")) for r in rows])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.from_numpy(masks.astype(np.int64)), np.array([float(r["uncertainty"]) for r in rows])
+
+
+def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
+    cfg.check()
+    out, tracker = start_job(cfg)
+    device = resolve_device(cfg.device)
+    seg = PixelSegmenter.load(cfg.segmenter, device)
+    ckpt = cfg.checkpoint or seg.recipe.backbone
+    if ckpt.startswith(("random:", "diffusers:")) or ckpt == "rgb":
+        raise ValueError(f"checkpoint: DatasetDDPM samples from one of our (or a converted) DDPMs, not {ckpt!r}")
+    loaded = load_diffusion_model(ckpt, device)
+    if cfg.backbone_weights == "imagenet":
+        imagenet_backbone_state(cfg.arch)  # fail now, not after hours of sampling
+
+    # 1-2. sample and label, batch by batch (image i's noise: image_generators(seed, [i]), as jobs/sample.py)
+    folder = out / "synthetic"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    reused = read_synthetic(folder, cfg.num_samples, str(ckpt)) if cfg.reuse_samples else None
+    if reused is not None:
+        images_t, labels_t, scores_np = reused
+        kept = select_confident(scores_np, cfg.drop_fraction, cfg.drop_most_certain)
+        log.info(f"[dataset-ddpm] reusing the {len(scores_np)} samples and labels of {folder}")
+    else:
+        images_t, labels_t, scores_np, kept = sample_and_label(cfg, loaded, seg, folder, str(ckpt), device)
     if cfg.grid_samples:  # are they images of the domain? the first samples, then with the ensemble's labels
         g = images_t[: cfg.grid_samples]
         save_png(sample_grid(g, nrow=int(np.ceil(np.sqrt(len(g))))), out / "samples.png")
