@@ -142,3 +142,26 @@ def test_count_curve_job_table_plot_mlflow_and_resume(tmp_path, label_ray, monke
     monkeypatch.undo()
     more = lc.run_label_count(LabelCountConfig(**{**cfg.__dict__, "counts": (1, 2, 3)}))
     assert more["computed"] == 3 and more["reused"] == 8
+
+
+def test_compute_false_tables_the_finished_cells_and_lists_the_rest(tmp_path):
+    from diffseg.label_count import run_label_count
+
+    root = write_synthetic_folder(tmp_path / "data", num_images=6, image_size=16)
+    data = DataConfig(name="folder", root=str(root), image_size=16, num_train=3, num_test=3)
+    cfg = LabelCountConfig(
+        name="cc", output_dir=str(tmp_path / "out"), checkpoint=str(tiny_checkpoint(tmp_path / "c.pt")),
+        train_data=data, test_data=data, variants=("ddpm", "random"), counts=(1, 2), seeds=(0,), compute=False,
+        tracking=TrackingConfig(enabled=False),
+    )  # fmt: skip
+    cell = tmp_path / "out" / "cc" / "cells" / "n2" / "s0" / "ddpm.json"
+    cell.parent.mkdir(parents=True)
+    row = {"seconds": 90.0, "iterations": 40, "batch_size": 64, "machine": "cpu"}
+    cell.write_text(json.dumps({"count": 2, "seed": 0, "variant": "ddpm", "recipe_hash": recipe_hash(cfg),
+                                "score": 0.25, "metric": "miou", "row": row}))  # fmt: skip
+    res = run_label_count(cfg)
+    assert res["computed"] == 0 and res["reused"] == 1
+    assert res["missing"] == ["n=1 seed=0 ddpm", "n=1 seed=0 random", "n=2 seed=0 random"]
+    assert [r["count"] for r in res["summary"]] == [2] and res["summary"][0]["methods"]["ddpm"]["mean"] == 25.0
+    text = (tmp_path / "out" / "cc" / "curve.md").read_text()
+    assert "25.0 (1 seed)" in text and "Not computed (compute=false): 3 cells" in text and "| 1.5 |" in text

@@ -17,6 +17,8 @@ once (n<count>/shards/, shared by its seeds); each cell's predictions, metrics a
 Seeds: `seeds` at every count, plus `extra_seeds` for the methods in `extra_seeds_variants` at counts up to
 `extra_seeds_max_count` (where they are cheap).
 
+With `compute: false` nothing is trained: the table and plot are made from the finished cells (the others listed).
+
 Outputs: curve.md (the table), curve.json (cells and summary), curve.png (score against labelled images, mean and
 range per method; the DDPM's gains); MLflow: a parent run (`curve/<method>/mean` at step = count, the artifacts)
 with a child run per computed cell.
@@ -67,6 +69,7 @@ class LabelCountConfig(CompareConfig):
     extra_seeds_max_count: int = 0  # ... at counts up to this
     extra_seeds_variants: tuple[str, ...] = ("ddpm", "random")  # ... for these methods
     metric: str = "miou"  # the score, a key under test/: miou, miou_official or iou/<class> (foreground: iou/horse)
+    compute: bool = True  # false: no training, the table and plot from the cells already finished (the rest listed)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -257,12 +260,16 @@ def run_label_count(cfg: LabelCountConfig) -> dict[str, Any]:
     rhash = recipe_hash(cfg)
     cells: list[dict[str, Any]] = []
     reused = computed = 0
+    missing: list[str] = []
     for count in cfg.counts:
         count_dir = out / f"n{count}"
         for variant in cfg.variants:
             for seed in cell_seeds(cfg, count, variant):
                 path = out / "cells" / f"n{count}" / f"s{seed}" / f"{variant}.json"
                 cell = read_cell(path, rhash)
+                if cell is None and not cfg.compute:
+                    missing.append(f"n={count} seed={seed} {variant}")
+                    continue
                 if cell is None:
                     t0 = time.perf_counter()
                     ccfg = dataclasses.replace(cfg, train_limit=count, train=dataclasses.replace(cfg.train, seed=seed))
@@ -285,25 +292,33 @@ def run_label_count(cfg: LabelCountConfig) -> dict[str, Any]:
                     reused += 1
                 cells.append(cell)
         summary = summarize(cells, cfg.variants)
-        write_outputs(out, cfg, cells, summary)  # after every count: a partial curve exists early
+        write_outputs(out, cfg, cells, summary, missing)  # after every count: a partial curve exists early
     for r in summary:
         parent.log_metrics({f"curve/{v}/mean": m["mean"] for v, m in r["methods"].items()}, step=r["count"])
         parent.log_metrics({f"curve/gain_over_{v}/mean": g["mean"] for v, g in r["gains"].items()}, step=r["count"])
     for name in ("curve.md", "curve.json", "curve.png", "config.yaml"):
-        parent.log_artifact(out / name)
+        if (out / name).exists():
+            parent.log_artifact(out / name)
     parent.log_metrics({"cells/computed": computed, "cells/reused": reused})
     parent.finish()
-    log.info(f"[label-count] {computed} cells computed, {reused} reused -> {out}")
-    return {"cells": cells, "summary": summary, "computed": computed, "reused": reused, "out": str(out)}
+    log.info(f"[label-count] {computed} cells computed, {reused} reused, {len(missing)} not computed -> {out}")
+    return {
+        "cells": cells, "summary": summary, "computed": computed, "reused": reused, "missing": missing, "out": str(out)
+    }  # fmt: skip
 
 
-def write_outputs(out: Path, cfg: LabelCountConfig, cells: Sequence[dict[str, Any]], summary: Sequence[dict]) -> None:
-    """curve.md (score table, the DDPM's advantage in words, compute), curve.json, curve.png."""
+def write_outputs(
+    out: Path, cfg: LabelCountConfig, cells: Sequence[dict[str, Any]], summary: Sequence[dict], missing: Sequence[str]
+) -> None:
+    """curve.md (score table, the DDPM's advantage in words, compute, the cells not computed), curve.json, curve.png."""
     text = curve_table(summary, cfg.variants, cfg.metric) + "\n"
     if "ddpm" in cfg.variants:
         text += "".join(f"\nDDPM features {advantage(summary, v)}." for v in cfg.variants if v != "ddpm") + "\n"
     text += "\nCompute (minutes: extraction of the labelled images, training and evaluation of each cell)\n\n"
     text += compute_table(cells, list(cfg.variants)) + "\n"
+    if missing:
+        text += f"\nNot computed (compute=false): {len(missing)} cells: " + "; ".join(missing) + "\n"
     (out / "curve.md").write_text(text)
-    (out / "curve.json").write_text(json.dumps({"metric": cfg.metric, "summary": summary, "cells": cells}, indent=1))
+    payload = {"metric": cfg.metric, "summary": summary, "cells": cells, "missing": list(missing)}
+    (out / "curve.json").write_text(json.dumps(payload, indent=1))
     plot_curve(summary, cfg.variants, cfg.metric, out / "curve.png")
