@@ -39,7 +39,8 @@ def test_config_checks_and_seeds_per_cell():
     with pytest.raises(ValueError, match="metric"):
         LabelCountConfig(checkpoint="c.pt", metric="accuracy").check()
     with pytest.raises(ValueError, match="extra_seeds_variants"):
-        LabelCountConfig(checkpoint="c.pt", variants=("ddpm",), extra_seeds_variants=("random",)).check()
+        LabelCountConfig(checkpoint="c.pt", extra_seeds_variants=("unet",)).check()
+    LabelCountConfig(checkpoint="c.pt", variants=("supervised",)).check()  # extra-seed methods not run: ignored
 
 
 def test_summary_means_ranges_and_matched_seed_gains():
