@@ -74,6 +74,7 @@ def test_cell_score_and_recipe_guard(tmp_path):
         LabelCountConfig(checkpoint="c.pt", counts=(3,), train=PixelTrainConfig(seed=5))
     )
     assert recipe_hash(a) == recipe_hash(LabelCountConfig(checkpoint="c.pt", variants=("supervised",)))
+    assert recipe_hash(a) == recipe_hash(LabelCountConfig(checkpoint="c.pt", compute=False))
     assert recipe_hash(a) != recipe_hash(LabelCountConfig(checkpoint="d.pt"))
     assert recipe_hash(a) != recipe_hash(LabelCountConfig(checkpoint="c.pt", test_limit=50))
     assert recipe_hash(a) != recipe_hash(LabelCountConfig(checkpoint="c.pt", train=PixelTrainConfig(members=3)))

@@ -52,8 +52,8 @@ from diffseg.tracking import start_job
 log = logging.getLogger(__name__)
 
 # fields that do not change what a cell computes (the rest are hashed into every cell)
-_NOT_RECIPE = ("name", "output_dir", "tracking", "variants", "counts", "seeds", "extra_seeds", "extra_seeds_max_count",
-               "extra_seeds_variants", "train_limit")  # fmt: skip
+_NOT_RECIPE = ("name", "output_dir", "tracking", "compute", "variants", "counts", "seeds", "extra_seeds",
+               "extra_seeds_max_count", "extra_seeds_variants", "train_limit")  # fmt: skip
 
 
 @dataclass(frozen=True)
