@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -162,6 +163,7 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, mo
         val_data=data,
         val_limit=2,
         test_data=data,
+        real_baseline=True,
         device="cpu",
         tracking=tracking,
     )
@@ -197,6 +199,21 @@ def test_dataset_ddpm_job_samples_labels_filters_and_trains_deeplab(tmp_path, mo
     assert len(list((out / "eval" / "predictions").glob("*.png"))) == 2
     _, runs = _runs(tracking)
     assert runs[0].data.metrics["dataset/kept"] == 8 and runs[0].data.metrics["test/miou"] == pytest.approx(res["miou"])
+    # the same network on the 2 real labelled images, as many steps as on the 8 kept samples (2 epochs x 2 steps):
+    # 2 // 4 -> 1 step per epoch, so 4 epochs; scored on the real test images
+    real = res["real_baseline"]
+    assert real["images"] == 2 and real["steps"] == 4 and real["epochs"] == 4 and 0.0 <= real["miou"] <= 1.0
+    assert len(list((out / "real" / "predictions").glob("*.png"))) == 2
+    assert runs[0].data.metrics["real/miou"] == pytest.approx(real["miou"])
+    assert (out / "samples.png").is_file() and (out / "samples_labelled.png").is_file()
+    # reuse_samples: a re-run trains on the written samples and labels without sampling again
+    monkeypatch.setattr(dataset_ddpm, "sample", lambda *a, **k: pytest.fail("sampled although reuse_samples"))
+    again = run_dataset_ddpm(dataclasses.replace(cfg, reuse_samples=True, real_baseline=False))
+    assert again["kept"] == 8 and again["real_baseline"] is None
+    with open(out / "synthetic" / "scores.csv") as f:
+        assert [r["kept"] for r in csv.DictReader(f)] == [r["kept"] for r in rows]
+    with pytest.raises(ValueError, match="asks for 12"):
+        run_dataset_ddpm(dataclasses.replace(cfg, reuse_samples=True, num_samples=12))
 
 
 @pytest.mark.slow

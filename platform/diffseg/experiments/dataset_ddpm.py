@@ -30,6 +30,11 @@ wherever this machine can do it (defaults in brackets):
 downloaded into it). This machine has no internet (`download.pytorch.org` is unreachable), so the shipped configs
 use "none": DeepLabV3 from scratch, the one deviation from the reference; "imagenet" fails with a message saying so.
 
+The comparison the paper's DatasetDDPM row needs: with `real_baseline`, the same network is also trained on the
+real labelled images (the `val_limit` images of `val_split`) for the same number of optimizer steps, the last step
+kept, and scored on the same test images (result "real_baseline", MLflow `real/miou`). samples.png shows the first
+`grid_samples` samples, samples_labelled.png 16 of them with the ensemble's labels.
+
 Samples and their labels are written as a paired folder (images/, masks/, dataset.json, scores.csv) under the run
 folder, so the synthetic set can be inspected or reused by any other job.
 """
@@ -53,8 +58,8 @@ from torch import nn
 from diffseg.core.config import InputPath, Name, OutputPath
 from diffseg.core.runtime import image_generators, resolve_device
 from diffseg.core.tracking import TrackingConfig, start_job
-from diffseg.core.viz import to_uint8
-from diffseg.data.datasets import DataConfig, build_dataset
+from diffseg.core.viz import sample_grid, save_png, to_uint8
+from diffseg.data.datasets import DataConfig, build_dataset, stack
 from diffseg.evaluation.baselines import DictOutput, NetworkSegmenter, train_supervised
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.methods.pixel import PixelSegmenter
@@ -95,11 +100,16 @@ class DatasetDDPMConfig:
     val_limit: int = 20  # first N images of val_split (the labelled ones)
     test_data: DataConfig = field(default_factory=DataConfig)  # real test images (split "test")
     test_limit: int = 0
+    reuse_samples: bool = False  # reuse the synthetic/ folder of a previous run of this name (same DDPM and N)
+    real_baseline: bool = False  # also train the same network on the val images (the real labels), same steps
+    grid_samples: int = 64  # the first N samples (and their labels) in samples.png / samples_labelled.png
     device: str = "auto"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
+        if self.real_baseline and not self.val_limit:
+            raise ValueError("real_baseline: needs val_limit, the number of real labelled images it trains on")
         if not self.segmenter:
             raise ValueError("segmenter: a PixelSegmenter bundle (segmenter.pt) is required")
         if not 0.0 <= self.drop_fraction < 1.0:
@@ -234,22 +244,11 @@ def train_deeplab(
     return net.eval(), history
 
 
-def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
-    cfg.check()
-    out, tracker = start_job(cfg)
-    device = resolve_device(cfg.device)
-    seg = PixelSegmenter.load(cfg.segmenter, device)
-    ckpt = cfg.checkpoint or seg.recipe.backbone
-    if ckpt.startswith(("random:", "diffusers:")) or ckpt == "rgb":
-        raise ValueError(f"checkpoint: DatasetDDPM samples from one of our (or a converted) DDPMs, not {ckpt!r}")
-    loaded = load_diffusion_model(ckpt, device)
-    if cfg.backbone_weights == "imagenet":
-        imagenet_backbone_state(cfg.arch)  # fail now, not after hours of sampling
-
-    # 1-2. sample and label, batch by batch (image i's noise: image_generators(seed, [i]), as jobs/sample.py)
-    folder = out / "synthetic"
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
+def sample_and_label(
+    cfg: DatasetDDPMConfig, loaded: Any, seg: PixelSegmenter, folder: Any, source: str, device: torch.device
+):
+    """Steps 1-3: sample, label with the ensemble, score, filter; the paired folder written under `folder`.
+    -> (images in [-1, 1], labels, scores, kept indices)."""
     images, labels, scores = [], [], []
     steps = cfg.sample_steps or None  # None: all T steps
     for s in range(0, cfg.num_samples, cfg.sample_batch_size):
@@ -272,8 +271,59 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
             Image.fromarray(lab.astype(np.uint8)).save(folder / "masks" / f"{i:06d}.png")
             w.writerow([f"{i:06d}", f"{scores_np[i]:.6f}", int(i in kept_set)])
     (folder / "dataset.json").write_text(
-        json.dumps({"name": "dataset-ddpm", "classes": seg.class_names, "ignore_index": 255, "source": str(ckpt)})
+        json.dumps({"name": "dataset-ddpm", "classes": seg.class_names, "ignore_index": 255, "source": source})
     )
+    return images_t, labels_t, scores_np, kept
+
+
+def read_synthetic(folder: Any, num_samples: int, source: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:
+    """The samples, labels and scores a previous run wrote to `folder` (images back in [-1, 1] from their PNGs), or
+    None when there are none; samples of another DDPM or another number of them are an error."""
+    path = folder / "scores.csv"
+    if not path.is_file():
+        return None
+    meta = json.loads((folder / "dataset.json").read_text())
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != num_samples or meta.get("source") != source:
+        raise ValueError(
+            f"{path}: {len(rows)} samples of {meta.get('source')}, this run asks for {num_samples} of {source}; "
+            "set reuse_samples=false to sample again"
+        )
+    imgs = np.stack([np.asarray(Image.open(folder / "images" / f"{r['id']}.png").convert("RGB")) for r in rows])
+    masks = np.stack([np.asarray(Image.open(folder / "masks" / f"{r['id']}.png")) for r in rows])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.from_numpy(masks.astype(np.int64)), np.array([float(r["uncertainty"]) for r in rows])
+
+
+def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
+    cfg.check()
+    out, tracker = start_job(cfg)
+    device = resolve_device(cfg.device)
+    seg = PixelSegmenter.load(cfg.segmenter, device)
+    ckpt = cfg.checkpoint or seg.recipe.backbone
+    if ckpt.startswith(("random:", "diffusers:")) or ckpt == "rgb":
+        raise ValueError(f"checkpoint: DatasetDDPM samples from one of our (or a converted) DDPMs, not {ckpt!r}")
+    loaded = load_diffusion_model(ckpt, device)
+    if cfg.backbone_weights == "imagenet":
+        imagenet_backbone_state(cfg.arch)  # fail now, not after hours of sampling
+
+    # 1-2. sample and label, batch by batch (image i's noise: image_generators(seed, [i]), as jobs/sample.py)
+    folder = out / "synthetic"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    reused = read_synthetic(folder, cfg.num_samples, str(ckpt)) if cfg.reuse_samples else None
+    if reused is not None:
+        images_t, labels_t, scores_np = reused
+        kept = select_confident(scores_np, cfg.drop_fraction, cfg.drop_most_certain)
+        log.info(f"[dataset-ddpm] reusing the {len(scores_np)} samples and labels of {folder}")
+    else:
+        images_t, labels_t, scores_np, kept = sample_and_label(cfg, loaded, seg, folder, str(ckpt), device)
+    if cfg.grid_samples:  # are they images of the domain? the first samples, then with the ensemble's labels
+        g = images_t[: cfg.grid_samples]
+        save_png(sample_grid(g, nrow=int(np.ceil(np.sqrt(len(g))))), out / "samples.png")
+        onehot = nn.functional.one_hot(labels_t[: cfg.grid_samples], len(seg.class_names)).permute(0, 3, 1, 2)
+        save_png(sample_grid(g[:16], onehot[:16]), out / "samples_labelled.png")
 
     # 3-4. train DeepLabV3 on the kept samples, choosing the epoch on the labelled real images
     size = images_t.shape[-1]
@@ -296,6 +346,12 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
     result = evaluate_segmenter(segmenter, test, class_names=seg.class_names, out_dir=out / "eval")
     selected = history[-1].get("selected_epoch", cfg.epochs) if history else cfg.epochs
     tracker.log_metrics(result.metrics | {"dataset/kept": len(kept), "train/selected_epoch": selected})
+    real = train_real_baseline(cfg, val, seg.class_names, len(kept), size, device, out) if cfg.real_baseline else None
+    if real is not None:
+        tracker.log_metrics({f"real/{k}": v for k, v in real.items() if isinstance(v, float | int)})
+    for name in ("samples.png", "samples_labelled.png", "epochs.json"):
+        if (out / name).exists():
+            tracker.log_artifact(out / name)
     tracker.finish()
     miou = result.metrics["test/miou"]
     log.info(
@@ -308,5 +364,40 @@ def run_dataset_ddpm(cfg: DatasetDDPMConfig) -> dict[str, Any]:
         "kept": len(kept),
         "num_samples": cfg.num_samples,
         "selected_epoch": selected,
+        "real_baseline": real,
         "out": str(out),
+    }
+
+
+def train_real_baseline(
+    cfg: DatasetDDPMConfig, val: Any, class_names: list[str], num_kept: int, size: int, device: torch.device, out: Any
+) -> dict[str, Any]:
+    """The same network trained on the real labelled images (`val`: the first `val_limit` of `val_split`) for the
+    same number of optimizer steps as on the `num_kept` synthetic images (epochs scaled to the smaller set), the last
+    step kept (the labelled images are its training set, so they cannot choose an epoch); scored on the real test
+    images by the one evaluation path (under out/real/). -> its test mIoU both ways, epochs and steps."""
+    if val is None:
+        val = build_dataset(dataclasses.replace(cfg.val_data, flip=False, image_size=size), cfg.val_split)
+        val = torch.utils.data.Subset(val, range(min(cfg.val_limit, len(val))))
+    data = stack(val)
+    steps = cfg.epochs * max(1, num_kept // cfg.batch_size)
+    per_epoch = max(1, len(data["image"]) // cfg.batch_size)
+    epochs = max(1, steps // per_epoch)
+    rcfg = dataclasses.replace(cfg, epochs=epochs, select="last")
+    net, _ = train_deeplab(data["image"], data["mask"], class_names, rcfg, device, None)
+    test = build_dataset(dataclasses.replace(cfg.test_data, flip=False, image_size=size), "test")
+    if cfg.test_limit:
+        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
+    segmenter = NetworkSegmenter(net, class_names, image_size=cfg.train_size or None)
+    result = evaluate_segmenter(segmenter, test, class_names=class_names, out_dir=out / "real")
+    log.info(
+        f"[dataset-ddpm] the same network on {len(data['image'])} real labelled images ({epochs} epochs, "
+        f"{epochs * per_epoch} steps): test mIoU {result.metrics['test/miou']:.4f}"
+    )
+    return {
+        "miou": result.metrics["test/miou"],
+        "miou_official": result.metrics["test/miou_official"],
+        "images": len(data["image"]),
+        "epochs": epochs,
+        "steps": epochs * per_epoch,
     }

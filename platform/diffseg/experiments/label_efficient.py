@@ -229,7 +229,7 @@ def train_variant(
         model = train_supervised_unet(
             data["image"], data["mask"], len(names), cfg=ckpt.model_config.unet, steps=cfg.supervised_steps,
             batch_size=cfg.supervised_batch_size, lr=cfg.supervised_lr, ignore_index=train.ignore_index,
-            device=device,
+            device=device, seed=cfg.train.seed,
         )  # fmt: skip
         info = {"input": "image", "dim": None, "train_pixels": None, "names": names, "ignore": train.ignore_index}
         info |= {"iterations": cfg.supervised_steps, "batch_size": cfg.supervised_batch_size}
@@ -259,39 +259,56 @@ def train_variant(
     return seg, info
 
 
+def score_variant(
+    variant: str,
+    cfg: CompareConfig,
+    out: Path,
+    device: torch.device,
+    test: Any,
+    parent: Tracker,
+    run_name: str | None = None,
+    eval_dir: Path | None = None,
+    log_model: bool = True,
+) -> dict[str, Any]:
+    """One row of a comparison: `train_variant` on the labelled images of `cfg`, then the one evaluation path on
+    `test` (predictions and metrics under `eval_dir`, default out/<variant>), in an MLflow child run of `parent`
+    (named `run_name`, default <name>/<variant>) holding its metrics and, with `log_model`, the pixel ensemble's
+    bundle as an MLflow model. -> the row: compute, mIoU both ways, per-class IoU, wall time, machine."""
+    t0 = time.perf_counter()
+    child = Tracker(cfg.tracking, run_name or f"{cfg.name}/{variant}", parent_run_id=parent.run_id)
+    seg, info = train_variant(variant, cfg, out, device, child)
+    if variant != "supervised" and log_model:  # the pixel ensemble's bundle as an MLflow model (registered on request)
+        reg = cfg.tracking.register_as
+        log_bundle_model(child, out / variant / "segmenter.pt", register_as=f"{reg}-{variant}" if reg else None)
+    names = info.pop("names")
+    result = evaluate_segmenter(
+        seg, test, class_names=names, ignore_index=info.pop("ignore"), out_dir=eval_dir or out / variant
+    )
+    seconds = time.perf_counter() - t0
+    miou = result.metrics["test/miou"]
+    child.log_metrics(result.metrics | {"time/seconds": seconds})
+    child.finish()
+    log.info(f"[compare] {variant}: mIoU {miou:.4f} ({seconds:.0f}s)")
+    return info | {
+        "miou": miou,
+        "miou_official": result.metrics["test/miou_official"],
+        "iou": dict(zip(names, class_ious(result, names))),
+        "seconds": seconds,
+        "machine": machine(device),
+    }
+
+
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     out, parent = start_job(cfg)
     device = resolve_device(cfg.device)
     size = int(load_checkpoint(cfg.checkpoint).model_config.unet.image_size)
-    where = machine(device)
     test = build_dataset(dataclasses.replace(cfg.test_data, flip=False, image_size=size), "test")
     if cfg.test_limit:
         test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
     rows: dict[str, dict[str, Any]] = {}
     for variant in cfg.variants:
-        t0 = time.perf_counter()
-        child = Tracker(cfg.tracking, f"{cfg.name}/{variant}", parent_run_id=parent.run_id)
-        seg, info = train_variant(variant, cfg, out, device, child)
-        if variant != "supervised":  # the pixel ensemble's bundle as an MLflow model (registered on request)
-            reg = cfg.tracking.register_as
-            log_bundle_model(child, out / variant / "segmenter.pt", register_as=f"{reg}-{variant}" if reg else None)
-        names = info.pop("names")
-        result = evaluate_segmenter(
-            seg, test, class_names=names, ignore_index=info.pop("ignore"), out_dir=out / variant
-        )
-        seconds = time.perf_counter() - t0
-        miou = result.metrics["test/miou"]
-        child.log_metrics(result.metrics | {"time/seconds": seconds})
-        child.finish()
-        parent.log_metrics({f"test/miou/{variant}": miou})
-        rows[variant] = info | {
-            "miou": miou,
-            "miou_official": result.metrics["test/miou_official"],
-            "iou": dict(zip(names, class_ious(result, names))),
-            "seconds": seconds,
-            "machine": where,
-        }
-        log.info(f"[compare] {variant}: mIoU {miou:.4f} ({seconds:.0f}s)")
+        rows[variant] = score_variant(variant, cfg, out, device, test, parent)
+        parent.log_metrics({f"test/miou/{variant}": rows[variant]["miou"]})
     table = compare_table(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(table)
