@@ -125,6 +125,8 @@ CONFIG_CLASSES = [
     ("label_celeba_extract", "diffseg.methods.features:ExtractJobConfig"),
     ("label_celeba_robustness", "diffseg.experiments.robustness:RobustnessConfig"),
     ("label_celeba_gap_curve", "diffseg.experiments.label_efficient:GapCurveConfig"),
+    ("label_celeba_count_curve", "diffseg.experiments.label_count:LabelCountConfig"),
+    ("label_horse_count_curve", "diffseg.experiments.label_count:LabelCountConfig"),
     ("", "diffseg.training.ray_train:TrainConfig"),
 ]
 
