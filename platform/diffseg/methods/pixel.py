@@ -64,14 +64,8 @@ from diffseg.core.config import from_dict, to_dict
 from diffseg.core.runtime import resolve_device
 from diffseg.data.datasets import resize_images, resize_labels, resize_maps, resize_probs, to_tensor_image
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
-from diffseg.models.checkpoint import (
-    MLMODEL_FILE,
-    MODEL_SPEC,
-    CheckpointError,
-    mlflow_model_data,
-    read_payload,
-    write_payload,
-)
+from diffseg.models.checkpoint import MLMODEL_FILE, MODEL_SPEC, mlflow_model_data
+from diffseg.models.integrity import CheckpointError, read_payload, write_payload
 from diffseg.scoring.segmenter import Segmentation
 
 BUNDLE_FORMAT = "diffseg-pixel-segmenter/1"
@@ -618,7 +612,7 @@ class PixelSegmenter:
         """A bundle file, or an MLflow model of one (`diffseg.serving.pyfunc`: its backbone packaged inside or
         referenced by a model URI). A bundle without its integrity record is refused unless `allow_unverified` (its
         backbone, loaded when first used, follows the process-wide rule:
-        `diffseg.models.checkpoint.unverified_allowed`)."""
+        `diffseg.models.integrity.unverified_allowed`)."""
         path, backbone = Path(path), None
         if path.is_dir():
             path, backbone = bundle_in_folder(path)
