@@ -29,8 +29,9 @@ from typing import Any, TypeVar
 
 from diffseg.core.cli import parse_job_args
 from diffseg.core.config import UserError
+from diffseg.core.provenance import SOURCE_ENV, USER_ENV, source_tags
 from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV, setup_logging
-from diffseg.core.tracking import SOURCE_ENV, USER_ENV, JobInterrupted, end_live_runs, sigterm_interrupts, source_tags
+from diffseg.core.tracking import JobInterrupted, end_live_runs, sigterm_interrupts
 
 T = TypeVar("T")
 
