@@ -27,7 +27,8 @@ from diffseg.experiments.label_efficient import (
     run_pixel_job,
 )
 from diffseg.methods.features import FeatureConfig, FeatureExtractor
-from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
+from diffseg.methods.pixel import PixelSegmenter
+from diffseg.methods.pixel_training import PixelTrainConfig
 
 
 def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):

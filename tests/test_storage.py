@@ -19,7 +19,7 @@ from diffseg.data.feature_cache import FeatureCache, feature_key
 from diffseg.data.shards import ShardSet, read_manifest
 from diffseg.experiments.label_efficient import train_segmenter
 from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
-from diffseg.methods.pixel import PixelTrainConfig
+from diffseg.methods.pixel_training import PixelTrainConfig
 
 BUCKET = "diffseg-test"
 

@@ -601,7 +601,7 @@ class ShardSet:
 
 class MemoryShardSet:
     """Rows already in memory (features (N, D), labels (N,)) read like a `ShardSet` of `parts` shards, for the
-    trainer's streaming interface (`diffseg.methods.pixel.train_ensemble`)."""
+    trainer's streaming interface (`diffseg.methods.pixel_training.train_ensemble`)."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, parts: int = 4, meta: FeatureMeta | None = None):
         if len(features) != len(labels):
