@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffseg.data.datasets import DataConfig, build_dataset  # noqa: E402
-from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 from diffseg.methods import pixel_training  # noqa: E402
 from diffseg.methods.pixel_training import PixelTrainConfig, buffer_rows, train_ensemble
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffseg.core.tracking import TrackingConfig
 from diffseg.data.datasets import DataConfig, build_dataset, write_synthetic_folder
-from diffseg.data.shards import MemoryShardSet
+from diffseg.data.shard_reader import MemoryShardSet
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
 from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
 from diffseg.methods.pixel_training import PixelTrainConfig

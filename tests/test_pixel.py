@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 from diffseg.methods import pixel_training as pixel_mod
 from diffseg.methods.features import FeatureConfig
 from diffseg.methods.pixel import (

@@ -38,7 +38,7 @@ from diffseg.core.report import markdown_table
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, start_job
 from diffseg.data.datasets import DataConfig, build_dataset, stack
-from diffseg.data.shards import ShardSet
+from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.evaluation.evaluate import EvalResult, evaluate_segmenter
 from diffseg.methods.features import ExtractJobConfig, FeatureConfig, run_extract_job

@@ -31,7 +31,7 @@ from diffseg.core import storage
 from diffseg.core.config import from_dict, replace
 from diffseg.data.datasets import DataConfig, build_dataset
 from diffseg.data.feature_cache import FeatureCache, feature_key
-from diffseg.data.shards import ShardSet
+from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.experiments.label_efficient import train_segmenter
 from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
