@@ -21,8 +21,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
-from diffseg.methods.pixel import MLPEnsemble, ensemble_train_step, make_optimizer  # noqa: E402
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
+from diffseg.methods.pixel import MLPEnsemble
+from diffseg.methods.pixel_training import ensemble_train_step, make_optimizer
 
 
 def batches(ss: ShardSet, members: int, batch: int, iters: int, seed: int = 0):

@@ -29,9 +29,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffseg.data.datasets import DataConfig, build_dataset, item_ids  # noqa: E402
-from diffseg.data.shards import ShardSet, begin_shard_set, end_shard_set  # noqa: E402
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import begin_shard_set, end_shard_set
 from diffseg.methods.features import FeatureConfig, FeatureExtractor, FeaturePipeline, feature_dim  # noqa: E402
-from diffseg.methods.pixel import PixelTrainConfig, train_ensemble  # noqa: E402
+from diffseg.methods.pixel_training import PixelTrainConfig, train_ensemble
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from diffseg.models.unet import build_unet, count_parameters  # noqa: E402
 

@@ -28,9 +28,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffseg.data.datasets import DataConfig, build_dataset  # noqa: E402
-from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard  # noqa: E402
-from diffseg.methods import pixel  # noqa: E402
-from diffseg.methods.pixel import PixelTrainConfig, buffer_rows, train_ensemble  # noqa: E402
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
+from diffseg.methods import pixel_training  # noqa: E402
+from diffseg.methods.pixel_training import PixelTrainConfig, buffer_rows, train_ensemble
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,14 +85,14 @@ def main() -> None:
         )
 
         mixing: list[int] = []  # distinct shards per member batch, recorded from the stream the trainer consumes
-        real = pixel.pixel_batches
+        real = pixel_training.pixel_batches
 
         def recording(*a, **kw):
             for batch in real(*a, **kw):
                 mixing.extend(len(np.unique(row)) for row in batch.shard)
                 yield batch
 
-        pixel.pixel_batches = recording
+        pixel_training.pixel_batches = recording
         cfg = PixelTrainConfig(members=args.members, max_iterations=args.max_iters, shuffle_buffer_mb=args.buffer_mb)
         t1 = time.perf_counter()
         _, res = train_ensemble(ss, len(names), cfg)

@@ -19,16 +19,10 @@ from diffseg.core.config import from_dict, to_dict
 from diffseg.methods.features import FeatureConfig
 from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
 from diffseg.models.builder import EMA, ModelConfig, build_model
-from diffseg.models.checkpoint import (
-    FORMAT,
-    CheckpointError,
-    atomic_torch_save,
-    load_checkpoint,
-    load_diffusion_model,
-    save_checkpoint,
-)
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model, save_checkpoint
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
 from diffseg.models.guided import convert_guided_diffusion, import_guided_diffusion
+from diffseg.models.integrity import FORMAT, CheckpointError, atomic_torch_save
 from diffseg.models.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -85,7 +85,7 @@ def test_extract_is_per_timestep_with_shared_noise(tmp_path):
 @pytest.mark.slow
 def test_extract_job_through_ray_data(tmp_path, label_ray):
     from diffseg.data.datasets import DataConfig, write_synthetic_folder
-    from diffseg.data.shards import ShardSet, read_shard
+    from diffseg.data.shard_reader import ShardSet, read_shard
     from diffseg.methods.features import run_extract_job
 
     root = write_synthetic_folder(tmp_path / "data", num_images=5, image_size=16)
@@ -136,7 +136,7 @@ def test_small_annotation_rule_drops_19_pixels_and_keeps_20_per_image(tmp_path):
     """The reference's rule (train_interpreter.py: prepare_data), hand-computed: in image 0, class 1 has 19 pixels
     (dropped: 0 < 19 < 20) and class 2 has 20 (kept); in image 1, class 1 has 25 pixels (kept: the rule is per
     image); the ignore pixel stays ignored and class 0 fills the rest."""
-    from diffseg.data.shards import ShardSet, read_shard
+    from diffseg.data.shard_reader import ShardSet, read_shard
     from diffseg.methods.features import OFFICIAL_MIN_CLASS_PIXELS, drop_small_annotations, write_feature_shard
 
     masks = np.zeros((2, 10, 10), dtype=np.int64)

@@ -25,7 +25,8 @@ from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
 from diffseg.models.unet import UNetConfig
 from diffseg.scoring.regions import mask_image_dependence
 from diffseg.training.config import OptimConfig, TrainConfig
-from diffseg.training.loop import LocalContext, build_train_state, fit, param_groups
+from diffseg.training.loop import LocalContext, build_train_state, fit
+from diffseg.training.mask_levers import param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))
@@ -175,7 +176,7 @@ def test_warmup_and_mask_lr_scale_in_the_loop():
     mask_ids = {id(p) for n, p in state.model.named_parameters() if n.startswith(("mask_blocks.", "mask_out."))}
     assert {id(p) for p in groups[1]["params"]} == mask_ids
     assert len(param_groups(state.model, OptimConfig())) == 1  # scale 1: one group, as before
-    from diffseg.training.loop import mask_mode
+    from diffseg.training.mask_levers import mask_mode
 
     assert [mask_mode(cfg, s) for s in range(4)] == ["uniform", "uniform", None, None]
 

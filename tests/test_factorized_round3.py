@@ -20,7 +20,8 @@ from diffseg.models.factorized import FactorizedConfig, FactorizedUNet, mask_pri
 from diffseg.models.unet import UNetConfig
 from diffseg.scoring.regions import BandShare, mask_band_share
 from diffseg.training.config import OptimConfig, TrainConfig
-from diffseg.training.loop import LocalContext, build_train_state, fit, maybe_restart_masks, param_groups, train_step
+from diffseg.training.loop import LocalContext, build_train_state, fit, train_step
+from diffseg.training.mask_levers import maybe_restart_masks, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = UNetConfig(image_size=16, model_channels=8, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,))

@@ -18,7 +18,7 @@ from diffseg.experiments.label_count import (
     summarize,
 )
 from diffseg.methods.features import FeatureConfig
-from diffseg.methods.pixel import PixelTrainConfig
+from diffseg.methods.pixel_training import PixelTrainConfig
 from test_extract_features import tiny_checkpoint
 
 

@@ -16,7 +16,8 @@ from diffseg.core.config import to_dict
 from diffseg.core.tracking import TrackingConfig
 from diffseg.core.viz import overlay, to_uint8
 from diffseg.data.datasets import DataConfig, write_synthetic_folder
-from diffseg.data.shards import IncompleteShardSet, ShardSet, begin_shard_set, end_shard_set
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import IncompleteShardSet, begin_shard_set, end_shard_set
 from diffseg.experiments.dataset_ddpm import select_confident
 from diffseg.experiments.label_efficient import (
     GapCurveConfig,
@@ -27,7 +28,8 @@ from diffseg.experiments.label_efficient import (
     run_pixel_job,
 )
 from diffseg.methods.features import FeatureConfig, FeatureExtractor
-from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
+from diffseg.methods.pixel import PixelSegmenter
+from diffseg.methods.pixel_training import PixelTrainConfig
 
 
 def test_pixel_job_trains_evaluates_and_saves_a_bundle(tmp_path):

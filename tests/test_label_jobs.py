@@ -13,9 +13,10 @@ from PIL import Image
 
 from diffseg.core.tracking import TrackingConfig
 from diffseg.data.datasets import DataConfig, build_dataset, write_synthetic_folder
-from diffseg.data.shards import MemoryShardSet
+from diffseg.data.shard_reader import MemoryShardSet
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
-from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig
+from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
+from diffseg.methods.pixel_training import PixelTrainConfig
 from test_extract_features import tiny_checkpoint
 
 
@@ -89,7 +90,8 @@ def test_analysis_job_grid_heatmap_and_kmeans(tmp_path):
 def test_analysis_cell_equals_one_mlp_on_that_blocks_features(tmp_path):
     """One cell of the grid is exactly: features of one block at one t -> one MLP -> pooled mIoU on the test set."""
     from diffseg.experiments.analysis import AnalysisConfig, run_analysis
-    from diffseg.methods.pixel import predict_pixels, train_ensemble
+    from diffseg.methods.pixel import predict_pixels
+    from diffseg.methods.pixel_training import train_ensemble
     from diffseg.scoring.metrics import ConfusionMatrix
 
     root = write_synthetic_folder(tmp_path / "data", num_images=5, image_size=16, seed=3)

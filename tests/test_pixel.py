@@ -13,21 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
-from diffseg.methods import pixel as pixel_mod
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
+from diffseg.methods import pixel_training as pixel_mod
 from diffseg.methods.features import FeatureConfig
 from diffseg.methods.pixel import (
     MLPEnsemble,
     PixelSegmenter,
-    PixelTrainConfig,
-    ensemble_train_step,
     image_score,
-    make_optimizer,
     paper_hidden,
     predict_pixels,
-    train_ensemble,
     vote_and_uncertainty,
 )
+from diffseg.methods.pixel_training import PixelTrainConfig, ensemble_train_step, make_optimizer, train_ensemble
 
 
 def _members(e, d, k, seed=0):

@@ -14,7 +14,8 @@ from diffseg.data.datasets import DataConfig, build_dataset, write_synthetic_fol
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.experiments.robustness import CORRUPTIONS, RobustnessConfig, corrupt_images, model_items
 from diffseg.methods.features import FeatureConfig
-from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
+from diffseg.methods.pixel import PixelSegmenter
+from diffseg.methods.pixel_training import PixelTrainConfig
 from test_extract_features import tiny_checkpoint
 
 

@@ -426,7 +426,7 @@ def test_a_failed_deploy_names_the_file_and_healthz_answers_503(app_url, tmp_pat
     import torch
     from ray import serve
 
-    from diffseg.models.checkpoint import INTEGRITY_KEY, CheckpointError
+    from diffseg.models.integrity import INTEGRITY_KEY, CheckpointError
 
     build_app = importlib.import_module("serve.app").build_application
     folder = tmp_path_factory.mktemp("broken")

@@ -10,16 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from diffseg.data.shard_reader import ShardSet, read_shard
 from diffseg.data.shards import (
     MANIFEST_NAME,
     DamagedShard,
     FeatureMeta,
     IncompleteShardSet,
-    ShardSet,
     begin_shard_set,
     end_shard_set,
     read_meta,
-    read_shard,
     recipe_hash,
     shard_images,
     write_shard,

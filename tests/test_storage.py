@@ -16,10 +16,11 @@ import torch
 from diffseg.core import storage
 from diffseg.data.datasets import DataConfig, build_dataset
 from diffseg.data.feature_cache import FeatureCache, feature_key
-from diffseg.data.shards import ShardSet, read_manifest
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import read_manifest
 from diffseg.experiments.label_efficient import train_segmenter
 from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
-from diffseg.methods.pixel import PixelTrainConfig
+from diffseg.methods.pixel_training import PixelTrainConfig
 
 BUCKET = "diffseg-test"
 

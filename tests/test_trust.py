@@ -29,18 +29,10 @@ from diffseg.methods.features import FeatureConfig, load_backbone
 from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
 from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.models.builder import ModelConfig
-from diffseg.models.checkpoint import (
-    FORMAT,
-    INTEGRITY_KEY,
-    CheckpointError,
-    load_checkpoint,
-    load_diffusion_model,
-    read_payload,
-    resolve_source,
-    save_checkpoint,
-)
+from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model, resolve_source, save_checkpoint
 from diffseg.models.diffusion import DiffusionConfig
 from diffseg.models.factorized import FactorizedConfig, FactorizedUNet
+from diffseg.models.integrity import FORMAT, INTEGRITY_KEY, CheckpointError, read_payload
 from diffseg.models.unet import UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,7 @@ import torch
 import yaml
 
 SEED_STRIDE = 1_000_003  # a prime: (seed, index) pairs of any realistic range map to distinct generator seeds
-# The process-wide opt-out of checkpoint integrity (`diffseg.models.checkpoint.unverified_allowed`): set by a job's
+# The process-wide opt-out of checkpoint integrity (`diffseg.models.integrity.unverified_allowed`): set by a job's
 # `--allow-unverified` and by Serve's `allow_unverified: true`, handed on to Ray workers by `code_runtime_env`.
 ALLOW_UNVERIFIED_ENV = "DIFFSEG_ALLOW_UNVERIFIED"
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")  # where `ray.init` writes the cluster token (token auth)

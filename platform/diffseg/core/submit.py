@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from diffseg.core.config import REPO_ROOT, WORKDIR_ENV, workdir
-from diffseg.core.tracking import git_dirty, git_sha, resolve_tracking_uri
+from diffseg.core.provenance import git_dirty, git_sha
+from diffseg.core.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 # Never uploaded: environments, outputs, stores, caches and the VCS (Ray also honours .gitignore).

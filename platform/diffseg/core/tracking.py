@@ -1,5 +1,6 @@
 """MLflow tracking: every job is a run (params from the resolved config, `split/name` metrics, system metrics, images
-by step, artifacts, the git SHA), and its models are MLflow models, registered on request.
+by step, artifacts, the git SHA and job file of `diffseg.core.provenance`), and its models are MLflow models,
+registered on request.
 
 MLflow is imported lazily (it costs seconds to import) and every call is a no-op when tracking is disabled. The
 store is `tracking.uri`, else `MLFLOW_TRACKING_URI`, else a SQLite file `mlflow.db` in the working directory (MLflow
@@ -22,7 +23,6 @@ Models: `log_pyfunc_model` logs an MLflow model (the flavor `diffseg.serving.pyf
 from __future__ import annotations
 
 import contextlib
-import getpass
 import hashlib
 import json
 import logging
@@ -31,8 +31,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,7 +42,6 @@ from typing import Annotated, Any
 import numpy as np
 
 from diffseg.core.config import (
-    REPO_ROOT,
     WORKDIR_ENV,
     ConfigError,
     PathField,
@@ -54,13 +51,13 @@ from diffseg.core.config import (
     to_dict,
     workdir,
 )
+from diffseg.core.provenance import git_tags, source_tags
 
 log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store: <folder of mlflow.db>/mlartifacts/<experiment>/<run>/artifacts
 HOST_TAG, PID_TAG, PID_START_TAG = "diffseg.host", "diffseg.pid", "diffseg.pid_start"
 FAILURE_TAG = "diffseg.failure"  # why a run was ended FAILED / KILLED by someone else than its own process
-SOURCE_ENV, USER_ENV = "DIFFSEG_SOURCE", "DIFFSEG_USER"  # set by run_job: a run's job file and user, in any process
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view, not GenAI
 # The library's source folder (diffseg/): MLflow models carry a copy, so `mlflow.pyfunc.load_model` works anywhere.
 CODE_DIR = Path(__file__).resolve().parents[1]  # the diffseg package (this file is diffseg/core/tracking.py)
@@ -118,71 +115,6 @@ def artifact_location(uri: str, experiment: str) -> str | None:
         return None
     folder = Path(uri[len(SQLITE) :]).parent / ARTIFACTS_DIR
     return str(folder / (re.sub(r"[^A-Za-z0-9._-]", "_", experiment) or "experiment"))
-
-
-def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
-    """The commit of the code being run: `$DIFFSEG_GIT_SHA` when set (a Ray job's unpacked working_dir has no .git,
-    so jobs/submit.py passes it in the runtime env), else `git rev-parse HEAD`; None outside a git checkout."""
-    if sha := os.environ.get("DIFFSEG_GIT_SHA"):
-        return sha
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def git_dirty(cwd: str | os.PathLike | None = None) -> bool | None:
-    """Whether the code being run differs from its commit: `$DIFFSEG_GIT_DIRTY` when set (jobs/submit.py), else
-    `git status --porcelain` (uncommitted or untracked files, which a job's --working-dir upload includes)."""
-    if (env := os.environ.get("DIFFSEG_GIT_DIRTY")) is not None:
-        return env.strip().lower() in ("1", "true", "yes")
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
-            timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
-def git_tags(commit: str | None = None, dirty: bool | None = None) -> dict[str, str]:
-    """The provenance tags of a run: `mlflow.source.git.commit` and `diffseg.git_dirty` (when known)."""
-    commit = commit or git_sha()
-    dirty = git_dirty() if dirty is None else dirty
-    tags = {"mlflow.source.git.commit": commit} if commit else {}
-    if dirty is not None:
-        tags["diffseg.git_dirty"] = str(dirty).lower()
-    return tags
-
-
-def job_source() -> str:
-    """The job file this process runs (`jobs/train_factorized.py`, relative to the checkout when inside it): what
-    `diffseg.experiments.launch.run_job` exports as $DIFFSEG_SOURCE, else `__main__`'s file."""
-    if src := os.environ.get(SOURCE_ENV):
-        return src
-    main = getattr(sys.modules.get("__main__"), "__file__", None) or (sys.argv[0] if sys.argv else "")
-    if not main:
-        return "<interactive>"
-    path = Path(main).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-
-
-def source_tags() -> dict[str, str]:
-    """What the MLflow UI shows as "Created by" and "Source": `mlflow.user` ($DIFFSEG_USER, else the login name)
-    and `mlflow.source.name` (`job_source`), `mlflow.source.type` LOCAL or JOB (a submitted Ray job)."""
-    try:
-        user = os.environ.get(USER_ENV) or getpass.getuser()
-    except (KeyError, OSError):  # no login name (a container's uid without a passwd entry)
-        user = str(os.getuid())
-    return {
-        "mlflow.user": user,
-        "mlflow.source.name": job_source(),
-        "mlflow.source.type": "JOB" if is_submitted_job() else "LOCAL",
-    }
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

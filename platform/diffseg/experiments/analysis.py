@@ -28,10 +28,11 @@ from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import TrackingConfig, start_job
 from diffseg.core.viz import colorize, grid, save_png, to_uint8
 from diffseg.data.datasets import DataConfig, build_dataset, stack
-from diffseg.data.shards import MemoryShardSet
+from diffseg.data.shard_reader import MemoryShardSet
 from diffseg.evaluation.baselines import kmeans_segment
 from diffseg.methods.features import BackboneSpec, FeatureConfig, FeaturePipeline, drop_small_annotations, load_backbone
-from diffseg.methods.pixel import PixelTrainConfig, predict_pixels, train_ensemble
+from diffseg.methods.pixel import predict_pixels
+from diffseg.methods.pixel_training import PixelTrainConfig, train_ensemble
 from diffseg.scoring.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from diffseg.data.datasets import DataConfig, build_dataset
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.experiments.label_efficient import train_segmenter
 from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
-from diffseg.methods.pixel import PixelTrainConfig
+from diffseg.methods.pixel_training import PixelTrainConfig
 from diffseg.models.builder import ModelConfig
 from diffseg.models.diffusion import DiffusionConfig
 from diffseg.models.unet import UNetConfig

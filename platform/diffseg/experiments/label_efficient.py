@@ -38,11 +38,12 @@ from diffseg.core.report import markdown_table
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, start_job
 from diffseg.data.datasets import DataConfig, build_dataset, stack
-from diffseg.data.shards import ShardSet
+from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.evaluation.evaluate import EvalResult, evaluate_segmenter
 from diffseg.methods.features import ExtractJobConfig, FeatureConfig, run_extract_job
-from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter, PixelTrainConfig, TrainResult, train_ensemble
+from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
+from diffseg.methods.pixel_training import PixelTrainConfig, TrainResult, train_ensemble
 from diffseg.models.checkpoint import load_checkpoint
 from diffseg.serving.pyfunc import log_bundle_model
 

@@ -10,7 +10,7 @@ stop`, `kill`) raises `JobInterrupted` so the job unwinds, and ends it with `int
 (status 143; Ctrl-C: 130). `--traceback` (or `DIFFSEG_TRACEBACK=1`) shows their full traceback instead; anything else
 (a bug) always shows it. However the job ends, the MLflow runs it left open are ended with the status that says how
 (FINISHED, FAILED, KILLED: `diffseg.core.tracking`). `--allow-unverified` lets the job (and its Ray workers) load
-checkpoints and bundles that have no integrity record (`diffseg.models.checkpoint.read_payload`), with a warning per
+checkpoints and bundles that have no integrity record (`diffseg.models.integrity.read_payload`), with a warning per
 file; without it they are refused. A job file is a launcher only:
 
     def main(argv=None):
@@ -29,8 +29,9 @@ from typing import Any, TypeVar
 
 from diffseg.core.cli import parse_job_args
 from diffseg.core.config import UserError
+from diffseg.core.provenance import SOURCE_ENV, USER_ENV, source_tags
 from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV, setup_logging
-from diffseg.core.tracking import SOURCE_ENV, USER_ENV, JobInterrupted, end_live_runs, sigterm_interrupts, source_tags
+from diffseg.core.tracking import JobInterrupted, end_live_runs, sigterm_interrupts
 
 T = TypeVar("T")
 

@@ -31,11 +31,12 @@ from diffseg.core import storage
 from diffseg.core.config import from_dict, replace
 from diffseg.data.datasets import DataConfig, build_dataset
 from diffseg.data.feature_cache import FeatureCache, feature_key
-from diffseg.data.shards import ShardSet
+from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.experiments.label_efficient import train_segmenter
 from diffseg.methods.features import FeatureConfig, FeaturePipeline, extract_dataset
-from diffseg.methods.pixel import PixelSegmenter, PixelTrainConfig
+from diffseg.methods.pixel import PixelSegmenter
+from diffseg.methods.pixel_training import PixelTrainConfig
 from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.training.config import TrainConfig
 from diffseg.training.loop import LocalContext, fit
@@ -54,7 +55,7 @@ class PixelTrialConfig:
     test_data: DataConfig | None = None  # e.g. a held-out range of a folder that data's split cannot express
     pixel: dict[str, Any] = field(
         default_factory=dict
-    )  # diffseg.methods.pixel.PixelTrainConfig fields (members, hidden, lr)
+    )  # diffseg.methods.pixel_training.PixelTrainConfig fields (members, hidden, lr)
     eval_batch_size: int = 8  # test images per segmentation batch
 
 

@@ -48,7 +48,8 @@ from diffseg.core.config import (
 from diffseg.core.runtime import Progress, decide_gpu, init_ray, resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id
 from diffseg.data.datasets import DataConfig, build_dataset, item_ids, read_images_ray
-from diffseg.data.shards import FeatureMeta, ShardSet, begin_shard_set, end_shard_set, write_shard
+from diffseg.data.shard_reader import ShardSet
+from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 from diffseg.models.checkpoint import load_diffusion_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
 

@@ -14,13 +14,8 @@ import torch
 
 from diffseg.core.config import atomic_write, to_dict
 from diffseg.models.builder import ModelConfig
-from diffseg.models.checkpoint import (
-    Checkpoint,
-    _export_weights,
-    atomic_torch_save,
-    load_checkpoint,
-    save_checkpoint_as,
-)
+from diffseg.models.checkpoint import Checkpoint, _export_weights, load_checkpoint, save_checkpoint_as
+from diffseg.models.integrity import atomic_torch_save
 from diffseg.models.unet import (
     GUIDED_DIFFUSION_DEFAULTS,
     UNet,

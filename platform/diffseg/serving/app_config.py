@@ -12,7 +12,8 @@ from typing import Any, Literal
 from diffseg.core.config import WORKDIR_ENV, InputPath, is_uri
 from diffseg.core.runtime import decide_gpu
 from diffseg.methods.pixel import PixelSegmenter
-from diffseg.models.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from diffseg.models.checkpoint import load_checkpoint
+from diffseg.models.integrity import FORMAT, CheckpointError
 
 
 @dataclass(frozen=True)

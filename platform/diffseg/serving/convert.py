@@ -44,18 +44,12 @@ from diffseg.core.config import ConfigError, Name, UserError, atomic_write, to_d
 from diffseg.core.tracking import Tracker, TrackingConfig
 from diffseg.models.builder import build_model
 from diffseg.models.checkpoint import (
-    FORMAT,
-    INTEGRITY_KEY,
-    KINDS,
     SCHEDULER_CONFIG,
     Checkpoint,
-    describe_payload,
     export_safetensors,
     fetched_source,
     is_fetched,
     load_checkpoint,
-    read_payload,
-    reseal_payload,
     save_checkpoint_as,
     scheduler_config,
 )
@@ -67,6 +61,7 @@ from diffseg.models.guided import (
     guided_preset_flags,
     import_guided_diffusion,
 )
+from diffseg.models.integrity import FORMAT, INTEGRITY_KEY, KINDS, describe_payload, read_payload, reseal_payload
 from diffseg.models.unet import AttentionBlock, Downsample, ResBlock, UNet, UNetConfig, Upsample, parse_guided_flags
 from diffseg.serving.pyfunc import log_checkpoint_model
 

@@ -50,12 +50,12 @@ from diffseg.models.checkpoint import (
     MLFLOW_SCHEMES,
     MODEL_SPEC,
     Checkpoint,
-    CheckpointError,
     checkpoint_file,
     export_weights,
     load_checkpoint,
     load_diffusion_model,
 )
+from diffseg.models.integrity import CheckpointError
 
 log = logging.getLogger(__name__)
 

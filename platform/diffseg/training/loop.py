@@ -19,7 +19,6 @@ optimizer (its moments are kept); any other change (the architecture `model.*`, 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from diffseg.core.config import dumps, from_dict, staging_dir, to_dict
+from diffseg.core.config import dumps, staging_dir, to_dict
 from diffseg.core.runtime import Progress, format_duration, image_generators, resolve_device
 from diffseg.core.storage import put_file
 from diffseg.core.tracking import Tracker, status_for
@@ -45,15 +44,12 @@ from diffseg.methods.segment import heldout_eps_mse, mask_diagnostics, segment_i
 from diffseg.models.builder import EMA, build_model
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from diffseg.models.diffusion import GaussianDiffusion, sample_timesteps
-from diffseg.models.factorized import FactorizedUNet, mask_generator_parameters, mask_prior, reset_mask_generator
-from diffseg.scoring.regions import mask_image_dependence
+from diffseg.models.factorized import mask_prior
 from diffseg.serving.pyfunc import log_checkpoint_model
-from diffseg.training.config import LoopConfig, OptimConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
+from diffseg.training.config import LoopConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
+from diffseg.training.mask_levers import mask_mode, maybe_restart_masks, param_groups, restore_optimizer
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------- resume guard
 
 
 # ---------------------------------------------------------------------------------------------------- context
@@ -210,43 +206,6 @@ def build_train_state(
     return state, source
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, resume: Checkpoint, fused: bool) -> None:
-    """Put a checkpoint's optimizer moments into `optimizer`, keeping `optimizer`'s hyperparameters (this config's
-    optim.lr, weight_decay, mask_lr_scale): the saved state is loaded into an optimizer laid out as the saved config
-    had it (its parameter groups), then handed over parameter by parameter."""
-    saved = resume.config.get("optim") or {}
-    known = {f.name for f in dataclasses.fields(OptimConfig)}
-    old_cfg = from_dict(OptimConfig, {k: v for k, v in saved.items() if k in known}, "optim")
-    old = torch.optim.AdamW(param_groups(model, old_cfg), lr=old_cfg.lr, weight_decay=old_cfg.weight_decay, fused=fused)
-    old.load_state_dict(resume.optimizer)
-    for param, state in old.state.items():
-        optimizer.state[param] = state
-
-
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """One group at optim.lr, plus the factorized mask generator's own group when `mask_lr_scale` != 1 or it has
-    its own `mask_weight_decay`."""
-    own_decay = cfg.mask_weight_decay is not None and cfg.mask_weight_decay != cfg.weight_decay
-    if (cfg.mask_lr_scale == 1 and not own_decay) or not isinstance(model, FactorizedUNet):
-        return [{"params": list(model.parameters())}]
-    mask = {id(p) for _, p in mask_generator_parameters(model)}
-    group: dict[str, Any] = {
-        "params": [p for p in model.parameters() if id(p) in mask],
-        "lr": cfg.lr * cfg.mask_lr_scale,
-    }
-    if own_decay:
-        group["weight_decay"] = cfg.mask_weight_decay
-    return [{"params": [p for p in model.parameters() if id(p) not in mask]}, group]
-
-
-def mask_mode(cfg: TrainConfig, step: int) -> str | None:
-    """The factorized warm-up's mask mode for the step about to run (None: no warm-up, or not factorized)."""
-    fcfg = cfg.model.factorized
-    if cfg.model.kind != "factorized" or step >= fcfg.mask_warmup_steps:
-        return None
-    return fcfg.mask_warmup
-
-
 def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
     """One optimizer step on one (local) batch; returns the detached mean loss (no host sync: read it when logging).
 
@@ -296,39 +255,6 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
     if wants_masks and (fcfg.restart_area > 0 or fcfg.restart_dependence > 0):
         maybe_restart_masks(state, seen["masks"].detach())
     return loss.detach()
-
-
-def maybe_restart_masks(state: TrainState, masks: torch.Tensor) -> bool:
-    """ReDO's autoRestart: a region whose running mean area (an EMA over steps of the batch's mean) falls below
-    `restart_area` within the first `restart_steps` steps has collapsed; so have masks whose running image
-    dependence falls below `restart_dependence` (one split for every image: our failure mode, which no area test
-    sees). Then the mask generator (and its EMA copy and optimizer state) is drawn afresh, at most `max_restarts`
-    times. Returns whether it restarted."""
-    fcfg = state.cfg.model.factorized
-    if state.step > fcfg.restart_steps or state.mask_restarts >= fcfg.max_restarts:
-        return False
-    stats = masks.float().mean(dim=(0, 2, 3)).cpu()  # (K,) mean area per region
-    stats = torch.cat([stats, torch.tensor([mask_image_dependence(masks)])])  # (K + 1,)
-    state.area_ema = stats if state.area_ema is None else 0.9 * state.area_ema + 0.1 * stats
-    area, dependence = float(state.area_ema[:-1].min()), float(state.area_ema[-1])
-    collapsed = area < fcfg.restart_area or dependence < fcfg.restart_dependence
-    if state.step - max([0, *state.restart_steps]) < 20 or not collapsed:  # 20 steps: let the EMA settle first
-        return False
-    model = unwrap(state.model)
-    reset_mask_generator(model, seed=state.cfg.loop.seed * 1_000_003 + state.mask_restarts + 1)
-    ema_params = dict(state.ema.model.named_parameters())
-    for name, p in mask_generator_parameters(model):
-        state.optimizer.state.pop(p, None)
-        with torch.no_grad():
-            ema_params[name].copy_(p)
-    state.restart_steps.append(state.step)
-    log.warning(
-        "[train] step %d: min region area %.3f (restart_area %.3f), image dependence %.3f (restart_dependence %.3f): "
-        "mask generator restarted (%d of at most %d)", state.step, area, fcfg.restart_area, dependence,
-        fcfg.restart_dependence, state.mask_restarts, fcfg.max_restarts,
-    )  # fmt: skip
-    state.area_ema = None
-    return True
 
 
 def check_finite(loss: float, step: int, name: str) -> None:

@@ -25,10 +25,11 @@ import yaml
 from torch import nn
 
 from diffseg.core.config import from_dict, resolve_paths, save_config, staging_dir, to_dict
+from diffseg.core.provenance import git_dirty, git_sha, source_tags
 from diffseg.core.registry import end_runs_named
 from diffseg.core.runtime import decide_gpu, init_ray, setup_logging
 from diffseg.core.storage import exists, put_file, read_text
-from diffseg.core.tracking import git_dirty, git_sha, resolve_tracking_uri, source_tags, status_for
+from diffseg.core.tracking import resolve_tracking_uri, status_for
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from diffseg.training.config import (  # noqa: F401  (the configs are part of this module's API)
     LoopConfig,
