@@ -32,10 +32,13 @@ def test_init_ray_keeps_the_jobs_sigterm_handler(monkeypatch):
         runtime.init_ray()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises in the main thread long before this ends
-    before = signal.getsignal(signal.SIGTERM)
-    runtime.init_ray()  # outside a job: Ray's own exit handler stays (nothing of ours to put back)
-    assert signal.getsignal(signal.SIGTERM) is not before
-    signal.signal(signal.SIGTERM, before)
+    before = signal.getsignal(signal.SIGTERM)  # whatever the tests before this one left (Ray's own, after a real init)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # outside a job: no Python handler to put back
+    try:
+        runtime.init_ray()
+        assert callable(signal.getsignal(signal.SIGTERM))  # Ray's own exit handler stays
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 JOB = """
