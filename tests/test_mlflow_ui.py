@@ -85,3 +85,34 @@ def test_a_conversion_job_run_is_named_after_what_it_wrote_with_its_job_file(tmp
     assert run.info.run_name == "convert-safetensors-celeba-st"
     assert run.data.tags["mlflow.source.name"] == "jobs/convert_checkpoint.py"
     assert run.data.tags["mlflow.user"] == getpass.getuser()
+
+
+def test_data_input_survives_the_sql_stores_insert_race(store):
+    """Two runs starting together on one data set: MLflow's SQL store looks the data set up, both miss it, and the
+    second insert fails on the unique key. The tracker retries (the row exists then) and links its run; any other
+    error from the store is raised as it was."""
+    from mlflow.exceptions import MlflowException
+
+    from diffseg.data.datasets import DataConfig
+
+    race = MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+    with Tracker(TrackingConfig(experiment="race", system_metrics=False), "other") as other:
+        other.log_data_input(DataConfig(), "training")  # the run that won the insert
+    with Tracker(TrackingConfig(experiment="race", system_metrics=False), "late") as tracker:
+        real, calls = tracker._client.log_inputs, []
+
+        def lose_once(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise race
+            return real(*args, **kwargs)
+
+        tracker._client.log_inputs = lose_once
+        tracker.log_data_input(DataConfig(), "training")
+        assert len(calls) == 2
+        tracker._client.log_inputs = lambda *a, **k: (_ for _ in ()).throw(MlflowException("store is read-only"))
+        with pytest.raises(MlflowException, match="read-only"):
+            tracker.log_data_input(DataConfig(), "training")
+        tracker._client.log_inputs = real
+    names = [d.dataset.name for d in client(store).get_run(tracker.run_id).inputs.dataset_inputs]
+    assert names == ["synthetic"]

@@ -463,8 +463,11 @@ def test_trust_state_from_the_command_line(tmp_path, capsys):
     sweep_job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep_job)
     args = ["--config", "sweep_k_tiny.yaml", f"output_dir={tmp_path}", "name=killed", "--trust-state"]
-    with pytest.raises(SystemExit, match=r"killed is no sweep folder to sign"):
+    with pytest.raises(SystemExit) as exit_info:
         sweep_job.main(args)
+    assert exit_info.value.code == 1  # a user error: one line on stderr, no traceback
+    err = capsys.readouterr().err
+    assert "killed is no sweep folder to sign" in err and "Traceback" not in err
     exp = tmp_path / "killed"
     exp.mkdir(mode=0o700)
     (exp / "tuner.pkl").write_bytes(b"state a killed driver left")

@@ -250,6 +250,13 @@ def _reap(client: Any, experiment_id: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- the run
+def _lost_dataset_insert_race(e: BaseException) -> bool:
+    """Whether `e` is the SQL store's unique-key failure on its `datasets` table (another run inserted the same data
+    set between this run's lookup and its insert)."""
+    text = str(e)
+    return "UNIQUE constraint failed: datasets." in text or ("duplicate key" in text and "datasets" in text)
+
+
 class Tracker:
     """One MLflow run (or nothing, when disabled). Resumes a run by id so a restarted job keeps one history.
 
@@ -383,7 +390,18 @@ class Tracker:
         text = json.dumps({"name": name, "source": source, "profile": profile}, sort_keys=True, default=str)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         dataset = Dataset(name, digest, "local" if root else "code", json.dumps(source), None, json.dumps(profile))
-        self._client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        # MLflow's SQL store looks a data set up, then inserts it when missing: two runs of one experiment starting
+        # together on the same data (a sweep's trials, two jobs) can both miss it, and the second insert fails on the
+        # (experiment, name, digest) key. The row then exists, so the retry finds it and only links this run.
+        for attempt in range(3):
+            try:
+                self._client.log_inputs(self.run_id, inputs)
+                return
+            except Exception as e:  # noqa: BLE001 - only the lost insert race is retried, anything else is raised
+                if attempt == 2 or not _lost_dataset_insert_race(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled:
