@@ -382,6 +382,7 @@ class Tracker:
         if not self.enabled:
             return
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         profile = to_dict(data)
         root = profile.get("root")
@@ -398,7 +399,7 @@ class Tracker:
             try:
                 self._client.log_inputs(self.run_id, inputs)
                 return
-            except Exception as e:  # noqa: BLE001 - only the lost insert race is retried, anything else is raised
+            except MlflowException as e:  # only the lost insert race is retried
                 if attempt == 2 or not _lost_dataset_insert_race(e):
                     raise
                 time.sleep(0.05 * (attempt + 1))
