@@ -20,6 +20,7 @@ from kit.ensemble import stage_ensemble
 from kit.env import stage_env
 from kit.gpu_tests import stage_tests
 from kit.memory import stage_memory
+from kit.rate import stage_rate
 from kit.sampling import stage_sampling
 from kit.stage import Recorder, Skip
 from kit.train import stage_train
@@ -35,6 +36,7 @@ STAGES = {
     "sampling": stage_sampling,
     "memory": stage_memory,
     "train": stage_train,
+    "rate": stage_rate,
 }
 
 

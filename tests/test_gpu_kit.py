@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -58,24 +59,38 @@ def run_kit(tmp_path: Path, *args: str, block=("ray", "mlflow"), cwd: Path | Non
 def test_smoke_runs_every_stage_without_ray_or_mlflow(tmp_path):
     data = horse_like_folder(tmp_path / "data")
     out = tmp_path / "out"
-    res = run_kit(tmp_path, "--out", "out", "--smoke", "--budget-min", "6", "--data", "data", "--work", "work")
+    res = run_kit(tmp_path, "--out", "out", "--smoke", "--data", "data", "--work", "work")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= MAX_FILES and all((out / f).stat().st_size < MAX_BYTES for f in files)
     assert not [p for p in out.iterdir() if p.is_dir()]
-    name = "gpu-kit-factorized64"
-    expected = {"report.md", "figures.json", "kit.log", "training.png", f"{name}.pt", f"{name}_masks.png"}
-    assert expected <= set(files)
+    assert {"report.md", "figures.json", "kit.log", "training.png", "models.tar.00"} <= set(files)
 
     figures = json.loads((out / "figures.json").read_text())
     assert figures["kit"]["smoke"] and figures["kit"]["finished"] and set(files) == set(figures["kit"]["files"])
     stages = {s["id"]: s for s in figures["stages"]}
-    kinds = ["env", "tests", "train_step", "unet", "ensemble", "sampling", "memory", "train:gpu_kit_factorized64"]
-    assert list(stages) == kinds
+    runs = ["train:layers-paper", "train:layers-lever", "train:ddpm-synthetic"]
+    kinds = ["env", "rate", "research:factorized", *runs[:2], "research:ddpm", runs[2], "train_step", "unet",
+             "ensemble", "sampling", "memory", "tests"]  # fmt: skip
+    assert list(stages) == kinds  # research first, measurements last
     assert {k: s["status"] for k, s in stages.items()} == dict.fromkeys(kinds, "ok")
     assert all(s["seconds"] <= s["box_s"] + 5 for s in stages.values())
     r = {k: s["results"] for k, s in stages.items()}
+    # the plan: every run's rate measured first, the images each run gets stated from it
+    plan = r["rate"]["runs"]
+    assert set(plan) == {"layers-paper", "layers-lever", "ddpm-synthetic"}
+    assert all(x["images_per_s"] > 0 and x["gflop_per_image"] > 0 and x["planned_images"] > 0 for x in plan.values())
+    assert r["rate"]["compile"]["compile_s"] > 0 and r["rate"]["planned_boxes_s"]["factorized"] > 0
+    for run in runs:  # each run trained through the loop, with its rate, % of peak and fp16 export
+        t = r[run]["training"]
+        assert t["steps"] == 6 and t["images_per_s"] > 0 and t["tflops"] > 0 and t["pct_peak"] >= 0
+        assert r[run]["checkpoint"]["file"] == run.removeprefix("train:") + ".pt"
+    lever = r["train:layers-lever"]
+    assert lever["setup"]["resolved"]["model"]["factorized"]["uniform_from_t"] == 100
+    assert lever["mask_diagnostics"] and "val/mask_band" in lever["mask_diagnostics"][-1]
+    assert set(lever["eval"]["rows"]) == {"all_foreground", "centred_box", "kmeans_rgb", "factorized"}
+    assert lever["eval"]["key"] == "fg_iou" and lever["fp16_label_agreement"] > 0.9
     assert r["tests"]["counts"]["skipped"] >= 2 and not r["tests"]["counts"]["failed"]  # gpu tests skip on a CPU
     for key in ("eager", "compiled"):
         assert r["train_step"][key]["images_per_s"] > 0 and r["train_step"][key]["tflops"] > 0
@@ -83,16 +98,14 @@ def test_smoke_runs_every_stage_without_ray_or_mlflow(tmp_path):
     assert r["sampling"]["eager"]["images_per_s"] > 0 and r["sampling"]["compiled"]["images_per_s"] > 0
     points = r["memory"]["points"]
     assert [p["images"] for p in points] == [1, 2, 4] and points[0]["network_s_per_image"] > 0
-    assert r["memory"]["setup"]["feature_dim"] > 0 and all(p["rss_peak_gib"] > 0 for p in points)
-    train = r["train:gpu_kit_factorized64"]
-    assert train["training"]["steps"] == 6 and train["checkpoint"]["file"] == f"{name}.pt"
-    assert set(train["eval"]["rows"]) == {"all_foreground", "centred_box", "kmeans_rgb", "grabcut", "factorized"}
-    assert train["eval"]["key"] == "fg_iou" and all("fg_iou" in m for m in train["eval"]["rows"].values())
-    assert train["fp16_label_agreement"] > 0.9
 
     report = (out / "report.md").read_text()
     for heading in (
         "## Stages",
+        "## Research runs",
+        "## The plan: every research run's rate, measured first",
+        "## Research: group factorized",
+        "## Trained model: layers-lever (jobs/configs/factorized_layers32.yaml)",
         "## Machine",
         "## gpu-marked tests",
         "## Throughput: factorized paper-64 train step",
@@ -100,13 +113,22 @@ def test_smoke_runs_every_stage_without_ray_or_mlflow(tmp_path):
         "## Throughput: batched MLP ensemble",
         "## Throughput: DDIM-50 sampling",
         "## Memory: 256 px feature extraction",
-        "## Trained model: jobs/configs/gpu_kit_factorized64.yaml",
         "Centred box (prior)",
     ):
         assert heading in report, heading
 
+    # The models come back in one archive (cat models.tar.* | tar x), the DDPM first
+    archive = tmp_path / "models.tar"
+    archive.write_bytes(b"".join((out / n).read_bytes() for n in sorted(files) if n.startswith("models.tar.")))
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "models", filter="data")
+    assert names[0] == "ddpm-synthetic.pt" and {"layers-paper.pt", "layers-lever.pt"} <= set(names)
+    assert names == figures["kit"]["archive"]
+    name = "layers-lever"
+
     # The shipped checkpoint: fp16 EMA weights that the segment job and Serve's segmenter load on a CPU.
-    ckpt_path = out / f"{name}.pt"
+    ckpt_path = tmp_path / "models" / f"{name}.pt"
     loaded, ckpt = load_diffusion_model(ckpt_path, "cpu"), load_checkpoint(ckpt_path)
     assert isinstance(loaded.model, FactorizedUNet) and ckpt.extra["export"]["dtype"] == "float16" and loaded.step == 6
     seg = FactorizedSegmenter.load(str(ckpt_path), device="cpu")
@@ -170,7 +192,7 @@ def test_an_overrunning_stage_is_cut_at_its_box_with_its_partial_results(tmp_pat
 def test_time_boxes_share_what_is_left(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import gpu_kit
-    from kit.plan import plan, time_box
+    from kit.plan import RESEARCH_WEIGHT, plan, time_box
     from kit.prepare import device_command
 
     args = gpu_kit.parse_args(
@@ -186,23 +208,22 @@ def test_time_boxes_share_what_is_left(monkeypatch):
         ]
     )
     stages = plan(args)
-    assert [s["id"] for s in stages] == [
-        "env",
-        "tests",
-        "train_step",
-        "unet",
-        "ensemble",
-        "sampling",
-        "memory",
-        "train:gpu_kit_factorized64",
-        "train:factorized_tiny",
-    ]
-    assert stages[3]["fixed_s"] == 40 and stages[7]["fixed_s"] == 120 and stages[8]["fixed_s"] is None
-    # The fixed boxes come off first; the rest is shared by weight (train_step 14 of 14+4... excluding fixed ones).
+    ids = [s["id"] for s in stages]
+    assert ids == ["env", "rate", "research:factorized", "research:ddpm", "train_step", "unet", "ensemble", "sampling",
+                   "memory", "tests", "train:gpu_kit_factorized64", "train:factorized_tiny"]  # fmt: skip
+    unet, fixed_train, flexible_train = stages[5], stages[10], stages[11]
+    assert unet["fixed_s"] == 40 and fixed_train["fixed_s"] == 120 and flexible_train["fixed_s"] is None
+    # The research groups share RESEARCH_WEIGHT by their `share` (0.65 / 0.35 in bench/sprint.yaml)
+    assert stages[2]["weight"] == pytest.approx(RESEARCH_WEIGHT * 0.65) and stages[3]["weight"] == pytest.approx(
+        RESEARCH_WEIGHT * 0.35
+    )
+    assert len(stages[2]["group"]["runs"]) == 8 and stages[1]["runs"][-1]["name"] == "ddpm-horse-cifar32"
+    # The fixed boxes come off first; the rest is shared by weight.
     box = time_box(stages[2], stages[3:], 600)
     flexible = [s for s in stages[3:] if s["fixed_s"] is None]
-    assert box == pytest.approx((600 - 40 - 120) * 14 / (14 + sum(s["weight"] for s in flexible)))
-    assert time_box(stages[7], stages[8:], 60) == 60  # never more than what is left
+    assert box == pytest.approx((600 - 40 - 120) * stages[2]["weight"] / (stages[2]["weight"] + sum(
+        s["weight"] for s in flexible)))  # fmt: skip
+    assert time_box(fixed_train, stages[11:], 60) == 60  # never more than what is left
     command, carry = device_command(True, 8)
     assert command.endswith("bench/gpu_kit.py --out $OUT --budget-min 8") and len(command) <= 2000
     assert carry == [".kit", ".whl"]
@@ -222,6 +243,8 @@ def test_prepare_copies_sets_at_the_loaders_pixels(tmp_path, data_dir):
             str(tmp_path / "kit" / "data"),
             "--shared",
             str(data_dir.parent),
+            "--size",
+            "64",
         ],
         capture_output=True,
         text=True,
@@ -238,3 +261,33 @@ def test_prepare_copies_sets_at_the_loaders_pixels(tmp_path, data_dir):
     for i in (0, 57):
         a, b = original[i], prepared[i]
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_the_sprint_file_names_runs_that_load(monkeypatch, tmp_path):
+    """Every research run of the GPU sprint resolves to a valid training config here, so a GPU window never spends
+    its minutes on a typo; a bad sprint file stops the kit with a line naming the place."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from kit.plan import load_sprint
+
+    from diffseg.core.config import load_config
+    from diffseg.training.config import TrainConfig
+
+    for path in ("bench/sprint.yaml", "bench/sprint_smoke.yaml"):
+        for group in load_sprint(path):
+            for run in group["runs"]:
+                cfg = load_config(TrainConfig, run["config"], run["overrides"])
+                cfg.check()
+                assert cfg.optim.batch_size >= 256 or "smoke" in path
+    groups = {g["name"]: g for g in load_sprint("bench/sprint.yaml")}
+    widths = {load_config(TrainConfig, r["config"], r["overrides"]).model.unet.model_channels
+              for r in groups["factorized"]["runs"]}  # fmt: skip
+    assert widths == {32, 64, 128}
+    lr = load_config(
+        TrainConfig, groups["factorized"]["runs"][0]["config"], groups["factorized"]["runs"][0]["overrides"]
+    )
+    assert lr.optim.batch_lr == pytest.approx(1e-4 * 2**0.5)  # the paper's 1e-4 at 128, sqrt-scaled to 256
+    with pytest.raises(SystemExit, match="runs\\[0\\].config"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("groups: [{name: g, runs: [{name: r, config: nowhere.yaml}]}]\n")
+        load_sprint(str(bad))
+    sys.modules.pop("gpu_kit", None)

@@ -14,6 +14,8 @@ TITLES = {
     "sampling": "Throughput: DDIM-50 sampling",
     "memory": "Memory: 256 px feature extraction",
     "train": "Trained model",
+    "rate": "The plan: every research run's rate, measured first",
+    "research": "Research",
 }
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this workplace's H100s (the data sheet says 989)
@@ -38,7 +40,7 @@ def render_report(figures: dict[str, Any]) -> str:
     env = next((s["results"] for s in stages if s["id"] == "env"), {})
     machine = env.get("gpu") or f"CPU ({env.get('cpu_count', '?')} cores)"
     lines = [
-        "# diffseg GPU kit report"
+        "# diffseg GPU sprint report"
         + (" (SMOKE: toy sizes on the CPU; no figure here is a GPU measurement)" if kit["smoke"] else ""),
         "",
         f"- machine: {machine}; python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
@@ -57,6 +59,7 @@ def render_report(figures: dict[str, Any]) -> str:
         ["stage", "status", "seconds", "time box (s)", "reason"],
         [[s["id"], s["status"], s["seconds"], s["box_s"], (s["reason"] or "").replace("|", "/")] for s in stages],
     )
+    lines += _research_summary(stages, kit)
     for s in stages:
         lines += [f"## {s['title']}", ""]
         body = RENDERERS[s["kind"]](s["results"]) if s["results"] else []
@@ -266,12 +269,24 @@ def _train(r: dict) -> list[str]:
     ]
     if t:
         out += _table(
-            ["steps", "seconds", "images/s", "images seen", "epochs", "last loss", "stopped by"],
+            [
+                "steps",
+                "seconds",
+                "images/s",
+                "steady images/s",
+                "% of peak",
+                "images seen",
+                "epochs",
+                "last loss",
+                "stopped by",
+            ],  # fmt: skip
             [
                 [
                     t["steps"],
                     t["seconds"],
                     t["images_per_s"],
+                    t.get("steady_images_per_s"),
+                    t.get("pct_peak"),
                     t["images_seen"],
                     t["epochs"],
                     t["loss_last"],
@@ -325,6 +340,89 @@ def _train(r: dict) -> list[str]:
     return out
 
 
+def _research_summary(stages: list[dict], kit: dict) -> list[str]:
+    """One row per research run: compute (images seen, images/s, % of peak) and where its masks ended."""
+    runs = [s for s in stages if s["kind"] == "train" and s.get("group")]
+    if not runs:
+        return []
+    rows = []
+    for s in runs:
+        r = s["results"]
+        st, tr = r.get("setup", {}), r.get("training", {})
+        diags = r.get("mask_diagnostics") or [{}]
+        last = diags[-1]
+        score = next((last[k] for k in ("val/fg_iou", "val/hungarian_miou") if k in last), None)
+        ev = r.get("eval") or {}
+        test = ev.get("rows", {}).get("factorized", {}).get(ev.get("key")) if ev else None
+        rows.append([
+            s["id"].removeprefix("train:"), s["status"], st.get("params_m"), st.get("batch"), tr.get("steps"),
+            tr.get("images_seen"), tr.get("images_per_s"), tr.get("pct_peak"),
+            None if score is None else 100 * score, last.get("val/mask_dependence"), last.get("val/mask_band"),
+            None if test is None else 100 * test, (r.get("checkpoint") or {}).get("file"),
+        ])  # fmt: skip
+    archived = set(kit.get("archive", []))
+    rows = [[*row[:-1], (f"{row[-1]}" + ("" if row[-1] in archived else " (not brought back)")) if row[-1] else "-"]
+            for row in rows]  # fmt: skip
+    return [
+        "## Research runs",
+        "",
+        "Held-out diagnostics: the EMA model's masks at t=30 on the run's held-out split at its last `eval_every`"
+        " (fg IoU or Hungarian mIoU, image dependence 0 = one split for every image, band share 1 = horizontal bands);"
+        " `scored` is the fp16 export through the project's evaluator. Curves against images seen: training.png.",
+        "",
+        *_table(
+            [
+                "run",
+                "status",
+                "params (M)",
+                "batch",
+                "steps",
+                "images seen",
+                "images/s",
+                "% of peak",
+                "held-out score",
+                "dependence",
+                "band",
+                "scored",
+                "checkpoint",
+            ],
+            rows,
+            digits=2,
+        ),  # fmt: skip
+    ]
+
+
+def _rate(r: dict) -> list[str]:
+    runs = r.get("runs") or {}
+    boxes = r.get("planned_boxes_s") or {}
+    out = [
+        "Bare train step of each research run (a fixed batch on the device, eager), measured before they train; "
+        "'planned images' assumes the group's runs share the GPU evenly for their box (minus 20 s of start-up and "
+        f"scoring): a floor when the runs leave it idle. Group boxes planned: {boxes or '-'} s.",
+        "",
+    ]
+    out += _table(["run", "params (M)", "batch x px", "images/s alone", "GFLOP/image", "TFLOP/s", "% of peak",
+                   "planned images"],  # fmt: skip
+                  [[name, x["params_m"], f"{x['batch']} x {x['image_size']}", x["images_per_s"],
+                    x["gflop_per_image"], x["tflops"], x["pct_peak"], x.get("planned_images")]
+                   for name, x in runs.items()], digits=2)  # fmt: skip
+    c = r.get("compile")
+    if c:
+        out += [f"torch.compile on {c['run']}: {c['compiled_images_per_s']:,.0f} images/s compiled vs "
+                f"{c['eager_images_per_s']:,.0f} eager ({c['speedup']:.2f}x) after {c['compile_s']:.1f} s of "
+                "compiling.", ""]  # fmt: skip
+    return out
+
+
+def _research(r: dict) -> list[str]:
+    c = r.get("compile") or {}
+    return [
+        f"Runs, trained at once for {r.get('box_s', 0):.0f} s: {', '.join(r.get('runs', []))}; torch.compile "
+        f"{'on' if c.get('compile') else 'off'} ({c.get('why', '-')}). Each run's section follows.",
+        "",
+    ]
+
+
 RENDERERS = {
     "env": _env,
     "tests": _tests,
@@ -334,4 +432,6 @@ RENDERERS = {
     "sampling": _sampling,
     "memory": _memory,
     "train": _train,
+    "rate": _rate,
+    "research": _research,
 }

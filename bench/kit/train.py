@@ -18,7 +18,7 @@ from diffseg.models.builder import build_model
 from diffseg.models.checkpoint import export_weights
 from diffseg.training.config import TrainConfig
 from diffseg.training.loop import LocalContext, fit, resolve_precision
-from kit.stage import SMOKE_TRAIN_OVERRIDES, Recorder, Skip, left
+from kit.stage import SMOKE_TRAIN_OVERRIDES, Recorder, Skip, left, pct
 
 
 def resolve_train_config(spec: dict) -> TrainConfig:
@@ -26,23 +26,38 @@ def resolve_train_config(spec: dict) -> TrainConfig:
     is looked up by its folder name there, for training and for the mask diagnostics), output in the stage's work
     folder, no MLflow."""
     overrides = list(spec.get("overrides", []))
-    if spec["smoke"]:
-        overrides = SMOKE_TRAIN_OVERRIDES + overrides
+    if spec["smoke"]:  # toy sizes; the run's own overrides keep what they set, the smoke's sizes win
+        overrides = overrides + SMOKE_TRAIN_OVERRIDES + ["optim.lr_scaling=none"]
     cfg = load_config(TrainConfig, spec["config"], overrides)
     changes: dict[str, Any] = {"output_dir": str(Path(spec["work"]) / "runs"), "tracking.enabled": False}
     if spec["smoke"] and cfg.loop.eval_every:
         changes["loop.eval_every"] = 3  # the mask diagnostics run, at toy cost
-    for key, data in (("data", cfg.data), ("eval.data", cfg.eval.data)):
+    if spec["smoke"] and cfg.data.name == "layers":  # a few scenes: rendering 6200 would take the smoke's time
+        changes["data.num_images"], changes["data.num_test"] = 24, 8
+        changes["loop.compile"] = False
+    sources = [("data", cfg.data), ("eval.data", cfg.eval.data)]
+    sources += [(f"data.mix[{i}]", m) for i, m in enumerate(cfg.data.mix)]
+    for key, data in sources:
         if data is not None and data.name == "folder":
             if not data.root:
                 raise ConfigError(f"{spec['config']}: {key}.root is empty")
+            if key.startswith("data.mix"):
+                continue
             changes[f"{key}.root"] = str(Path(spec["data_dir"]) / Path(data.root).name)
+    if cfg.data.mix:  # each source read from the kit's data folder too
+        mix = tuple(replace(m, root=str(Path(spec["data_dir"]) / Path(m.root).name)) if m.name == "folder" else m
+                    for m in cfg.data.mix)  # fmt: skip
+        cfg = replace(cfg, data=replace(cfg.data, mix=mix))
     return replace(cfg, **changes)
 
 
 def eval_protocol(cfg: TrainConfig) -> str | None:
     """foreground (2 classes, IEM/ReDO), multiclass (more, Hungarian), or None (no held-out labelled split)."""
-    if cfg.model.kind != "factorized" or cfg.data.name != "folder" or not cfg.data.num_test:
+    if cfg.model.kind != "factorized" or not cfg.data.num_test:
+        return None
+    if cfg.data.name == "layers":  # object / background
+        return "foreground"
+    if cfg.data.name != "folder":
         return None
     if not (Path(cfg.data.root) / "masks").is_dir():
         return None
@@ -58,7 +73,7 @@ def stage_train(spec: dict, rec: Recorder) -> None:
     against the baselines with the project's evaluator (factorized models), and keep the final sample grid."""
     device = torch.device(spec["device"])
     cfg = resolve_train_config(spec)
-    for data in (cfg.data, cfg.eval.data):
+    for data in (cfg.data, cfg.eval.data, *cfg.data.mix):
         if data is not None and data.name == "folder" and not Path(data.root).is_dir():
             raise Skip(f"data folder {data.root} is missing: run `python bench/gpu_kit.py --prepare` and carry .kit")
     protocol = eval_protocol(cfg)
@@ -101,6 +116,9 @@ def stage_train(spec: dict, rec: Recorder) -> None:
     if summary.get("mask_diagnostics"):
         rec.set("mask_diagnostics", summary["mask_diagnostics"])
     seconds = summary.get("train_seconds", wall)
+    steady = summary.get("steady_images_per_s")
+    gflop = spec.get("gflop_per_image")  # forward + backward per image, counted by the rate stage
+    tflops = steady * gflop / 1e3 if steady and gflop else None
     rec.set(
         "training",
         {
@@ -109,9 +127,13 @@ def stage_train(spec: dict, rec: Recorder) -> None:
             "wall_s": wall,
             "images_seen": summary["step"] * cfg.optim.batch_size,
             "images_per_s": summary["step"] * cfg.optim.batch_size / max(seconds, 1e-9),
+            "steady_images_per_s": steady,  # after the first log window (compilation, allocations)
+            "tflops": tflops,
+            "pct_peak": pct(tflops, spec.get("peak_tflops")) if tflops else None,
             "epochs": summary["step"] * cfg.optim.batch_size / max(n_train, 1),
             "loss_last": history[-1][1] if history else None,
             "stopped_by": "time box (loop.max_minutes)" if summary.get("stopped_early") else "loop.num_steps",
+            "compiled": cfg.loop.compile,
         },
     )
     full = Path(summary["checkpoint"])
@@ -119,7 +141,7 @@ def stage_train(spec: dict, rec: Recorder) -> None:
     export_weights(full, export, dtype=torch.float16, extra={"made_by": "bench/gpu_kit.py", "device": str(device)})
     info = {"file": export.name, "bytes": export.stat().st_size, "dtype": "float16", "step": summary["step"]}
     rec.set("checkpoint", {**info, "weights": "EMA"})
-    rec.add_file(export, "checkpoint", priority=10)
+    rec.add_file(export, "checkpoint", priority=5 if cfg.model.kind == "ddpm" else 10)
     grids = sorted((full.parent / "samples").glob("step_*.png"))
     if grids:  # fit's last sample grid (EMA weights)
         named = Path(spec["work"]) / f"{cfg.name}_samples.png"
@@ -138,7 +160,7 @@ def evaluate_export(
     """The fp16 export on the held-out split with the project's evaluator, against the trivial priors, k-means on
     colour and GrabCut; the mask figure; and how often the fp16 weights pick the same region as the fp32 EMA."""
     eval_dir = Path(spec["work"]) / "eval"
-    set_name = Path(cfg.data.root).name
+    set_name = Path(cfg.data.root).name if cfg.data.root else cfg.data.name
     ecfg = EvalConfig(
         name=cfg.name,
         output_dir=str(eval_dir),
@@ -151,7 +173,9 @@ def evaluate_export(
                 factorized=str(export),
             ),
         ),
-        methods=("all_foreground", "centred_box", "kmeans_rgb", "grabcut", "factorized"),
+        methods=tuple(
+            spec.get("eval_methods") or ("all_foreground", "centred_box", "kmeans_rgb", "grabcut", "factorized")
+        ),  # fmt: skip
         device=str(device),
         tracking=TrackingConfig(enabled=False),
         num_figure_images=8,

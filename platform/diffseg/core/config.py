@@ -255,6 +255,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value

@@ -204,14 +204,16 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers)."""
+def setup_logging(level: int = logging.INFO, prefix: str = "") -> None:
+    """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers);
+    `prefix` starts every line (the run's name, where several processes share one terminal)."""
     logger = logging.getLogger("diffseg")
-    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _StdoutHandler)), None)
+    if handler is None:
         handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
     logger.setLevel(level)
 
 

@@ -575,6 +575,16 @@ def experiment_id(client: Any, uri: str, name: str) -> str:
     return exp.experiment_id
 
 
+def prepare_store(cfg: TrackingConfig, tracking_uri: str | None = None) -> None:
+    """Create the tracking store and the experiment now, in this process (nothing when tracking is off). Processes
+    started together on a fresh SQLite store would otherwise all migrate it at once, and Alembic's migration is not
+    safe against that (`CommandError: Online migration expected to match one row`): a parallel job calls this in
+    the driver before it starts its workers."""
+    if cfg.enabled:
+        uri = resolve_tracking_uri(tracking_uri or cfg.uri)
+        experiment_id(_client(uri), uri, cfg.experiment)
+
+
 def _client(uri: str | None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
     import mlflow

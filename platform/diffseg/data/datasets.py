@@ -1,4 +1,5 @@
-"""Data: paired image/mask folders, the built-in synthetic scenes, transforms, and a Ray Data reader.
+"""Data: paired image/mask folders, the built-in synthetic sets (`diffseg.data.synthetic`), the resize policy, and a
+Ray Data reader.
 
 Paired-folder format (the format of `../shared/data`):
 
@@ -26,6 +27,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffseg.core.config import InputPath, UserError
+from diffseg.data.augment import augment
+from diffseg.data.synthetic import (  # noqa: F401  (re-exported: the data sets' one entry point is this module)
+    LAYERS_CLASSES,
+    SYNTHETIC_CLASSES,
+    LayersConfig,
+    LayersDataset,
+    SyntheticDataset,
+    layers_scene,
+    synthetic_scene,
+    write_layers_folder,
+    write_synthetic_folder,
+)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CACHE_AUTO_BYTES = 2**30  # data.cache=auto keeps a paired folder's decoded images in memory up to this size
@@ -66,11 +79,13 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["synthetic", "folder"] = "synthetic"  # the built-in synthetic scenes, or a paired folder at root
+    name: Literal["synthetic", "layers", "folder"] = "synthetic"  # the built-in synthetic scenes, the built-in
+    # independent-layers testbed of unsupervised segmentation (`data.layers`), or a paired folder at root
     root: InputPath | None = None  # paired-folder root (name=folder)
     image_size: int = 32  # images are resized (shorter side) and centre-cropped to this size
-    num_images: int = 512  # synthetic: how many scenes
-    seed: int = 0  # synthetic: scene seed (scene i depends only on (seed, i))
+    num_images: int = 512  # synthetic, layers: how many scenes
+    seed: int = 0  # synthetic, layers: scene seed (scene i depends only on (seed, i))
+    layers: LayersConfig = LayersConfig()  # layers: object size, shape, textures, colour contrast, objects per image
     num_train: int = 0  # labelled training images taken first from the sorted ids (0 = all but num_test)
     num_test: int = 0  # test images taken after the training ones (0 = none held out)
     split_seed: int | None = None  # shuffle ids with this seed before splitting (None = sorted order)
@@ -152,66 +167,6 @@ def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
     squeeze = x.dim() == 3
     x = F.interpolate(x[:, None] if squeeze else x, size=size, mode="bilinear", align_corners=False)
     return x[:, 0] if squeeze else x
-
-
-def augment(
-    item: dict[str, Any],
-    generator: torch.Generator,
-    flip: bool = False,
-    roll: bool = False,
-    crop_scale: float = 1.0,
-    translate: float = 0.0,
-    ignore_index: int = 255,
-) -> dict[str, Any]:
-    """Training augmentation of an item {"image" (3, H, W), "mask" (H, W)?, ...}, image and mask alike.
-
-    flip: horizontal, p = 0.5. roll: a uniform circular shift in both axes (the object lands anywhere, wrapped
-    around). crop_scale < 1: a random square crop of side s * H, s ~ U[crop_scale, 1], at a uniform position, resized
-    back to H (bilinear image, nearest mask). These take away the cue "where in the frame" from a model.
-    translate > 0: a shift by a uniform whole number of pixels in [-translate * H, translate * H] per axis, the
-    uncovered border filled with zeros (mid-grey in [-1, 1]; `ignore_index` in the mask): the object moves a little,
-    but stays near the centre, and the frame's edges stay where they are (unlike a roll, which wraps them around).
-    """
-    image, mask = item["image"], item.get("mask")
-    h, w = image.shape[-2:]
-    if translate > 0:
-        r = int(translate * max(h, w))
-        dy, dx = (int(v) - r for v in torch.randint(0, 2 * r + 1, (2,), generator=generator))
-        image = _shift(image, dy, dx, 0.0)
-        if mask is not None:
-            mask = _shift(mask, dy, dx, ignore_index)
-    if crop_scale < 1:
-        s = float(torch.empty(()).uniform_(crop_scale, 1.0, generator=generator))
-        side = max(1, round(min(h, w) * s))
-        top = int(torch.randint(0, h - side + 1, (), generator=generator))
-        left = int(torch.randint(0, w - side + 1, (), generator=generator))
-        crop = image[None, :, top : top + side, left : left + side]  # (1, 3, side, side)
-        image = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-        if mask is not None:
-            crop_m = mask[None, None, top : top + side, left : left + side].float()
-            mask = torch.nn.functional.interpolate(crop_m, size=(h, w), mode="nearest")[0, 0].long()
-    if roll:
-        dy, dx = (int(v) for v in torch.randint(0, max(h, w), (2,), generator=generator))
-        image = torch.roll(image, (dy % h, dx % w), dims=(-2, -1))
-        if mask is not None:
-            mask = torch.roll(mask, (dy % h, dx % w), dims=(-2, -1))
-    if flip and torch.rand((), generator=generator) < 0.5:
-        image = image.flip(-1)
-        mask = mask.flip(-1) if mask is not None else None
-    out = {**item, "image": image}
-    if mask is not None:
-        out["mask"] = mask
-    return out
-
-
-def _shift(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
-    """x (..., H, W) moved by (dy, dx) pixels, the uncovered border set to `fill`."""
-    h, w = x.shape[-2:]
-    out = torch.full_like(x, fill)
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[..., yd, xd] = x[..., ys, xs]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- folders
@@ -367,124 +322,6 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         )
 
 
-# ---------------------------------------------------------------------------------------------------- synthetic
-SYNTHETIC_CLASSES = ["background", "body", "head", "legs", "spots"]
-
-
-def _texture(rng: np.random.Generator, h: int, w: int, palette: np.ndarray) -> np.ndarray:
-    """A random stripes / noise / gradient texture in colours drawn from a shared palette. (H, W, 3) float."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    c1, c2 = palette[rng.integers(len(palette))], palette[rng.integers(len(palette))]
-    kind = rng.integers(3)
-    if kind == 0:  # stripes at a random angle and frequency
-        a, f = rng.uniform(0, np.pi), rng.uniform(0.15, 0.6)
-        m = (np.sin((xx * np.cos(a) + yy * np.sin(a)) * f) > 0).astype(np.float32)
-    elif kind == 1:  # blotchy noise
-        m = rng.random((h // 4 + 1, w // 4 + 1)).repeat(4, 0).repeat(4, 1)[:h, :w].astype(np.float32)
-    else:  # gradient
-        m = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / max(h, w)
-        m = (m - m.min()) / (m.max() - m.min() + 1e-6)
-    return c1 * m[..., None] + c2 * (1 - m[..., None])
-
-
-def synthetic_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One scene (image uint8 (H, W, 3), part mask uint8 (H, W)), a function of (seed, index) only.
-
-    An animal-like object (body ellipse, head disc, legs bars, spots on the body) over a textured background, plus
-    a distractor shape. Objects and background draw colours from ONE palette, so no class has a colour of its own:
-    telling parts apart takes shape and context.
-    """
-    rng = np.random.default_rng([seed, index])
-    palette = rng.uniform(0, 255, (6, 3)).astype(np.float32)
-    h = w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / size
-    image = _texture(rng, h, w, palette)
-    mask = np.zeros((h, w), np.uint8)
-    # distractor: a textured rectangle in the same palette, part of the background class
-    x0, y0 = rng.uniform(0, 0.7, 2)
-    dist = (xx > x0) & (xx < x0 + rng.uniform(0.15, 0.3)) & (yy > y0) & (yy < y0 + rng.uniform(0.15, 0.3))
-    image[dist] = _texture(rng, h, w, palette)[dist]
-    # the object
-    cx, cy = rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.6)
-    rx, ry = rng.uniform(0.18, 0.28), rng.uniform(0.1, 0.16)
-    body = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-    side = rng.choice([-1, 1])
-    hx, hy, hr = cx + side * rx * 1.05, cy - ry * 0.9, rng.uniform(0.07, 0.11)
-    head = (xx - hx) ** 2 + (yy - hy) ** 2 < hr**2
-    legs = np.zeros_like(body)
-    for lx in np.linspace(cx - rx * 0.7, cx + rx * 0.7, 4):
-        legs |= (np.abs(xx - lx) < 0.025) & (yy > cy) & (yy < cy + ry + rng.uniform(0.12, 0.2))
-    spots = body & (np.sin(xx * 60 + rng.uniform(0, 6)) * np.sin(yy * 60) > 0.6)
-    for cls, region in ((3, legs), (1, body), (2, head), (4, spots)):
-        image[region] = _texture(rng, h, w, palette)[region]
-        mask[region] = cls
-    image += rng.normal(0, 8, image.shape)
-    return image.clip(0, 255).astype(np.uint8), mask
-
-
-class SyntheticDataset(torch.utils.data.Dataset):
-    """The embedded default: `num_images` synthetic scenes with part masks and a foreground mask."""
-
-    class_names = SYNTHETIC_CLASSES
-    ignore_index = 255
-
-    def __init__(
-        self,
-        num_images: int = 512,
-        image_size: int = 32,
-        seed: int = 0,
-        offset: int = 0,
-        flip: bool = False,
-        roll: bool = False,
-        crop_scale: float = 1.0,
-        translate: float = 0.0,
-    ):
-        self.num_images, self.image_size, self.seed, self.offset = num_images, image_size, seed, offset
-        self.flip, self.roll, self.crop_scale, self.translate = flip, roll, crop_scale, translate
-        self._gen = torch.Generator().manual_seed(seed)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    @property
-    def ids(self) -> list[str]:
-        return [f"{self.offset + i:06d}" for i in range(self.num_images)]
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        if not 0 <= idx < self.num_images:
-            raise IndexError(idx)
-        image, mask = synthetic_scene(self.seed, self.offset + idx, self.image_size)
-        x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
-        m = torch.from_numpy(mask.astype(np.int64))
-        item = augment({"image": x, "mask": m, "id": f"{self.offset + idx:06d}"}, self._gen, self.flip, self.roll,
-                       self.crop_scale, self.translate, self.ignore_index)  # fmt: skip
-        return {**item, "foreground": (item["mask"] > 0).long()}
-
-
-def write_synthetic_folder(root: str | os.PathLike, num_images: int, image_size: int, seed: int = 0) -> Path:
-    """Write synthetic scenes in the paired-folder format, so every folder tool works on them too."""
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    for i in range(num_images):
-        image, mask = synthetic_scene(seed, i, image_size)
-        Image.fromarray(image).save(root / "images" / f"{i:06d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:06d}.png")
-    meta = {
-        "name": "synthetic",
-        "classes": SYNTHETIC_CLASSES,
-        "ignore_index": 255,
-        "source": "diffseg",
-        "license": "CC0",
-    }
-    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return root
-
-
 # ---------------------------------------------------------------------------------------------------- build
 def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "train") -> torch.utils.data.Dataset:
     """The data set a config names; `split` follows num_train/num_test (see split_ids). An empty split is a DataError:
@@ -500,6 +337,20 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "test", "all"] = "tra
         else:
             ds = SyntheticDataset(n_test, cfg.image_size, cfg.seed, offset=n_train)
         where = f"the synthetic data set (num_images={cfg.num_images})"
+    elif cfg.name == "layers":
+        n_test = cfg.num_test
+        n_train = cfg.num_train or cfg.num_images - n_test
+        if n_train + n_test > cfg.num_images:
+            raise DataError(
+                f"data: cannot take {n_train} train + {n_test} test images from num_images={cfg.num_images}"
+            )
+        if split == "train":
+            ds = LayersDataset(n_train, cfg.image_size, cfg.seed, cfg=cfg.layers, flip=cfg.flip, roll=cfg.roll,
+                               crop_scale=cfg.crop_scale, translate=cfg.translate)  # fmt: skip
+        else:
+            n, offset = (cfg.num_images, 0) if split == "all" else (n_test, n_train)
+            ds = LayersDataset(n, cfg.image_size, cfg.seed, offset=offset, cfg=cfg.layers)
+        where = f"the layers data set (num_images={cfg.num_images})"
     else:
         if cfg.root is None:
             raise DataError("data.root: a folder data set needs a root")

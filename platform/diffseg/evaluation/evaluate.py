@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -48,12 +46,12 @@ import torch
 from PIL import Image
 
 from diffseg.core.config import InputPath, Name, OutputPath, job_dir, save_config, to_dict
-from diffseg.core.report import markdown_table
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
 from diffseg.data.datasets import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
 from diffseg.evaluation import baselines, iem
+from diffseg.evaluation.tables import METHOD_TITLES, format_cell, render_csv, render_markdown  # noqa: F401
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
 from diffseg.methods.pixel import image_score
 from diffseg.methods.segment import FactorizedSegmenter
@@ -68,16 +66,6 @@ log = logging.getLogger(__name__)
 METHODS = (
     "all_foreground", "centred_box", "grabcut", "iem", "kmeans_rgb", "kmeans_ddpm", "factorized", "supervised",
 )  # fmt: skip
-METHOD_TITLES = {
-    "all_foreground": "All foreground (prior)",
-    "centred_box": "Centred box (prior)",
-    "grabcut": "GrabCut",
-    "iem": "IEM (inpainting error maximisation)",
-    "kmeans_rgb": "k-means on RGB",
-    "kmeans_ddpm": "k-means on DDPM features (DatasetDDPM-unsup)",
-    "factorized": "Factorized diffusion (ours)",
-    "supervised": "Supervised U-Net (upper bound)",
-}
 
 
 @dataclass(frozen=True)
@@ -471,78 +459,6 @@ def build_segmenter(method: str, cfg: EvalConfig, data: EvalData) -> tuple[Segme
     raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
 
 
-# ---------------------------------------------------------------------------------------------------- table
-def columns(protocol: str, class_names: list[str], strict: bool = True) -> list[tuple[tuple[str, ...], str]]:
-    """(metric keys, header) of the table columns for a protocol; a cell shows the first key a row has."""
-    if protocol == "foreground":
-        cols = [(("fg_acc",), "Acc"), (("fg_iou",), "IoU"), (("fg_dice",), "DICE")]
-        cols += [(("fg_iou_strict",), "IoU (fixed fg)")] if strict else []
-        return cols + SHARE_COLUMNS
-    cols = [
-        (("miou", "hungarian_miou"), "mIoU"),
-        (("hungarian_miou_per_image", "miou"), "mIoU (per-image match)"),
-    ]
-    cols += [((f"iou/{n}", f"hungarian_iou/{n}"), f"IoU {n}") for n in class_names]
-    return cols + SHARE_COLUMNS
-
-
-# Shares in [0, 1], printed as they are: image dependence (0 = a fixed layout), band share (1 = horizontal bands),
-# and the ground truth's band share on the same images (the reference for the band column).
-SHARE_COLUMNS = [(("dependence",), "Image dep."), (("band",), "Band"), (("gt_band",), "Band (gt)")]
-SHARE_KEYS = ("dependence", "band", "gt_band")
-
-
-def _cell(metrics: dict[str, float], keys: tuple[str, ...]) -> float | None:
-    return next((metrics[k] for k in keys if k in metrics), None)
-
-
-def _fmt(v: Any, keys: tuple[str, ...] = ()) -> str:
-    """Scores in %; the image dependence (`regions.mask_image_dependence`, a share in [0, 1]) as it is."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.2f}" if set(keys) & set(SHARE_KEYS) else f"{100 * v:.1f}"
-
-
-def render_markdown(rows: list[dict[str, Any]], cfg: EvalConfig) -> str:
-    """One Markdown table per protocol (the columns differ), rows grouped by data set; numbers in %."""
-    out = []
-    for protocol in ("foreground", "multiclass"):
-        prow = [r for r in rows if r["protocol"] == protocol]
-        if not prow:
-            continue
-        names: list[str] = []
-        for r in prow:
-            names += [n for n in r.get("class_names", []) if n not in names]
-        cols = columns(protocol, names, cfg.foreground.strict)
-        head = ["Data set", "Method", *[h for _, h in cols], "N", "s"]
-        body = []
-        for r in prow:
-            cells = [_fmt(_cell(r["metrics"], k), k) for k, _ in cols]
-            title = METHOD_TITLES.get(r["method"], r["method"])
-            body.append([r["dataset"], title, *cells, str(r["num_images"]), f"{r['seconds']:.1f}"])
-        out.append(
-            f"**{protocol}** protocol (scores in %; image dependence: across-image variance share, 0-1; band: share of "
-            "the masks' variance in their row means, 1 = horizontal bands)\n"
-        )
-        out.append(markdown_table(head, body, align=["---"] * 2 + ["---:"] * (len(head) - 2)))
-    return "\n".join(out)
-
-
-def render_csv(rows: list[dict[str, Any]]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r["metrics"] if k not in keys]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["dataset", "protocol", "method", *keys, "num_images", "seconds"])
-    for r in rows:
-        vals = [r["metrics"].get(k, "") for k in keys]
-        vals = ["" if isinstance(v, float) and math.isnan(v) else (f"{v:.6f}" if isinstance(v, float) else v)
-                for v in vals]  # fmt: skip
-        writer.writerow([r["dataset"], r["protocol"], r["method"], *vals, r["num_images"], f"{r['seconds']:.2f}"])
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------------- driver
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every method on every data set; write table.md, table.csv, results.json and figures under out_dir."""
@@ -580,7 +496,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
                     "num_images": res.num_images, "seconds": seconds, "info": info,
                     "class_names": data.class_names if spec.protocol == "multiclass" else [],
                 })  # fmt: skip
-                shown = ", ".join(f"{k} {_fmt(v, (k,))}" for k, v in metrics.items() if "/" not in k)
+                shown = ", ".join(f"{k} {format_cell(v, (k,))}" for k, v in metrics.items() if "/" not in k)
                 log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s)")
                 child = Tracker(cfg.tracking, f"{spec.name}/{method}", parent_run_id=tracker.run_id)
                 child.log_params({"dataset": spec.name, "method": method, **info})
@@ -600,7 +516,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
                     "columns: image | ground truth | " + " | ".join(cfg.methods) + "\n"
                 )
                 figures.append(path)
-        md, table_csv = render_markdown(rows, cfg), render_csv(rows)
+        md, table_csv = render_markdown(rows, cfg.foreground.strict), render_csv(rows)
         (out / "table.md").write_text(md)
         (out / "table.csv").write_text(table_csv)
         (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from diffseg.core.config import ConfigPath, Name, OutputPath, find_config, job_dir, load_config, save_config, to_dict
-from diffseg.core.runtime import resolve_device
-from diffseg.core.tracking import Tracker, TrackingConfig
+from diffseg.core.runtime import resolve_device, setup_logging
+from diffseg.core.tracking import Tracker, TrackingConfig, prepare_store
 from diffseg.core.viz import comparison_grid, save_png
 from diffseg.evaluation.evaluate import METHODS, DatasetSpec, EvalConfig, evaluate, load_eval_data
 from diffseg.methods.segment import FactorizedSegmenter
@@ -50,6 +50,8 @@ class Variant:
     name: Name = "paper"  # the row's name (part of its run folder's name)
     overrides: tuple[str, ...] = ()  # `key.path=value` overrides of the data set's training config
     note: str = ""  # why the variant exists (shown in the table)
+    num_steps: int = 0  # this row's training steps; 0 = the ablation's num_steps (a scale map gives its long rows
+    # more: their diagnostics every eval_every steps are the curve against images seen)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class AblationConfig:
     eval_ts: tuple[int, ...] = ()  # more noise levels every variant's final masks are also scored at (the paper
     # sweeps the segmentation t from 0 to 60); the table's score stays the one at `t`
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (each training run and the table)
+    train: bool = True  # false = train nothing: score the rows as far as their checkpoints have got (a long map's
+    # progress report while it trains; rows not started yet are left out and named)
 
     def check(self) -> None:
         """Cross-field checks (run by --dry-run and before the job)."""
@@ -128,13 +132,14 @@ def run_specs(cfg: AblationConfig) -> list[RunSpec]:
                     init_from=_abs(train.init_from),
                     loop=replace(
                         train.loop,
-                        num_steps=cfg.num_steps,
+                        num_steps=v.num_steps or cfg.num_steps,
                         max_minutes=cfg.max_minutes,
                         seed=seed,
                         eval_every=cfg.eval_every,
-                        checkpoint_every=max(cfg.num_steps // 4, 1),
+                        # every diagnostic is also a checkpoint: a long row killed between two loses little
+                        checkpoint_every=min(max((v.num_steps or cfg.num_steps) // 4, 1), cfg.eval_every or 10**9),
                         sample_every=0,
-                        log_every=max(min(train.loop.log_every, cfg.num_steps // 10), 1),
+                        log_every=max(min(train.loop.log_every, (v.num_steps or cfg.num_steps) // 10), 1),
                     ),
                     optim=replace(train.optim, batch_size=cfg.batch_size),
                     eval=replace(
@@ -161,6 +166,8 @@ def _train_one(spec: RunSpec, device: str) -> dict[str, Any]:
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(1)
+    if mp.parent_process() is not None:  # a pool worker (parallel > 1): its lines, named, on the job's stdout
+        setup_logging(prefix=f"[{spec.variant}] ")
     run_dir = job_dir(spec.config.output_dir, spec.config.name)
     record = run_dir / "ablation_run.json"
     if (run_dir / CHECKPOINT_NAME).is_file() and record.is_file():
@@ -179,6 +186,8 @@ def train_all(cfg: AblationConfig, specs: list[RunSpec]) -> dict[str, dict[str, 
     if cfg.parallel <= 1:
         results = [_train_one(s, cfg.device) for s in specs]
     else:
+        for tracking in {s.config.tracking for s in specs}:  # the store migrated once, here, not by every worker
+            prepare_store(tracking)
         with mp.get_context("spawn").Pool(cfg.parallel, maxtasksperchild=1) as pool:
             results = pool.starmap(_train_one, [(s, cfg.device) for s in specs])
     return {r["name"]: r for r in results}
@@ -211,7 +220,17 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
              cfg.name, len(specs), len(cfg.datasets), len(cfg.variants), len(cfg.seeds), cfg.num_steps,
              cfg.batch_size, device)  # fmt: skip
     t0 = time.perf_counter()
-    timings = train_all(cfg, specs)
+    if cfg.train:
+        timings = train_all(cfg, specs)
+    else:  # a progress report: the rows as far as they have got
+        timings = {}
+        started = [s for s in specs if (job_dir(s.config.output_dir, s.config.name) / CHECKPOINT_NAME).is_file()]
+        if not started:
+            raise ValueError(f"train=false: no row of {cfg.name!r} has a checkpoint yet under {out / 'runs'}")
+        for s in specs:
+            if s not in started:
+                log.warning("train=false: %s has no checkpoint yet; left out of the table", s.config.name)
+        specs = started
     rows: list[dict[str, Any]] = []
     for ds in cfg.datasets:
         methods = tuple(m for m in cfg.baselines if m != "kmeans_ddpm" or ds.eval.ddpm)
@@ -237,11 +256,15 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
                 rows.append({"dataset": ds.name, "kind": "baseline", "name": f"{r['method']} (k={k})",
                              "metrics": r["metrics"]})  # fmt: skip
         test = load_eval_data(ds.eval)
-        figure_preds = []
+        figure_preds, figure_names = [], []
         for v in cfg.variants:
             seeds = []
             for s in [s for s in specs if s.dataset == ds.name and s.variant == v.name]:
                 ckpt_path = str(job_dir(s.config.output_dir, s.config.name) / CHECKPOINT_NAME)
+                ckpt = load_checkpoint(ckpt_path)
+                # minutes over every (re)start of the row; older checkpoints lack them (then this invocation's)
+                seconds = ckpt.extra.get("train_seconds")
+                minutes = seconds / 60 if seconds else timings.get(s.config.name, {}).get("minutes", math.nan)
                 scored = _score(cfg, replace(ds.eval, factorized=ckpt_path), ("factorized",),
                                 out / "eval" / s.config.name)[0]["metrics"]  # fmt: skip
                 by_t = {}
@@ -249,14 +272,16 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
                     scored_t = _score(replace(cfg, t=tt), replace(ds.eval, factorized=ckpt_path), ("factorized",),
                                       out / "eval" / f"{s.config.name}--t{tt}")[0]["metrics"]  # fmt: skip
                     by_t[tt] = _row_score(scored_t)
-                ckpt = load_checkpoint(ckpt_path)
                 diag = (ckpt.extra.get("mask_diagnostics") or [{}])[-1]
                 seeds.append({
                     "seed": s.seed, "metrics": scored, "eps_mse": diag.get("val/eps_mse", math.nan),
-                    "curve": ckpt.extra.get("mask_diagnostics", []), "minutes": timings[s.config.name]["minutes"],
-                    "checkpoint": ckpt_path, "step": ckpt.step, "by_t": by_t,
+                    "curve": ckpt.extra.get("mask_diagnostics", []), "minutes": minutes,
+                    "checkpoint": ckpt_path, "step": ckpt.step, "target_steps": s.config.loop.num_steps,
+                    "batch_size": s.config.optim.batch_size, "by_t": by_t,
                     "restarts": ckpt.extra.get("mask_restarts", []),
                 })  # fmt: skip
+            if not seeds:  # train=false and no seed of this row started
+                continue
             metrics = {k: float(np.mean([sd["metrics"][k] for sd in seeds])) for k in seeds[0]["metrics"]}
             rows.append({
                 "dataset": ds.name, "kind": "variant", "name": v.name, "note": v.note, "overrides": list(v.overrides),
@@ -265,6 +290,7 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
             if cfg.num_figure_images:
                 n = min(cfg.num_figure_images, len(test.images))
                 figure_preds.append(_variant_labels(seeds[0]["checkpoint"], test.images[:n], cfg.t, device))
+                figure_names.append(v.name)
         if figure_preds:
             n = min(cfg.num_figure_images, len(test.images))
             gt = test.masks[:n].numpy()
@@ -273,7 +299,7 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
             fig = comparison_grid(test.images[:n], gt, [p for p, _ in figure_preds], [k for _, k in figure_preds])
             save_png(fig, out / f"masks_{ds.name}.png")
             (out / f"masks_{ds.name}.txt").write_text(
-                "columns: image | ground truth | " + " | ".join(v.name for v in cfg.variants) + "\n"
+                "columns: image | ground truth | " + " | ".join(figure_names) + "\n"
             )
     minutes = (time.perf_counter() - t0) / 60
     md = render_table(cfg, rows, str(device), minutes)
@@ -301,15 +327,13 @@ def _row_score(metrics: dict[str, float]) -> float:
 
 def render_table(cfg: AblationConfig, rows: list[dict[str, Any]], device: str, minutes: float) -> str:
     """One Markdown table per data set: baselines, then variants (score, image dependence, eps-MSE, compute)."""
-    boxed = any(s["step"] < cfg.num_steps for r in rows if r["kind"] == "variant" for s in r["seeds"])
+    boxed = any(s["step"] < s["target_steps"] for r in rows if r["kind"] == "variant" for s in r["seeds"])
+    own = sorted({v.num_steps for v in cfg.variants if v.num_steps and v.num_steps != cfg.num_steps})
     lines = [
         f"Every variant: {cfg.num_steps} steps x batch {cfg.batch_size} = {cfg.num_steps * cfg.batch_size} training "
-        f"images, seeds {list(cfg.seeds)}, on {device}; masks at t={cfg.t}; total {minutes:.1f} min."
-        + (
-            f" Time-boxed at {cfg.max_minutes} min per row: rows that hit it say the step they reached."
-            if boxed
-            else ""
-        )
+        f"images{' (rows with their own steps say so)' if own else ''}, seeds {list(cfg.seeds)}, on {device}; masks "
+        f"at t={cfg.t}; total {minutes:.1f} min."
+        + (" Rows short of their steps (time-boxed, or still training) say the step they reached." if boxed else "")
         + "\n"
     ]
     for ds in cfg.datasets:
@@ -330,8 +354,12 @@ def render_table(cfg: AblationConfig, rows: list[dict[str, Any]], device: str, m
                 lines.append(f"| {r['name']} (baseline) | {100 * _row_score(m):.1f} | | {dep:.2f} | {band:.2f} | | | |")
                 continue
             steps = min(s["step"] for s in r["seeds"])
-            if steps < cfg.num_steps:  # time-boxed: say how far it got
-                r = {**r, "note": f"{r['note'] or ''} [stopped at step {steps} by max_minutes]".strip()}
+            target = r["seeds"][0]["target_steps"]
+            if steps < target:  # time-boxed, or still training: say how far it got
+                why = "still training, or stopped" if not cfg.max_minutes else "stopped by max_minutes"
+                r = {**r, "note": f"{r['note'] or ''} [at step {steps} of {target}: {why}]".strip()}
+            elif target != cfg.num_steps:
+                r = {**r, "note": f"{r['note'] or ''} [{target} steps]".strip()}
             per_seed = ", ".join(f"{100 * _row_score(s['metrics']):.1f}" for s in r["seeds"])
             mins = np.nanmean([s["minutes"] for s in r["seeds"]])
             what = r["note"] or ", ".join(r["overrides"]) or "the paper's recipe"
@@ -350,7 +378,8 @@ def render_table(cfg: AblationConfig, rows: list[dict[str, Any]], device: str, m
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Score and image dependence of the EMA masks against training steps, one line per variant and data set."""
+    """Score, image dependence and band share of the EMA masks against training images seen (steps x batch), one line
+    per variant and data set (the first seed's curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,20 +389,26 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not variants:
         return None
     datasets = sorted({r["dataset"] for r in variants})
-    fig, axes = plt.subplots(2, len(datasets), figsize=(5 * len(datasets), 6), squeeze=False)
+    fig, axes = plt.subplots(3, len(datasets), figsize=(5.5 * len(datasets), 8.5), squeeze=False)
     for j, name in enumerate(datasets):
         for r in [r for r in variants if r["dataset"] == name]:
-            curve = r["seeds"][0]["curve"]
+            seed = r["seeds"][0]
+            curve = seed["curve"]
             if not curve:
                 continue
-            steps = [c["step"] for c in curve]
+            seen = [c["step"] * seed.get("batch_size", 1) for c in curve]
             score = next((k for k in curve[0] if k in ("val/fg_iou", "val/hungarian_miou")), None)
-            axes[0, j].plot(steps, [100 * c[score] for c in curve], label=r["name"])
-            axes[1, j].plot(steps, [c["val/mask_dependence"] for c in curve], label=r["name"])
+            axes[0, j].plot(seen, [100 * c[score] for c in curve], marker=".", label=r["name"])
+            axes[1, j].plot(seen, [c["val/mask_dependence"] for c in curve], marker=".", label=r["name"])
+            axes[2, j].plot(seen, [c.get("val/mask_band", math.nan) for c in curve], marker=".", label=r["name"])
         axes[0, j].set_title(name)
         axes[0, j].set_ylabel("score (%)")
         axes[1, j].set_ylabel("image dependence")
-        axes[1, j].set_xlabel("training step")
+        axes[2, j].set_ylabel("band share (1 = horizontal bands)")
+        axes[2, j].set_xlabel("training images seen")
+        for ax in axes[:, j]:
+            ax.set_xscale("symlog", linthresh=1e4)
+            ax.grid(alpha=0.3)
         axes[0, j].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ from diffseg.core.runtime import image_generators, resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.data.datasets import build_dataset, stack
 from diffseg.models.diffusion import randn
+from diffseg.training.batches import build_batches
 from diffseg.training.config import TrainConfig
-from diffseg.training.loop import build_batches, build_train_state, step_generator, train_step
+from diffseg.training.loop import build_train_state, step_generator, train_step
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ def run(cfg: OracleConfig) -> dict[str, Any]:
                 state.model.load_state_dict(shared, strict=False)
                 state.ema.model.load_state_dict(state.model.state_dict())
             gen = step_generator(arm_cfg, 0, 0, device)
-            batches = _with_masks(build_batches(arm_cfg, 0, 1, 0, device), arm, num_classes, cfg.band_rows)
+            items = build_batches(arm_cfg, 0, 1, 0, device, on_device=False)  # items with their masks
+            batches = _with_masks(items, arm, num_classes, cfg.band_rows)
             t0, losses = time.perf_counter(), []
             state.model.train()
             for _ in range(cfg.num_steps):

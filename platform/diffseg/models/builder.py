@@ -40,6 +40,22 @@ class EMA:
         self.decay, self.use_warmup = decay, use_warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0
+        self._plan: tuple[int, list, list, list, list] | None = None  # (id(model), targets, sources, buffers)
+
+    def _pairs(self, model: nn.Module) -> tuple[list, list, list, list]:
+        """The (EMA, model) parameter and buffer lists, matched by name once per source model: a small model's step
+        takes well under a millisecond on a GPU, and rebuilding name dicts every step would cost more than it."""
+        if self._plan is None or self._plan[0] != id(model):
+            ema_params, ema_buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+            params, buffers = list(model.named_parameters()), list(model.named_buffers())
+            self._plan = (
+                id(model),
+                [ema_params[n] for n, _ in params],
+                [p for _, p in params],
+                [ema_buffers[n] for n, _ in buffers],
+                [b for _, b in buffers],
+            )
+        return self._plan[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -47,14 +63,12 @@ class EMA:
         decay = self.decay
         if self.use_warmup:
             decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_params = dict(self.model.named_parameters())
-        names = [name for name, _ in model.named_parameters()]
-        sources = [p.detach().to(ema_params[n].dtype) for n, p in zip(names, model.parameters())]
+        targets, params, ema_buffers, buffers = self._pairs(model)
+        sources = [p if p.dtype == t.dtype else p.to(t.dtype) for p, t in zip(params, targets)]
         # One fused kernel per dtype/device group instead of one lerp per tensor (hundreds of launches on a GPU).
-        torch._foreach_lerp_([ema_params[n] for n in names], sources, 1 - decay)
-        ema_buffers = dict(self.model.named_buffers())
-        for name, b in model.named_buffers():
-            ema_buffers[name].copy_(b)
+        torch._foreach_lerp_(targets, sources, 1 - decay)
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

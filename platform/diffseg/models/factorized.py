@@ -19,6 +19,7 @@ masks collapse onto it early and stay there (see docs/factorized.md and `diffseg
   decoders without weight sharing).
 - `mask_grad_max_t`: the mask generator learns only from timesteps below this (at high t the image is invisible, so
   the only thing a mask can encode there is position).
+- `uniform_from_t` (with `low_t_share`): factorize only at small t; above it the masks are 1/K and learn nothing.
 - `UNetConfig.padding_mode = "circular"` (with `DataConfig.roll` / `crop_scale`): no absolute-position cue, so a
   fixed split cannot be expressed at all.
 - `forward(..., mask_mode=...)`: "uniform" (masks 1/K: the decoder warms up as a plain DDPM) or "frozen" (the mask
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.models.diffusion import sample_timesteps
 from diffseg.models.unet import (
     UNetConfig,
     UNetTrunk,
@@ -53,6 +55,13 @@ class FactorizedConfig:
     num_components: int = 3  # K, the number of regions (masks) the model factorizes an image into
     decoding: Decoding = "masked_skips"  # how the decoder sees region k (the paper's Table 6); see the module doc
     mask_grad_max_t: int = 0  # the mask generator learns only from timesteps t < this; 0 = from every t (the paper)
+    uniform_from_t: int = 0  # factorize only below this t: rows with t >= it get masks 1/K (the decoder is a plain
+    # DDPM there) and give the mask generator no gradient, in training and at inference; 0 = off (the paper). At
+    # large t ground-truth masks do not lower the eps-MSE, but a fixed band does: that is where collapse comes from
+    low_t_share: float = 0.0  # share of each training batch's rows whose t is drawn uniformly from [0,
+    # uniform_from_t) instead of [0, T): only those rows teach the mask generator, and uniform t puts just
+    # uniform_from_t / T of them there (10 % at 100). It reweights the denoising objective toward small t (the DDPM
+    # half of the model sees more small t); 0 = uniform t (the paper)
     mask_warmup_steps: int = 0  # first N training steps with masks per mask_warmup (0 = no warm-up, the paper)
     mask_warmup: Literal["uniform", "frozen"] = "uniform"  # warm-up: masks 1/K, or the mask generator not learning
     # Anti-collapse priors of the unsupervised-segmentation literature (all off by default; see `mask_prior`):
@@ -88,6 +97,11 @@ class FactorizedUNet(UNetTrunk):
             raise ValueError("the factorized model predicts eps only: set learn_sigma=False")
         if fcfg.num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {fcfg.num_components}")
+        if not 0 <= fcfg.low_t_share <= 1 or (fcfg.low_t_share > 0 and fcfg.uniform_from_t < 1):
+            raise ValueError(
+                f"model.factorized.low_t_share={fcfg.low_t_share}: must be in [0, 1], and needs uniform_from_t > 0 "
+                "(the rows it draws are those below uniform_from_t)"
+            )
         super().__init__(cfg)
         self.fcfg = fcfg
         self.num_components = fcfg.num_components
@@ -182,6 +196,9 @@ class FactorizedUNet(UNetTrunk):
         elif self.training and self.fcfg.mask_grad_max_t > 0:
             low_t = (t < self.fcfg.mask_grad_max_t)[:, None, None, None]  # (B, 1, 1, 1)
             masks = torch.where(low_t, masks, _ScaleGrad.apply(masks, 0.0))
+        if self.fcfg.uniform_from_t > 0 and mask_mode != "uniform":
+            high_t = (t >= self.fcfg.uniform_from_t)[:, None, None, None]  # (B, 1, 1, 1)
+            masks = torch.where(high_t, torch.full_like(masks, 1.0 / k), masks)  # no gradient through those rows
         if self.fcfg.decoding == "parallel":
             eps_k = torch.stack([self._decode_parallel(i, h_mid, skips, masks, emb) for i in range(k)], dim=1)
         else:
@@ -226,6 +243,19 @@ class FactorizedUNet(UNetTrunk):
             skips_k = [s * _pool(mk, ds) for s, ds in zip(skips, self.layout.skip_ds)]
             eps = eps + self.decode(h_mid, skips_k, emb) * mk
         return eps
+
+
+def training_timesteps(
+    batch_size: int, num_timesteps: int, fcfg: FactorizedConfig, generator: torch.Generator, device
+) -> torch.Tensor:
+    """Training timesteps (B,): uniform over [0, T), except that a `low_t_share` of the rows (the first
+    round(share * B)) are uniform over [0, uniform_from_t), the range where the masks learn."""
+    t = sample_timesteps(batch_size, num_timesteps, generator, device)  # (B,)
+    n_low = round(fcfg.low_t_share * batch_size) if fcfg.uniform_from_t > 0 else 0
+    if n_low:
+        low = sample_timesteps(n_low, min(fcfg.uniform_from_t, num_timesteps), generator, device)  # (n_low,)
+        t = torch.cat([low, t[n_low:]])
+    return t
 
 
 def mask_prior(masks: torch.Tensor, fcfg: FactorizedConfig) -> dict[str, torch.Tensor]:

@@ -28,7 +28,10 @@ from diffseg.models.diffusion import DiffusionConfig
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4  # Adam learning rate (the factorized paper: 1e-4)
+    lr: float = 1e-4  # Adam learning rate (the factorized paper: 1e-4), at lr_reference_batch when lr_scaling is set
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # how the lr follows the batch: none = lr as given; linear
+    # = lr * batch / lr_reference_batch; sqrt = lr * sqrt(batch / lr_reference_batch) (Adam's usual rule)
+    lr_reference_batch: int = 128  # the batch `lr` is stated for when lr_scaling is set (the factorized paper: 128)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (ADM and the factorized paper do not clip)
     ema_decay: float = 0.9999  # EMA of the weights used for sampling and segmentation
@@ -36,6 +39,14 @@ class OptimConfig:
     mask_lr_scale: float = 1.0  # factorized: the mask generator's learning rate as a multiple of lr (1 = the paper)
     mask_weight_decay: float | None = None  # factorized: the mask generator's own AdamW weight decay (None = as
     # weight_decay): a decayed mask generator is pulled toward small logits, i.e. soft masks that have not committed
+
+    @property
+    def batch_lr(self) -> float:
+        """The learning rate at this batch size (`lr_scaling`)."""
+        if self.lr_scaling == "none":
+            return self.lr
+        ratio = self.batch_size / self.lr_reference_batch
+        return self.lr * (ratio if self.lr_scaling == "linear" else ratio**0.5)
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,12 @@ class LoopConfig:
     seed: int = 0  # global seed: the initial weights; rank r uses seed + r for its data order, timesteps and noise
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory format; auto = on for CUDA
-    num_data_workers: int = 0  # DataLoader worker processes per training worker
+    num_data_workers: int = 0  # DataLoader worker processes per training worker (data_on_device off)
+    data_on_device: Literal["auto", "on", "off"] = "auto"  # the training split decoded once into a uint8 tensor on
+    # the device, batches drawn and augmented there (`diffseg.data.device_data`: no per-item Python, no host sync);
+    # auto = when it fits (2 GiB) and no image-class labels are needed; off = a DataLoader of items
+    compile: bool = False  # torch.compile the network in place (`nn.Module.compile`): pays on a GPU for long runs;
+    # the first steps then include the compile time (the GPU sprint measures both)
     eval_every: int = 0  # steps between validations on held-out images (`eval`): factorized mask diagnostics and
     # held-out eps-MSE, DDPM held-out eps-MSE (val/...); 0 = never
     max_minutes: float = 0.0  # stop (final checkpoint, samples, diagnostics) after this much training; 0 = no limit

@@ -21,33 +21,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from diffseg.core.config import dumps, staging_dir, to_dict
 from diffseg.core.runtime import Progress, format_duration, image_generators, resolve_device
 from diffseg.core.storage import put_file
 from diffseg.core.tracking import Tracker, status_for
 from diffseg.core.viz import sample_grid, save_png
-from diffseg.data.datasets import build_dataset, stack
 from diffseg.methods.sampling import sample
 from diffseg.methods.segment import heldout_eps_mse, mask_diagnostics, segment_images
 from diffseg.models.builder import EMA, build_model
-from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, unwrap
-from diffseg.models.diffusion import GaussianDiffusion, sample_timesteps
-from diffseg.models.factorized import mask_prior
+from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, unwrap
+from diffseg.models.diffusion import GaussianDiffusion
 from diffseg.serving.pyfunc import log_checkpoint_model
+from diffseg.training.batches import build_batches, build_eval_set
 from diffseg.training.config import LoopConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
-from diffseg.training.mask_levers import mask_mode, maybe_restart_masks, param_groups, restore_optimizer
+from diffseg.training.mask_levers import MaskLevers, param_groups, restore_optimizer
+from diffseg.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -90,52 +86,6 @@ class LocalContext:
 
 
 # ---------------------------------------------------------------------------------------------------- state
-@dataclass
-class TrainState:
-    """Everything a training step touches and a checkpoint keeps."""
-
-    cfg: TrainConfig
-    model: nn.Module  # as trained: DDP-wrapped when distributed (unwrap(model) is the network)
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    diffusion: GaussianDiffusion
-    device: torch.device
-    memory_format: torch.memory_format
-    autocast_dtype: torch.dtype | None  # None = fp32
-    step: int = 0
-    history: list[list[float]] = field(default_factory=list)  # [[step, mean loss], ...] at every log step
-    starts: list[int] = field(default_factory=list)  # the step of every (re)start: a resume is visible
-    mlflow_run_id: str | None = None
-    evals: list[dict[str, float]] = field(default_factory=list)  # mask diagnostics, each with its "step"
-    restart_steps: list[int] = field(default_factory=list)  # steps at which the mask generator was restarted
-    area_ema: torch.Tensor | None = None  # running (area per region, image dependence): the restart check
-
-    @property
-    def mask_restarts(self) -> int:
-        return len(self.restart_steps)
-
-    def extra(self) -> dict[str, Any]:
-        return {
-            "loss_history": self.history,
-            "starts": self.starts,
-            "mlflow_run_id": self.mlflow_run_id,
-            "mask_diagnostics": self.evals,
-            "mask_restarts": self.restart_steps,
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Model, EMA, optimizer, step and history in our checkpoint format (atomic)."""
-        return save_checkpoint(
-            path,
-            config=self.cfg,
-            model=self.model,
-            ema=self.ema.model,
-            optimizer=self.optimizer,
-            step=self.step,
-            extra=self.extra(),
-        )
-
-
 def resolve_precision(cfg: LoopConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 when asked, or on CUDA with `auto`; None = fp32."""
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
@@ -170,6 +120,7 @@ def build_train_state(
             "mlflow_run_id": resume.extra.get("mlflow_run_id"),
             "evals": list(resume.extra.get("mask_diagnostics", [])),
             "restart_steps": list(resume.extra.get("mask_restarts", [])),
+            "train_seconds": float(resume.extra.get("train_seconds", 0.0)),
         }
         source = f"step {resume.step}"
     elif cfg.init_from:
@@ -182,9 +133,11 @@ def build_train_state(
     memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema.model.to(device, memory_format=memory_format)
+    if cfg.loop.compile:  # in place: the state dict keeps its names (checkpoints, EMA, DDP are unchanged)
+        model.compile()
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim),
-        lr=cfg.optim.lr,
+        lr=cfg.optim.batch_lr,
         weight_decay=cfg.optim.weight_decay,
         fused=device.type == "cuda",  # one kernel per step on GPU
     )
@@ -201,6 +154,7 @@ def build_train_state(
         device=device,
         memory_format=memory_format,
         autocast_dtype=resolve_precision(cfg.loop, device),
+        levers=MaskLevers(cfg),
         **state_kw,
     )
     return state, source
@@ -221,18 +175,15 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
                 "per image: unset num_classes or use a data set with image labels"
             )
         y = batch["label"].to(device)  # (B,)
-    t = sample_timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
+    levers = state.levers  # the factorized mask generator's research levers (`MaskLevers`; inert otherwise)
+    t = levers.timesteps(x0.shape[0], state.diffusion.num_timesteps, generator, device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, H, W)
     model_kwargs: dict[str, Any] = {"y": y} if y is not None else {}
-    if (mode := mask_mode(cfg, state.step)) is not None:
-        model_kwargs["mask_mode"] = mode
+    model_kwargs.update(levers.model_kwargs(state.step))  # a warm-up's mask mode
     if "fixed_masks" in batch:  # the oracle experiment: given masks instead of the mask generator's
         model_kwargs["masks"] = batch["fixed_masks"].to(device, non_blocking=True)  # (B, K, H, W)
     dtype = state.autocast_dtype
-    fcfg = cfg.model.factorized
-    wants_masks = cfg.model.kind == "factorized" and (
-        fcfg.area_weight > 0 or fcfg.binarize_weight > 0 or fcfg.restart_area > 0 or fcfg.restart_dependence > 0
-    )
+    wants_masks = levers.wants_masks  # priors or restarts read the masks of the same forward pass
     seen: dict[str, torch.Tensor] = {}
 
     def model_with_masks(x_t: torch.Tensor, ts: torch.Tensor, **kw) -> torch.Tensor:
@@ -244,7 +195,7 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
         losses = state.diffusion.training_losses(model, x0, t, noise, model_kwargs=model_kwargs or None)
     loss = losses["loss"].mean()
     if wants_masks:
-        loss = loss + sum((v.mean() for v in mask_prior(seen["masks"], fcfg).values()), torch.zeros((), device=device))
+        loss = loss + levers.prior_loss(seen["masks"])
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.grad_clip > 0:
@@ -252,8 +203,8 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], generator: tor
     state.optimizer.step()
     state.ema.update(unwrap(state.model))
     state.step += 1
-    if wants_masks and (fcfg.restart_area > 0 or fcfg.restart_dependence > 0):
-        maybe_restart_masks(state, seen["masks"].detach())
+    if wants_masks:
+        levers.after_step(state, seen["masks"].detach())
     return loss.detach()
 
 
@@ -270,61 +221,6 @@ def step_generator(cfg: TrainConfig, rank: int, start_step: int, device: torch.d
     """Timesteps and noise: seeded by (seed, rank, start step), so a resumed run is reproducible."""
     seed = (cfg.loop.seed * 1_000_003 + rank) * 1_000_003 + start_step
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def build_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, device: torch.device) -> Iterator[dict]:
-    """An endless stream of local batches (global batch / world): a DistributedSampler shards the data set."""
-    if cfg.optim.batch_size % world:
-        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} workers")
-    dataset = build_dataset(cfg.data, split="train")
-    if len(dataset) < cfg.optim.batch_size:
-        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch ({cfg.optim.batch_size})")
-    sampler = None
-    if world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.loop.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.optim.batch_size // world,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.loop.num_data_workers,
-        # Kept across epochs: a small data set (150 images, batch 64) is 2 batches per epoch, and forking the
-        # workers again every epoch would cost more than the steps on a GPU.
-        persistent_workers=cfg.loop.num_data_workers > 0,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.loop.seed + start_step) if sampler is None else None,
-    )
-    epoch = start_step // max(len(loader), 1)
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The held-out images (and, factorized, masks) of the validation (`eval`), or None when `loop.eval_every` is 0."""
-    if not cfg.loop.eval_every:
-        return None
-    data = cfg.eval.data or cfg.data
-    dataset = build_dataset(data, split=cfg.eval.split)
-    if len(dataset) < 2:
-        raise ValueError(
-            f"eval: the {cfg.eval.split!r} split of {data.root or data.name!r} has {len(dataset)} image(s); mask "
-            "diagnostics need >= 2 (set data.num_test, or eval.data / eval.split)"
-        )
-    items = stack(dataset, limit=cfg.eval.num_images)
-    if cfg.model.kind != "factorized":  # a DDPM is validated on its held-out denoising loss: images only
-        if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
-            raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
-        return {"image": items["image"]}
-    if "mask" not in items:
-        raise ValueError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
-    if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
-        raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
-    num_classes = getattr(dataset, "num_classes", 2)
-    return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
 
 
 def resume_state(cfg: TrainConfig, ctx: WorkerContext) -> tuple[TrainState, str, dict[str, list[str]] | None]:
@@ -376,7 +272,8 @@ def start_run(
     num_params = sum(p.numel() for p in state.model.parameters())
     log.info(
         f"[train] {cfg.name}: {cfg.model.kind}, {num_params / 1e6:.2f}M params, {world} worker(s) on {device}, "
-        f"global batch {cfg.optim.batch_size}, steps {start_step}->{cfg.loop.num_steps} (from {source})"
+        f"global batch {cfg.optim.batch_size} (lr {cfg.optim.batch_lr:.3g}), steps {start_step}->{cfg.loop.num_steps} "
+        f"(from {source})"
     )
     return tracker
 
@@ -513,6 +410,14 @@ def write_samples(
     log.info(f"[train] samples -> {run_uri(cfg, 'samples', name)} ({time.perf_counter() - t_samples:.1f} s)")
 
 
+def _rate(since: tuple[float, float, int] | None, end: tuple[float, float], step: int, batch: int, clock: int):
+    """Images per second of clock `clock` (0 wall, 1 CPU) from `since` (wall, cpu, step) to `end` (wall, cpu) at
+    `step`; None when no step ran after the first window."""
+    if since is None or step <= since[2] or end[clock] <= since[clock]:
+        return None
+    return (step - since[2]) * batch / (end[clock] - since[clock])
+
+
 def fit(
     cfg: TrainConfig,
     ctx: WorkerContext | None = None,
@@ -554,10 +459,12 @@ def fit(
     try:
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
-        started = time.perf_counter()
+        started = clock = time.perf_counter()  # clock: the start of the time not yet in state.train_seconds
         progress = Progress(cfg.loop.num_steps - start_step, "steps", clock=time.perf_counter)
         metrics: dict[str, float] = {}
         stopped_early = False
+        steady: tuple[float, float, int] | None = None  # (wall, process CPU time, step)
+        loop_end = (time.perf_counter(), time.process_time())
         while state.step < cfg.loop.num_steps:
             batch = next(batches)
             loss_sum += train_step(state, batch, gen)
@@ -573,12 +480,16 @@ def fit(
                     cfg, state, tracker, rank, world, step, loss_sum, loss_count, images_seen, t0, progress, start_step
                 )
                 t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+                if steady is None:  # after the first window (allocations, compilation): the steady rate's start
+                    steady = (t0, time.process_time(), step)
+                loop_end = (t0, time.process_time())  # the last window's end (its loss read: the device caught up)
 
             if rank == 0 and cfg.loop.sample_every and step % cfg.loop.sample_every == 0 and not last:
                 write_samples(cfg, state, tracker, device)
             if eval_set is not None and (step % cfg.loop.eval_every == 0 or last):
                 run_diagnostics(cfg, state, eval_set, tracker)
             if step % cfg.loop.checkpoint_every == 0 or last:
+                state.train_seconds, clock = state.train_seconds + time.perf_counter() - clock, time.perf_counter()
                 checkpoint_and_report(cfg, ctx, state, tracker, metrics, final=last)
             if last:
                 break
@@ -601,6 +512,10 @@ def fit(
             "mask_diagnostics": state.evals,
             "stopped_early": stopped_early,
             "train_seconds": time.perf_counter() - started,
+            # the loop's rate after its first log window, checkpoints and diagnostics included (bench/loop_speed.py),
+            # per wall second and per second of this process's CPU time (steadier on a shared CPU)
+            "steady_images_per_s": _rate(steady, loop_end, state.step, cfg.optim.batch_size, 0),
+            "steady_images_per_cpu_s": _rate(steady, loop_end, state.step, cfg.optim.batch_size, 1),
         }
     except BaseException as e:
         if tracker is not None:  # FAILED, or KILLED for an interrupt; a restarted worker (or a re-run) sets it

@@ -1,32 +1,75 @@
-"""The factorized mask generator's training levers: its own optimizer group, the warm-up's mask mode, restarts.
+"""The factorized mask generator's training levers, behind the one interface a training step calls (`MaskLevers`),
+and the optimizer groups they need.
 
+    MaskLevers(cfg)                              -> what `train_step` asks of the levers, each inert when off:
+        .timesteps(B, T, generator, device)         the batch's t (more small t with `low_t_share`)
+        .model_kwargs(step)                         the warm-up's mask mode for a step
+        .wants_masks / .prior_loss(masks)           the anti-collapse priors on the step's own masks
+        .after_step(state, masks)                   ReDO's autoRestart of a collapsed generator
     param_groups(model, optim_cfg)               -> AdamW groups (the mask generator's own lr / weight decay when asked)
     restore_optimizer(opt, model, resume, fused) -> a checkpoint's moments, laid out by the saved config's groups
-    mask_mode(cfg, step)                         -> the warm-up's mask mode for a step ("uniform", "frozen", or None)
-    maybe_restart_masks(state, masks)            -> ReDO's autoRestart of a collapsed generator (its EMA, its moments)
 
-`diffseg.training.loop` calls them (`build_train_state`, `train_step`); nothing here imports Ray.
+The low-t factorization itself (`uniform_from_t`: masks 1/K above it) is part of the model's function
+(`FactorizedUNet.forward_with_masks`), at inference too. `diffseg.training.loop` builds a `MaskLevers` with the train
+state; this module imports the state (`diffseg.training.state`), not the loop. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from diffseg.core.config import from_dict
 from diffseg.models.checkpoint import Checkpoint, unwrap
-from diffseg.models.factorized import FactorizedUNet, mask_generator_parameters, reset_mask_generator
+from diffseg.models.diffusion import sample_timesteps
+from diffseg.models.factorized import (
+    FactorizedUNet,
+    mask_generator_parameters,
+    mask_prior,
+    reset_mask_generator,
+    training_timesteps,
+)
 from diffseg.scoring.regions import mask_image_dependence
 from diffseg.training.config import OptimConfig, TrainConfig
-
-if TYPE_CHECKING:
-    from diffseg.training.loop import TrainState
+from diffseg.training.state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+class MaskLevers:
+    """The research levers of a run's config, asked by `train_step` at the points where they act. A DDPM's (or a
+    factorized model's with every lever off) are inert: uniform t, no extra model arguments, no masks read."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.factorized = cfg.model.kind == "factorized"
+        f = self.fcfg = cfg.model.factorized
+        self.restarts = self.factorized and (f.restart_area > 0 or f.restart_dependence > 0)
+        self.wants_masks = self.factorized and (f.area_weight > 0 or f.binarize_weight > 0 or self.restarts)
+
+    def timesteps(self, batch_size: int, num_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
+        """The batch's training timesteps (B,): uniform, or with a `low_t_share` of rows below `uniform_from_t`."""
+        if self.factorized:
+            return training_timesteps(batch_size, num_timesteps, self.fcfg, generator, device)
+        return sample_timesteps(batch_size, num_timesteps, generator, device)
+
+    def model_kwargs(self, step: int) -> dict[str, Any]:
+        """Extra arguments of the model call at `step`: the warm-up's mask mode while it lasts."""
+        mode = mask_mode(self.cfg, step)
+        return {"mask_mode": mode} if mode is not None else {}
+
+    def prior_loss(self, masks: torch.Tensor) -> torch.Tensor:
+        """The priors' loss on the step's masks (B, K, H, W): the batch mean of each, summed (0 when none is on)."""
+        return sum((v.mean() for v in mask_prior(masks, self.fcfg).values()), torch.zeros((), device=masks.device))
+
+    def after_step(self, state: TrainState, masks: torch.Tensor) -> None:
+        """After the optimizer step: restart a collapsed mask generator (`maybe_restart_masks`) when asked."""
+        if self.restarts:
+            maybe_restart_masks(state, masks)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -38,7 +81,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     mask = {id(p) for _, p in mask_generator_parameters(model)}
     group: dict[str, Any] = {
         "params": [p for p in model.parameters() if id(p) in mask],
-        "lr": cfg.lr * cfg.mask_lr_scale,
+        "lr": cfg.batch_lr * cfg.mask_lr_scale,
     }
     if own_decay:
         group["weight_decay"] = cfg.mask_weight_decay
@@ -52,7 +95,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, resume
     saved = resume.config.get("optim") or {}
     known = {f.name for f in dataclasses.fields(OptimConfig)}
     old_cfg = from_dict(OptimConfig, {k: v for k, v in saved.items() if k in known}, "optim")
-    old = torch.optim.AdamW(param_groups(model, old_cfg), lr=old_cfg.lr, weight_decay=old_cfg.weight_decay, fused=fused)
+    old = torch.optim.AdamW(
+        param_groups(model, old_cfg), lr=old_cfg.batch_lr, weight_decay=old_cfg.weight_decay, fused=fused
+    )
     old.load_state_dict(resume.optimizer)
     for param, state in old.state.items():
         optimizer.state[param] = state
