@@ -291,3 +291,34 @@ def test_the_sprint_file_names_runs_that_load(monkeypatch, tmp_path):
         bad.write_text("groups: [{name: g, runs: [{name: r, config: nowhere.yaml}]}]\n")
         load_sprint(str(bad))
     sys.modules.pop("gpu_kit", None)
+
+
+def test_every_sprint_run_finds_its_data_the_way_the_box_will(monkeypatch, data_dir):
+    """Each research run, resolved as the GPU box resolves it (folder sets looked up by name in the kit's data folder:
+    here ../shared/data, whose names --prepare copies), has a training split the device batches can hold and, for
+    a factorized model, held-out masks for its diagnostics: a window never dies on a path."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from kit.plan import load_sprint
+    from kit.train import eval_protocol, resolve_train_config
+
+    from diffseg.data.datasets import build_dataset
+    from diffseg.training.batches import build_eval_set, use_device_data
+
+    seen = {}
+    for group in load_sprint("bench/sprint.yaml"):
+        for run in group["runs"]:
+            spec = {"config": run["config"], "overrides": run["overrides"], "smoke": False, "work": "/tmp/unused",
+                    "data_dir": str(data_dir)}  # fmt: skip
+            cfg = resolve_train_config(spec)
+            key = (cfg.data.name, cfg.data.root, len(cfg.data.mix))
+            if key not in seen:  # one check per data set
+                train = build_dataset(cfg.data, "train")
+                seen[key] = len(train)
+                assert use_device_data(cfg), run["name"]
+                if cfg.model.kind == "factorized":
+                    held_out = build_eval_set(cfg)
+                    assert held_out is not None and len(held_out["mask"]) >= 200, run["name"]
+            if cfg.model.kind == "factorized" and cfg.data.name == "layers":
+                assert eval_protocol(cfg) == "foreground"
+    assert sorted(seen.values()) == [600, 814, 6000, 6000]  # faces (600 of 800), flowers, CIFAR horses, layers
+    sys.modules.pop("gpu_kit", None)

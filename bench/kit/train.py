@@ -108,6 +108,8 @@ def stage_train(spec: dict, rec: Recorder) -> None:
             "resolved": to_dict(cfg),
         },
     )
+    if cfg.loop.compile:  # a graph dynamo cannot compile runs eagerly instead of costing the run (a private switch:
+        torch._dynamo.config.suppress_errors = True  # torch has no public one; the rate stage compiled one run first)
     t0 = time.perf_counter()
     summary = fit(cfg, LocalContext(device))
     wall = time.perf_counter() - t0
