@@ -215,11 +215,31 @@ def test_truncated_shard_is_refused_naming_it_and_its_set(tmp_path):
         ShardSet(folder, allow_incomplete=True)  # damage is not incompleteness
 
 
-def test_sets_written_before_checksums_still_load(tmp_path, caplog):
+@pytest.mark.parametrize("edit", ["no table", "entry removed", "key flipped"])
+def test_a_shard_no_digest_vouches_for_is_refused_unless_allowed(tmp_path, caplog, monkeypatch, edit):
+    """Issue 36.2: a manifest whose digest table lacks a shard (a set written before checksums, an entry removed, or
+    a bit of its key flipped) vouches for nothing: with that shard damaged, training on it was silent. Now the set is
+    refused naming the shard, unless unverified reading is asked for by name."""
     folder = _complete_set(tmp_path / "feats")
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    del manifest["sha256"]
+    if edit == "no table":
+        del manifest["sha256"]
+    elif edit == "entry removed":
+        del manifest["sha256"]["shard-1.parquet"]
+    else:
+        manifest["sha256"]["shard-1.parquet".replace("1", "3")] = manifest["sha256"].pop("shard-1.parquet")
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    shard = folder / "shard-1.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # damage inside the shard (its size unchanged)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DamagedShard) as e:
+        ShardSet(folder)
+    msg = str(e.value)
+    assert str(folder) in msg and "--allow-unverified" in msg, msg
+    if edit != "no table":
+        assert "shard-1.parquet" in msg, msg
+    monkeypatch.setenv("DIFFSEG_ALLOW_UNVERIFIED", "1")
     with caplog.at_level("WARNING"):
-        assert ShardSet(folder).class_counts(3).sum() == 1200
-    assert "before shard checksums" in caplog.text
+        ShardSet(folder)  # the named opt-out: read as they are, with a warning
+    assert "read unverified" in caplog.text

@@ -475,3 +475,45 @@ def test_trust_state_from_the_command_line(tmp_path, capsys):
         check_state(exp)
     assert sweep_job.main(args) is None and (exp / SIGNATURE_NAME).is_file()
     check_state(exp)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_tuner_pkl_planted_while_ray_starts_is_never_restored(tmp_path, monkeypatch, resume):
+    """Issue 36.1: the file planted at the moment that matters, after the trust check and while Ray starts (5.5 s on
+    this machine), in a folder that passed every check. The sweep stops before Tune reads the folder, with or without
+    --resume (wrappers pass it on a first run too), and nothing is unpickled."""
+    import pickle
+
+    import diffseg.experiments.sweep as sweep_module
+
+    out = tmp_path / "sweeps"
+    exp = out / "race1"
+    exp.mkdir(parents=True, mode=0o700)
+    marker = tmp_path / "code-ran"
+
+    def plant_then_start(*args, **kwargs):
+        (exp / "tuner.pkl").write_bytes(pickle.dumps(_Boom(marker)))
+
+    monkeypatch.setattr(sweep_module, "init_ray", plant_then_start)
+    with pytest.raises(UntrustedState, match=r"tuner.pkl'\] appeared or changed while the sweep was starting"):
+        run_sweep(PixelTrialConfig(), {"pixel.lr": [1e-3]}, name="race1", output_dir=str(out), resume=resume,
+                  **{"tracking.enabled": False})  # fmt: skip
+    assert not marker.exists()
+    pickle.loads((exp / "tuner.pkl").read_bytes())  # control: the payload is live
+    assert marker.exists()
+
+
+def test_a_sweep_folder_others_can_write_is_refused_even_for_a_first_run(tmp_path, monkeypatch):
+    """A fresh start in a folder others can write (where they could plant state during the run) is refused before Ray
+    starts, as a resume from it is."""
+    import diffseg.experiments.sweep as sweep_module
+
+    out = tmp_path / "sweeps"
+    (out / "open").mkdir(parents=True)
+    os.chmod(out / "open", 0o777)
+    started = []
+    monkeypatch.setattr(sweep_module, "init_ray", lambda *a, **k: started.append(1))
+    with pytest.raises(UntrustedState, match="can be written by other users"):
+        run_sweep(PixelTrialConfig(), {"pixel.lr": [1e-3]}, name="open", output_dir=str(out), resume=True,
+                  **{"tracking.enabled": False})  # fmt: skip
+    assert not started

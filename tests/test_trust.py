@@ -293,3 +293,35 @@ def test_a_trial_leaves_no_temp_folder(tmp_path, monkeypatch, where):
     next(stopped)
     stopped.close()  # what Tune does to a trial ASHA stops
     assert not list(scratch.glob("diffseg-*")) and (tmp_path / "trials" / "t1-b" / "segmenter.pt").is_file()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "code", "not ours"])
+def test_convert_refuses_a_bad_source_in_one_line(tmp_path, capsys, kind):
+    """Issue 36.8: jobs/convert_checkpoint.py read its source with a bare torch.load before the checked reader: a
+    truncated, empty or pickled file ended in a traceback with torch's advice to set weights_only=False."""
+    import importlib.util
+
+    src = tmp_path / "src.pt"
+    if kind == "empty":
+        src.write_bytes(b"")
+    elif kind == "truncated":
+        src.write_bytes((Path(__file__).resolve().parents[1] / "models" / "ddpm-horse32.pt").read_bytes()[:1000])
+    elif kind == "code":
+        torch.save({"x": _RunsCode()}, src)
+    else:
+        torch.save({"some": torch.zeros(2)}, src)
+    spec = importlib.util.spec_from_file_location("convert_job", Path(__file__).resolve().parents[1] / "jobs" /
+                                                  "convert_checkpoint.py")  # fmt: skip
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as e:
+        job.main([f"src={src}", f"dst={tmp_path / 'dst.pt'}", "tracking.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code in (1, 2) and len(err) == 1 and str(src) in err[0], err
+    assert "Traceback" not in err[0] and "weights_only=False" not in err[0] and "code ran" not in err[0]
+    assert not (tmp_path / "dst.pt").exists()

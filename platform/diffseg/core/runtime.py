@@ -39,6 +39,15 @@ SEED_STRIDE = 1_000_003  # a prime: (seed, index) pairs of any realistic range m
 # The process-wide opt-out of checkpoint integrity (`diffseg.models.integrity.unverified_allowed`): set by a job's
 # `--allow-unverified` and by Serve's `allow_unverified: true`, handed on to Ray workers by `code_runtime_env`.
 ALLOW_UNVERIFIED_ENV = "DIFFSEG_ALLOW_UNVERIFIED"
+
+
+def unverified_allowed(allow_unverified: bool = False) -> bool:
+    """Whether files without an integrity record may load (checkpoints, exports, feature sets): the caller's
+    `allow_unverified`, or the process-wide opt-out `DIFFSEG_ALLOW_UNVERIFIED=1` (what `--allow-unverified` of every
+    job and Serve's `allow_unverified: true` set; `code_runtime_env` hands it to Ray workers)."""
+    return allow_unverified or os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")  # where `ray.init` writes the cluster token (token auth)
 
 

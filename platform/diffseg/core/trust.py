@@ -44,7 +44,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from diffseg.core.config import atomic_write_text
+from diffseg.core.config import UserError, atomic_write_text
 
 KEY_ENV = "DIFFSEG_STATE_KEY"
 SIGNATURE_NAME = ".diffseg-state.sig"
@@ -52,8 +52,9 @@ SIGNATURE_FORMAT = "diffseg-state-hmac/1"
 log = logging.getLogger(__name__)
 
 
-class UntrustedState(RuntimeError):
-    """A folder whose pickled state is not provably this user's; nothing in it was read."""
+class UntrustedState(UserError, RuntimeError):
+    """A folder whose pickled state is not provably this user's; nothing in it was read (a job ends with the
+    message in one line: what to check, and how to vouch for the folder if it is yours)."""
 
 
 # ---------------------------------------------------------------------------------------------------- key
@@ -292,6 +293,25 @@ def check_state(folder: str | os.PathLike) -> dict[str, str]:
     except UntrustedState as e:
         raise UntrustedState(f"refusing to restore the sweep (it would unpickle code from it): {e}. {how}") from None
     return actual
+
+
+def recheck_state(
+    folder: str | os.PathLike, restoring: bool, trusted: dict[str, str], own: tuple[str, ...] = ()
+) -> None:
+    """The check again, just before Tune reads the folder (after Ray's seconds of start-up): the permissions, and a
+    restore finds exactly the files `check_state` verified (`trusted`), a new sweep no restorable state at all; `own`
+    names the files the driver itself rewrote since (its `sweep.json`). Anything else appeared or changed in between:
+    refused, before Tune unpickles anything."""
+    folder = Path(folder)
+    check_permissions(folder)
+    now = {k: v for k, v in _digests(folder).items() if k not in own}
+    before = {k: v for k, v in trusted.items() if k not in own} if restoring else {}
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if changed:
+        raise UntrustedState(
+            f"{folder}: {changed[:5]} appeared or changed while the sweep was starting (another user, or another "
+            "process, writes there); refused before anything was read"
+        )
 
 
 def trust_state(folder: str | os.PathLike) -> list[str]:

@@ -53,7 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffseg.core import storage
-from diffseg.core.config import atomic_write
+from diffseg.core.config import UserError, atomic_write
+from diffseg.core.runtime import unverified_allowed
 
 META_KEY = b"diffseg"
 IMAGES_KEY = b"diffseg_images"  # the ids of every image a shard was made from (also those with no labelled pixel)
@@ -67,11 +68,12 @@ MANIFEST_FORMAT = "diffseg-shard-set/1"
 log = logging.getLogger(__name__)
 
 
-class IncompleteShardSet(ValueError):
-    """A shard folder that is not a complete feature set; the message names the folder and what is missing."""
+class IncompleteShardSet(UserError):
+    """A shard folder that is not a complete feature set; the message names the folder and what is missing (a job
+    ends with it in one line)."""
 
 
-class DamagedShard(ValueError):
+class DamagedShard(UserError):
     """A shard of a set that is not what its manifest records (size, SHA-256) or not readable Parquet; the message
     names the shard and the set."""
 
@@ -298,6 +300,16 @@ def check_shard_set(folder: str | os.PathLike) -> list[str]:
     if extra:
         raise IncompleteShardSet(f"{folder}: shard(s) {extra[:5]} are not part of the set its manifest describes")
     digests = manifest.get("sha256") or {}
+    unvouched = sorted(set(listed) - set(digests))  # an entry removed, or its key changed: nothing vouches for it
+    if unvouched:
+        what = "has no SHA-256 table" if not digests else f"lists shard(s) {unvouched[:5]} without a SHA-256"
+        if not unverified_allowed():
+            raise DamagedShard(
+                f"{folder}: the manifest {what}, so nothing proves the shards are the ones extracted (a set written "
+                "before checksums, or a manifest edited since). Re-extract the set (jobs/extract_features.py), or "
+                "pass --allow-unverified (DIFFSEG_ALLOW_UNVERIFIED=1) to read them as they are"
+            )
+        log.warning("%s: the manifest %s; read unverified (--allow-unverified)", folder, what)
     for name, rows in listed.items():
         if name in digests:  # the size first: a truncated shard is named as such, not as a Parquet error
             size, expected = int(digests[name][0]), int(storage.size(present[name]))
@@ -313,8 +325,6 @@ def check_shard_set(folder: str | os.PathLike) -> list[str]:
             raise DamagedShard(msg) from e
         if actual != rows:
             raise IncompleteShardSet(f"{present[name]}: {actual} rows, but the set's manifest says {rows}")
-    if listed and not digests:
-        log.warning("%s: written before shard checksums existed; its shards are read unverified (re-extract)", folder)
     return [str(present[name]) for name in sorted(listed)]
 
 

@@ -67,7 +67,15 @@ from diffseg.core.registry import find_nested_run, finish_nested_runs
 from diffseg.core.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.core.runtime import init_ray, resolve_device, setup_logging
 from diffseg.core.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri, status_for
-from diffseg.core.trust import DriverRun, UntrustedState, check_fresh, check_state, key_path
+from diffseg.core.trust import (
+    DriverRun,
+    UntrustedState,
+    check_fresh,
+    check_permissions,
+    check_state,
+    key_path,
+    recheck_state,
+)
 from diffseg.core.trust import trust_state as vouch_for_state
 from diffseg.experiments.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
 from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model
@@ -310,7 +318,10 @@ def run_sweep(
         raise FileExistsError(f"{exp_dir} holds a sweep already: pass resume=True (jobs/sweep.py --resume) to "
                               "continue it, or choose another name")  # fmt: skip
     trusted: dict[str, str] = {}  # the state files the resume check verified
-    if resume and storage.exists(storage.join(exp_dir, "tuner.pkl")):  # Tune's restore unpickles the folder
+    # Whether Tune restores is decided HERE, by the same look that the trust check makes, never again later: a
+    # `tuner.pkl` that appears while Ray starts (another user's, in a folder they can write) is not restored.
+    restoring = resume and storage.exists(storage.join(exp_dir, "tuner.pkl"))
+    if restoring:  # Tune's restore unpickles the folder
         if remote:
             raise UntrustedState(
                 f"{exp_dir}: resuming a sweep unpickles Tune's state, and one on object storage cannot be proven "
@@ -320,13 +331,14 @@ def run_sweep(
             )
         trusted = check_state(exp_dir)  # only the user's own
     elif not remote:
+        if Path(exp_dir).is_dir():  # a folder others can write could be given state while this sweep runs
+            check_permissions(exp_dir)
         check_fresh(exp_dir, keep=("sweep.json",))  # a new Tune run: nothing it would restore may be there already
     # what is there now is not this run's to sign; sweep.json is the driver's own (rewritten below)
     driver = None if remote else DriverRun(exp_dir, trusted, own=("sweep.json",))
     init_ray()
     cache_dir = sweep.cache_dir or storage.join(out, "feature_cache")
     uri = resolve_tracking_uri(sweep.tracking.uri)
-    restoring = resume and tune.Tuner.can_restore(str(exp_dir))
     parent_run_id = json.loads(storage.read_text(state_file))["parent_run_id"] if storage.is_file(state_file) else None
     parent = Tracker(sweep.tracking, run_name=sweep.name, run_id=parent_run_id, tracking_uri=uri)
     if parent_run_id is None:
@@ -342,6 +354,8 @@ def run_sweep(
     resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), resources)
     param_space = build_param_space(sweep.space, sweep.search)
+    if not remote:  # the folder again, at the moment Tune reads it: unchanged since the check
+        recheck_state(exp_dir, restoring, trusted, own=("sweep.json",))
     if restoring:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

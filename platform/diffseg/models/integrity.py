@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from diffseg.core.config import UserError, atomic_write
-from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV
+from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV, unverified_allowed  # noqa: F401 (re-exported)
 
 FORMAT = "diffseg/1"
 INTEGRITY_KEY = "integrity"
@@ -128,11 +128,36 @@ def _describe(fmt: Any) -> str:
     return KINDS.get(fmt, f"a file of format {fmt!r}") if fmt is not None else "a file with no 'format' key"
 
 
-def unverified_allowed(allow_unverified: bool = False) -> bool:
-    """Whether files without an integrity record may load: the caller's `allow_unverified`, or the process-wide
-    opt-out `DIFFSEG_ALLOW_UNVERIFIED=1` (what `--allow-unverified` of every job and Serve's `allow_unverified: true`
-    set; `diffseg.core.runtime.code_runtime_env` hands it to Ray workers)."""
-    return allow_unverified or os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes")
+def load_torch_file(path: str | os.PathLike, where: str | None = None, what: str = "a torch file", mmap: bool = False):
+    """`torch.load(weights_only=True)` of a file, with every way it can fail said in one line naming the file
+    (`where`, default the path): no file (FileNotFoundError), empty, not a torch zip file, truncated, damaged, or
+    holding pickled objects that loading would run (CheckpointError; never torch's advice to load it unsafely)."""
+    path = Path(path)
+    where = where or str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{where}: empty file (0 bytes): not {what}; was its write interrupted?")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{where}: not {what}: not a torch zip file (starts with {head!r}, {size} bytes)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{where}: truncated or damaged: the end of the zip archive is missing ({size} bytes); "
+            "was its write interrupted or its copy cut short?"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{where}: holds pickled Python objects other than tensors and plain data; refused, because "
+                "loading it would run code from the file"
+            ) from None
+        raise CheckpointError(f"{where}: damaged: torch cannot read it ({type(e).__name__}: {msg[:200]})") from e
 
 
 def read_payload(
@@ -154,32 +179,7 @@ def read_payload(
     """
     path = Path(path)
     where = source or str(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: no such file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{where}: empty file (0 bytes): not {_describe(expected)}; was its write interrupted?")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04":
-        raise CheckpointError(
-            f"{where}: not {_describe(expected)}: not a torch zip file (starts with {head!r}, {size} bytes)"
-        )
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{where}: truncated or damaged: the end of the zip archive is missing ({size} bytes); "
-            "was its write interrupted or its copy cut short?"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(
-                f"{where}: holds pickled Python objects other than tensors and plain data; refused, because "
-                "loading it would run code from the file"
-            ) from None
-        raise CheckpointError(f"{where}: damaged: torch cannot read it ({type(e).__name__}: {msg[:200]})") from e
+    payload = load_torch_file(path, where, _describe(expected))
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt != expected:
         hint = " (guided-diffusion files: diffseg.models.guided.import_guided_diffusion)" if fmt is None else ""

@@ -61,7 +61,15 @@ from diffseg.models.guided import (
     guided_preset_flags,
     import_guided_diffusion,
 )
-from diffseg.models.integrity import FORMAT, INTEGRITY_KEY, KINDS, describe_payload, read_payload, reseal_payload
+from diffseg.models.integrity import (
+    FORMAT,
+    INTEGRITY_KEY,
+    KINDS,
+    describe_payload,
+    load_torch_file,
+    read_payload,
+    reseal_payload,
+)
 from diffseg.models.unet import AttentionBlock, Downsample, ResBlock, UNet, UNetConfig, Upsample, parse_guided_flags
 from diffseg.serving.pyfunc import log_checkpoint_model
 
@@ -129,7 +137,7 @@ def _read_local(cfg: ConvertConfig, local: Path) -> tuple[Checkpoint, str]:
     if local.is_dir():
         ckpt = load_checkpoint(local, source=uri, allow_unverified=cfg.allow_unverified)
         return ckpt, "safetensors" if ckpt.extra.get("imported_from") == "safetensors" else "diffseg"
-    payload = torch.load(local, map_location="cpu", weights_only=True, mmap=True)  # mmap: a peek, not a read
+    payload = load_torch_file(local, cfg.src, "a checkpoint", mmap=True)  # mmap: a peek, not a read
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         if INTEGRITY_KEY not in payload and cfg.allow_unverified:  # re-sealing an old file: say what it is first
             log.info(f"[convert] {cfg.src} has no integrity record; re-sealing what it holds: "
@@ -137,8 +145,8 @@ def _read_local(cfg: ConvertConfig, local: Path) -> tuple[Checkpoint, str]:
         return load_checkpoint(local, source=uri, allow_unverified=cfg.allow_unverified), "diffseg"
     flags = read_flags(cfg, local)
     if flags is None:
-        raise ValueError(
-            f"{cfg.src}: not a diffseg checkpoint, so a guided-diffusion one: say which model it is with "
+        raise ConfigError(
+            f"src, preset: {cfg.src} is not a diffseg checkpoint, so a guided-diffusion one: say which model it is with "
             f"preset=<{'|'.join(sorted(GUIDED_PRESETS))}> or flags='--image_size ... ' (its MODEL_FLAGS)"
         )
     try:
