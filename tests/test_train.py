@@ -415,3 +415,38 @@ def test_no_sample_grids_and_the_tail_steps_say_what_they_do(tmp_path, mlflow_ur
     assert re.search(r"samples -> .*step_0000005\.png \([\d.]+ s\)", caplog.text)
     with pytest.raises(ValueError, match="loop.num_samples"):
         tiny_cfg(tmp_path, **{"loop.num_samples": -1}).check()
+
+
+def test_ctrl_c_saves_the_steps_says_so_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    """Issue 37.3: Ctrl-C printed a blank `interrupted: ` and lost the steps since the last checkpoint without a
+    word. Now the run's steps are saved, the line names the step, the file and the command, and that command
+    resumes from the step (exit 130, the MLflow run KILLED)."""
+    import diffseg.training.loop as loop
+    from diffseg.models.checkpoint import load_checkpoint
+
+    real = loop.train_step
+
+    def interrupted_at_7(state, batch, gen):
+        if state.step == 7:
+            raise KeyboardInterrupt
+        return real(state, batch, gen)
+
+    main = _job("train_ddpm").main
+    args = [f"output_dir={tmp_path}", "name=ctrlc", "loop.num_steps=12", "loop.checkpoint_every=100",
+            "loop.num_samples=0", "data.num_images=32", "model.unet.image_size=16", "data.image_size=16",
+            "model.unet.model_channels=8", "model.unet.attention_resolutions=[]", "optim.batch_size=4",
+            "tracking.enabled=false"]  # fmt: skip
+    monkeypatch.setattr(loop, "train_step", interrupted_at_7)
+    monkeypatch.setattr(sys, "argv", ["jobs/train_ddpm.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpt = tmp_path / "ctrlc" / "checkpoint.pt"
+    assert exit_.value.code == 130
+    assert err.startswith("interrupted: Ctrl-C at step 7: saved ") and str(ckpt) in err, err
+    assert "the same command resumes it: python jobs/train_ddpm.py " in err and "name=ctrlc" in err, err
+    assert load_checkpoint(ckpt).step == 7  # nothing lost (checkpoint_every was 100)
+    monkeypatch.setattr(loop, "train_step", real)
+    main(args)  # the same command: from step 7 to 12
+    done = load_checkpoint(ckpt)
+    assert done.step == 12 and done.extra["starts"] == [0, 7]

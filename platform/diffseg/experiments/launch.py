@@ -57,7 +57,7 @@ def user_error_exit(e: BaseException, show_traceback: bool = False) -> SystemExi
         traceback.print_exception(e)
     if isinstance(e, KeyboardInterrupt):
         signum = signal.SIGTERM if isinstance(e, JobInterrupted) else signal.SIGINT
-        sys.stderr.write(f"interrupted: {e or 'Ctrl-C'}\n")
+        sys.stderr.write(f"interrupted: {str(e) or 'Ctrl-C'}\n")  # (an exception is truthy: its text decides)
         return SystemExit(128 + signum)
     sys.stderr.write(f"error: {e}\n")
     return SystemExit(1)

@@ -146,8 +146,8 @@ def _read_local(cfg: ConvertConfig, local: Path) -> tuple[Checkpoint, str]:
     flags = read_flags(cfg, local)
     if flags is None:
         raise ConfigError(
-            f"src, preset: {cfg.src} is not a diffseg checkpoint, so a guided-diffusion one: say which model it is with "
-            f"preset=<{'|'.join(sorted(GUIDED_PRESETS))}> or flags='--image_size ... ' (its MODEL_FLAGS)"
+            f"src, preset: {cfg.src} is not a diffseg checkpoint, so a guided-diffusion one: say which model it is "
+            f"with preset=<{'|'.join(sorted(GUIDED_PRESETS))}> or flags='--image_size ... ' (its MODEL_FLAGS)"
         )
     try:
         return guided_checkpoint(local, flags, preset=cfg.preset or None), "guided-diffusion"

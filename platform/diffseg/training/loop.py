@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -518,6 +520,23 @@ def fit(
             "steady_images_per_cpu_s": _rate(steady, loop_end, state.step, cfg.optim.batch_size, 1),
         }
     except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and rank == 0 and world == 1:  # Ctrl-C / SIGTERM: keep what was trained
+            e.args = (f"{str(e) or 'Ctrl-C'} {interrupted_message(cfg, ctx, state, tracker, start_step)}",)
         if tracker is not None:  # FAILED, or KILLED for an interrupt; a restarted worker (or a re-run) sets it
             tracker.finish(status_for(e))  # RUNNING again
         raise
+
+
+def interrupted_message(
+    cfg: TrainConfig, ctx: WorkerContext, state: TrainState, tracker: Tracker | None, start_step: int
+) -> str:
+    """An interrupted run (one worker): its steps since the last checkpoint saved, and what to type to go on."""
+    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
+    how = f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
+    if state.step <= start_step:
+        return f"at step {state.step}, before a step of this run ended: nothing new to save{how}"
+    try:
+        checkpoint_and_report(cfg, ctx, state, tracker, {}, final=False)
+    except Exception as err:  # the interrupt is what the user must hear about; the save's failure goes with it
+        return f"at step {state.step}: the checkpoint could not be saved ({err}); the last saved one resumes it{how}"
+    return f"at step {state.step}: saved {run_uri(cfg, CHECKPOINT_NAME)}{how}"
