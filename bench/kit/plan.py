@@ -20,15 +20,15 @@ ORDER = ["env", "rate", "research", "train_step", "unet", "ensemble", "sampling"
 
 # Shares of the time left when a stage starts (the research groups share RESEARCH_WEIGHT by their `share`; --train
 # jobs share TRAIN_WEIGHT), with floors and caps in seconds.
-WEIGHTS = {"env": 1, "rate": 4, "train_step": 5, "unet": 2, "ensemble": 2, "sampling": 4, "memory": 3, "tests": 3}
+WEIGHTS = {"env": 1, "rate": 6, "train_step": 5, "unet": 2, "ensemble": 2, "sampling": 4, "memory": 3, "tests": 3}
 
 RESEARCH_WEIGHT = 72
 
 TRAIN_WEIGHT = 20
 
-FLOORS = {"env": 20, "rate": 30, "unet": 15, "ensemble": 15, "tests": 20}
+FLOORS = {"env": 20, "rate": 45, "unet": 15, "ensemble": 15, "tests": 20}
 
-CAPS = {"env": 60, "rate": 75, "tests": 240}
+CAPS = {"env": 60, "rate": 90, "tests": 240}
 
 
 def parse_train(items: list[str]) -> list[tuple[str, float | None]]:
