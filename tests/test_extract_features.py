@@ -163,3 +163,23 @@ def test_small_annotation_rule_drops_19_pixels_and_keeps_20_per_image(tmp_path):
     assert ShardSet(tmp_path / "rule" / "s.parquet").meta.extra["min_class_pixels"] == 20
     with pytest.raises(ValueError, match="min_class_pixels"):  # shards written under different rules do not mix
         ShardSet([tmp_path / "rule" / "s.parquet", tmp_path / "off" / "s.parquet"])
+
+
+def test_extracting_an_image_only_set_stops_before_any_work(tmp_path, monkeypatch):
+    """Issue 37.2: on an image-only folder the job wrote 20,480 rows all labelled -1 and exited 0 (the pixel job then
+    trained 0 iterations). Now it stops with one error naming the folder, before Ray starts or a shard is written."""
+    import json
+
+    import diffseg.methods.features as features
+    from diffseg.data.datasets import DataConfig, DataError, write_synthetic_folder
+
+    root = write_synthetic_folder(tmp_path / "data", num_images=3, image_size=16)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "masks": False}))
+    started = []
+    monkeypatch.setattr(features, "init_ray", lambda *a, **k: started.append(1))
+    cfg = ExtractJobConfig(name="x", output_dir=str(tmp_path / "out"), data=DataConfig(name="folder", root=str(root),
+                           image_size=16), split="all", features=FeatureConfig(backbone="rgb"))  # fmt: skip
+    with pytest.raises(DataError, match=f"{root}: extracting pixel features needs masks"):
+        features.run_extract_job(cfg)
+    assert not started and not (tmp_path / "out").exists()

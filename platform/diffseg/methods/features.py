@@ -47,7 +47,7 @@ from diffseg.core.config import (
 )
 from diffseg.core.runtime import Progress, decide_gpu, init_ray, resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id
-from diffseg.data.datasets import DataConfig, build_dataset, item_ids, read_images_ray
+from diffseg.data.datasets import DataConfig, DataError, build_dataset, item_ids, read_images_ray
 from diffseg.data.shard_reader import ShardSet
 from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 from diffseg.models.checkpoint import load_diffusion_model
@@ -554,12 +554,17 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
 
 
 def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
+    data = dataclasses.replace(cfg.data, flip=False)
+    dataset = build_dataset(data, cfg.split)
+    if not getattr(dataset, "has_masks", True):  # the shards hold labelled pixels only: an image-only set has none
+        raise DataError(
+            f"{data.root or data.name}: extracting pixel features needs masks (the shards keep the labelled pixels "
+            "the ensemble trains on), and this set has none (no masks/ folder, or dataset.json says masks: false)"
+        )
     init_ray(cfg.ray_num_cpus)
     out = shard_dir(cfg)
     storage.makedirs(out)
     storage.write_text(storage.join(out, "extract_config.yaml"), dumps(cfg))
-    data = dataclasses.replace(cfg.data, flip=False)
-    dataset = build_dataset(data, cfg.split)
     n = len(dataset) if not cfg.limit else min(cfg.limit, len(dataset))
     ds = read_images_ray(data, cfg.split, batch_size=cfg.read_batch_size)
     if cfg.limit:
@@ -585,5 +590,8 @@ def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
         "recipe_hash": ss.meta.recipe_hash,
         "seconds": round(seconds, 2),
     }
-    log.info(f"[extract] {summary}")
+    log.info(
+        f"[extract] done: {n} images -> {summary['num_rows']:,} labelled pixels of {summary['feature_dim']} features "
+        f"in {summary['num_shards']} shard(s), {seconds:.1f} s: {out} (recipe {summary['recipe_hash']})"
+    )
     return summary

@@ -259,7 +259,10 @@ def start_run(
     start_step = state.step
     tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
     if state.mlflow_run_id is None:
-        tracker.log_params(to_dict(cfg))
+        params = to_dict(cfg)
+        if cfg.model.kind != "factorized":  # only the parameters of the model kind that runs
+            params["model"].pop("factorized", None)
+        tracker.log_params(params)
         tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
         if git_commit:
             tags["mlflow.source.git.commit"] = git_commit
