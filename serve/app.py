@@ -184,6 +184,8 @@ class SamplerModel(_ModelReplica):
         self.scheduler = SampleScheduler(
             self.model.sample_steps,
             max_inflight_cost=lim.max_inflight_cost,
+            reserved_cost=lim.reserved_sample_cost,
+            small_cost=lim.small_sample_cost,
             max_batch_images=max(self.batching.max_batch_size, lim.max_num_images),  # one request always fits
             batch_wait_s=self.batching.batch_wait_timeout_s,
             batching=self.batching.enabled,

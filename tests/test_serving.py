@@ -586,6 +586,32 @@ def test_small_sample_request_is_not_stuck_behind_a_large_one_and_cancel_stops_w
         sched.close()
 
 
+def test_two_maximal_sample_requests_leave_room_for_small_ones():
+    """Issue 36.7: two allowed 16 x 250 requests filled the replica's budget and 13 of 13 small requests got 503 for
+    the seconds they ran. The small requests' reserve serves them (fairly, between the large runs' steps); a third
+    large request, and small ones beyond the reserve, are still refused; the reserve's cost comes back."""
+    from diffseg.serving.app_config import Limits
+
+    lim = Limits()
+    sched = SampleScheduler(StubSteps(0.0005), max_inflight_cost=lim.max_inflight_cost, max_batch_images=16,
+                            reserved_cost=lim.reserved_sample_cost, small_cost=lim.small_sample_cost)  # fmt: skip
+    try:
+        bigs = [sched.submit(SampleParams(16, 250, i, None, "json")) for i in range(2)]
+        with pytest.raises(RequestError) as e:
+            sched.submit(SampleParams(16, 250, 9, None, "json"))
+        assert e.value.status == 503 and "reserve" in str(e.value)
+        smalls = [sched.submit(SampleParams(1, 1, 100 + i, None, "json")) for i in range(13)]
+        assert [r.future.result(timeout=60)["seed"] for r in smalls] == list(range(100, 113))
+        assert not all(b.future.done() for b in bigs)  # served while the large runs were still running
+        with pytest.raises(RequestError):  # a request over `small_cost` may not use the reserve
+            sched.submit(SampleParams(2, 250, 7, None, "json"))
+        for b in bigs:
+            sched.cancel(b)
+        _wait_until(lambda: sched.stats()["inflight_cost"] == 0 and sched.stats()["reserved_inflight_cost"] == 0)
+    finally:
+        sched.close()
+
+
 def test_sampler_admission_by_cost():
     sched = SampleScheduler(StubSteps(0.001), max_inflight_cost=4000, max_batch_images=16)
     try:

@@ -29,6 +29,9 @@ class Limits:
     max_seed: int = 2**31 - 1  # seeds are integers in [0, max_seed]
     max_sample_cost: int = 16 * 250  # most image-steps (num_images x steps) one /v1/sample request may ask for (422)
     max_inflight_cost: int = 2 * 16 * 250  # image-steps a sampler replica runs or queues at once (503 above)
+    small_sample_cost: int = 4 * 50  # a /v1/sample request of at most this many image-steps is "small": it may use
+    reserved_sample_cost: int = 8 * 4 * 50  # this reserve when the main budget is full (two maximal requests do not
+    # lock everyone else out); 0 = no reserve
     max_inflight_pixels: int = 2 * 16 * 2**20  # declared pixels the ingress decodes/renders at once (others wait)
     request_timeout_s: float = 120.0  # the ingress gives up on a model call after this long (504) and cancels it
 
@@ -142,6 +145,8 @@ class ServeAppConfig:
             raise ValueError("limits.max_inflight_pixels must be >= max_image_pixels (one maximum-size upload)")
         if not 1 <= lim.max_sample_cost <= lim.max_inflight_cost:
             raise ValueError("limits: need 1 <= max_sample_cost <= max_inflight_cost")
+        if lim.reserved_sample_cost and not 1 <= lim.small_sample_cost <= lim.reserved_sample_cost:
+            raise ValueError("limits: need 1 <= small_sample_cost <= reserved_sample_cost (or no reserve: 0)")
 
     @property
     def sampler_source(self) -> str | None:

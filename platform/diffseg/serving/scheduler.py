@@ -1,6 +1,7 @@
-"""Sampler time, bounded: a replica admits at most `max_inflight_cost` image-steps at once (503 beyond), and runs its
-requests one DDIM step at a time, fairly by image-steps (`SampleScheduler`), so a small request is never stuck
-behind a large one, and a request whose caller timed out or went away is dropped between two steps."""
+"""Sampler time, bounded: a replica admits at most `max_inflight_cost` image-steps at once (503 beyond), plus a reserve
+only small requests may use, and runs its requests one DDIM step at a time, fairly by image-steps (`SampleScheduler`),
+so a small request is never stuck behind a large one (nor refused because large ones took the whole budget), and a
+request whose caller timed out or went away is dropped between two steps."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ log = logging.getLogger(__name__)
 class SampleRequest:
     """One /v1/sample request inside a `SampleScheduler`: its parameters, its future, and whether it was cancelled."""
 
-    def __init__(self, params: SampleParams):
+    def __init__(self, params: SampleParams, reserved: bool = False):
         self.params = params
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.cancelled = False
+        self.reserved = reserved  # admitted on the small requests' reserve (its cost goes back there)
 
 
 @dataclass
@@ -44,6 +46,8 @@ class SampleScheduler:
 
     - **Admission by cost.** `submit` refuses (RequestError 503) a request whose image-steps would take the replica
       over `max_inflight_cost` (running and waiting together), so a replica's backlog is bounded in work, not count.
+      A small request (at most `small_cost` image-steps) that does not fit may still use `reserved_cost` more, kept
+      for such requests alone: two maximal requests fill the main budget, and a 1-image request is still served.
     - **Batching.** Requests that arrive while the thread is busy (or within `batch_wait_s` of an idle one) and have
       the same step count share one batched run, up to `max_batch_images` images.
     - **Fair share.** Each step goes to the run that has had the fewest image-steps so far (a new run starts at the
@@ -63,11 +67,15 @@ class SampleScheduler:
         *,
         max_inflight_cost: int,
         max_batch_images: int,
+        reserved_cost: int = 0,
+        small_cost: int = 0,
         batch_wait_s: float = 0.0,
         batching: bool = True,
         name: str = "sampler",
     ):
         self.make_steps, self.max_inflight_cost = make_steps, max_inflight_cost
+        self.reserved_cost, self.small_cost = reserved_cost, small_cost
+        self._reserved = 0  # image-steps in flight on the small requests' reserve
         self.max_batch_images, self.batch_wait_s, self.batching = max_batch_images, batch_wait_s, batching
         self._cond = threading.Condition()
         self._pending: list[SampleRequest] = []
@@ -86,15 +94,28 @@ class SampleScheduler:
         with self._cond:
             if self._closed:
                 raise RequestError(503, "the sampler is shutting down")
+            reserved = False
             if self._inflight + params.cost > self.max_inflight_cost:
-                self.counts["rejected"] += 1
-                raise RequestError(
-                    503,
-                    f"the sampler is busy: {self._inflight} image-steps in flight, this request needs {params.cost}, "
-                    f"the replica's limit is {self.max_inflight_cost}; retry later",
-                )
-            self._inflight += params.cost
-            req = SampleRequest(params)
+                small = params.cost <= self.small_cost and self._reserved + params.cost <= self.reserved_cost
+                if not small:
+                    self.counts["rejected"] += 1
+                    raise RequestError(
+                        503,
+                        f"the sampler is busy: {self._inflight} image-steps in flight, this request needs "
+                        f"{params.cost}, the replica's limit is {self.max_inflight_cost}"
+                        + (
+                            f" (requests of at most {self.small_cost} image-steps get a reserve of "
+                            f"{self.reserved_cost})"
+                            if self.reserved_cost
+                            else ""
+                        )  # fmt: skip
+                        + "; retry later",
+                    )
+                reserved = True
+                self._reserved += params.cost
+            else:
+                self._inflight += params.cost
+            req = SampleRequest(params, reserved)
             self._pending.append(req)
             self._cond.notify()
         return req
@@ -112,7 +133,8 @@ class SampleScheduler:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {**self.counts, "inflight_cost": self._inflight, "active_runs": len(self._runs)}
+            return {**self.counts, "inflight_cost": self._inflight, "reserved_inflight_cost": self._reserved,
+                    "active_runs": len(self._runs)}  # fmt: skip
 
     def close(self) -> None:
         with self._cond:
@@ -126,7 +148,7 @@ class SampleScheduler:
         pending = [r for r in self._pending if not r.cancelled]
         for r in self._pending:
             if r.cancelled:
-                self._inflight -= r.params.cost
+                self._release(r)
         self._pending = []
         start = min((run.served for run in self._runs), default=0)
         groups: dict[int, list[list[SampleRequest]]] = {}
@@ -152,10 +174,17 @@ class SampleScheduler:
                 n = sum(m.params.num_images for m in members)
                 self._runs.append(_Run(members, steps, n, start, self._seq, sum(m.params.cost for m in members)))
 
+    def _release(self, req: SampleRequest) -> None:
+        """Give a request's cost back to the pool it was admitted on (under the lock)."""
+        if req.reserved:
+            self._reserved -= req.params.cost
+        else:
+            self._inflight -= req.params.cost
+
     def _finish(self, members: list[SampleRequest], result: list[Any] | None = None, error: Exception | None = None):
         """Deliver a run's results (under the lock) and give its cost back."""
         for i, m in enumerate(members):
-            self._inflight -= m.params.cost
+            self._release(m)
             if m.future.done():
                 continue
             if error is not None:
