@@ -410,8 +410,12 @@ def test_no_sample_grids_and_the_tail_steps_say_what_they_do(tmp_path, mlflow_ur
     assert re.search(r"MLflow: checkpoint and model logged in [\d.]+ s", text)
     import mlflow  # a DDPM run logs its own parameters, not the factorized model's (issue 37.7)
 
-    params = mlflow.MlflowClient(cfg.tracking.uri).get_run(out["mlflow_run_id"]).data.params
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    run = client.get_run(out["mlflow_run_id"])
+    params = run.data.params
     assert "model.unet.model_channels" in params and not [k for k in params if k.startswith("model.factorized.")]
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.name for m in models if m.source_run_id == run.info.run_id] == ["nosamples"]  # named after the run
 
     with caplog.at_level(logging.INFO, logger="diffseg"):
         fit(tiny_cfg(tmp_path, kind="ddpm", name="samples", **{"loop.num_steps": 5, "tracking.enabled": False}))

@@ -45,7 +45,7 @@ from diffseg.methods.features import ExtractJobConfig, FeatureConfig, run_extrac
 from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
 from diffseg.methods.pixel_training import PixelTrainConfig, TrainResult, train_ensemble
 from diffseg.models.checkpoint import load_checkpoint
-from diffseg.serving.pyfunc import log_bundle_model
+from diffseg.serving.pyfunc import log_bundle_model, model_name
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,9 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
     for name in ("segmenter.pt", "overlays.png", "per_image.csv", "metrics.json", "config.yaml"):
         if (out / name).exists():
             tracker.log_artifact(out / name)
-    log_bundle_model(tracker, out / "segmenter.pt")  # an MLflow model (registered as tracking.register_as)
+    log_bundle_model(
+        tracker, out / "segmenter.pt", name=model_name(cfg.name)
+    )  # an MLflow model (registered as tracking.register_as)
     tracker.finish()
     miou = result.metrics["test/miou"]
     log.info(f"[pixel] test mIoU {miou:.4f} over {result.num_images} images -> {out}")
@@ -280,7 +282,8 @@ def score_variant(
     seg, info = train_variant(variant, cfg, out, device, child)
     if variant != "supervised" and log_model:  # the pixel ensemble's bundle as an MLflow model (registered on request)
         reg = cfg.tracking.register_as
-        log_bundle_model(child, out / variant / "segmenter.pt", register_as=f"{reg}-{variant}" if reg else None)
+        log_bundle_model(child, out / variant / "segmenter.pt", name=model_name(cfg.name, variant),
+                         register_as=f"{reg}-{variant}" if reg else None)  # fmt: skip
     names = info.pop("names")
     result = evaluate_segmenter(
         seg, test, class_names=names, ignore_index=info.pop("ignore"), out_dir=eval_dir or out / variant

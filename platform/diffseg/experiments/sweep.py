@@ -78,7 +78,7 @@ from diffseg.core.trust import (
 )
 from diffseg.core.trust import trust_state as vouch_for_state
 from diffseg.experiments.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
-from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model
+from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model, model_name
 from diffseg.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -422,9 +422,11 @@ def run_sweep(
             best_model = best_model if remote else Path(best_model)
             parent.log_artifact(local / BEST_MODEL[task], "best")
             if task == "pixel":  # and as an MLflow model (registered as tracking.register_as when set)
-                log_bundle_model(parent, local / BEST_MODEL[task], name="best")
+                log_bundle_model(parent, local / BEST_MODEL[task], name=model_name(sweep.name, "best"))
             else:
-                log_checkpoint_model(parent, local / BEST_MODEL[task], name="best", t=sweep.segment_t)
+                log_checkpoint_model(
+                    parent, local / BEST_MODEL[task], name=model_name(sweep.name, "best"), t=sweep.segment_t
+                )
         table.to_csv(local / "results.csv", index=False)
         (local / "results.md").write_text(frame_to_markdown(table))
         plot = plot_sweep(table, keys, sweep.metric, local / "results.png", title=f"{sweep.name}: {sweep.metric}")

@@ -71,7 +71,7 @@ from diffseg.models.integrity import (
     reseal_payload,
 )
 from diffseg.models.unet import AttentionBlock, Downsample, ResBlock, UNet, UNetConfig, Upsample, parse_guided_flags
-from diffseg.serving.pyfunc import log_checkpoint_model
+from diffseg.serving.pyfunc import log_checkpoint_model, model_name
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,9 @@ def run_convert(cfg: ConvertConfig) -> dict[str, Any]:
                 raise RuntimeError(f"{out}: the converted network's output differs from the source's by {diff}")
         tracker.log_metrics({"convert/num_parameters": sum(v.numel() for v in ckpt.model.values())})
         tracker.set_tags({"diffseg.from": kind, "diffseg.to": cfg.to, "diffseg.dst": str(out)})
-        logged = log_checkpoint_model(tracker, out if cfg.to in ("diffseg", "safetensors") else ckpt, name="model")
+        logged = log_checkpoint_model(
+            tracker, out if cfg.to in ("diffseg", "safetensors") else ckpt, name=model_name(Path(str(out)).stem)
+        )
         if logged is not None:
             summary["model_uri"] = logged.registered_uri or logged.model_uri
     log.info(f"[convert] {kind} {cfg.src} -> {cfg.to} {out}" + (f" ({summary['model_uri']})" if logged else ""))

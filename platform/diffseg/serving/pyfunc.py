@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -200,6 +201,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _write_spec(data: Path, spec: Mapping[str, Any]) -> None:
     (data / MODEL_SPEC).write_text(json.dumps({"format": PYFUNC_FORMAT, **spec}, indent=1))
+
+
+def model_name(*parts: str) -> str:
+    """The name of a logged model, after the run that made it (the MLflow UI lists models by name: `model` for every
+    run told nothing): the parts joined by '-', characters other than letters, digits, '.', '_' and '-' replaced."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(p for p in parts if p)).strip("-") or "model"
 
 
 def log_checkpoint_model(

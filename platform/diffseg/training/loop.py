@@ -41,7 +41,7 @@ from diffseg.methods.segment import heldout_eps_mse, mask_diagnostics, segment_i
 from diffseg.models.builder import EMA, build_model
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, unwrap
 from diffseg.models.diffusion import GaussianDiffusion
-from diffseg.serving.pyfunc import log_checkpoint_model
+from diffseg.serving.pyfunc import log_checkpoint_model, model_name
 from diffseg.training.batches import build_batches, build_eval_set
 from diffseg.training.config import LoopConfig, TrainConfig, check_resume, load_run_checkpoint, run_uri
 from diffseg.training.mask_levers import MaskLevers, param_groups, restore_optimizer
@@ -354,7 +354,7 @@ def checkpoint_and_report(
                 log.info("[train] MLflow: logging the final checkpoint and the model (MLflow first loads it and "
                          "predicts on its input example) ...")  # fmt: skip
                 tracker.log_artifact(path, "checkpoint")
-                log_checkpoint_model(tracker, path, name="model", t=cfg.eval.t)
+                log_checkpoint_model(tracker, path, name=model_name(cfg.name), t=cfg.eval.t)
                 log.info(f"[train] MLflow: checkpoint and model logged in {time.perf_counter() - t_log:.1f} s")
             ckpt_dir = path.parent
         ctx.report({**metrics, "step": state.step}, ckpt_dir)
