@@ -116,3 +116,16 @@ def test_data_input_survives_the_sql_stores_insert_race(store):
         tracker._client.log_inputs = real
     names = [d.dataset.name for d in client(store).get_run(tracker.run_id).inputs.dataset_inputs]
     assert names == ["synthetic"]
+
+
+def test_a_nested_run_lives_in_its_parents_experiment(store):
+    """Issue 37.7: a comparison's extraction runs (their own config: experiment `diffseg`) landed in another experiment
+    than their parent (`label-efficient`), so the UI showed them apart from it."""
+    with Tracker(TrackingConfig(experiment="label-efficient", system_metrics=False), "compare") as parent:
+        child = Tracker(TrackingConfig(experiment="diffseg", system_metrics=False), "ddpm", parent_run_id=parent.run_id)
+        child.finish()
+    c = client(store)
+    parent_run, child_run = c.get_run(parent.run_id), c.get_run(child.run_id)
+    assert child_run.info.experiment_id == parent_run.info.experiment_id
+    assert child_run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert c.get_experiment_by_name("diffseg") is None  # nothing was created for the child's own setting

@@ -298,11 +298,13 @@ class Tracker:
             self._start_monitor(resumed)
 
     def _create_run(self, run_name: str, parent_run_id: str | None) -> str:
-        """A new run in the experiment, tagged with this process and the git state; a top-level run first marks the
-        experiment's runs whose process is gone FAILED (`reap_dead_runs`)."""
-        exp_id = experiment_id(self._client, self.uri, self.cfg.experiment)
+        """A new run in the experiment (a nested one in its parent's), tagged with this process and the git state; a
+        top-level run first marks the experiment's runs whose process is gone FAILED (`reap_dead_runs`)."""
         if parent_run_id is None:
+            exp_id = experiment_id(self._client, self.uri, self.cfg.experiment)
             _reap(self._client, exp_id)
+        else:  # a nested run lives in its parent's experiment, whatever its own config names (the UI nests it there)
+            exp_id = self._client.get_run(parent_run_id).info.experiment_id
         tags = {"mlflow.runName": run_name, **_process_tags(), **source_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
