@@ -129,3 +129,21 @@ def test_a_nested_run_lives_in_its_parents_experiment(store):
     assert child_run.info.experiment_id == parent_run.info.experiment_id
     assert child_run.data.tags["mlflow.parentRunId"] == parent.run_id
     assert c.get_experiment_by_name("diffseg") is None  # nothing was created for the child's own setting
+
+
+@pytest.mark.parametrize("on_device", ["auto", "off"])
+def test_a_typo_in_the_data_path_leaves_no_failed_run_behind(tmp_path, store, on_device):
+    """Issue 37.7: a typo'd data root was recorded as the data set of a FAILED run. The training data is checked
+    before the MLflow run starts (with batches on the device or from a DataLoader), so the user error leaves no run."""
+    from diffseg.core.config import load_config
+    from diffseg.data.datasets import DataError
+    from diffseg.training.config import TrainConfig
+    from diffseg.training.loop import LocalContext, fit
+
+    cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "ddpm_tiny.yaml",
+                      [f"output_dir={tmp_path}", "data.name=folder", f"data.root={tmp_path / 'typo'}",
+                       "tracking.experiment=typo", f"loop.data_on_device={on_device}"])  # fmt: skip
+    with pytest.raises(DataError, match="typo"):
+        fit(cfg, LocalContext("cpu"))
+    exp = client(store).get_experiment_by_name("typo")
+    assert exp is None or not client(store).search_runs([exp.experiment_id])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from diffseg.data.datasets import build_dataset, stack
+from diffseg.data.datasets import DataError, build_dataset, stack
 from diffseg.data.device_data import MAX_BYTES as DEVICE_DATA_MAX_BYTES
 from diffseg.data.device_data import Augment, DeviceBatches
 from diffseg.training.config import TrainConfig
@@ -72,6 +72,11 @@ def _loader_batches(cfg: TrainConfig, rank: int, world: int, start_step: int, de
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.loop.seed + start_step) if sampler is None else None,
     )
+    return _epochs(loader, sampler, start_step)
+
+
+def _epochs(loader: DataLoader, sampler: DistributedSampler | None, start_step: int) -> Iterator[dict]:
+    """The loader's batches, epoch after epoch, from the epoch `start_step` falls in."""
     epoch = start_step // max(len(loader), 1)
     while True:
         if sampler is not None:
@@ -87,18 +92,18 @@ def build_eval_set(cfg: TrainConfig) -> dict[str, Any] | None:
     data = cfg.eval.data or cfg.data
     dataset = build_dataset(data, split=cfg.eval.split)
     if len(dataset) < 2:
-        raise ValueError(
+        raise DataError(
             f"eval: the {cfg.eval.split!r} split of {data.root or data.name!r} has {len(dataset)} image(s); mask "
             "diagnostics need >= 2 (set data.num_test, or eval.data / eval.split)"
         )
     items = stack(dataset, limit=cfg.eval.num_images)
     if cfg.model.kind != "factorized":  # a DDPM is validated on its held-out denoising loss: images only
         if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
-            raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+            raise DataError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
         return {"image": items["image"]}
     if "mask" not in items:
-        raise ValueError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
+        raise DataError(f"eval: {data.root or data.name!r} has no masks folder; mask diagnostics need masks")
     if tuple(items["image"].shape[-2:]) != (cfg.model.unet.image_size,) * 2:
-        raise ValueError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
+        raise DataError(f"eval.data.image_size must be model.unet.image_size ({cfg.model.unet.image_size})")
     num_classes = getattr(dataset, "num_classes", 2)
     return {"image": items["image"], "mask": items["mask"], "num_classes": num_classes}
