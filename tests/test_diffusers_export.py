@@ -57,13 +57,13 @@ def test_export_loads_in_diffusers_with_our_outputs(tmp_path, changes):
     out = run_convert(ConvertConfig(src=str(src), to="diffusers", dst=str(tmp_path / "d"), tracking=OFF))
     assert out["max_abs_diff"] < 1e-4
     folder = tmp_path / "d"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json",
-        "diffusion_pytorch_model.safetensors",
-        "scheduler_config.json",
-    ]
-    assert json.loads((folder / "config.json").read_text())["_class_name"] == "UNet2DModel"
-    theirs, info = diffusers.UNet2DModel.from_pretrained(str(folder), output_loading_info=True, low_cpu_mem_usage=False)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert files == ["diffseg_integrity.json", "model_index.json", "scheduler/scheduler_config.json",
+                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]  # fmt: skip
+    assert json.loads((folder / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    theirs, info = diffusers.UNet2DModel.from_pretrained(
+        str(folder), subfolder="unet", output_loading_info=True, low_cpu_mem_usage=False
+    )
     assert not any(info.values()), info  # missing / unexpected / mismatched keys: none
     ours = build_model(load_checkpoint(src).model_config).eval()
     ours.load_state_dict(load_checkpoint(src).model)
@@ -79,11 +79,10 @@ def test_shipped_ddpm_runs_in_ddpm_pipeline(tmp_path):
     """The DDPM trained here (models/) exported once: diffusers' DDPMScheduler, read from the folder, has our
     process (the same alphas_cumprod) and DDPMPipeline samples images from it (a few steps: CPU)."""
     run_convert(ConvertConfig(src=str(SHIPPED_DDPM), to="diffusers", dst=str(tmp_path / "d"), tracking=OFF))
-    unet = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "d"), low_cpu_mem_usage=False)
-    scheduler = diffusers.DDPMScheduler.from_pretrained(str(tmp_path / "d"))
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "d"))  # issue 37.6: model_index.json is there
+    scheduler = pipe.scheduler
     ours = GaussianDiffusion.from_config(load_checkpoint(SHIPPED_DDPM).diffusion_config)
     np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), ours.alphas_cumprod, rtol=1e-5)
-    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="np")
     images = images.images
@@ -119,3 +118,47 @@ def test_refused_conversions_are_one_line_errors(tmp_path):
     res = subprocess.run([*job, "to=diffusers", f"dst={tmp_path / 'x'}", "--traceback"], capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: to=diffusers")
+
+
+def test_the_exported_pipeline_is_sealed_and_a_changed_file_is_refused(tmp_path):
+    """Issue 36.3: the diffusers export wrote no digest and `diffusers:<dir>` backbones were never checked. Now every
+    file of the folder (weights and configs) is sealed; a changed scheduler or config is refused by name, and a folder
+    without a seal loads only when unverified loading is asked for."""
+    from diffseg.methods.features import load_backbone
+    from diffseg.models.checkpoint import FOLDER_SEAL, CheckpointError
+
+    run_convert(ConvertConfig(src=str(SHIPPED_DDPM), to="diffusers", dst=str(tmp_path / "d"), tracking=OFF))
+    folder = tmp_path / "d"
+    model, _ = load_backbone(f"diffusers:{folder}", "cpu")
+    assert model is not None
+    sched = folder / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace('"linear"', '"squaredcos_cap_v2"'))
+    with pytest.raises(CheckpointError, match="scheduler/scheduler_config.json: does not match"):
+        load_backbone(f"diffusers:{folder}", "cpu")
+    (folder / FOLDER_SEAL).unlink()
+    with pytest.raises(CheckpointError, match="--allow-unverified"):
+        load_backbone(f"diffusers:{folder}", "cpu")
+
+
+def test_our_ddim_is_diffusers_ddim_with_clipped_model_output(tmp_path):
+    """Issue 37.6: DDIMPipeline from the same noise differed from our DDIM by up to 1.74. With
+    `use_clipped_model_output=True` (eps recomputed from the clipped x0, as guided-diffusion's DDIM does) it is our
+    DDIM on the uniform-stride respacing ("ddim10": 0, 100, ..., 900, what diffusers' step assumes), as docs/mlflow.md
+    says; without it, it is not."""
+    from diffseg.models.checkpoint import load_diffusion_model
+
+    run_convert(ConvertConfig(src=str(SHIPPED_DDPM), to="diffusers", dst=str(tmp_path / "d"), tracking=OFF))
+    pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp_path / "d"))
+    pipe.set_progress_bar_config(disable=True)
+    loaded = load_diffusion_model(SHIPPED_DDPM, "cpu")
+    process = loaded.diffusion.respace("ddim10")
+    with torch.no_grad():
+        ours = process.ddim_sample_loop(loaded.model, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    ours = ((ours.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+    def theirs(clipped: bool) -> np.ndarray:
+        return pipe(batch_size=2, num_inference_steps=10, eta=0.0, use_clipped_model_output=clipped,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    assert np.abs(theirs(True) - ours).max() < 1e-3, np.abs(theirs(True) - ours).max()
+    assert np.abs(theirs(False) - ours).max() > 1e-2  # the setting matters, so the test could fail

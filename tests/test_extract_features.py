@@ -47,6 +47,9 @@ def test_diffusers_tiny_backbone_taps(tmp_path):
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
     unet.save_pretrained(tmp_path / "unet")
+    from diffseg.models.checkpoint import seal_folder
+
+    seal_folder(tmp_path / "unet")  # a diffusers folder from elsewhere has no seal: whoever uses it vouches for it
     model, diffusion = load_backbone(f"diffusers:{tmp_path / 'unet'}")
     assert diffusion is None and model.feature_names == ["up.0", "up.1", "out"]
     x = torch.randn(2, 3, 16, 16)

@@ -325,3 +325,20 @@ def test_convert_refuses_a_bad_source_in_one_line(tmp_path, capsys, kind):
     assert e.value.code in (1, 2) and len(err) == 1 and str(src) in err[0], err
     assert "Traceback" not in err[0] and "weights_only=False" not in err[0] and "code ran" not in err[0]
     assert not (tmp_path / "dst.pt").exists()
+
+
+def test_a_safetensors_export_whose_config_changed_is_refused(tmp_path):
+    """Issue 36.3: config.json of a safetensors export was covered by no hash: a schedule changed to cosine and the
+    step to 999999 loaded silently. The weights file now records the SHA-256 of both config files."""
+    import json
+
+    from diffseg.models.checkpoint import CheckpointError, export_safetensors, load_checkpoint
+
+    src = Path(__file__).resolve().parents[1] / "models" / "ddpm-horse32.pt"
+    out = export_safetensors(src, tmp_path / "st")
+    assert load_checkpoint(out).step == load_checkpoint(src).step  # as written: loads
+    config = json.loads((out / "config.json").read_text())
+    config["diffusion"]["schedule"], config["step"] = "cosine", 999999
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    with pytest.raises(CheckpointError, match="config.json: does not match the SHA-256"):
+        load_checkpoint(out)

@@ -50,7 +50,7 @@ from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id
 from diffseg.data.datasets import DataConfig, DataError, build_dataset, item_ids, read_images_ray
 from diffseg.data.shard_reader import ShardSet
 from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
-from diffseg.models.checkpoint import load_diffusion_model
+from diffseg.models.checkpoint import diffusers_unet_folder, load_diffusion_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def load_backbone(
 
     - a path (or MLflow URI) to one of our checkpoints (trained here, or converted from guided-diffusion),
     - "random:<checkpoint>" for a randomly initialised network of that checkpoint's architecture (a baseline),
-    - "diffusers:<dir>" for a saved diffusers UNet2DModel.
+    - "diffusers:<dir>" for a diffusers UNet2DModel folder, or a pipeline folder holding one (`unet/`), its
+      `diffseg_integrity.json` checked first (a folder without one loads only with --allow-unverified).
 
     Checkpoints go through the one loader, `diffseg.models.checkpoint.load_diffusion_model`. ("rgb", the raw-pixel
     baseline, has no network: see `FeaturePipeline`.)
@@ -146,7 +147,7 @@ def load_backbone(
     if spec.startswith("diffusers:"):
         from diffusers import UNet2DModel  # an optional dependency, imported only for this backbone
 
-        model = DiffusersBackbone(UNet2DModel.from_pretrained(spec.split(":", 1)[1]))
+        model = DiffusersBackbone(UNet2DModel.from_pretrained(diffusers_unet_folder(spec.split(":", 1)[1])))
         return model.eval().to(resolve_device(device)), None
     if spec.startswith("random:"):
         loaded = load_diffusion_model(spec.split(":", 1)[1], device, random_init=True)

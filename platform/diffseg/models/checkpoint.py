@@ -19,6 +19,7 @@ Every job, the sweeps and the Serve replicas get a network the same way:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,10 +35,17 @@ from torch import nn
 
 from diffseg.core import storage
 from diffseg.core.config import atomic_write, from_dict, to_dict
-from diffseg.core.runtime import resolve_device
+from diffseg.core.runtime import resolve_device, unverified_allowed
 from diffseg.models.builder import ModelConfig, build_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
-from diffseg.models.integrity import FORMAT, CheckpointError, read_payload, tensor_digest, write_payload
+from diffseg.models.integrity import (
+    FORMAT,
+    CheckpointError,
+    file_sha256,
+    read_payload,
+    tensor_digest,
+    write_payload,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Config keys that checkpoints written by an older diffseg hold and this one no longer has (they were never read):
@@ -168,7 +176,7 @@ def load_checkpoint(
     """
     path, source = checkpoint_file(path, source)
     if path.suffix == ".safetensors":
-        return load_safetensors(path.parent, source=source)
+        return load_safetensors(path.parent, source=source, allow_unverified=allow_unverified)
     where = source or str(path)
     payload = read_payload(path, FORMAT, source=source, allow_unverified=allow_unverified)
     missing = [k for k in ("config", "model", "step") if k not in payload]
@@ -362,9 +370,11 @@ def _export_weights(ckpt: Checkpoint, use_ema: bool) -> tuple[dict[str, torch.Te
 
 
 def scheduler_config(diffusion: DiffusionConfig, learn_sigma: bool) -> dict[str, Any]:
-    """The process as a diffusers `DDPMScheduler` config. guided-diffusion's linear schedule scaled to T (betas from
-    1e-4 * 1000/T to 0.02 * 1000/T) is diffusers' "linear" with those endpoints; its cosine schedule is
-    "squaredcos_cap_v2" (both clip betas at 0.999)."""
+    """The process as a diffusers `DDPMScheduler` config (a `DDIMScheduler` reads it too). guided-diffusion's linear
+    schedule scaled to T (betas from 1e-4 * 1000/T to 0.02 * 1000/T) is diffusers' "linear" with those endpoints; its
+    cosine schedule is "squaredcos_cap_v2" (both clip betas at 0.999). diffusers' DDIM with these settings and
+    `use_clipped_model_output=True` (eps recomputed from the clipped x0, as guided-diffusion does) is our DDIM on the
+    uniform-stride respacing (`GaussianDiffusion.respace("ddim50")`; its step assumes that stride)."""
     scale = 1000 / diffusion.num_timesteps
     out: dict[str, Any] = {
         "_class_name": "DDPMScheduler",
@@ -410,20 +420,50 @@ def export_safetensors(
     }
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
+    learn_sigma = bool(model_cfg.unet.learn_sigma)
+    texts = {SAFETENSORS_CONFIG: json.dumps(config, indent=1),
+             SCHEDULER_CONFIG: json.dumps(scheduler_config(diff_cfg, learn_sigma), indent=1)}  # fmt: skip
     digests = json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)
-    meta = {"format": SAFETENSORS_FORMAT, "sha256": digests, "step": str(ckpt.step), "weights": which}
+    # one record over everything the loader reads: the tensors and the config files beside them
+    files = json.dumps({name: _text_sha256(text) for name, text in texts.items()}, sort_keys=True)
+    meta = {"format": SAFETENSORS_FORMAT, "sha256": digests, "files_sha256": files, "step": str(ckpt.step),
+            "weights": which}  # fmt: skip
     blob = save(tensors, metadata=meta)  # bytes: written through atomic_write (safetensors' writer wants a path)
     atomic_write(out / SAFETENSORS_WEIGHTS, lambda tmp: Path(tmp).write_bytes(blob))
-    learn_sigma = bool(model_cfg.unet.learn_sigma)
-    for name, data in ((SAFETENSORS_CONFIG, config), (SCHEDULER_CONFIG, scheduler_config(diff_cfg, learn_sigma))):
-        text = json.dumps(data, indent=1)
+    for name, text in texts.items():
         atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
     return out
 
 
-def load_safetensors(folder: str | os.PathLike, *, source: str | None = None) -> Checkpoint:
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_export_files(folder: Path, where: str, meta: dict[str, str], allow_unverified: bool) -> None:
+    """The config files of a safetensors export against the SHA-256 its weights file records for them (a changed
+    schedule or step in config.json would otherwise load silently)."""
+    if "files_sha256" not in meta:
+        if not unverified_allowed(allow_unverified):
+            raise CheckpointError(
+                f"{where}/{SAFETENSORS_WEIGHTS}: records no SHA-256 of {SAFETENSORS_CONFIG} (an export written before "
+                "that record existed), so nothing shows its config is the one written; refused. Export it again, or "
+                "load it with --allow-unverified"
+            )
+        log.warning("%s: its config files are loaded WITHOUT an integrity check (allow_unverified)", where)
+        return
+    for name, expected in json.loads(meta["files_sha256"]).items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{where}/{name}: missing (the export records it)")
+        if _text_sha256(path.read_text()) != expected:
+            raise CheckpointError(f"{where}/{name}: does not match the SHA-256 its export recorded; refused")
+
+
+def load_safetensors(
+    folder: str | os.PathLike, *, source: str | None = None, allow_unverified: bool = False
+) -> Checkpoint:
     """A folder written by `export_safetensors` -> a Checkpoint (weights as `model`, no EMA or optimizer), every
-    tensor checked against the SHA-256 in the file's metadata."""
+    tensor and config file checked against the SHA-256 in the weights file's metadata."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -440,8 +480,10 @@ def load_safetensors(folder: str | os.PathLike, *, source: str | None = None) ->
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{where}/{SAFETENSORS_WEIGHTS}: damaged: {e}") from e
+    config_text = config_file.read_text()
+    _check_export_files(folder, where, meta, allow_unverified)
     try:
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{where}/{SAFETENSORS_CONFIG}: not JSON ({e})") from None
     if config.get("_diffseg_format") != SAFETENSORS_FORMAT or "model" not in config:
@@ -467,3 +509,60 @@ def load_safetensors(folder: str | os.PathLike, *, source: str | None = None) ->
         step=int(config.get("step", 0)),
         extra={"imported_from": "safetensors", "weights": config.get("weights", "model")},
     )
+
+
+# ---------------------------------------------------------------------------------------------------- diffusers
+FOLDER_SEAL = "diffseg_integrity.json"  # the SHA-256 of every file of an exported folder (a diffusers pipeline)
+FOLDER_SEAL_FORMAT = "diffseg-folder-seal/1"
+
+
+def seal_folder(folder: str | os.PathLike) -> Path:
+    """Record the SHA-256 of every file under `folder` (but the record itself) in `diffseg_integrity.json`: what a
+    loader of the folder checks before it reads anything (`check_folder_seal`)."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != FOLDER_SEAL}  # fmt: skip
+    text = json.dumps({"format": FOLDER_SEAL_FORMAT, "files": files}, indent=1, sort_keys=True)
+    atomic_write(folder / FOLDER_SEAL, lambda tmp: Path(tmp).write_text(text))
+    return folder / FOLDER_SEAL
+
+
+def check_folder_seal(folder: str | os.PathLike, where: str | None = None, allow_unverified: bool = False) -> None:
+    """Every file of an exported folder, weights and configs alike, against its seal (`seal_folder`): CheckpointError
+    naming the file for a changed, missing or unrecorded one. A folder without a seal (a diffusers model from
+    elsewhere) loads only unverified (`allow_unverified`, `--allow-unverified`), with a warning."""
+    folder = Path(folder)
+    where = where or str(folder)
+    seal = folder / FOLDER_SEAL
+    if not seal.is_file():
+        if not unverified_allowed(allow_unverified):
+            raise CheckpointError(
+                f"{where}: no {FOLDER_SEAL} (the SHA-256 of its files, which jobs/convert_checkpoint.py to=diffusers "
+                "writes), so nothing shows its weights and config are the ones written; refused. If you know where "
+                "it comes from, load it with --allow-unverified (DIFFSEG_ALLOW_UNVERIFIED=1)"
+            )
+        log.warning("%s: loaded WITHOUT an integrity check (allow_unverified)", where)
+        return
+    try:
+        record = json.loads(seal.read_text())
+        files = dict(record["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}/{FOLDER_SEAL}: unreadable ({e})") from None
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != FOLDER_SEAL}
+    if extra := sorted(present - set(files)):
+        raise CheckpointError(f"{where}: {extra[:5]} are not in its {FOLDER_SEAL}; refused")
+    for name, digest in files.items():
+        if name not in present:
+            raise CheckpointError(f"{where}/{name}: missing (its {FOLDER_SEAL} records it)")
+        if file_sha256(folder / name) != digest:
+            raise CheckpointError(f"{where}/{name}: does not match the SHA-256 its {FOLDER_SEAL} records; refused")
+
+
+def diffusers_unet_folder(folder: str | os.PathLike, allow_unverified: bool = False) -> Path:
+    """The `UNet2DModel` folder of a `diffusers:<folder>` backbone, after its seal is checked: `<folder>/unet` of a
+    pipeline folder (model_index.json, what `jobs/convert_checkpoint.py to=diffusers` writes), else the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (a diffusers backbone is diffusers:<folder>)")
+    check_folder_seal(folder, allow_unverified=allow_unverified)
+    return folder / "unet" if (folder / "model_index.json").is_file() else folder

@@ -44,14 +44,17 @@ from diffseg.core.config import ConfigError, Name, UserError, atomic_write, to_d
 from diffseg.core.tracking import Tracker, TrackingConfig
 from diffseg.models.builder import build_model
 from diffseg.models.checkpoint import (
+    FOLDER_SEAL,
     SCHEDULER_CONFIG,
     Checkpoint,
+    diffusers_unet_folder,
     export_safetensors,
     fetched_source,
     is_fetched,
     load_checkpoint,
     save_checkpoint_as,
     scheduler_config,
+    seal_folder,
 )
 from diffseg.models.guided import (
     GUIDED_PRESETS,
@@ -347,15 +350,18 @@ def diffusers_state_dict(net: UNet, state: dict[str, torch.Tensor]) -> dict[str,
 
 
 def export_diffusers(ckpt: Checkpoint, dst: str | os.PathLike, use_ema: bool = True) -> Path:
-    """A diffusers `UNet2DModel` folder at `dst`: `config.json` and `diffusion_pytorch_model.safetensors` as
-    `save_pretrained` writes them (the EMA weights, or the raw ones, under diffusers' names), and
-    `scheduler_config.json` (the process as a DDPMScheduler), so `UNet2DModel.from_pretrained(dst)` and
-    `DDPMScheduler.from_pretrained(dst)` make a `DDPMPipeline`. ConversionError for a network that does not map
-    (`diffusers_unet_config` names why). Needs diffusers installed (the test extras have it)."""
+    """A diffusers `DDPMPipeline` folder at `dst`: `model_index.json`, `unet/` (`config.json` and
+    `diffusion_pytorch_model.safetensors` as `save_pretrained` writes them: the EMA weights, or the raw ones, under
+    diffusers' names), `scheduler/scheduler_config.json` (the process as a DDPMScheduler), and `diffseg_integrity.json`
+    (the SHA-256 of every file, checked when a job reads it as `diffusers:<dst>`). `DDPMPipeline.from_pretrained(dst)`
+    and `DDIMPipeline.from_pretrained(dst)` load it; our DDIM sampler is diffusers' with `use_clipped_model_output=True`
+    (docs/mlflow.md). ConversionError for a network that does not map (`diffusers_unet_config` names why). Needs
+    diffusers installed (the test extras have it)."""
     mcfg = ckpt.model_config
     config = diffusers_unet_config(mcfg.unet, mcfg.kind)
     config["attn_norm_num_groups"] = config["norm_num_groups"]
     try:
+        import diffusers
         from diffusers import UNet2DModel  # an optional dependency: only this export needs it
     except ImportError as e:
         raise ConversionError(f"to=diffusers needs the diffusers package ({e}): pip install diffusers") from None
@@ -366,12 +372,21 @@ def export_diffusers(ckpt: Checkpoint, dst: str | os.PathLike, use_ema: bool = T
     theirs.load_state_dict(diffusers_state_dict(net, weights), strict=True)  # every weight named, none left over
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
+    (out / FOLDER_SEAL).unlink(missing_ok=True)  # a folder being rewritten is not sealed until it is complete
+    for stale in ("config.json", "diffusion_pytorch_model.safetensors", SCHEDULER_CONFIG):  # an older flat export
+        (out / stale).unlink(missing_ok=True)
+    (out / "unet").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".diffusers-") as tmp:  # beside: one rename per file
         theirs.save_pretrained(tmp, safe_serialization=True)
         for f in Path(tmp).iterdir():
-            os.replace(f, out / f.name)
+            os.replace(f, out / "unet" / f.name)
+    (out / "scheduler").mkdir(exist_ok=True)
     text = json.dumps(scheduler_config(ckpt.diffusion_config, bool(mcfg.unet.learn_sigma)), indent=1)
-    atomic_write(out / SCHEDULER_CONFIG, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "scheduler" / SCHEDULER_CONFIG, lambda tmp: Path(tmp).write_text(text))
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}  # fmt: skip
+    atomic_write(out / "model_index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+    seal_folder(out)
     return out
 
 
@@ -429,7 +444,8 @@ def run_convert(cfg: ConvertConfig) -> dict[str, Any]:
             elif cfg.to == "diffusers":
                 from diffusers import UNet2DModel
 
-                written = _DiffusersCall(UNet2DModel.from_pretrained(str(out), low_cpu_mem_usage=False))
+                written = _DiffusersCall(UNet2DModel.from_pretrained(str(diffusers_unet_folder(out)),
+                                                                     low_cpu_mem_usage=False))  # fmt: skip
             else:
                 back = load_checkpoint(out)
                 written = build_model(back.model_config)
