@@ -147,3 +147,19 @@ def test_a_typo_in_the_data_path_leaves_no_failed_run_behind(tmp_path, store, on
         fit(cfg, LocalContext("cpu"))
     exp = client(store).get_experiment_by_name("typo")
     assert exp is None or not client(store).search_runs([exp.experiment_id])
+
+
+def test_a_resumed_run_drops_the_failure_tag_of_how_it_stopped(store):
+    """Issue 36.9: a run ended FAILED by someone else (its process was killed; `reap_dead_runs`) kept its
+    `diffseg.failure` tag after a resume finished it."""
+    from diffseg.core.tracking import FAILURE_TAG
+
+    cfg = TrackingConfig(experiment="resume", system_metrics=False)
+    first = Tracker(cfg, "train")
+    c = client(store)
+    c.set_tag(first.run_id, FAILURE_TAG, "process 123 ended without ending its run (killed: SIGKILL)")
+    c.set_terminated(first.run_id, "FAILED")
+    again = Tracker(cfg, "train", run_id=first.run_id)
+    again.finish()
+    run = c.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and FAILURE_TAG not in run.data.tags

@@ -312,8 +312,11 @@ class Tracker:
         return self._client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
     def _resume_run(self, run_id: str) -> None:
-        """A run continued by id: RUNNING again, and living in this process now."""
+        """A run continued by id: RUNNING again, living in this process now, and without the failure tag of how it
+        stopped before (a resume that finishes leaves it FINISHED, not FINISHED with a stale reason to doubt it)."""
         self._client.update_run(run_id, status="RUNNING")
+        if FAILURE_TAG in self._client.get_run(run_id).data.tags:
+            self._client.delete_tag(run_id, FAILURE_TAG)
         for key, value in _process_tags().items():
             self._client.set_tag(run_id, key, value)
 
