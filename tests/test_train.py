@@ -458,3 +458,33 @@ def test_ctrl_c_saves_the_steps_says_so_and_the_same_command_resumes(tmp_path, c
     main(args)  # the same command: from step 7 to 12
     done = load_checkpoint(ckpt)
     assert done.step == 12 and done.extra["starts"] == [0, 7]
+
+
+def test_a_user_error_in_a_ray_train_worker_ends_the_job_in_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 36.8: a data or config error raised in a Ray Train worker reached the user as a `WorkerGroupError`
+    traceback. Now the job ends with one line naming the worker and the cause (status 1); a bug keeps its traceback."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    import diffseg.training.ray_train as ray_train
+    from diffseg.data.datasets import DataError
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def fit(self):
+            raise self.error
+
+    failure = WorkerGroupError("rank 0 failed", {0: DataError("/data/x/images: no images folder")})
+    monkeypatch.setattr(ray_train, "build_trainer", lambda cfg: Failing(failure))
+    monkeypatch.setattr(ray_train, "init_ray", lambda *a, **k: None)
+    main = _job("train_ddpm").main
+    args = [f"output_dir={tmp_path}", "name=w", "scaling.num_workers=2", "tracking.enabled=false"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and err[-1] == "error: training worker 0: /data/x/images: no images folder", err
+    bug = WorkerGroupError("rank 1 failed", {1: ZeroDivisionError("division by zero")})
+    monkeypatch.setattr(ray_train, "build_trainer", lambda cfg: Failing(bug))
+    with pytest.raises(WorkerGroupError):  # not a user error: the traceback stays
+        main(args)

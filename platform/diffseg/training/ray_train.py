@@ -24,7 +24,7 @@ import ray.train.torch
 import yaml
 from torch import nn
 
-from diffseg.core.config import from_dict, resolve_paths, save_config, staging_dir, to_dict
+from diffseg.core.config import UserError, from_dict, resolve_paths, save_config, staging_dir, to_dict
 from diffseg.core.provenance import git_dirty, git_sha, source_tags
 from diffseg.core.registry import end_runs_named
 from diffseg.core.runtime import decide_gpu, init_ray, setup_logging
@@ -134,6 +134,24 @@ def check_previous_run(cfg: TrainConfig) -> None:
     check_resume(cfg, saved, run_uri(cfg, CHECKPOINT_NAME))
 
 
+def worker_user_error(e: BaseException) -> UserError | None:
+    """The user error (a config, a data file, a checkpoint) that made Ray Train's worker group fail, as one line
+    naming the worker; None for anything else (a bug keeps its traceback). Ray wraps a worker's exception in a
+    `WorkerGroupError` whose `worker_failures` hold it (a `RayTaskError` that is also an instance of its cause)."""
+    failures = getattr(e, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for rank in sorted(failures):
+        err: BaseException | None = failures[rank]
+        while err is not None:
+            if isinstance(err, UserError):
+                inner = getattr(err, "cause", None)  # RayTaskError: the worker's own exception, without Ray's text
+                text = str(inner if isinstance(inner, UserError) else err).strip().splitlines()
+                return UserError(f"training worker {rank}: {text[0] if text else type(err).__name__}")
+            err = getattr(err, "cause", None) or err.__cause__
+    return None
+
+
 def run(cfg: TrainConfig) -> ray.train.Result:
     """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py.
 
@@ -153,6 +171,9 @@ def run(cfg: TrainConfig) -> ray.train.Result:
             end_runs_named(cfg.tracking, cfg.name, status_for(e), why, resolve_tracking_uri(cfg.tracking.uri))
         except Exception as mlflow_error:  # the store itself may be what failed: the training error comes first
             log.warning("could not end the MLflow run of %s: %s", cfg.name, mlflow_error)
+        cause = worker_user_error(e)
+        if cause is not None:  # a user error in a worker ends the job in one line, as it does without Ray
+            raise cause from None
         raise
     out = result.return_value or {}
     log.info(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
