@@ -401,14 +401,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
             axes[0, j].plot(seen, [100 * c[score] for c in curve], marker=".", label=r["name"])
             axes[1, j].plot(seen, [c["val/mask_dependence"] for c in curve], marker=".", label=r["name"])
             axes[2, j].plot(seen, [c.get("val/mask_band", math.nan) for c in curve], marker=".", label=r["name"])
+        for r in [r for r in rows if r["kind"] == "baseline" and r["dataset"] == name]:  # the references, dashed
+            axes[0, j].axhline(100 * _row_score(r["metrics"]), ls="--", lw=0.8, color="grey")
+            axes[0, j].annotate(r["name"], (0, 100 * _row_score(r["metrics"])), xycoords=("axes fraction", "data"),
+                                fontsize=6, color="grey", va="bottom")  # fmt: skip
         axes[0, j].set_title(name)
         axes[0, j].set_ylabel("score (%)")
         axes[1, j].set_ylabel("image dependence")
         axes[2, j].set_ylabel("band share (1 = horizontal bands)")
         axes[2, j].set_xlabel("training images seen")
         for ax in axes[:, j]:
-            ax.set_xscale("symlog", linthresh=1e4)
-            ax.grid(alpha=0.3)
+            ax.set_xscale("log")  # images seen: 12.8k ... millions
+            ax.grid(alpha=0.3, which="both")
         axes[0, j].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
