@@ -205,9 +205,10 @@ def test_pixel_job_refuses_a_damaged_shard_naming_it_and_the_set(tmp_path):
          "train.max_epochs=1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert out.returncode != 0
-    assert DamagedShard.__name__ in out.stderr and str(shard) in out.stderr, out.stderr[-2000:]
-    assert f"feature set {shards}" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 1  # a user error (issue 36.8): one line naming the shard and the set, no traceback
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(shard) in last and f"feature set {shards}" in last, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and issubclass(DamagedShard, ValueError)
     assert "[pixel] trained" not in out.stdout
 
 

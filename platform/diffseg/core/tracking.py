@@ -283,7 +283,9 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        self.uri = resolve_tracking_uri(tracking_uri or cfg.uri)
+        with _LIVE_LOCK:  # a nested run goes to its parent's store when the parent is open in this process
+            parent = _LIVE.get(parent_run_id) if parent_run_id else None
+        self.uri = parent.uri if parent is not None and parent.uri else resolve_tracking_uri(tracking_uri or cfg.uri)
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
         resumed = run_id is not None
         if resumed:
@@ -304,7 +306,12 @@ class Tracker:
             exp_id = experiment_id(self._client, self.uri, self.cfg.experiment)
             _reap(self._client, exp_id)
         else:  # a nested run lives in its parent's experiment, whatever its own config names (the UI nests it there)
-            exp_id = self._client.get_run(parent_run_id).info.experiment_id
+            from mlflow.exceptions import MlflowException
+
+            try:
+                exp_id = self._client.get_run(parent_run_id).info.experiment_id
+            except MlflowException:  # the parent is in another store: the run's own experiment, tagged with it
+                exp_id = experiment_id(self._client, self.uri, self.cfg.experiment)
         tags = {"mlflow.runName": run_name, **_process_tags(), **source_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
