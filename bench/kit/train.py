@@ -79,7 +79,9 @@ def stage_train(spec: dict, rec: Recorder) -> None:
     protocol = eval_protocol(cfg)
     # After training: the final checkpoint, samples, export, evaluation; before it: building the state and workers.
     reserve = min(max(10.0, 0.15 * left(spec)), 30.0)
-    setup_s = 5.0 if device.type == "cuda" else 2.0
+    # before the first step: CUDA's start, the data decoded onto the device, the held-out set (several runs share
+    # the machine's cores while they do it)
+    setup_s = 15.0 if device.type == "cuda" else 2.0
     minutes = max(0.05, (left(spec) - reserve - setup_s) / 60)
     cfg = replace(cfg, **{"loop.max_minutes": minutes})
     with torch.device("meta"):  # the parameter count without building the weights
