@@ -307,6 +307,9 @@ tracking: {{uri: "sqlite:///{tiny_setup["tmp"]}/mlflow.db", experiment: test}}
     )
     assert "test/hungarian_miou" in by_name["syn-mc/kmeans_rgb"].data.metrics
     assert "test/miou" in by_name["syn-mc/supervised"].data.metrics
+    # issue 37.4/37.7: the evaluation's run and each method's run record the data set they scored
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {root.name}
+    assert [d.dataset.name for d in by_name["syn-fg/factorized"].inputs.dataset_inputs] == [root.name]
 
 
 def test_score_supervised_is_not_matched_and_regions_are():

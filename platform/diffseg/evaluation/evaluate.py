@@ -477,6 +477,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
     try:
         for spec in cfg.datasets:
             data = load_eval_data(spec)
+            tracker.log_data_input(spec.data, context="evaluation")  # the runs table's Dataset column (read: it exists)
             log.info(f"[evaluate] {spec.name}: {len(data.items)} images ({spec.split}), protocol {spec.protocol}")
             labels: dict[str, np.ndarray] = {}
             ks: dict[str, int] = {}
@@ -500,6 +501,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
                 log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s)")
                 child = Tracker(cfg.tracking, f"{spec.name}/{method}", parent_run_id=tracker.run_id)
                 child.log_params({"dataset": spec.name, "method": method, **info})
+                child.log_data_input(spec.data, context="evaluation")
                 child.log_metrics({k: v for k, v in res.metrics.items() if np.isfinite(v)} | {"time/seconds": seconds})
                 child.finish()
             if cfg.num_figure_images:
