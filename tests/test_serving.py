@@ -267,7 +267,9 @@ def test_factorized_segmenter_batch_independent(ckpt):
 
 
 def test_factorized_segmenter_refuses_ddpm(tmp_path):
-    with pytest.raises(ValueError, match="need kind=factorized"):
+    from diffseg.core.config import UserError
+
+    with pytest.raises(UserError, match="cannot segment: segmenting needs a factorized model"):  # one line in a job
         FactorizedSegmenter.load(str(tiny_checkpoint(tmp_path / "d.pt", kind="ddpm")), device="cpu")
 
 

@@ -33,6 +33,7 @@ from diffseg.data.datasets import DataConfig, build_dataset, resize_images, resi
 from diffseg.models.checkpoint import load_diffusion_model
 from diffseg.models.diffusion import GaussianDiffusion, randn
 from diffseg.models.factorized import FactorizedUNet
+from diffseg.models.integrity import CheckpointError
 from diffseg.scoring.metrics import foreground_scores
 from diffseg.scoring.regions import hungarian_miou, mask_band_share, mask_image_dependence
 from diffseg.scoring.segmenter import Segmentation, default_seeds, segment_dataset
@@ -109,7 +110,10 @@ class FactorizedSegmenter:
         loaded = load_diffusion_model(source, device, use_ema, allow_unverified=allow_unverified)
         if not isinstance(loaded.model, FactorizedUNet):
             kind = type(loaded.model).__name__
-            raise ValueError(f"{source}: a {kind} checkpoint cannot segment; need kind=factorized")
+            raise CheckpointError(
+                f"{source}: a DDPM ({kind}) checkpoint cannot segment: segmenting needs a factorized model "
+                "(model.kind=factorized; a DDPM's features segment through the pixel ensemble, docs/label-efficient.md)"
+            )
         return cls(loaded.model, loaded.diffusion, t, class_label, step=loaded.step, source=str(source))
 
     def segment(self, images: torch.Tensor, seeds: Sequence[int] | None = None, t: int | None = None) -> Segmentation:
