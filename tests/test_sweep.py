@@ -517,3 +517,22 @@ def test_a_sweep_folder_others_can_write_is_refused_even_for_a_first_run(tmp_pat
         run_sweep(PixelTrialConfig(), {"pixel.lr": [1e-3]}, name="open", output_dir=str(out), resume=True,
                   **{"tracking.enabled": False})  # fmt: skip
     assert not started
+
+
+def test_tunes_stop_signal_is_seen_even_when_every_trial_ended():
+    """Issue 37.3: Ctrl-C in a terminal also reaches the trials' processes, so every trial may end and the grid
+    looks finished: the sweep exited 0 and published a half-trained "best". The driver now watches Tune's own stop
+    warning, and an interrupted sweep is a KeyboardInterrupt (a job: one line, status 130, no best)."""
+    import logging
+
+    from diffseg.experiments.sweep import SweepInterrupted, TuneStopSignal
+
+    with TuneStopSignal() as quiet:
+        logging.getLogger("ray.tune.tune").warning("Total run time: 3.00 seconds")
+    with TuneStopSignal() as stopped:
+        logging.getLogger("ray.tune.tune").warning(
+            "Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run. This will try to checkpoint ..."
+        )
+    assert not quiet.seen and stopped.seen
+    assert not [h for h in logging.getLogger("ray.tune.tune").handlers if isinstance(h, TuneStopSignal)]  # removed
+    assert issubclass(SweepInterrupted, KeyboardInterrupt)

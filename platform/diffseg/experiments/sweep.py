@@ -247,8 +247,33 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-class SweepInterrupted(RuntimeError):
-    """The sweep was stopped (Ctrl-C) before every trial ended; its state is saved and `resume=True` continues it."""
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped (Ctrl-C, SIGTERM) before every trial ended; its state is saved, no "best" is published,
+    and `resume=True` (`jobs/sweep.py --resume`) continues it. A KeyboardInterrupt: a job ends with its message in one
+    line and status 130, its MLflow run KILLED."""
+
+
+class TuneStopSignal(logging.Handler):
+    """Whether Tune received a stop signal during `Tuner.fit` (Ctrl-C in a terminal reaches the trials' processes
+    too, so they may all end, and the grid alone then looks finished). Tune keeps that flag in a local of its own
+    loop; the one public trace of it is the warning it logs, which this handler watches for (Ray 2.60's text)."""
+
+    TEXT = "Stop signal received"
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.getMessage()).startswith(self.TEXT):
+            self.seen = True
+
+    def __enter__(self) -> TuneStopSignal:
+        logging.getLogger("ray.tune.tune").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("ray.tune.tune").removeHandler(self)
 
 
 @dataclass
@@ -379,7 +404,8 @@ def run_sweep(
     on_main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if on_main else None
     try:
-        grid = tuner.fit()
+        with TuneStopSignal() as stop_signal:
+            grid = tuner.fit()
     finally:
         if handler is not None:
             signal.signal(signal.SIGINT, handler)
@@ -390,7 +416,8 @@ def run_sweep(
             log.warning("could not sign the sweep state in %s (a resume will be refused): %s", exp_dir, e)
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     table = sweep_table(grid, keys, sweep.metric, sweep.mode)
-    if unfinished or len(grid) < expected_trials(param_space, sweep.num_samples):  # Ctrl-C: Tune saved its state
+    missing = len(grid) < expected_trials(param_space, sweep.num_samples)  # trials never started
+    if unfinished or missing or stop_signal.seen:  # Ctrl-C: Tune saved its state; no trial's model is the "best"
         storage.write_text(storage.join(exp_dir, "results_partial.csv"), table.to_csv(index=False))
         parent.finish("KILLED")
         raise SweepInterrupted(
