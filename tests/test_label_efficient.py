@@ -259,3 +259,14 @@ def test_gap_curve_rows_prediction_and_job(tmp_path):
     assert "reaches +3 at 128k images" in text and "| 64k | 2 | +2.0 | 0.7 | +1.5 .. +2.5 |" in text
     assert pred["lengths"][0] == {"images": 16000, "seeds": 1, "mean": 0.0, "sd": None, "min": 0.0, "max": 0.0}
     assert Image.open(tmp_path / "out" / "gap-curve" / "gap.png").size[0] > 100
+
+
+def test_the_145k_faces_ddpm_counts_all_its_training_from_anywhere(tmp_path, monkeypatch):
+    """Issue 37.4: the comparison's compute column halved the shipped 145k model: its `init_from` record holds a note
+    after the path, so the 73k images of the run it continued were dropped with a warning that the file was not
+    here. The chain is followed from any working directory."""
+    from diffseg.experiments.label_efficient import backbone_compute
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "ddpm-celeba32-145k.pt"
+    monkeypatch.chdir(tmp_path)
+    assert backbone_compute(str(shipped)) == {"backbone_steps": 2272, "backbone_batch": 64, "backbone_images": 145408}

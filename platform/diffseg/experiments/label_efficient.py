@@ -67,11 +67,24 @@ def backbone_compute(checkpoint: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
         b = int((ckpt.config.get("optim") or {}).get("batch_size", 0))
         steps, images, batch = steps + int(ckpt.step), images + int(ckpt.step) * b, batch or b
-        path = ckpt.config.get("init_from")
-        if path and not Path(path).exists():
-            log.warning(f"backbone_compute: {checkpoint} started from {path}, which is not here; its steps are missing")
+        recorded = ckpt.config.get("init_from")
+        path = _init_from_path(recorded, Path(path)) if recorded else None
+        if recorded and path is None:
+            log.warning(f"backbone_compute: {checkpoint} started from {recorded}, which is not here; its steps are "
+                        "missing")  # fmt: skip
             break
     return {"backbone_steps": steps, "backbone_batch": batch, "backbone_images": images}
+
+
+def _init_from_path(recorded: str, checkpoint: Path) -> str | None:
+    """The checkpoint an `init_from` names, as a path that exists here: the record may carry a note after the path
+    (the shipped models say `models/ddpm-celeba32.pt (its fp32 original)`), and a relative path means the folder the
+    run started in: tried as it is, beside the checkpoint, and beside the checkpoint's folder."""
+    token = recorded.split(" (", 1)[0].strip()
+    for candidate in (Path(token), checkpoint.parent / token, checkpoint.parent.parent / token):
+        if candidate.is_file() or (candidate / "checkpoint.pt").is_file():
+            return str(candidate)
+    return None
 
 
 def class_ious(result: EvalResult, class_names: list[str], split: str = "test") -> list[float]:
