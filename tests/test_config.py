@@ -306,3 +306,16 @@ def test_job_command_line_refuses_a_path_as_name(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "name: '../x' is not a valid name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_key_says_which_one_was_meant(capsys):
+    """Issue 37.2: "did you mean" for config keys, in the one line a job exits with."""
+    from diffseg.training.ray_train import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_job_args(TrainConfig, ["loop.num_step=5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "loop.num_step (did you mean loop.num_steps?)" in err, err
+    with pytest.raises(SystemExit):
+        parse_job_args(TrainConfig, ["optim.zzz=1"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess

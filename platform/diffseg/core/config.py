@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import errno
 import hashlib
 import json
@@ -316,7 +317,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         where = f" under '{prefix}'" if prefix else ""
         names = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
-        raise ConfigError(f"unknown config key(s){where}: {names}; known: {sorted(fields)}")
+        close = {k: difflib.get_close_matches(k, list(fields), n=1, cutoff=0.6) for k in unknown}
+        hints = [f"{prefix + '.' if prefix else ''}{m[0]}" for m in close.values() if m]
+        mean = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ConfigError(f"unknown config key(s){where}: {names}{mean}; known: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], data[name], f"{prefix + '.' if prefix else ''}{name}") for name in data}
     try:
         return cls(**kwargs)
