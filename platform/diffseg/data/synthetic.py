@@ -78,15 +78,16 @@ def synthetic_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.nd
     return image.clip(0, 255).astype(np.uint8), mask
 
 
-class SyntheticDataset(torch.utils.data.Dataset):
-    """The embedded default: `num_images` synthetic scenes with part masks and a foreground mask."""
+class GeneratedScenes(torch.utils.data.Dataset):
+    """Scenes `offset` .. `offset + num_images - 1` of a generator, as items {"image" (3, H, W) in [-1, 1], "mask",
+    "foreground", "id"} with the training augmentation; a subclass says how scene i is made (`scene`)."""
 
-    class_names = SYNTHETIC_CLASSES
+    class_names: list[str] = []
     ignore_index = 255
 
     def __init__(
         self,
-        num_images: int = 512,
+        num_images: int,
         image_size: int = 32,
         seed: int = 0,
         offset: int = 0,
@@ -98,6 +99,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.num_images, self.image_size, self.seed, self.offset = num_images, image_size, seed, offset
         self.flip, self.roll, self.crop_scale, self.translate = flip, roll, crop_scale, translate
         self._gen = torch.Generator().manual_seed(seed)
+
+    def scene(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item idx's image (H, W, 3) uint8 and mask (H, W)."""
+        raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
@@ -113,12 +118,24 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         if not 0 <= idx < self.num_images:
             raise IndexError(idx)
-        image, mask = synthetic_scene(self.seed, self.offset + idx, self.image_size)
-        x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
-        m = torch.from_numpy(mask.astype(np.int64))
+        image, mask = self.scene(idx)
+        x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+        m = torch.from_numpy(mask.astype(np.int64))  # (H, W)
         item = augment({"image": x, "mask": m, "id": f"{self.offset + idx:06d}"}, self._gen, self.flip, self.roll,
                        self.crop_scale, self.translate, self.ignore_index)  # fmt: skip
         return {**item, "foreground": (item["mask"] > 0).long()}
+
+
+class SyntheticDataset(GeneratedScenes):
+    """The embedded default: `num_images` synthetic scenes with part masks and a foreground mask."""
+
+    class_names = SYNTHETIC_CLASSES
+
+    def __init__(self, num_images: int = 512, image_size: int = 32, seed: int = 0, offset: int = 0, **augment_kw):
+        super().__init__(num_images, image_size, seed, offset, **augment_kw)
+
+    def scene(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        return synthetic_scene(self.seed, self.offset + idx, self.image_size)
 
 
 def write_synthetic_folder(root: str | os.PathLike, num_images: int, image_size: int, seed: int = 0) -> Path:
@@ -230,12 +247,11 @@ def layers_scene(seed: int, index: int, size: int, cfg: LayersConfig = LayersCon
     return (image.clip(0, 1) * 255).round().astype(np.uint8), mask
 
 
-class LayersDataset(torch.utils.data.Dataset):
+class LayersDataset(GeneratedScenes):
     """`num_images` layers scenes from index `offset`, with their foreground masks (see `layers_scene`). Rendered
     once on first use and kept in memory (6000 x 32 x 32 RGB is 18 MB)."""
 
     class_names = LAYERS_CLASSES
-    ignore_index = 255
 
     def __init__(
         self,
@@ -244,28 +260,13 @@ class LayersDataset(torch.utils.data.Dataset):
         seed: int = 0,
         offset: int = 0,
         cfg: LayersConfig = LayersConfig(),
-        flip: bool = False,
-        roll: bool = False,
-        crop_scale: float = 1.0,
-        translate: float = 0.0,
+        **augment_kw,
     ):
         cfg.check()
-        self.num_images, self.image_size, self.seed, self.offset, self.cfg = num_images, image_size, seed, offset, cfg
-        self.flip, self.roll, self.crop_scale, self.translate = flip, roll, crop_scale, translate
-        self._gen = torch.Generator().manual_seed(seed)
+        super().__init__(num_images, image_size, seed, offset, **augment_kw)
+        self.cfg = cfg
         self._images: np.ndarray | None = None  # (N, H, W, 3) uint8
         self._masks: np.ndarray | None = None  # (N, H, W) uint8
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    @property
-    def ids(self) -> list[str]:
-        return [f"{self.offset + i:06d}" for i in range(self.num_images)]
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All images (N, H, W, 3) uint8 and masks (N, H, W) uint8, rendered on first use."""
@@ -275,15 +276,9 @@ class LayersDataset(torch.utils.data.Dataset):
             self._masks = np.stack([s[1] for s in scenes]) if scenes else np.zeros((0, 1, 1), np.uint8)
         return self._images, self._masks
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        if not 0 <= idx < self.num_images:
-            raise IndexError(idx)
+    def scene(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
         images, masks = self.arrays()
-        x = torch.from_numpy(images[idx]).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
-        m = torch.from_numpy(masks[idx].astype(np.int64))  # (H, W)
-        item = augment({"image": x, "mask": m, "id": f"{self.offset + idx:06d}"}, self._gen, self.flip, self.roll,
-                       self.crop_scale, self.translate, self.ignore_index)  # fmt: skip
-        return {**item, "foreground": (item["mask"] > 0).long()}
+        return images[idx], masks[idx]
 
 
 def write_layers_folder(
