@@ -28,27 +28,34 @@ def build_batches(
     forces the DataLoader (items with their masks: the oracle experiment)."""
     if cfg.optim.batch_size % world:
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} workers")
+    plain = None  # the split without augmentation (augmented on the device), built once when it may be used
+    if on_device is not False and cfg.loop.data_on_device != "off":
+        plain = build_dataset(_unaugmented(cfg), split="train")
     if on_device is None:
-        on_device = use_device_data(cfg)
+        on_device = use_device_data(cfg, len(plain) if plain is not None else None)
     if on_device:
-        plain = replace(cfg.data, flip=False, roll=False, crop_scale=1.0, translate=0.0)  # augmented on the device
         d = cfg.data
         return DeviceBatches.build(
-            build_dataset(plain, split="train"), cfg.optim.batch_size, device, seed=cfg.loop.seed, rank=rank,
-            world=world, start_step=start_step, augment=Augment(d.flip, d.roll, d.crop_scale, d.translate),
+            plain, cfg.optim.batch_size, device, seed=cfg.loop.seed, rank=rank, world=world, start_step=start_step,
+            augment=Augment(d.flip, d.roll, d.crop_scale, d.translate),
         )  # fmt: skip
     return _loader_batches(cfg, rank, world, start_step, device)
 
 
-def use_device_data(cfg: TrainConfig) -> bool:
-    """`loop.data_on_device`: auto = unless image-class labels are needed or the split would pass 2 GiB as uint8."""
+def _unaugmented(cfg: TrainConfig):
+    return replace(cfg.data, flip=False, roll=False, crop_scale=1.0, translate=0.0)
+
+
+def use_device_data(cfg: TrainConfig, num_images: int | None = None) -> bool:
+    """`loop.data_on_device`: auto = unless image-class labels are needed or the split (`num_images`, counted here
+    when not given) would pass 2 GiB as uint8."""
     mode = cfg.loop.data_on_device
     labels = cfg.model.unet.num_classes is not None
     if mode == "on" and labels:
         raise ValueError("loop.data_on_device=on: a class-conditional model needs image labels; set it to off")
     if mode != "auto":
         return mode == "on"
-    n = len(build_dataset(replace(cfg.data, flip=False, roll=False, crop_scale=1.0, translate=0.0), split="train"))
+    n = num_images if num_images is not None else len(build_dataset(_unaugmented(cfg), split="train"))
     return not labels and n * 3 * cfg.data.image_size**2 <= DEVICE_DATA_MAX_BYTES
 
 
