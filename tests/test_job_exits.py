@@ -52,12 +52,18 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Cfg:
     ray: bool = False  # attach to Ray first
+    ray_get: bool = False  # then wait in ray.get (as Ray Train's fit() does), not in Python
 
 def run(cfg):
     tracker = Tracker(TrackingConfig(experiment="exits", system_metrics=False), "sigterm")
     if cfg.ray:
         init_ray(1)
+    if cfg.ray_get:
+        import ray
+        task = ray.remote(num_cpus=0)(lambda: time.sleep(600)).remote()
     print("RUN", tracker.run_id, flush=True)
+    if cfg.ray_get:
+        ray.get(task)
     time.sleep(600)
 
 run_job(Cfg, run, sys.argv[1:])
@@ -92,6 +98,20 @@ def _status(run_id: str) -> str:
     return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status
 
 
+def test_sigterm_stays_sigterm_through_a_call_that_raises_a_bare_keyboardinterrupt():
+    """Ray's blocking calls (`ray.get`, so Ray Train's `fit()`) run the signal handler in their wait and raise a bare
+    KeyboardInterrupt instead of what it raised: the job said "interrupted: Ctrl-C" and exited 130 on SIGTERM."""
+    with pytest.raises(JobInterrupted, match="terminated by signal SIGTERM"), sigterm_interrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except JobInterrupted:
+            raise KeyboardInterrupt from None  # what ray.get does with the handler's exception
+    with pytest.raises(KeyboardInterrupt) as ctrl_c, sigterm_interrupts():
+        raise KeyboardInterrupt  # a real Ctrl-C stays one
+    assert not isinstance(ctrl_c.value, JobInterrupted)
+
+
 def test_sigterm_ends_a_job_in_one_line_and_its_run_killed(tmp_path):
     code, err, run_id = _sigterm(tmp_path)
     assert code == 128 + signal.SIGTERM
@@ -106,6 +126,16 @@ def test_sigterm_ends_a_ray_attached_job_killed(tmp_path):
     assert code == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "interrupted: terminated by signal SIGTERM", err
     assert "Traceback" not in err
+    assert _status(run_id) == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_in_ray_get_exits_143_killed(tmp_path):
+    """The job waiting in `ray.get`, as one with Ray Train workers waits in `fit()`: it exited 130 with
+    "interrupted: Ctrl-C"; now 143, the SIGTERM line and a KILLED run."""
+    code, err, run_id = _sigterm(tmp_path, "ray=true", "ray_get=true")
+    assert code == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "interrupted: terminated by signal SIGTERM", err
     assert _status(run_id) == "KILLED"
 
 

@@ -170,12 +170,21 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
         return
 
+    received: list[int] = []
+
     def interrupt(signum, frame):
+        received.append(signum)
         raise JobInterrupted(f"terminated by signal {signal.Signals(signum).name}")
 
     before = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
+    except KeyboardInterrupt as e:
+        # Ray's blocking calls (`ray.get`, so Ray Train's `fit()`) run signal handlers inside their C++ wait and turn
+        # whatever the handler raised into a bare KeyboardInterrupt: a SIGTERM is still a SIGTERM (exit 143, KILLED).
+        if received and not isinstance(e, JobInterrupted):
+            raise JobInterrupted(f"terminated by signal {signal.Signals(received[0]).name}") from e
+        raise
     finally:
         signal.signal(signal.SIGTERM, before)
 
