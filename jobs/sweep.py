@@ -9,8 +9,10 @@ values), metric/mode, search, num_samples, scheduler, resources. `--resume` cont
 name (Tune's restore), only if its folder is provably this user's (diffseg.core.trust: permissions and an HMAC under a
 per-user key recorded when the driver stopped, over only the state files that run wrote; a file planted in the folder
 makes the resume fail, naming it). A new sweep does not start in a folder that already holds Tune state files.
-`--trust-state` signs a folder whose driver was killed before it could, and exits. The best trial's servable model is
-written to <output_dir>/<name>/best/.
+`--trust-state` signs a folder whose driver was killed before it could, and exits. The best servable model is
+written to <output_dir>/<name>/best/. A pixel sweep (`task: pixel`) scores its trials on `folds` validation folds of
+the labelled images (`metric: val/miou`; a test/ metric is refused) and scores the chosen recipe, retrained on all of
+them, once on the test images: best/summary.json and results.md show both figures.
 """
 
 import sys

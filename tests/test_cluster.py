@@ -240,19 +240,21 @@ def test_a_working_directory_of_relative_paths_on_a_two_node_cluster(two_nodes, 
     assert (artifacts / "checkpoint" / "checkpoint.pt").is_file() and list((artifacts / "samples").glob("*.png"))
 
     # 2. A 2-trial Tune sweep driven from work/ on the cluster: tables, the best model and the feature shards (the
-    #    second trial hits the cache) in work/runs/sweeps, its runs in work/mlflow.db.
+    #    second trial and the chosen recipe's test scoring hit the cache) in work/runs/sweeps, its runs in
+    #    work/mlflow.db.
     cluster_env = {**env, "RAY_ADDRESS": two_nodes.address}
     _run([py, str(REPO / "jobs" / "sweep.py"), "--config", "sweep_pixel_tiny.yaml"], work, cluster_env)
     sweep = work / "runs" / "sweeps" / "pixel-tiny"
     table = (sweep / "results.csv").read_text().splitlines()
-    assert len(table) == 3 and "test/miou" in table[0]
+    assert len(table) == 3 and "val/miou" in table[0] and "test/miou" not in table[0]
     assert (sweep / "results.md").is_file() and (sweep / "best_config.yaml").is_file()
+    assert "test/miou" in json.loads((sweep / "best" / "summary.json").read_text())["test"]
     assert (sweep / "best" / "segmenter.pt").is_file()
     cache = work / "runs" / "sweeps" / "feature_cache"
     (entry,) = [p for p in cache.iterdir() if (p / "_SUCCESS").is_file()]
     assert list(entry.glob("*.parquet")) and (entry / "manifest.json").is_file()
     assert sorted(json.loads(line)["event"] for line in (cache / "events.jsonl").read_text().splitlines()) == [
-        "build", "hit"]  # fmt: skip
+        "build", "hit", "hit"]  # fmt: skip
     (parent,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'pixel-tiny'")
     assert (work / "mlartifacts" / "diffseg" / parent.info.run_id / "artifacts" / "results.csv").is_file()
 

@@ -65,8 +65,13 @@ def test_tune_sweeps_notebook_executes(tmp_path, monkeypatch):
         plot = np.asarray(Image.open(out / "sweeps" / name / "results.png").convert("RGB")).reshape(-1, 3).astype(int)
         assert (np.ptp(plot, axis=1) > 60).sum() > 100, name  # bars or cells were drawn
         assert (out / "sweeps" / name / "best").is_dir()  # the best trial's servable model
-    # one extraction per (blocks, timesteps) pair; the MLP-size sweep only hit the cache
+    # one extraction per (blocks, timesteps) pair; the MLP-size sweep and each sweep's one test scoring of its chosen
+    # recipe only hit the cache (3 + 2)
     events = [json.loads(line)["event"] for line in (out / "sweeps" / "feature_cache" / "events.jsonl").open()]
-    assert events.count("build") == 6 and events.count("hit") == 3
+    assert events.count("build") == 6 and events.count("hit") == 5
+    for name in ("blocks_x_timesteps", "mlp_size"):  # trials on validation folds; the chosen recipe once on test
+        summary = json.loads((out / "sweeps" / name / "best" / "summary.json").read_text())
+        assert "val/miou" in summary["val"] and "test/miou" in summary["test"], name
+        assert not set(summary["test_ids"]) & set(summary["labelled_ids"]), name
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream")
     assert "3 nested trial runs" in text and "6 nested trial runs" in text

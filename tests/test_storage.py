@@ -142,12 +142,15 @@ def test_a_sweep_keeps_its_outputs_in_the_bucket(s3_server, tmp_path, monkeypatc
         exp = f"{s3_server}/sweeps/pixel-tiny"
         assert result.path == exp and result.best_model == f"{exp}/best/segmenter.pt"
         assert len(storage.read_text(f"{exp}/results.csv").splitlines()) == 3
-        for name in ("results.md", "results.png", "best_config.yaml", "sweep.json", "best/segmenter.pt", "tuner.pkl"):
+        for name in ("results.md", "results.png", "best_config.yaml", "sweep.json", "best/segmenter.pt", "tuner.pkl",
+                     "best/summary.json"):  # fmt: skip
             assert storage.is_file(f"{exp}/{name}"), name
         trials = storage.list_files(f"{exp}/trials/{result.table['trial_id'].iloc[0]}")
-        assert [storage.name(t) for t in trials] == ["segmenter.pt"]
+        assert [storage.name(t) for t in trials] == ["folds.json"]  # its validation folds (no model: best/ has it)
+        assert not storage.exists(f"{exp}/trials/{result.table['trial_id'].iloc[0]}/folds")  # fold ensembles: gone
+        assert "test/miou" in result.test_metrics and "val/miou" in result.best_metrics
         events = FeatureCache(f"{s3_server}/sweeps/feature_cache").events()
-        assert [e["event"] for e in events] == ["build", "hit"]
+        assert [e["event"] for e in events] == ["build", "hit", "hit"]  # trial 1, trial 2, the chosen recipe's refit
         local = here / "best.pt"
         assert storage.fetch_file(result.best_model, local) and PixelSegmenter.load(local, "cpu").class_names
         with pytest.raises(UntrustedState, match="object storage cannot be proven yours"):

@@ -1,5 +1,7 @@
 """Tune sweeps: search-space encoding, the feature-shard cache, and (slow) a pixel sweep that is interrupted and
-resumed: DataFrame + best config, one extraction per feature recipe, nested MLflow runs, remaining trials finished."""
+resumed: DataFrame + best config, one extraction per feature recipe, nested MLflow runs, remaining trials finished,
+trials scored on validation folds of the labelled images and the chosen recipe once on test (the protocol itself:
+tests/test_sweep_protocol.py)."""
 
 from __future__ import annotations
 
@@ -120,9 +122,9 @@ def test_plot_sweep_heatmap_and_bars(tmp_path):
 def test_sweep_yaml_specs_load():
     from diffseg.core.config import load_config
 
-    for name in ("sweep_k_tiny.yaml", "sweep_blocks_tiny.yaml"):
+    for name, split in (("sweep_k_tiny.yaml", "test/"), ("sweep_blocks_tiny.yaml", "val/")):
         cfg = load_config(SweepConfig, REPO / "jobs" / "configs" / name)
-        assert cfg.space and cfg.metric.startswith("test/")
+        assert cfg.space and cfg.metric.startswith(split)
 
 
 # ---------------------------------------------------------------------------------------------------- slow
@@ -148,7 +150,9 @@ def _finished_trials(exp_dir: Path) -> int:
 def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     """One sweep, 2 feature recipes x 2 MLP sizes, run one trial at a time as `jobs/sweep.py`; SIGINT after the
     first trial, then `--resume`: every trial ends exactly once, shards are extracted once per recipe, and every
-    trial is an MLflow run nested under the sweep's run, which holds the table and the plot."""
+    trial is an MLflow run nested under the sweep's run, which holds the table and the plot. Trials report the
+    validation figure of 2 folds over the 4 labelled images only; the chosen recipe is then scored once on the 2 test
+    images, and the summary, results.md and the sweep's run show both figures."""
     backbone = _tiny_backbone(tmp_path / "ddpm.pt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = {
@@ -157,11 +161,12 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
         "base_overrides": {
             "features": {"backbone": backbone, "timesteps": [50]},
             "data": {"image_size": 16, "num_images": 8, "num_train": 4, "num_test": 2},
-            # ~1600 iterations: a trial lasts seconds, so the interruption lands between trials, not after the last
+            # ~1600 iterations (2 folds x 800): a trial lasts seconds, so the interruption lands between trials
             "pixel": {"members": 2, "batch_size": 16, "max_epochs": 25},
         },
         "space": {"features.blocks": [["dec.1"], ["dec.2", "dec.3"]], "pixel.hidden": [[8], [16, 8]]},
-        "metric": "test/miou",
+        "metric": "val/miou",
+        "folds": 2,
         "max_concurrent_trials": 1,
         "output_dir": str(tmp_path / "sweeps"),
         "tracking": {"uri": uri, "experiment": "sweep-test"},
@@ -203,17 +208,35 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     import pandas as pd
 
     table = pd.read_csv(exp_dir / "results.csv")
-    assert len(table) == 4 and set(table["status"]) == {"DONE"} and table["test/miou"].notna().all()
-    assert table["test/miou"].is_monotonic_decreasing  # best first
-    assert {"features.blocks", "pixel.hidden", "train/loss", "time/features_s"} <= set(table.columns)
+    assert len(table) == 4 and set(table["status"]) == {"DONE"} and table["val/miou"].notna().all()
+    assert table["val/miou"].is_monotonic_decreasing  # best first
+    assert {"features.blocks", "pixel.hidden", "train/loss", "time/features_s", "val/fold0/miou",
+            "val/fold1/miou"} <= set(table.columns)  # fmt: skip
+    assert not [c for c in table.columns if c.startswith("test/")]  # no trial scored a test image
     best = yaml.safe_load((exp_dir / "best_config.yaml").read_text())
     assert ",".join(best["features"]["blocks"]) == table["features.blocks"][0]
+    for trial in exp_dir.glob("trials/*/folds.json"):  # each trial's folds: the labelled ids 0-3 only
+        folds = json.loads(trial.read_text())
+        assert sorted(i for v in folds["scored"] for i in v) == ["000000", "000001", "000002", "000003"]
 
-    # Shards: extracted once per recipe (2 builds), reused by the trials that only change the MLP. Trials finished
-    # before the interruption were not run again: one cache access per trial, plus one for the single trial that was
-    # running at the interruption (it had not reported yet, so it restarts).
+    # The chosen recipe (the best on validation), trained on the 4 labelled images and scored once on the 2 test
+    # images: both figures in best/summary.json, results.md and the log.
+    summary = json.loads((exp_dir / "best" / "summary.json").read_text())
+    assert summary["val"]["val/miou"] == pytest.approx(table["val/miou"][0])
+    assert summary["recipe"]["features.blocks"] == best["features"]["blocks"]
+    assert summary["labelled_ids"] == ["000000", "000001", "000002", "000003"]
+    assert summary["test_ids"] == ["000004", "000005"] and summary["test"]["test/num_images"] == 2
+    assert 0 <= summary["test"]["test/miou"] <= 1
+    results_md = (exp_dir / "results.md").read_text()
+    assert "validation: mean of 2 folds" in results_md and "test (scored once, synthetic)" in results_md
+    assert "chosen recipe: val/miou" in done.stdout + done.stderr and "-> test/miou" in done.stdout + done.stderr
+
+    # Shards: extracted once per recipe (2 builds), reused by the trials that only change the MLP and by the chosen
+    # recipe's test scoring (one hit). Trials finished before the interruption were not run again: one cache access
+    # per trial, plus one for the single trial that was running at the interruption (it had not reported yet, so it
+    # restarts).
     events = [e["event"] for e in FeatureCache(tmp_path / "sweeps" / "feature_cache").events()]
-    assert events.count("build") == 2 and len(events) in (4, 5)
+    assert events.count("build") == 2 and len(events) in (5, 6)
 
     import mlflow
 
@@ -225,14 +248,18 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    assert all(r.info.status == "FINISHED" and "test/miou" in r.data.metrics for r in children)
+    assert all(r.info.status == "FINISHED" and "val/miou" in r.data.metrics for r in children)
+    assert not [k for r in children for k in r.data.metrics if k.startswith("test/")]
     assert {r.data.params["features.blocks"] for r in children} == {"['dec.1']", "['dec.2', 'dec.3']"}
     assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/val/miou"] == pytest.approx(summary["val"]["val/miou"])
+    assert parent.data.metrics["test/miou"] == pytest.approx(summary["test"]["test/miou"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "results.png", "best_config.yaml", "best"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "best")} >= {"best/summary.json"}
 
-    # The best trial's model is served without conversion: Serve's pixel replica loads best/segmenter.pt as it is,
-    # and that very bundle scores exactly the test mIoU the best trial reported.
+    # The sweep's model is served without conversion: Serve's pixel replica loads best/segmenter.pt as it is, and
+    # that very bundle (the chosen recipe's refit) scores exactly the test mIoU of the summary.
     from diffseg.data.datasets import DataConfig, build_dataset
     from diffseg.evaluation.evaluate import evaluate_segmenter
     from diffseg.methods.pixel import PixelSegmenter
@@ -243,7 +270,7 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     assert served.info()["class_names"] == PixelSegmenter.load(best_model, "cpu").class_names
     test = build_dataset(DataConfig(image_size=16, num_images=8, num_train=4, num_test=2), "test")
     scored = evaluate_segmenter(served.bundle, test).metrics["test/miou"]
-    assert scored == pytest.approx(table["test/miou"][0], abs=1e-9)
+    assert scored == pytest.approx(summary["test"]["test/miou"], abs=1e-9)
     x = torch.stack([test[i]["image"] for i in range(2)]).numpy()
     answers = served.segment(x, [0, 0], [0, 0])
     labels, _ = served.bundle.predict(torch.from_numpy(x))

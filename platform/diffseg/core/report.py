@@ -4,6 +4,7 @@
     frame_to_markdown(df)                      a pandas DataFrame as such a table
     sweep_table(result_grid, keys, metric)     one row per Tune trial: swept values, last metrics; best first
     plot_sweep(df, keys, metric, path)         a heatmap (two swept paths) or a bar chart (one)
+    chosen_markdown(summary)                   a pixel sweep's chosen recipe: validation (per fold) beside test
 
 pandas and matplotlib are imported where they are used (they cost seconds; most jobs write no plot).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,23 @@ def plot_sweep(df: Any, keys: Sequence[str], metric: str, path: str | os.PathLik
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def chosen_markdown(summary: Mapping[str, Any]) -> str:
+    """A pixel sweep's outcome (its `best/summary.json`): the chosen recipe, the validation figure it was chosen on
+    (the mean over the folds of the labelled images, and each fold) and the one test figure of that recipe retrained
+    on all the labelled images."""
+    val, test, folds = summary["val"], summary["test"], summary["val_folds"]
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+    recipe = ", ".join(f"{k}={_short(v)}" for k, v in summary["recipe"].items())
+    rows = [[f"validation: mean of {len(folds)} folds", f"{summary['num_labelled']} labelled",
+             pct(val.get("val/miou")), pct(val.get("val/pixel_accuracy"))]]  # fmt: skip
+    for f, ids in enumerate(folds):
+        rows.append([f"fold {f}", f"{len(ids)} held out", pct(val.get(f"val/fold{f}/miou")), ""])
+    rows.append([f"test (scored once, {summary['test_data']})", f"{int(test['test/num_images'])} test",
+                 pct(test.get("test/miou")), pct(test.get("test/pixel_accuracy"))])  # fmt: skip
+    head = f"Chosen recipe (best {summary['metric']} of {summary['num_trials']} trials): {recipe}\n\n"
+    return head + markdown_table(["figure", "images", "mIoU (%)", "pixel acc (%)"], rows, ["---", *["---:"] * 3])

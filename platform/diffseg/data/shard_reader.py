@@ -2,6 +2,8 @@
 
     ss = ShardSet(folder | [shard paths], allow_incomplete=False)   # refuses incomplete or damaged sets
     ss.iter_shards(), ss.iter_windows(max_rows, seed), ss.num_windows(...), ss.class_counts(K), ss.image_ids()
+    ss.source_ids()            # every image the set was made from (also those without a labelled pixel)
+    ss.select(image_ids)       # a view of those images' rows only (a validation fold; training on the others)
 
 Reading. `ShardSet.iter_shards` loads ONE shard at a time (for inspection and the benches). The ensemble trains from
 `ShardSet.iter_windows`: the row groups of ALL shards (`ROW_GROUP_ROWS` rows each, a few image rows of one image) are
@@ -11,13 +13,18 @@ window, an epoch is one window: every pixel of every image, as the reference imp
 `DataLoader(shuffle=True)` over all pixels (ddpm-segmentation `train_interpreter.py: train`). Plain pyarrow reads the
 files too (`pq.read_table(path)`; features are a fixed-size list column). `MemoryShardSet` offers the same reading
 interface over rows already in memory (an analysis at modest sizes), so the trainer has one input type.
+
+Views. `ShardSet.select(ids)` reads the same files but keeps only the rows of the given images (each row group is
+filtered on its `image_id` column as it is read), so the k folds of a sweep trial index ONE extraction of the
+labelled images instead of extracting each fold again (`diffseg.experiments.trials`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +44,7 @@ from diffseg.data.shards import (
     open_verified,
     read_meta,
     shard_digests,
+    shard_images,
 )
 
 # a verified shard whose stat changes is verified again (ctime too: a writer can reset mtime, not ctime)
@@ -142,6 +150,7 @@ class ShardSet:
         # (bytes, SHA-256) per shard from the manifest; checked when a shard is first read (`_open`)
         self.digests = [digests.get(storage.name(p)) for p in self.paths]
         self._verified: dict[int, Any] = {}  # shard index -> the file state it was verified in
+        self._images: frozenset[str] | None = None  # a view (`select`): only these images' rows; None = all rows
         try:
             metas = [read_meta(p) for p in self.paths]
         except IncompleteShardSet as e:
@@ -163,6 +172,49 @@ class ShardSet:
         self.rows_per_shard = [f.num_rows for f in files]
         # (shard, row group, rows) of every row group: the units `iter_windows` shuffles
         self.pieces = [(s, g, f.row_group(g).num_rows) for s, f in enumerate(files) for g in range(f.num_row_groups)]
+
+    def source_ids(self) -> list[str]:
+        """The ids of every image the set (or this view) was made from, sorted: also those without a labelled pixel
+        (their rows were all dropped), which `image_ids` does not see."""
+        ids = {i for p in self.paths for i in shard_images(p)}
+        return sorted(ids if self._images is None else ids & self._images)
+
+    def select(self, image_ids: Iterable[str]) -> ShardSet:
+        """A view of this set that holds only the rows of `image_ids` (e.g. the training or the validation images of
+        one fold): the same shards, each row group filtered on its `image_id` column when it is read; windows,
+        `num_rows`, `class_counts`, `iter_shards` and `image_ids` see only those rows. An id the set was not made
+        from is an error (a fold that names other images, e.g. test images, would otherwise select nothing)."""
+        keep = frozenset(str(i) for i in image_ids)
+        unknown = sorted(keep - set(self.source_ids()))
+        if unknown:
+            raise ValueError(f"{self.source}: no images {unknown[:5]} in this feature set ({len(unknown)} unknown ids)")
+        view = copy.copy(self)  # shares the integrity record: a shard verified once is verified for every view
+        view._images = keep
+        view.pieces, view.rows_per_shard = [], [0] * len(self.paths)
+        handles: dict[int, pq.ParquetFile] = {}
+        for s, g, _ in self.pieces:
+            if s not in handles:
+                handles = {s: self._open(s)}  # one open file at a time (checked on its first read)
+            rows = int(view._keep(handles[s].read_row_group(g, columns=["image_id"])).sum())
+            if rows:
+                view.pieces.append((s, g, rows))
+                view.rows_per_shard[s] += rows
+        return view
+
+    def _keep(self, table: pa.Table) -> np.ndarray:
+        """(N,) bool: the rows of `table` that this view holds (all of them for a whole set)."""
+        if self._images is None:
+            return np.ones(table.num_rows, dtype=bool)
+        ids = np.asarray(table.column("image_id").to_pylist(), dtype=str)
+        return np.isin(ids, np.asarray(sorted(self._images), dtype=str))
+
+    def _read(self, pf: pq.ParquetFile, columns: Sequence[str] | None, group: int | None = None) -> pa.Table:
+        """A whole shard or one row group, only this view's rows (the image_id column is read to filter them)."""
+        cols = list(columns) if columns else None
+        if self._images is not None and cols is not None and "image_id" not in cols:
+            cols.append("image_id")
+        table = pf.read(columns=cols) if group is None else pf.read_row_group(group, columns=cols)
+        return table if self._images is None else table.filter(pa.array(self._keep(table)))
 
     def _metadata(self, path: str) -> pq.FileMetaData:
         try:
@@ -201,8 +253,10 @@ class ShardSet:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.paths)) if shuffle else np.arange(len(self.paths))
         for i in order:
+            if self._images is not None and not self.rows_per_shard[i]:
+                continue  # a view holds none of this shard's rows
             pf = self._open(int(i))
-            shard = shard_from_table(pf.read(columns=list(columns) if columns else None), self.paths[i])
+            shard = shard_from_table(self._read(pf, columns), self.paths[i])
             del pf
             if shuffle:
                 perm = rng.permutation(len(shard))
@@ -239,7 +293,7 @@ class ShardSet:
                 s, g, rows = self.pieces[i]
                 if s not in handles:
                     handles = {s: self._open(s)}  # one open file at a time (checked on its first read)
-                table = handles[s].read_row_group(g, columns=["features", "label"])
+                table = self._read(handles[s], ["features", "label"], g)
                 feats[pos : pos + rows] = _features(table)
                 labels[pos : pos + rows] = table.column("label").to_numpy()
                 source[pos : pos + rows] = s
@@ -252,14 +306,14 @@ class ShardSet:
     def class_counts(self, num_classes: int) -> np.ndarray:
         counts = np.zeros(num_classes, np.int64)
         for s in range(len(self.paths)):
-            labels = self._open(s).read(columns=["label"]).column("label").to_numpy()
+            labels = self._read(self._open(s), ["label"]).column("label").to_numpy()
             counts += np.bincount(labels[labels >= 0], minlength=num_classes)[:num_classes]
         return counts
 
     def image_ids(self) -> list[str]:
         ids: set[str] = set()
         for s in range(len(self.paths)):
-            ids.update(self._open(s).read(columns=["image_id"]).column("image_id").to_pylist())
+            ids.update(self._read(self._open(s), ["image_id"]).column("image_id").to_pylist())
         return sorted(ids)
 
 

@@ -21,7 +21,8 @@ Methods (`methods` in the config):
 THE evaluation path: every method is a `diffseg.scoring.segmenter.Segmenter`, run over the data set by
 `evaluate_segmenter` and scored by `Scorer`, whose metric keys are `split/name` (`test/fg_iou`, `test/miou`,
 `test/hungarian_miou`, ...), the keys Tune, MLflow and the tables use. The label-efficient jobs, DatasetDDPM and the
-sweeps score their segmenters with the same function.
+sweeps score their segmenters with the same function. A pixel ensemble's validation on labelled images whose
+features are already extracted (a sweep trial's folds) goes through the same `Scorer`: `evaluate_pixel_rows`.
 
 Everything here is plain PyTorch / NumPy; `jobs/evaluate.py` is the command line. Outputs: table.md, table.csv,
 results.json, figures/<dataset>.png, the resolved config, and an MLflow run holding the table with one nested run
@@ -50,10 +51,11 @@ from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
 from diffseg.data.datasets import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
+from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation import baselines, iem
 from diffseg.evaluation.tables import METHOD_TITLES, format_cell, render_csv, render_markdown  # noqa: F401
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
-from diffseg.methods.pixel import image_score
+from diffseg.methods.pixel import MLPEnsemble, image_score, predict_pixels
 from diffseg.methods.segment import FactorizedSegmenter
 from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
 from diffseg.models.unet import UNetConfig
@@ -347,6 +349,34 @@ def evaluate_segmenter(
         (out / "metrics.json").write_text(json.dumps({**metrics, "num_images": len(rows)}, indent=1))
     labels_all = np.concatenate(kept) if kept and all(k.shape[1:] == kept[0].shape[1:] for k in kept) else None
     return EvalResult(metrics, rows, len(rows), seconds, labels_all)
+
+
+def evaluate_pixel_rows(
+    ensemble: MLPEnsemble,
+    shards: ShardSet,
+    class_names: Sequence[str],
+    ignore_index: int = 255,
+    split: str = "val",
+) -> tuple[dict[str, float], list[str]]:
+    """A pixel ensemble scored on the cached feature rows of labelled images (a sweep trial's validation fold,
+    `ShardSet.select`), without running the backbone again: the majority vote of `predict_pixels` (what
+    `PixelSegmenter.predict` labels) against the rows' labels, by the classes protocol of `Scorer` (pooled confusion
+    mIoU: `split/miou`, `split/miou_official`, `split/pixel_accuracy`, `split/iou/<class>`). The rows hold every
+    pixel of the images except the ignore index, which `Scorer` leaves out anyway, so this is the score
+    `evaluate_segmenter` gives the same ensemble on the same images (from the float16 features the ensemble trained
+    on). Returns the metrics and the ids of the images whose rows were scored."""
+    scorer = Scorer("multiclass", "classes", len(class_names), class_names, ignore_index, split=split)
+    scored: set[str] = set()
+    for shard in shards.iter_shards(columns=["features", "label", "image_id"]):
+        keep = shard.labels >= 0  # (rows of images without masks carry -1: nothing to score them against)
+        if not keep.any():
+            continue
+        labels, _, _ = predict_pixels(ensemble, torch.from_numpy(shard.features[keep]))  # (N,)
+        scorer.update(labels.cpu().numpy()[None, None], shard.labels[keep][None, None])  # one (1, 1, N) "image"
+        scored.update(shard.image_ids[keep].tolist())
+    if not scored:
+        raise ValueError(f"evaluate_pixel_rows: {shards.source} holds no labelled rows to score")
+    return scorer.compute(), sorted(scored)
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -64,7 +65,7 @@ from diffseg.core.config import (
     workdir,
 )
 from diffseg.core.registry import find_nested_run, finish_nested_runs
-from diffseg.core.report import encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
+from diffseg.core.report import chosen_markdown, encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.core.runtime import init_ray, resolve_device, setup_logging
 from diffseg.core.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri, status_for
 from diffseg.core.trust import (
@@ -77,11 +78,22 @@ from diffseg.core.trust import (
     recheck_state,
 )
 from diffseg.core.trust import trust_state as vouch_for_state
-from diffseg.experiments.trials import BEST_MODEL, PixelTrialConfig, TrialState, factorized_chunks, pixel_chunks
+from diffseg.experiments.trials import (
+    BEST_MODEL,
+    PixelTrialConfig,
+    TrialState,
+    check_pixel_protocol,
+    check_pixel_sweep,
+    factorized_chunks,
+    fold_split,
+    pixel_chunks,
+    pixel_final,
+)
 from diffseg.serving.pyfunc import log_bundle_model, log_checkpoint_model, model_name
 from diffseg.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
+SUMMARY = "summary.json"  # a pixel sweep's chosen recipe: validation and test figures (in <exp>/best/)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -107,7 +119,8 @@ class SweepConfig:
     space: dict[str, Any] = field(default_factory=dict)  # config path -> values (see the module docstring)
     search: Literal["grid", "random", "optuna"] = "grid"  # grid/random: Tune's variant generator; optuna: TPE
     num_samples: int = 1  # grid: repeats of the whole grid; random/optuna: number of trials
-    metric: str = "test/miou"  # the metric key to optimise (split/name, as reported)
+    metric: str = "val/miou"  # the metric key to optimise (split/name, as reported); pixel: a val/ key, never test/
+    folds: int = 5  # pixel: k-fold validation over the labelled images (k >= 2; each trial trains k ensembles)
     mode: Literal["max", "min"] = "max"  # whether the best trial has the largest or the smallest metric
     num_reports: int = 1  # evaluations per trial: training is split into this many chunks (ASHA's time unit)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # fifo or asha
@@ -129,6 +142,8 @@ class SweepConfig:
         """Cross-field checks (run by --dry-run and before the job)."""
         if not self.space:
             raise ValueError("space: nothing to sweep; give {config path: values}")
+        if self.task == "pixel":
+            check_pixel_sweep(self.metric, self.folds, self.space)
 
 
 def task_of(base: Any, task: str = "auto") -> str:
@@ -228,7 +243,7 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     device = resolve_device("auto" if sweep.resources.gpu > 0 else "cpu")
     if task == "pixel":
         chunks = pixel_chunks(cfg, state, trial_dir, num_reports=sweep.num_reports, device=device,
-                              cache_root=ctx["cache_dir"])  # fmt: skip
+                              cache_root=ctx["cache_dir"], folds=sweep.folds)  # fmt: skip
     else:
         chunks = factorized_chunks(cfg, state, trial_dir, num_reports=sweep.num_reports, device=device,
                                    segment_t=sweep.segment_t, fg_reduction=sweep.fg_reduction)  # fmt: skip
@@ -281,11 +296,12 @@ class SweepResult:
     table: Any  # pandas DataFrame, one row per trial, best first
     best: dict[str, Any]  # the best trial's values of the swept paths
     best_config: Any  # the base config with them applied
-    best_metrics: dict[str, float]
+    best_metrics: dict[str, float]  # the best trial's last report (pixel: validation only, val/*)
     path: Path | str  # the experiment folder (a URI when output_dir is one)
     parent_run_id: str | None  # the sweep's MLflow run
     plot: Path | None = None  # results.png
     best_model: Path | str | None = None  # best/segmenter.pt or best/checkpoint.pt: Serve loads it as it is
+    test_metrics: dict[str, float] = field(default_factory=dict)  # pixel: the chosen recipe's one test scoring
 
 
 def _scheduler(sweep: SweepConfig) -> ASHAScheduler | None:
@@ -336,6 +352,9 @@ def run_sweep(
         probe = sweep.space[key]
         if isinstance(probe, (list, tuple)) and probe:
             replace(base, **{key: probe[0]})
+    if task == "pixel":  # before Ray or any trial: test images never choose the recipe
+        check_pixel_sweep(sweep.metric, sweep.folds, sweep.space)
+        check_pixel_protocol(base, sweep.folds)
     out, remote = sweep.output_dir, storage.is_remote(sweep.output_dir)
     exp_dir = storage.join(out, check_name(sweep.name)) if remote else job_dir(out, sweep.name)
     state_file = storage.join(exp_dir, "sweep.json")
@@ -439,13 +458,20 @@ def run_sweep(
     best = trial_overrides(best_res.config, keys)
     best_config = replace(base, **best)
     best_metrics = {k: v for k, v in (best_res.metrics or {}).items() if "/" in k and isinstance(v, (int, float))}
+    best_trial = str(best_res.metrics.get("trial_id"))
+    summary = None
+    if task == "pixel":  # the chosen recipe, retrained on all the labelled images and scored once on test
+        summary = score_chosen(sweep, best_config, best, best_trial, best_metrics, len(table), exp_dir, ctx)
+        source = storage.join(exp_dir, "best", BEST_MODEL[task])
+    else:
+        source = storage.join(exp_dir, "trials", best_trial, BEST_MODEL[task])
     best_model = None
     with tempfile.TemporaryDirectory() as tmp:  # written here, then published to the experiment folder (or bucket)
         local = Path(tmp)
-        source = storage.join(exp_dir, "trials", str(best_res.metrics.get("trial_id")), BEST_MODEL[task])
-        if storage.fetch_file(source, local / BEST_MODEL[task]):  # the best trial's servable model, beside the table
+        if storage.fetch_file(source, local / BEST_MODEL[task]):  # the servable model, beside the table
             best_model = storage.join(exp_dir, "best", BEST_MODEL[task])
-            storage.put_file(local / BEST_MODEL[task], best_model)
+            if best_model != source:
+                storage.put_file(local / BEST_MODEL[task], best_model)
             best_model = best_model if remote else Path(best_model)
             parent.log_artifact(local / BEST_MODEL[task], "best")
             if task == "pixel":  # and as an MLflow model (registered as tracking.register_as when set)
@@ -455,19 +481,75 @@ def run_sweep(
                     parent, local / BEST_MODEL[task], name=model_name(sweep.name, "best"), t=sweep.segment_t
                 )
         table.to_csv(local / "results.csv", index=False)
-        (local / "results.md").write_text(frame_to_markdown(table))
+        head = chosen_markdown(summary) + "\nTrials (validation only):\n\n" if summary else ""
+        (local / "results.md").write_text(head + frame_to_markdown(table))
         plot = plot_sweep(table, keys, sweep.metric, local / "results.png", title=f"{sweep.name}: {sweep.metric}")
         save_config(best_config, local / "best_config.yaml")
         for name in ("results.csv", "results.md", "results.png", "best_config.yaml"):
             if (local / name).is_file():
                 storage.put_file(local / name, storage.join(exp_dir, name))
                 parent.log_artifact(local / name)
+        if summary:  # beside the chosen model (a top-level .json would be sweep state that a resume checks)
+            (local / SUMMARY).write_text(json.dumps(summary, indent=1))
+            storage.put_file(local / SUMMARY, storage.join(exp_dir, "best", SUMMARY))
+            parent.log_artifact(local / SUMMARY, "best")
         plot = storage.join(exp_dir, "results.png") if plot is not None else None
         plot = Path(plot) if plot is not None and not remote else plot
     parent.log_metrics({f"best/{k}": v for k, v in best_metrics.items() if math.isfinite(v)})
-    parent.set_tags({"diffseg.best": json.dumps(to_dict(best))[:5000], "diffseg.num_trials": len(table)})
+    test_metrics = dict(summary["test"]) if summary else {}
+    parent.log_metrics({k: v for k, v in test_metrics.items() if math.isfinite(v)})  # the one test/ scoring
+    parent.set_tags({"diffseg.best": json.dumps(to_dict(best))[:5000], "diffseg.num_trials": len(table),
+                     **({"diffseg.protocol": summary["protocol"]} if summary else {})})  # fmt: skip
     parent.finish()
-    return SweepResult(table, best, best_config, best_metrics, exp_dir, parent.run_id, plot, best_model)
+    return SweepResult(table, best, best_config, best_metrics, exp_dir, parent.run_id, plot, best_model, test_metrics)
+
+
+def chosen_task(config: dict[str, Any], ctx: dict[str, Any], bundle: str) -> dict[str, Any]:
+    """The Ray task that scores a pixel sweep's chosen recipe (`trials.pixel_final`), on a trial's resources: the
+    driver may be a laptop without the trials' GPU."""
+    setup_logging()
+    torch.set_num_threads(max(1, int(ctx["threads"])))
+    sweep = from_dict(SweepConfig, ctx["sweep"])
+    device = resolve_device("auto" if sweep.resources.gpu > 0 else "cpu")
+    cfg = from_dict(PixelTrialConfig, config)
+    return pixel_final(cfg, bundle, num_reports=sweep.num_reports, device=device, cache_root=ctx["cache_dir"])
+
+
+def score_chosen(
+    sweep: SweepConfig, chosen: PixelTrialConfig, best: dict[str, Any], trial_id: str, val: dict[str, float],
+    num_trials: int, exp_dir: str | Path, ctx: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """A pixel sweep's last step: the recipe of the best trial on validation, trained on all the labelled images and
+    scored ONCE on the test images (`chosen_task`); its bundle is `<exp>/best/segmenter.pt`. Returns the summary
+    (`best/summary.json`): the recipe, its validation figures (mean and per fold) beside its test figures. A resumed
+    sweep whose summary already scored this trial's recipe reuses it (the test set is not scored again)."""
+    bundle = storage.join(exp_dir, "best", BEST_MODEL["pixel"])
+    summary_file = storage.join(exp_dir, "best", SUMMARY)
+    if storage.is_file(summary_file) and storage.is_file(bundle):
+        done = json.loads(storage.read_text(summary_file))
+        if done.get("trial_id") == trial_id and done.get("recipe") == to_dict(best):
+            return done
+    cfg = resolve_paths(chosen, ctx["workdir"])  # swept locations mean what they mean in the driver's directory
+    task = ray.remote(chosen_task).options(num_cpus=sweep.resources.cpu, num_gpus=sweep.resources.gpu)
+    final = ray.get(task.remote(to_dict(cfg), ctx, str(bundle)))
+    labelled, tested = final["labelled_ids"], final["test_ids"]
+    test_data = cfg.test_data or cfg.data
+    where = storage.name(test_data.root) if test_data.root else test_data.name
+    return {
+        "protocol": f"{sweep.folds}-fold validation over the labelled images; the chosen recipe scored once on test",
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "num_trials": num_trials,
+        "trial_id": trial_id,
+        "recipe": to_dict(best),
+        "val": {k: v for k, v in val.items() if k.startswith("val/")},
+        "test": final["metrics"],
+        "num_labelled": len(labelled),
+        "val_folds": fold_split(labelled, sweep.folds),
+        "labelled_ids": labelled,
+        "test_ids": tested,
+        "test_data": where,
+    }
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Any]:
@@ -505,7 +587,16 @@ def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> Sw
     result = run_sweep(base, sweep=replace(cfg, task=task), resume=resume)
     log.info(frame_to_markdown(result.table))
     log.info(f"[sweep] best {cfg.metric} = {result.best_metrics.get(cfg.metric)}: {result.best}")
-    log.info(f"[sweep] results   {storage.join(result.path, 'results.md')} (+ .csv, .png, best_config.yaml)")
+    if result.test_metrics:  # pixel: validation chose it; test scored it once
+        folds = [result.best_metrics.get(f"val/fold{f}/miou", float("nan")) for f in range(cfg.folds)]
+        log.info(
+            f"[sweep] chosen recipe: val/miou {result.best_metrics.get('val/miou', float('nan')):.4f} (mean of "
+            f"{cfg.folds} folds: {', '.join(f'{v:.4f}' for v in folds)}) -> test/miou "
+            f"{result.test_metrics.get('test/miou', float('nan')):.4f} (scored once, "
+            f"{int(result.test_metrics.get('test/num_images', 0))} test images)"
+        )
+    log.info(f"[sweep] results   {storage.join(result.path, 'results.md')} (+ .csv, .png, best_config.yaml"
+             f"{', best/summary.json' if result.test_metrics else ''})")  # fmt: skip
     log.info(f"[sweep] best model {result.best_model} (serve it: serve/config.yaml args)")
     log.info(f"[sweep] MLflow    {resolve_tracking_uri(cfg.tracking.uri)} (parent run {result.parent_run_id})")
     return result
