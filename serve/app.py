@@ -209,12 +209,13 @@ class SamplerModel(_ModelReplica):
             raise
 
 
-def _failed_deployments(names: list[str]) -> dict[str, str]:
-    """{deployment: "<state>: <Serve's message>"} of this app's deployments among `names` that Serve reports
-    UNHEALTHY or DEPLOY_FAILED (`serve.status()`, the public status API); empty when the status cannot be read.
+def _failed_deployments(names: list[str], app: str | None = None) -> dict[str, str]:
+    """{deployment: "<state>: <Serve's message>"} of application `app`'s deployments (default: this replica's app)
+    among `names` that Serve reports UNHEALTHY or DEPLOY_FAILED (`serve.status()`, the public status API); empty when
+    the status cannot be read. The ingress's /healthz and the launcher's failed deploy (`serve.launch`) both say this.
     Defined above the ingress: `serve.ingress` pickles the FastAPI app, with what its routes use, where applied."""
     try:
-        app = serve.get_replica_context().app_name
+        app = app or serve.get_replica_context().app_name
         deployments = serve.status().applications[app].deployments
     except Exception:  # the status is a hint for the reason: the round trip below still decides
         return {}

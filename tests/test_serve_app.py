@@ -53,12 +53,14 @@ def app_url(tmp_path_factory):
     from ray import serve
 
     import diffseg
+    from diffseg.core.runtime import serve_env
 
     sys.path.insert(0, str(REPO))  # the `serve` package at the repository root
     build_app = importlib.import_module("serve.app").build_application
     folder = tmp_path_factory.mktemp("serve")
     ckpt, bundle = tiny_checkpoint(folder / "checkpoint.pt"), tiny_pixel_bundle(folder)
     SERVED.update(checkpoint=ckpt, pixel=bundle)
+    serve_env()  # Serve's start-up checks tolerant of a loaded machine, as jobs/serve_app.py sets them
     ray.init(
         address="local",
         num_cpus=4,
@@ -440,8 +442,12 @@ def test_a_failed_deploy_names_the_file_and_healthz_answers_503(app_url, tmp_pat
     app = build_app({**ARGS, "segmenter": str(ckpt), "use_sampler": False}, deployments=DEPLOYMENTS[:1])
     torch.save(raw, ckpt)  # changed after the build: the replicas meet it
     try:
-        with pytest.raises(RuntimeError, match="Deploying application broken failed"):
+        with pytest.raises(RuntimeError, match="Deploying application broken failed") as failed:
             serve.run(app, name="broken", route_prefix="/broken")
+        # jobs/serve_app.py's exit line for it: one line, naming the deployment and the file
+        line = importlib.import_module("serve.launch")._deploy_failure("broken", failed.value)
+        assert "\n" not in line and line.startswith("application broken did not deploy: FactorizedSegmenter is ")
+        assert str(ckpt) in line and "integrity record" in line, line
         t0 = time.perf_counter()
         answer = requests.get(f"{app_url}/broken/healthz", timeout=30)
         elapsed = time.perf_counter() - t0

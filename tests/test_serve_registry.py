@@ -20,6 +20,7 @@ from PIL import Image
 
 from diffseg.core.config import load_config, replace
 from diffseg.core.registry import set_alias
+from diffseg.core.runtime import SERVE_ENV_DEFAULTS
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.slow
@@ -57,6 +58,7 @@ def start_serve(config: Path, log: Path, address: str = "local") -> subprocess.P
         "OMP_NUM_THREADS": "1",
         "RAY_AUTH_MODE": "disabled",
         "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)]),
+        **{k: os.environ.get(k, v) for k, v in SERVE_ENV_DEFAULTS.items()},  # as jobs/serve_app.py starts Serve
     }  # this checkout's code everywhere
     env.pop("RAY_ADDRESS", None)
     serve_cli = Path(sys.executable).parent / "serve"

@@ -19,15 +19,19 @@ Ray is imported only inside `init_ray`; nothing here has a side effect at import
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,14 +79,16 @@ def image_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]
     return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
 
-def code_runtime_env() -> dict[str, Any]:
-    """Ship the diffseg package to every worker (`py_modules`), so a cluster needs no install of it.
+def code_runtime_env(extra_modules: Iterable[str | os.PathLike] = ()) -> dict[str, Any]:
+    """Ship the diffseg package to every worker (`py_modules`), so a cluster needs no install of it; `extra_modules`
+    are more package folders to ship (the Serve launcher's `serve/`).
 
     Local directories can only be shipped at the job level (`ray.init`); inside `ray job submit` Ray merges this
     with the job's own runtime env (its working_dir, env_vars). A job that opted out of checkpoint integrity
     (`ALLOW_UNVERIFIED_ENV`) hands the opt-out to its workers, and only then.
     """
     env: dict[str, Any] = {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # diffseg, all its layers
+    env["py_modules"] += [str(Path(m).resolve()) for m in extra_modules]
     if os.environ.get(ALLOW_UNVERIFIED_ENV):
         env["env_vars"] = {ALLOW_UNVERIFIED_ENV: os.environ[ALLOW_UNVERIFIED_ENV]}
     return env
@@ -104,7 +110,82 @@ def tighten_token_file(path: str | os.PathLike | None = None) -> bool:
     return True
 
 
-def init_ray(num_cpus: int = 0) -> None:
+# Ray Serve's start-up checks, tolerant of a loaded machine (read by Serve's controller, which inherits the
+# environment of the process that starts Ray): Ray's 5 s proxy readiness check, missed three times in a row, shuts the
+# controller down. On this 2-core machine beside two one-thread trainings the proxy took ~17 s to become ready.
+# Set before Ray starts (`serve_env`); a value already in the environment wins.
+SERVE_ENV_DEFAULTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",  # Ray: 5 (and 10, 15 on the retries)
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",  # Ray: 10; three misses restart the proxy
+}
+
+
+def serve_env() -> dict[str, str]:
+    """Put `SERVE_ENV_DEFAULTS` into this process's environment where unset (before Ray starts: Serve's controller
+    reads them from the environment it inherits) and return the values in effect."""
+    for key, value in SERVE_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in SERVE_ENV_DEFAULTS}
+
+
+RAY_SCRATCH: Path | None = None  # the temp folder of the local Ray this process started (removed at exit)
+
+
+@contextlib.contextmanager
+def local_ray_env(local: bool = True) -> Iterator[Path | None]:
+    """The environment a local Ray starts in (`init_ray` without `RAY_ADDRESS`); what its processes inherit:
+
+    - loopback only: Ray's node address is 127.0.0.1 (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the switch Ray reads to
+      pick the node IP), so its GCS, raylets, dashboard agent, runtime-env agent and metrics ports listen on
+      127.0.0.1 instead of every interface (they answered without credentials on the machine's address);
+    - a private `TMPDIR`, removed when this process ends (after `ray.shutdown`): Ray's dashboard starts its modules
+      through a multiprocessing forkserver, which left a `pymp-*` folder in /tmp on every start (its finaliser never
+      runs: the dashboard is killed). Ray's own session folder stays where Ray puts it (`RAY_TMPDIR` pinned to it), so
+      `ray status` and `serve` find the instance.
+
+    This process's environment is put back afterwards. Nothing changes when Ray is joined (`local=False`); a caller's
+    own `RAY_TMPDIR` keeps its temp folders where it says (no scratch folder then)."""
+    if not local:
+        yield None
+        return
+    import ray._private.ray_constants as ray_constants  # read by ray.init in this process to pick the node IP
+    from ray._common.utils import get_default_system_temp_dir  # where this Ray puts /tmp/ray (RAY_TMPDIR, TMPDIR, /tmp)
+
+    global RAY_SCRATCH
+    keys = ("TMPDIR", "RAY_TMPDIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    saved = {key: os.environ.get(key) for key in keys}
+    cached, cluster = tempfile.tempdir, ray_constants.ENABLE_RAY_CLUSTER
+    scratch = None
+    if "RAY_TMPDIR" not in os.environ:
+        scratch = RAY_SCRATCH = Path(tempfile.mkdtemp(prefix="diffseg-ray-"))
+        os.environ["RAY_TMPDIR"] = get_default_system_temp_dir()
+        os.environ["TMPDIR"] = str(scratch)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield scratch
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = cached  # this process's own temp dir never becomes the scratch folder
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        if scratch is not None:
+            atexit.register(_remove_scratch, scratch)  # before Ray's own exit handler: atexit runs newest first
+
+
+def _remove_scratch(scratch: Path) -> None:
+    try:
+        import ray
+
+        ray.shutdown()  # the local instance's processes end first (idempotent: Ray's atexit handler does it again)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def init_ray(num_cpus: int = 0, extra_modules: Iterable[str | os.PathLike] = ()) -> None:
     """Start (or join) Ray once per process: `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else a local
     instance with `num_cpus` logical CPUs (0 = Ray's default). Already initialised: nothing happens.
 
@@ -123,7 +204,8 @@ def init_ray(num_cpus: int = 0) -> None:
     before = signal.getsignal(signal.SIGTERM) if main else None
     tighten_token_file()
     try:
-        ray.init(runtime_env=code_runtime_env(), **kwargs)
+        with local_ray_env(local=not os.environ.get("RAY_ADDRESS")):
+            ray.init(runtime_env=code_runtime_env(extra_modules), **kwargs)
     finally:
         tighten_token_file()
     if callable(before):  # ours (or the caller's): not SIG_DFL / SIG_IGN, which Ray's exit handler improves on
