@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 export MLFLOW_DISABLE_TELEMETRY ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast lint-imports lint format bench clean
+.PHONY: venv demo test test-fast test-serve-loaded lint-imports lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: lint-imports
 
 test-fast: lint-imports
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The Serve tests with two CPU-bound processes beside them: what a Serve change must pass (researchers serve beside
+# their trainings; docs/testing.md).
+test-serve-loaded: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tests/with_load.py --busy 2 -- $(PY) -m pytest -q -k serve $(ARGS)
 
 # The layer contracts of pyproject.toml ([tool.importlinter]); PYTHONPATH=platform: this checkout's diffseg, whichever
 # checkout the venv was installed from (as pytest's pythonpath does).

@@ -28,7 +28,8 @@ def run(cfg: DemoConfig) -> dict:
     print(f"demo finished in {secs['total']:.0f} s (DDPM {secs['ddpm']:.0f} s, ensembles {secs['ensembles']:.0f} s, "
           f"evaluation {secs['evaluation']:.0f} s)")  # fmt: skip
     print(f"figure     : {res['figure']}  (image | ground truth | DDPM features | raw RGB)")
-    print(f"segmenter  : {res['segmenter']}  (serve it: serve run serve.app:build_app pixel={res['segmenter']})")
+    serve = f"python jobs/serve_app.py args.segmenter=null args.pixel={res['segmenter']}"
+    print(f"segmenter  : {res['segmenter']}  (serve it: {serve})")
     print(f"checkpoint : {res['checkpoint']}")
     return res
 

@@ -2,6 +2,7 @@
 
     python jobs/serve_app.py                                   # serve/config.yaml on a local Ray: http://127.0.0.1:8000
     python jobs/serve_app.py serve_config=my_serve.yaml        # another Serve config file (Serve's own format)
+    python jobs/serve_app.py http_options.port=8001            # Serve's http_options, changed
     python jobs/serve_app.py args.segmenter=null args.pixel=runs/demo/segmenter_ddpm.pt   # the app's args, changed
     python jobs/serve_app.py address=127.0.0.1:6379 block=false   # deploy on a running cluster and return
 
@@ -63,6 +64,7 @@ class ServeLaunchConfig:
     serve_config: ConfigPath = "serve/config.yaml"  # a Serve config file (relative: from here, else the checkout's)
     application: str | None = None  # the application `args` changes (needed only when the file has several)
     args: dict[str, Any] = field(default_factory=dict)  # changes to its args: args.pixel=x.pt, args.segmenter=null
+    http_options: dict[str, Any] = field(default_factory=dict)  # changes to Serve's: http_options.port=8001
     address: str | None = None  # a running Ray cluster (host:port); default $RAY_ADDRESS, else a new local Ray
     num_cpus: int = 0  # CPUs of a new local Ray (0: all of this machine's)
     block: bool = True  # false: deploy, print the URL and return (a local Ray would end with this process)
@@ -93,6 +95,8 @@ def load_serve_config(cfg: ServeLaunchConfig) -> dict[str, Any]:
             raise ConfigError(f"{where}.import_path: {app.get('import_path')!r}; this launcher runs {IMPORT_PATH}")
         if app.get("runtime_env"):
             raise ConfigError(f"{where}.runtime_env: not supported here (the code is shipped); use `serve deploy`")
+    if cfg.http_options:
+        config["http_options"] = merge(config.get("http_options") or {}, cfg.http_options)
     if cfg.args:
         names = [a.get("name", "default") for a in apps]
         if cfg.application is None and len(apps) > 1:

@@ -85,3 +85,26 @@ def test_docs_alias_switch_is_the_promote_command(doc):
     `serve run` of an unchanged config does not switch the live app)."""
     text = (REPO / "docs" / doc).read_text()
     assert re.search(r"python jobs/promote\.py name=\S+ alias=\S+ version=\d+", text), doc
+
+
+def test_the_docs_token_command_writes_it_owner_only(tmp_path):
+    """docs/cluster.md's token command, run as written in a fresh HOME: `ray get-auth-token --generate` alone writes
+    ~/.ray/auth_token with a plain open (0644 under the usual umask: anyone on the machine could run code on the
+    cluster); the documented command runs it under `umask 077`, so the file is 0600 from the start."""
+    line = next(
+        raw.split("  #")[0].strip()
+        for raw in (REPO / "docs" / "cluster.md").read_text().splitlines()
+        if raw.startswith("    ") and "ray get-auth-token --generate" in raw
+    )
+    assert line.startswith("(umask 077 &&"), line
+    bindir = str(Path(sys.executable).parent)
+    env = {**ENV, "HOME": str(tmp_path), "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    subprocess.run(["bash", "-c", f"umask 022; {line}"], env=env, check=True, capture_output=True, timeout=300)
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.is_file() and token.stat().st_mode & 0o777 == 0o600, oct(token.stat().st_mode)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    env["HOME"] = str(bare)  # what the docs no longer say: Ray's own mode
+    subprocess.run(["bash", "-c", "umask 022; ray get-auth-token --generate"], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    assert (bare / ".ray" / "auth_token").stat().st_mode & 0o077, "Ray writes it owner-only now: simplify the docs"

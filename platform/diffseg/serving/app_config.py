@@ -81,9 +81,9 @@ def check_sources(cfg: ServeAppConfig) -> None:
         if value and not is_uri(value) and not Path(value).exists():
             raise ValueError(
                 f"{key}: {value} does not exist on {socket.gethostname()}, where this Serve application is built. "
-                f"Relative paths resolve against ${WORKDIR_ENV} or the working directory of `serve run` "
-                f"({Path.cwd()}); `serve deploy` builds the app on the cluster, so give a path that exists on its "
-                "nodes, an s3:// URI or an MLflow URI (runs:/<run id>/checkpoint)"
+                f"Relative paths resolve against ${WORKDIR_ENV} or the working directory of `jobs/serve_app.py` "
+                f"or `serve run` ({Path.cwd()}); `serve deploy` builds the app on the cluster, so give a path that "
+                "exists on its nodes, an s3:// URI or an MLflow URI (runs:/<run id>/checkpoint)"
             )
 
 
