@@ -76,9 +76,11 @@ class FeatureCache:
     def _lock_path(self, name: str) -> Path:
         if not self.remote:
             return self.root / name
-        # an object store has no locks: builders on this node serialise on a local file named after the root
+        # an object store has no locks: builders on this node serialise on a local file named after the root, in the
+        # user's cache folder (not /tmp, where the folders outlived every run and anyone could plant one first)
         tag = hashlib.sha256(self.root.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"diffseg-cache-{tag}" / name
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+        return cache / "diffseg" / "locks" / tag / name
 
     def _event(self, kind: str, key_hash: str, seconds: float = 0.0) -> None:
         event = {"event": kind, "key": key_hash, "pid": os.getpid(), "time": time.time(), "s": seconds}
