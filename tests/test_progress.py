@@ -111,3 +111,20 @@ def test_long_log_intervals_are_smoothed_too():
         p.update(done)
         etas.append(p.eta_s())
     assert max(etas[6:]) / min(etas[6:]) < 1.6  # the raw ETAs swing 4x
+
+
+def test_ray_trains_per_report_info_lines_are_quiet_where_the_library_logs():
+    """A Ray Train worker logged two ~300-character INFO lines at every report ("Checkpoint successfully created at:
+    ...", "Reporting training result N: TrainingReport(...)"); a process that shows the library's log (a job, a
+    worker: `setup_logging`) keeps their warnings only. The names are the loggers of the installed Ray."""
+    import importlib
+    import logging
+
+    from diffseg.core.runtime import setup_logging
+
+    for module in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
+        importlib.import_module(module)  # the modules that log them exist under these names
+    setup_logging()
+    for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING), name

@@ -295,9 +295,19 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+# Third-party INFO records that say nothing a user acts on, once per report or step: shown from WARNING up only.
+QUIET_LOGGERS = (
+    "ray.train.v2._internal.execution",  # a Ray Train worker's "Checkpoint successfully created at: ..." and
+    # "Reporting training result N: TrainingReport(...)", two lines of ~300 characters at every report
+)
+
+
 def setup_logging(level: int = logging.INFO, prefix: str = "") -> None:
     """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers);
-    `prefix` starts every line (the run's name, where several processes share one terminal)."""
+    `prefix` starts every line (the run's name, where several processes share one terminal). The `QUIET_LOGGERS`
+    show warnings and errors only."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     logger = logging.getLogger("diffseg")
     handler = next((h for h in logger.handlers if isinstance(h, _StdoutHandler)), None)
     if handler is None:
