@@ -122,9 +122,9 @@ def test_ray_trains_per_report_info_lines_are_quiet_where_the_library_logs():
 
     from diffseg.core.runtime import setup_logging
 
-    for module in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
-        importlib.import_module(module)  # the modules that log them exist under these names
+    storage = importlib.import_module("ray.train.v2._internal.execution.storage")
+    context = importlib.import_module("ray.train.v2._internal.execution.context")
     setup_logging()
-    for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
-        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
-        assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+    for logger in (storage.logger, context.logger):  # the loggers those modules log with (context's: its file name)
+        assert not logger.isEnabledFor(logging.INFO), logger.name
+        assert logger.isEnabledFor(logging.WARNING), logger.name

@@ -460,6 +460,40 @@ def test_ctrl_c_saves_the_steps_says_so_and_the_same_command_resumes(tmp_path, c
     assert done.step == 12 and done.extra["starts"] == [0, 7]
 
 
+@pytest.mark.slow
+def test_ctrl_c_with_two_workers_exits_130_killed_naming_the_checkpoint(tmp_path):
+    """Issue 37.3: with scaling.num_workers=2, Ray's own SIGINT handler aborted the run's controller and `fit()` then
+    raised ActorDiedError: exit 1, the run FAILED. Now Ctrl-C stops the workers, exits 130 with one line naming the
+    workers' last checkpoint and the command that resumes it, and the MLflow run is KILLED."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, str(REPO / "jobs" / "train_factorized.py"), "--config", "factorized_tiny16.yaml",
+           "scaling.num_workers=2", "loop.num_steps=100000", "loop.checkpoint_every=4", f"output_dir={tmp_path}",
+           "name=ctrlc2", "tracking.enabled=true", f"tracking.uri={uri}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "job.log"
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    ckpt = tmp_path / "ctrlc2" / "checkpoint.pt"
+    try:
+        deadline = time.time() + 400
+        while not ckpt.is_file():
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+        job.send_signal(signal.SIGINT)  # what Ctrl-C sends the job's process
+        assert job.wait(timeout=180) == 130, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("interrupted: Ctrl-C with the workers' last checkpoint at step ") and str(ckpt) in last
+    assert "the same command resumes it: python " in last and "name=ctrlc2" in last, last
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("diffseg").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"], [(r.info.run_name, r.info.status) for r in runs]
+
+
 def test_a_user_error_in_a_ray_train_worker_ends_the_job_in_one_line(tmp_path, monkeypatch, capsys):
     """Issue 36.8: a data or config error raised in a Ray Train worker reached the user as a `WorkerGroupError`
     traceback. Now the job ends with one line naming the worker and the cause (status 1); a bug keeps its traceback."""

@@ -296,17 +296,22 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 # Third-party INFO records that say nothing a user acts on, once per report or step: shown from WARNING up only.
-QUIET_LOGGERS = (
-    "ray.train.v2._internal.execution",  # a Ray Train worker's "Checkpoint successfully created at: ..." and
-    # "Reporting training result N: TrainingReport(...)", two lines of ~300 characters at every report
-)
+# A Ray Train worker's "Checkpoint successfully created at: ..." (storage.py, a logger named after the module) and
+# "Reporting training result N: TrainingReport(...)" (context.py, a logger named after its FILE), two lines of ~300
+# characters at every report.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution",)
+QUIET_FILE_LOGGERS = ("ray/train/v2/_internal/execution/context.py",)  # relative to the installed ray package
 
 
 def setup_logging(level: int = logging.INFO, prefix: str = "") -> None:
     """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers);
     `prefix` starts every line (the run's name, where several processes share one terminal). The `QUIET_LOGGERS`
     show warnings and errors only."""
-    for name in QUIET_LOGGERS:
+    names = list(QUIET_LOGGERS)
+    if "ray" in sys.modules:  # (never imported here for that: a job without Ray does not pay for it)
+        ray_root = Path(sys.modules["ray"].__file__).parent.parent
+        names += [str(ray_root / path) for path in QUIET_FILE_LOGGERS]
+    for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
     logger = logging.getLogger("diffseg")
     handler = next((h for h in logger.handlers if isinstance(h, _StdoutHandler)), None)

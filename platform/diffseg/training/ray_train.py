@@ -15,6 +15,10 @@ a finished run re-run with more steps continues from its step.
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +96,32 @@ def _use_gpu(cfg: ScalingSection) -> bool:
     return decide_gpu(cfg.use_gpu, "train", cluster=cfg.num_workers > 0).use_gpu
 
 
+class _Trainer(ray.train.torch.TorchTrainer):
+    """Ray's TorchTrainer with our Ctrl-C. Ray's `fit()` installs a SIGINT handler that aborts the run's controller:
+    the workers stop, but `fit()` then raises `ActorDiedError`, so a Ctrl-C'd multi-worker job exited 1 and ended
+    its run FAILED. Here Ctrl-C aborts the controller the same way and raises KeyboardInterrupt (exit 130, KILLED).
+    A second Ctrl-C while the abort runs interrupts at once."""
+
+    def _register_sigint_handler(self, controller) -> None:  # Ray's hook (ray/train/v2/api/data_parallel_trainer.py)
+        def on_sigint(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C is an ordinary one
+            log.info("[train] Ctrl-C: stopping the workers (the last checkpoint they saved is kept)")
+            try:
+                ray.get(controller.abort.remote(), timeout=60)
+            except Exception:  # the controller exits inside abort (its actor dies): that is the stop
+                pass
+            raise KeyboardInterrupt("Ctrl-C")
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+
 def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of a run; `cfg`'s paths must be absolute already (`run` resolves them)."""
     use_gpu = _use_gpu(cfg.scaling)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    return ray.train.torch.TorchTrainer(
+    return _Trainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": to_dict(cfg),
@@ -152,6 +175,18 @@ def worker_user_error(e: BaseException) -> UserError | None:
     return None
 
 
+def stopped_workers_message(cfg: TrainConfig) -> str:
+    """An interrupted Ray Train run: the checkpoint its workers saved last (they stop where they are: the steps since
+    it are lost; `loop.checkpoint_every` bounds them) and the command that resumes it."""
+    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
+    how = f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
+    try:
+        step = load_run_checkpoint(cfg).step
+    except Exception:  # none yet (or unreadable): the run starts again from its beginning
+        return f"before the workers saved a checkpoint{how}"
+    return f"with the workers' last checkpoint at step {step} ({run_uri(cfg, CHECKPOINT_NAME)}){how}"
+
+
 def run(cfg: TrainConfig) -> ray.train.Result:
     """Train as `cfg` says; the job body of jobs/train_ddpm.py and jobs/train_factorized.py.
 
@@ -163,9 +198,12 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         init_ray()
     with staging_dir(run_uri(cfg, "config.yaml")) as tmp:
         put_file(save_config(cfg, Path(tmp) / "config.yaml"), run_uri(cfg, "config.yaml"))
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         result = build_trainer(cfg).fit()
     except BaseException as e:  # a worker that died (out of memory, a lost node) cannot end its run: the driver does
+        if isinstance(e, KeyboardInterrupt) and cfg.scaling.num_workers > 0:  # the workers' last checkpoint stays
+            e.args = (f"{str(e) or 'Ctrl-C'} {stopped_workers_message(cfg)}",)
         why = f"training stopped: {type(e).__name__}: {str(e)[:300]}"
         try:
             end_runs_named(cfg.tracking, cfg.name, status_for(e), why, resolve_tracking_uri(cfg.tracking.uri))
@@ -175,6 +213,9 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         if cause is not None:  # a user error in a worker ends the job in one line, as it does without Ray
             raise cause from None
         raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # Ray's fit() leaves its handler (ours) installed
     out = result.return_value or {}
     log.info(f"[train] done at step {out.get('step')}: checkpoint {run_uri(cfg, CHECKPOINT_NAME)}")
     log.info(f"[train] samples    {run_uri(cfg, 'samples')}")
