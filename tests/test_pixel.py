@@ -258,6 +258,22 @@ def test_stopping_rule_freezes_members(tmp_path):
     assert res.epochs < 100
 
 
+@pytest.mark.parametrize("hidden", [(), (16,), (64, 16), (512, 256)])  # the paper's default, narrower, wider
+def test_hidden_widths_and_members_reach_the_ensemble_and_its_bundle(tmp_path, hidden):
+    """`pixel.hidden` and `pixel.members` (what a recipe sweep searches) build the ensemble they name; the bundle
+    rebuilds it with the same widths; () is the paper's choice by the number of classes."""
+    ss, _ = _write_toy_shards(tmp_path, n_shards=2, rows=64)
+    cfg = PixelTrainConfig(members=3, hidden=hidden, max_epochs=1, batch_size=16)
+    ens, _ = train_ensemble(ss, 3, cfg)
+    widths = hidden or paper_hidden(3)
+    assert ens.hidden == widths and ens.members == 3
+    linear = [m for m in ens.member(0) if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linear] == [*widths, 3] and linear[0].in_features == 6
+    seg = PixelSegmenter(ens, FeatureConfig(backbone="rgb"), ["a", "b", "c"], image_size=8, device="cpu")
+    back = PixelSegmenter.load(seg.save(tmp_path / "seg.pt"), device="cpu").ensemble
+    assert back.hidden == widths and back.members == 3
+
+
 def test_bundle_roundtrip_rgb(tmp_path):
     torch.manual_seed(0)
     ens = MLPEnsemble(3, 4, members=3)

@@ -23,6 +23,7 @@ from diffseg.core.config import replace
 from diffseg.core.report import decode, plot_sweep, trial_overrides
 from diffseg.core.trust import SIGNATURE_NAME, DriverRun, UntrustedState, check_state, sign_state, trust_state
 from diffseg.data.feature_cache import FeatureCache, feature_key
+from diffseg.experiments.space import space_example, subsets
 from diffseg.experiments.sweep import PixelTrialConfig, SweepConfig, build_param_space, expected_trials, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,69 @@ def test_param_space_round_trips_lists_and_rejects_grids_for_optuna():
     # how many trials a finished sweep has: the grid's size (2 x 3 here) times num_samples; samplers count 1
     grid = build_param_space({"a.b": [1, 2], "c": {"grid": [1, 2, 3]}, "d": {"uniform": [0, 1]}})
     assert expected_trials(grid, num_samples=2) == 12 and expected_trials(space, 1) == 2
+
+
+def test_subset_spaces_enumerate_every_set_once_in_the_given_order():
+    from ray import tune
+
+    blocks = [f"dec.{i}" for i in range(6)]
+    sets = subsets("features.blocks", blocks)
+    assert len(sets) == 63 and len({tuple(s) for s in sets}) == 63  # every non-empty subset, once
+    assert sets[:6] == [[b] for b in blocks] and sets[-1] == blocks  # the single blocks first, all six last
+    assert ["dec.1", "dec.2", "dec.3", "dec.4"] in sets  # the middle blocks (the face recipe)
+    assert all(s == sorted(s, key=blocks.index) for s in sets)  # in the U-Net's order: one cache key per set
+    ts = subsets("features.timesteps", {"of": list(range(0, 501, 50)), "max": 3})
+    assert len(ts) == 11 + 55 + 165 and max(map(len, ts)) == 3 and [0, 250, 500] in ts
+    assert subsets("k", {"of": [1, 2, 3], "min": 2}) == [[1, 2], [1, 3], [2, 3], [1, 2, 3]]
+    # a finite set of values like a bare list: every subset on a grid, a categorical draw for random and optuna
+    grid = build_param_space({"features.blocks": {"subset": ["dec.1", "dec.2"]}}, "grid")
+    assert [decode(v) for v in grid["features"]["blocks"]["grid_search"]] == [["dec.1"], ["dec.2"], ["dec.1", "dec.2"]]
+    assert expected_trials(grid, 1) == 3
+    spec = {"features.timesteps": {"subset": {"of": [50, 150, 250], "max": 2}}, "pixel.members": {"randint": [2, 11]},
+            "pixel.hidden": {"choice": [[64, 16], [512, 256]]}}  # fmt: skip
+    for search in ("random", "optuna"):
+        space = build_param_space(spec, search)
+        dom = space["features"]["timesteps"]
+        assert isinstance(dom, tune.search.sample.Categorical) and len(dom.categories) == 6
+        assert isinstance(space["pixel"]["members"], tune.search.sample.Integer)
+        assert expected_trials(space, 7) == 7
+    drawn = trial_overrides({"features": {"timesteps": dom.sample()}}, ["features.timesteps"])["features.timesteps"]
+    assert drawn in [[50], [150], [250], [50, 150], [50, 250], [150, 250]]
+    assert space_example("features.timesteps", spec["features.timesteps"]) == [50]  # what run_sweep probes
+    assert space_example("pixel.members", spec["pixel.members"]) is None
+    for bad, match in (
+        ({"of": [1, 2], "max": 3}, "1 <= min <= max <= 2"),
+        ({"of": [1, 2], "min": 0}, "1 <= min"),
+        ({"of": [1, 1]}, "distinct"),
+        ({"of": [1, 2], "size": 1}, "subset takes a list or"),
+        ("dec.1", "subset takes a list or"),
+        ({"of": list(range(40))}, "subsets \\(more than"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build_param_space({"k": {"subset": bad}})
+    with pytest.raises(ValueError, match="space.k: unknown sampler 'normal'"):
+        SweepConfig(space={"k": {"normal": [0, 1]}}).check()  # --dry-run reports the space's syntax
+
+
+def test_the_recipe_sweeps_search_blocks_timesteps_widths_and_members():
+    """The two shipped recipe searches (issue 35.2): any block set, 1-3 timesteps of 0..500, narrower and wider
+    MLPs than the paper's, 2-10 members; Optuna + ASHA on validation folds, one trial at a time on one core."""
+    from diffseg.core.config import load_config
+    from diffseg.experiments.sweep import apply_overrides
+
+    for name, metric in (("sweep_celeba_recipe.yaml", "val/miou"), ("sweep_horse_recipe.yaml", "val/iou/horse")):
+        cfg = load_config(SweepConfig, REPO / "jobs" / "configs" / name)
+        cfg.check()
+        assert cfg.task == "pixel" and cfg.metric == metric and cfg.folds == 5 and cfg.search == "optuna"
+        assert cfg.scheduler.kind == "asha" and cfg.num_reports == 2 and cfg.max_concurrent_trials == 1
+        assert len(subsets("b", cfg.space["features.blocks"]["subset"])) == 63
+        timesteps = [t for s in subsets("t", cfg.space["features.timesteps"]["subset"]) for t in s]
+        assert min(timesteps) == 0 and max(timesteps) == 500
+        widths = cfg.space["pixel.hidden"]["choice"]
+        assert [128, 32] in widths and [256, 128] in widths and min(widths) < [128, 32] and max(widths) > [256, 128]
+        base = apply_overrides(PixelTrialConfig(), cfg.base_overrides)
+        assert (REPO / base.features.backbone).is_file() and base.data.num_train == 20 and base.data.num_test == 0
+        assert base.test_data.root == base.data.root and base.test_data.num_train >= 150  # test ids after the labels
 
 
 def test_feature_key_ignores_classifier_and_batching_but_not_recipe(tmp_path):
@@ -117,6 +181,16 @@ def test_plot_sweep_heatmap_and_bars(tmp_path):
     flipped = df.assign(**{"test/miou": df["test/miou"][::-1].to_numpy()})
     heat2 = np.asarray(Image.open(plot_sweep(flipped, keys, "test/miou", tmp_path / "heat2.png")).convert("RGB"))
     assert heat2.shape == heat.shape and not np.array_equal(heat2, heat)
+    # a sampled search (30 block sets x 30 timestep sets): the best 20 trials ranked, not a 30 x 30 heatmap
+    many = pd.DataFrame(
+        {
+            "features.blocks": [f"dec.{i % 6},dec.{i}" for i in range(30)],
+            "features.timesteps": [str(i) for i in range(30)],
+            "val/miou": np.linspace(0.5, 0.1, 30),
+        }  # fmt: skip
+    )
+    ranked = np.asarray(Image.open(plot_sweep(many, keys, "val/miou", tmp_path / "ranked.png")).convert("RGB"))
+    assert ranked.shape[1] < 1200 and ranked.shape[0] > 400  # 8 inches wide, one bar per trial shown
 
 
 def test_sweep_yaml_specs_load():
@@ -275,6 +349,87 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     answers = served.segment(x, [0, 0], [0, 0])
     labels, _ = served.bundle.predict(torch.from_numpy(x))
     assert all(np.array_equal(a["labels"], labels[i]) for i, a in enumerate(answers))
+
+
+@pytest.mark.slow
+def test_a_recipe_search_with_optuna_and_asha_resumes_with_the_same_command(tmp_path):
+    """The recipe search of issue 35.2 at toy size: block and timestep subsets, MLP widths and ensemble sizes drawn
+    by Optuna, ASHA stopping trials after their first report; interrupted after the first trial and resumed with
+    `--resume`: every trial ends once, values stay in the space, features are extracted once per (blocks,
+    timesteps) and the chosen recipe is scored once on test."""
+    backbone = _tiny_backbone(tmp_path / "ddpm.pt")
+    blocks, steps = ["dec.1", "dec.2", "dec.3"], [0, 100, 250, 500]
+    spec = {
+        "name": "search",
+        "task": "pixel",
+        "base_overrides": {
+            "features": {"backbone": backbone},
+            "data": {"image_size": 16, "num_images": 8, "num_train": 4, "num_test": 2},
+            "pixel": {"batch_size": 16, "max_epochs": 16},
+        },
+        "space": {
+            "features.blocks": {"subset": blocks},
+            "features.timesteps": {"subset": {"of": steps, "max": 2}},
+            "pixel.hidden": {"choice": [[8], [16, 8]]},
+            "pixel.members": {"randint": [1, 4]},
+        },
+        "search": "optuna",
+        "num_samples": 4,
+        "num_reports": 2,
+        "scheduler": {"kind": "asha"},
+        "metric": "val/miou",
+        "folds": 2,
+        "max_concurrent_trials": 1,
+        "output_dir": str(tmp_path / "sweeps"),
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "search-test"},
+    }
+    spec_path = tmp_path / "search.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(spec_path)]
+    exp_dir = tmp_path / "sweeps" / "search"
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while _finished_trials(exp_dir) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{proc.stdout.read()[-3000:]}"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "resume=True" in out, out[-3000:]
+    assert any(exp_dir.glob("searcher-state-*.pkl"))  # Optuna's study is part of the state a resume restores
+
+    done = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    import pandas as pd
+
+    table = pd.read_csv(
+        exp_dir / "results.csv", dtype={"features.blocks": str, "features.timesteps": str, "pixel.hidden": str}
+    )
+    assert len(table) == 4 and set(table["status"]) <= {"DONE", "STOPPED"} and table["val/miou"].notna().all()
+    assert set(table["reports"]) <= {1, 2} and (table["reports"] == 2).any()
+    for _, row in table.iterrows():  # every drawn value is in the space
+        chosen_blocks, chosen_steps = (
+            row["features.blocks"].split(","),
+            [int(t) for t in row["features.timesteps"].split(",")],
+        )
+        assert chosen_blocks == sorted(set(chosen_blocks), key=blocks.index) and set(chosen_blocks) <= set(blocks)
+        assert (
+            1 <= len(chosen_steps) <= 2
+            and chosen_steps == sorted(set(chosen_steps))
+            and set(chosen_steps) <= set(steps)
+        )
+        assert row["pixel.hidden"] in ("8", "16,8") and 1 <= row["pixel.members"] <= 3
+    recipes = {(r["features.blocks"], r["features.timesteps"]) for _, r in table.iterrows()}
+    events = [e["event"] for e in FeatureCache(tmp_path / "sweeps" / "feature_cache").events()]
+    assert events.count("build") == len(recipes)  # one extraction per (blocks, timesteps), whatever the MLP
+    summary = json.loads((exp_dir / "best" / "summary.json").read_text())
+    best = yaml.safe_load((exp_dir / "best_config.yaml").read_text())
+    assert summary["recipe"]["features.blocks"] == best["features"]["blocks"] and summary["num_trials"] == 4
+    assert summary["val"]["val/miou"] == pytest.approx(table["val/miou"][0])
+    assert best["pixel"]["members"] == summary["recipe"]["pixel.members"]
+    assert summary["test_ids"] == ["000004", "000005"] and 0 <= summary["test"]["test/miou"] <= 1
+    assert (exp_dir / "results.png").is_file()
 
 
 def test_base_overrides_merge_and_searchers():

@@ -100,15 +100,33 @@ def sweep_table(result_grid: Any, keys: Sequence[str], metric: str, mode: str) -
     return df
 
 
+MAX_CELLS = 12  # a heatmap with more rows or columns than this (a sampled search's many sets) becomes a ranking
+TOP_TRIALS = 20  # the trials the ranking shows
+
+
 def plot_sweep(df: Any, keys: Sequence[str], metric: str, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Two swept paths: a heatmap of `metric` (rows = first path, columns = second); one: a bar chart."""
+    """Two swept paths: a heatmap of `metric` (rows = first path, columns = second); one: a bar chart. When the
+    values are too many for a heatmap (a random or Optuna search over sets of blocks and timesteps), the best
+    `TOP_TRIALS` trials as horizontal bars, each labelled with its swept values."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (a notebook's inline) alone
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     varied = [k for k in keys if k in df.columns and df[k].astype(str).nunique() > 1] or list(keys[:1])
     data = df[df[metric].notna()] if metric in df.columns else df.iloc[:0]
-    if len(varied) >= 2:
+    if max((data[k].astype(str).nunique() for k in varied[:2] if k in data.columns), default=0) > MAX_CELLS:
+        top = data.head(TOP_TRIALS)  # the table is best first (`sweep_table`, by the sweep's mode)
+        labels = [" | ".join(str(_short(row[k])) for k in varied if k in top.columns) for _, row in top.iterrows()]
+        fig = Figure(figsize=(8, 1.2 + 0.28 * len(top)))
+        ax = fig.add_subplot()
+        ax.barh(range(len(top)), top[metric].to_numpy(), color="tab:blue")
+        ax.set_yticks(range(len(top)), labels, fontsize=7)
+        ax.invert_yaxis()  # the best on top
+        ax.set_xlabel(metric), ax.set_ylabel(" | ".join(varied), fontsize=7)
+        for i, v in enumerate(top[metric].to_numpy()):
+            ax.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+        title = f"{title or metric} (best {len(top)} of {len(data)} trials)"
+    elif len(varied) >= 2:
         a, b = varied[0], varied[1]
         pivot = data.assign(**{a: data[a].astype(str), b: data[b].astype(str)}).pivot_table(
             index=a, columns=b, values=metric, aggfunc="max"

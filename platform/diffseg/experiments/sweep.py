@@ -1,12 +1,13 @@
 """Ray Tune sweeps over config paths: feature recipes (blocks x timesteps), pixel-MLP sizes, K, learning rates.
 
     result = run_sweep(base_cfg, {"features.blocks": [["dec.3"], ["dec.4", "dec.5"]],
-                                  "features.timesteps": [[50], [50, 150]]}, metric="test/miou", mode="max")
+                                  "features.timesteps": [[50], [50, 150]]}, metric="val/miou", mode="max")
     result.table, result.best_config   # one row per trial (swept paths + metrics, best first); the best config
     result.best_model                  # the best trial's servable model (best/segmenter.pt or best/checkpoint.pt)
 
 The space is keyed by dotted config paths (those of `key.path=value` overrides). A value is a list (a grid), a Tune
-domain, or `{grid|choice: [...]}`, `{uniform|loguniform|randint|quniform: [lo, hi]}` (what YAML can say). A sweep
+domain, `{grid|choice: [...]}`, `{uniform|loguniform|randint|...: [lo, hi]}` or `{subset: {of: [...], max: 3}}` (any
+set of decoder blocks or timesteps; `diffseg.experiments.space`: what YAML can say). A sweep
 only sweeps: each trial runs a task of `diffseg.experiments.trials` (label-efficient "pixel" trials for a
 `PixelTrialConfig`, "factorized" trials for a factorized `TrainConfig`), which reports `split/name` metrics of the one
 evaluation path after each of `num_reports` chunks of its training (ASHA's time unit) and leaves a servable model.
@@ -42,7 +43,6 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
-from ray.tune.search.sample import Domain
 
 from diffseg.core import storage
 from diffseg.core.config import (
@@ -65,7 +65,7 @@ from diffseg.core.config import (
     workdir,
 )
 from diffseg.core.registry import find_nested_run, finish_nested_runs
-from diffseg.core.report import chosen_markdown, encode, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
+from diffseg.core.report import chosen_markdown, frame_to_markdown, plot_sweep, sweep_table, trial_overrides
 from diffseg.core.runtime import init_ray, resolve_device, setup_logging
 from diffseg.core.tracking import Tracker, TrackingConfig, flatten, resolve_tracking_uri, status_for
 from diffseg.core.trust import (
@@ -78,6 +78,7 @@ from diffseg.core.trust import (
     recheck_state,
 )
 from diffseg.core.trust import trust_state as vouch_for_state
+from diffseg.experiments.space import build_param_space, expected_trials, space_example
 from diffseg.experiments.trials import (
     BEST_MODEL,
     PixelTrialConfig,
@@ -142,6 +143,7 @@ class SweepConfig:
         """Cross-field checks (run by --dry-run and before the job)."""
         if not self.space:
             raise ValueError("space: nothing to sweep; give {config path: values}")
+        build_param_space(self.space, self.search)  # the space's syntax (a subset's min/max, a sampler's name)
         if self.task == "pixel":
             check_pixel_sweep(self.metric, self.folds, self.space)
 
@@ -163,48 +165,7 @@ def base_config_class(task: str) -> type:
     return PixelTrialConfig if task == "pixel" else TrainConfig
 
 
-# ---------------------------------------------------------------------------------------------------- space
-def build_param_space(space: Mapping[str, Any], search: str = "grid") -> dict[str, Any]:
-    """Dotted config paths -> Tune's nested param space (see the module docstring for the accepted values)."""
-    out: dict[str, Any] = {}
-    for key, spec in space.items():
-        if isinstance(spec, Domain) or (isinstance(spec, dict) and "grid_search" in spec):
-            dom = spec  # already Tune's
-        elif isinstance(spec, (list, tuple)):
-            values = [encode(v) for v in spec]
-            # a bare list is a grid; samplers that cannot take a grid (optuna) draw from it instead
-            dom = tune.choice(values) if search == "optuna" else tune.grid_search(values)
-        elif isinstance(spec, Mapping) and len(spec) == 1:
-            ((kind, arg),) = spec.items()
-            if kind in ("grid", "choice"):
-                dom = (tune.grid_search if kind == "grid" else tune.choice)([encode(v) for v in arg])
-            elif kind in ("uniform", "loguniform", "randint", "quniform"):
-                dom = getattr(tune, kind)(*arg)
-            else:
-                raise ValueError(
-                    f"space.{key}: unknown sampler {kind!r}; use grid, choice, uniform, loguniform, randint"
-                )
-        else:
-            raise ValueError(
-                f"space.{key}: expected a list, a Tune domain or {{grid|choice|uniform|...: ...}}, got {spec!r}"
-            )
-        if search == "optuna" and isinstance(dom, dict) and "grid_search" in dom:
-            raise ValueError(f"space.{key}: optuna cannot search a grid; use a list or {{choice: [...]}}")
-        set_path(out, key.split("."), dom)
-    return out
-
-
-def expected_trials(param_space: Mapping[str, Any], num_samples: int) -> int:
-    """How many trials a finished sweep has: num_samples x the product of the grid sizes."""
-
-    def grid_size(node: Any) -> int:
-        if isinstance(node, Mapping) and "grid_search" in node:
-            return len(node["grid_search"])
-        return math.prod(grid_size(v) for v in node.values()) if isinstance(node, Mapping) else 1
-
-    return num_samples * grid_size(param_space)
-
-
+# ---------------------------------------------------------------------------------------------------- base
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     """`cfg` with dotted and/or nested overrides merged key by key (a section that is None takes a whole mapping)."""
     nested: dict[str, Any] = {}
@@ -314,7 +275,7 @@ def _scheduler(sweep: SweepConfig) -> ASHAScheduler | None:
 
 def _search_alg(sweep: SweepConfig):
     if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch  # optuna is an optional dependency
+        from ray.tune.search.optuna import OptunaSearch  # lazily: optuna loads only for the sweeps that use it
 
         return OptunaSearch(seed=sweep.seed)
     return BasicVariantGenerator(random_state=sweep.seed) if sweep.search == "random" else None
@@ -348,10 +309,9 @@ def run_sweep(
         base = apply_overrides(base, sweep.base_overrides)
     base = resolve_paths(base, base_dir)
     keys = list(sweep.space)
-    for key in keys:  # fail before any trial starts on a path the base config does not have
-        probe = sweep.space[key]
-        if isinstance(probe, (list, tuple)) and probe:
-            replace(base, **{key: probe[0]})
+    for key in keys:  # fail before any trial starts on a path the base config does not have (or a bad value)
+        if (probe := space_example(key, sweep.space[key])) is not None:
+            replace(base, **{key: probe})
     if task == "pixel":  # before Ray or any trial: test images never choose the recipe
         check_pixel_sweep(sweep.metric, sweep.folds, sweep.space)
         check_pixel_protocol(base, sweep.folds)
@@ -589,11 +549,16 @@ def run(cfg: SweepConfig, resume: bool = False, trust_state: bool = False) -> Sw
     log.info(f"[sweep] best {cfg.metric} = {result.best_metrics.get(cfg.metric)}: {result.best}")
     if result.test_metrics:  # pixel: validation chose it; test scored it once
         folds = [result.best_metrics.get(f"val/fold{f}/miou", float("nan")) for f in range(cfg.folds)]
+        val, test, nan, name = result.best_metrics, result.test_metrics, float("nan"), cfg.metric.removeprefix("val/")
+        chosen_by = ""  # the metric it was chosen on comes first, when it is not the mIoU
+        if name != "miou":
+            chosen_by = (
+                f"{cfg.metric} {val.get(cfg.metric, nan):.4f} -> test/{name} {test.get(f'test/{name}', nan):.4f}; "
+            )
         log.info(
-            f"[sweep] chosen recipe: val/miou {result.best_metrics.get('val/miou', float('nan')):.4f} (mean of "
-            f"{cfg.folds} folds: {', '.join(f'{v:.4f}' for v in folds)}) -> test/miou "
-            f"{result.test_metrics.get('test/miou', float('nan')):.4f} (scored once, "
-            f"{int(result.test_metrics.get('test/num_images', 0))} test images)"
+            f"[sweep] chosen recipe: {chosen_by}val/miou {val.get('val/miou', nan):.4f} (mean of {cfg.folds} folds: "
+            f"{', '.join(f'{v:.4f}' for v in folds)}) -> test/miou {test.get('test/miou', nan):.4f} (scored once, "
+            f"{int(test.get('test/num_images', 0))} test images)"
         )
     log.info(f"[sweep] results   {storage.join(result.path, 'results.md')} (+ .csv, .png, best_config.yaml"
              f"{', best/summary.json' if result.test_metrics else ''})")  # fmt: skip
