@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffseg.core.tracking import JobInterrupted, sigterm_interrupts
 
@@ -238,3 +239,57 @@ def test_local_route_with_token_auth(tmp_path):
         assert ok.returncode == 0 and "token ok" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-3000:]
     finally:
         cluster.shutdown()
+
+
+def _job_main(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_dry_run_checks_the_checkpoints_a_job_reads(tmp_path, capsys):
+    """Issue 37.2: `--dry-run` accepted a checkpoint path that does not exist and a checkpoint of the wrong kind (the
+    job then failed minutes later, or in a traceback). Every checkpoint field is checked before the job starts and
+    by --dry-run: it exists, loads and verifies, and holds the model kind the job needs; one line naming the key."""
+    from test_serving import tiny_checkpoint
+
+    ddpm = tiny_checkpoint(tmp_path / "ddpm.pt", kind="ddpm")
+    factorized = tiny_checkpoint(tmp_path / "factorized.pt")
+    cases = [
+        ("segment", f"checkpoint={tmp_path / 'nope.pt'}", f"checkpoint: {tmp_path / 'nope.pt'} does not exist"),
+        ("segment", f"checkpoint={ddpm}", "holds a ddpm model; segmenting needs a factorized checkpoint"),
+        ("sample", f"checkpoint={tmp_path}", f"checkpoint: {tmp_path}: a folder without checkpoint.pt"),
+        (
+            "evaluate",
+            f"datasets=[{{name: d, ddpm: {factorized}, data: {{name: synthetic}}}}]",
+            f"datasets[0].ddpm: {factorized} holds a factorized model; kmeans_ddpm needs a ddpm checkpoint",
+        ),
+    ]
+    extra = {
+        "segment": ["data.name=synthetic", "data.image_size=16"],
+        "sample": [],
+        "evaluate": ["methods=[kmeans_ddpm]"],
+    }
+    for job, arg, message in cases:
+        with pytest.raises(SystemExit) as end:
+            _job_main(job)([arg, *extra[job], "--dry-run"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert end.value.code == 2 and len(err) == 1 and message in err[0], (job, arg, err)
+    for job, arg in [("segment", f"checkpoint={factorized}"), ("sample", f"checkpoint={ddpm}")]:
+        with pytest.raises(SystemExit) as end:
+            _job_main(job)([arg, *extra[job], "--dry-run"])
+        assert end.value.code == 0, capsys.readouterr().err
+    raw = torch.load(factorized, weights_only=True)
+    raw.pop("integrity")
+    torch.save(raw, tmp_path / "unsealed.pt")  # refused unless the job's --allow-unverified says so
+    with pytest.raises(SystemExit) as end:
+        _job_main("segment")([f"checkpoint={tmp_path / 'unsealed.pt'}", *extra["segment"], "--dry-run"])
+    assert end.value.code == 2 and "integrity record" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as end:
+        _job_main("segment")([f"checkpoint={tmp_path / 'unsealed.pt'}", *extra["segment"], "--dry-run",
+                              "--allow-unverified"])  # fmt: skip
+    assert end.value.code == 0
+    os.environ.pop("DIFFSEG_ALLOW_UNVERIFIED", None)

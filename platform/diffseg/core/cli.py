@@ -9,12 +9,14 @@ import dataclasses
 import inspect
 import io
 import json
+import os
 import sys
 import textwrap
 import tokenize
 from typing import Any, get_args, get_origin, get_type_hints
 
-from diffseg.core.config import ConfigError, T, dumps, load_config, resolve_paths, to_dict
+from diffseg.core.config import ConfigError, T, check_inputs, dumps, load_config, resolve_paths, to_dict
+from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -145,8 +147,11 @@ def parse_job_args(
         parser.exit(2, f"config error: {e}\n")
     if args.dry_run:
         sys.stdout.write(dumps(cfg))
+    if getattr(args, "allow_unverified", False):  # the job's named opt-out holds for the input checks too
+        os.environ[ALLOW_UNVERIFIED_ENV] = "1"
     try:
         check_config(cfg)
+        check_inputs(cfg)  # the checkpoints the job reads exist and are of the kind it needs
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")
     if args.dry_run:

@@ -120,6 +120,9 @@ class PathField:
 
     kind: str = "input"
     resolver: Callable[[Any, Any, str, Callable[[], Path]], Any] | None = None
+    # what the file must be, checked before the job starts and by --dry-run (`check_inputs`): `check(value, key)`
+    # raises ConfigError naming the key (a checkpoint of the kind the job needs: `models.checkpoint.checkpoint_of`)
+    check: Callable[[str, str], None] | None = None
 
 
 InputPath = Annotated[str, PathField("input")]  # a file or folder read by the job: local path or URI
@@ -199,6 +202,31 @@ def resolve_paths(cfg: T, base: str | os.PathLike | None = None) -> T:
         return dataclasses.replace(obj, **changes) if changes else obj
 
     return walk(cfg, "")
+
+
+def check_inputs(cfg: Any) -> None:
+    """Run the `PathField.check` of every location field that has one and a local value (after `resolve_paths`):
+    the file exists and is what the job needs, before any work starts. URIs are left to the job (fetched there)."""
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{prefix.rstrip('.')}[{i}].")  # datasets[0].ddpm
+            return
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            return
+        hints = get_type_hints(type(obj), include_extras=True)
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+            mark = _path_mark(hints[f.name])
+            if mark is None:
+                walk(value, key + ".")
+            elif mark.check is not None and isinstance(value, str) and value and not is_uri(value):
+                if not Path(value).exists():
+                    raise ConfigError(f"{key}: {value} does not exist")
+                mark.check(value, key)
+
+    walk(cfg, "")
 
 
 def _path_mark(tp: Any) -> PathField | None:

@@ -40,13 +40,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffseg.core.config import InputPath, Name, OutputPath, job_dir, save_config, to_dict
+from diffseg.core.config import Name, OutputPath, job_dir, save_config, to_dict
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
@@ -57,7 +57,7 @@ from diffseg.evaluation.tables import METHOD_TITLES, format_cell, render_csv, re
 from diffseg.methods.features import FeatureConfig, FeaturePipeline
 from diffseg.methods.pixel import MLPEnsemble, image_score, predict_pixels
 from diffseg.methods.segment import FactorizedSegmenter
-from diffseg.models.checkpoint import load_checkpoint, load_diffusion_model
+from diffseg.models.checkpoint import checkpoint_of, load_checkpoint, load_diffusion_model
 from diffseg.models.unet import UNetConfig
 from diffseg.scoring.metrics import ConfusionMatrix, ForegroundAccumulator
 from diffseg.scoring.regions import BandShare, HungarianIoU, ImageDependence
@@ -76,8 +76,10 @@ class DatasetSpec:
     protocol: Literal["foreground", "multiclass"] = "foreground"  # binary fg/bg ground truth, or C classes
     data: DataConfig = field(default_factory=DataConfig)  # the folder, size, split (and class_merge)
     split: Literal["train", "test", "all"] = "test"  # which images are scored (num_train/num_test in data)
-    factorized: InputPath | None = None  # checkpoint of the factorized model (method "factorized")
-    ddpm: InputPath | None = None  # checkpoint of the DDPM whose features k-means clusters (method "kmeans_ddpm")
+    # the checkpoint of the factorized model (method "factorized")
+    factorized: Annotated[str, checkpoint_of("factorized", needed_by="method factorized")] | None = None
+    # the DDPM whose features k-means clusters (method "kmeans_ddpm")
+    ddpm: Annotated[str, checkpoint_of("ddpm", needed_by="kmeans_ddpm")] | None = None
     num_regions: int = 0  # K for k-means; 0 = the factorized model's K, else the number of ground-truth classes
     limit: int = 0  # score only the first N images (0 = all)
 

@@ -48,7 +48,7 @@ import json
 import logging
 import urllib.error
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ from diffseg.evaluation.baselines import DictOutput, NetworkSegmenter, train_sup
 from diffseg.evaluation.evaluate import evaluate_segmenter
 from diffseg.methods.pixel import PixelSegmenter
 from diffseg.methods.sampling import sample
-from diffseg.models.checkpoint import load_diffusion_model
+from diffseg.models.checkpoint import checkpoint_of, load_diffusion_model
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class DatasetDDPMConfig:
     name: Name = "dataset-ddpm"
     output_dir: OutputPath = "runs/label"  # samples, labels, the segmentation network
     segmenter: InputPath = ""  # a PixelSegmenter bundle (segmenter.pt); its recipe names the DDPM checkpoint
-    checkpoint: InputPath = ""  # the DDPM to sample from ("" = the segmenter's backbone)
+    checkpoint: Annotated[str, checkpoint_of("ddpm", needed_by="sampling a labelled data set")] = ""  # the DDPM
+    # to sample from ("" = the segmenter's backbone)
     num_samples: int = 10000  # N synthetic images (the reference: 10000 generated, up to 50000 used)
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # ancestral DDPM sampling (the reference) or DDIM
     sample_steps: int = 0  # sampling steps; 0 = the full chain of T steps (the reference)

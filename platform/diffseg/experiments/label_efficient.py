@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from diffseg.evaluation.evaluate import EvalResult, evaluate_segmenter
 from diffseg.methods.features import ExtractJobConfig, FeatureConfig, run_extract_job
 from diffseg.methods.pixel import MLPEnsemble, PixelSegmenter
 from diffseg.methods.pixel_training import PixelTrainConfig, TrainResult, train_ensemble
-from diffseg.models.checkpoint import load_checkpoint
+from diffseg.models.checkpoint import checkpoint_of, load_checkpoint
 from diffseg.serving.pyfunc import log_bundle_model, model_name
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,8 @@ def run_pixel_job(cfg: PixelJobConfig) -> dict[str, Any]:
 class CompareConfig:
     name: Name = "compare"
     output_dir: OutputPath = "runs/label"  # tables, figures and feature shards
-    checkpoint: InputPath = ""  # the trained DDPM (our format or a converted guided-diffusion checkpoint)
+    # the trained DDPM (our format or a converted guided-diffusion checkpoint)
+    checkpoint: Annotated[str, checkpoint_of("ddpm", needed_by="the comparison")] = ""
     features: FeatureConfig = field(default_factory=FeatureConfig)  # blocks / timesteps / noise for both U-Nets
     train_data: DataConfig = field(default_factory=DataConfig)  # labelled training images (split "train")
     train_limit: int = 20  # the paper's few labelled images

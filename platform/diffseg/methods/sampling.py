@@ -12,18 +12,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from diffseg.core.config import InputPath, Name, OutputPath
+from diffseg.core.config import Name, OutputPath
 from diffseg.core.runtime import image_generators
 from diffseg.core.tracking import Tracker, TrackingConfig, start_job
 from diffseg.core.viz import refinement_strip, sample_grid, save_png, to_uint8
-from diffseg.models.checkpoint import load_diffusion_model
+from diffseg.models.checkpoint import checkpoint_of, load_diffusion_model
 from diffseg.models.diffusion import GaussianDiffusion
 from diffseg.models.factorized import FactorizedUNet
 
@@ -150,7 +150,7 @@ def _record(step: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
 class SampleJobConfig:
     name: Name = "sample"  # output folder under output_dir
     output_dir: OutputPath = "runs/sample"  # where grids and images go
-    checkpoint: InputPath = ""  # a trained model (factorized: images AND masks; DDPM: images)
+    checkpoint: Annotated[str, checkpoint_of()] = ""  # a trained model (factorized: images AND masks; DDPM: images)
     method: Literal["ddpm", "ddim"] = "ddim"  # ancestral DDPM or deterministic DDIM (eta 0)
     steps: int = 50  # sampling steps (respaced); 0 = all T steps (DDPM as trained)
     eta: float = 0.0  # DDIM noise (0 = deterministic)

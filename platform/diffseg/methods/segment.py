@@ -19,18 +19,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffseg.core.config import InputPath, Name, OutputPath
+from diffseg.core.config import Name, OutputPath
 from diffseg.core.runtime import image_generators
 from diffseg.core.tracking import Tracker, TrackingConfig, start_job
 from diffseg.core.viz import colorize, grid, overlay, save_png, to_uint8
 from diffseg.data.datasets import DataConfig, build_dataset, resize_images, resize_probs
-from diffseg.models.checkpoint import load_diffusion_model
+from diffseg.models.checkpoint import checkpoint_of, load_diffusion_model
 from diffseg.models.diffusion import GaussianDiffusion, randn
 from diffseg.models.factorized import FactorizedUNet
 from diffseg.models.integrity import CheckpointError
@@ -216,7 +216,8 @@ def heldout_eps_mse(
 class SegmentJobConfig:
     name: Name = "segment"  # output folder under output_dir
     output_dir: OutputPath = "runs/segment"  # where masks and overlays go
-    checkpoint: InputPath = ""  # a trained factorized model (checkpoint.pt of jobs/train_factorized.py)
+    checkpoint: Annotated[str, checkpoint_of("factorized", needed_by="segmenting")] = ""  # a trained factorized model
+    # (checkpoint.pt of jobs/train_factorized.py)
     data: DataConfig = field(default_factory=lambda: DataConfig(name="folder", image_size=0))  # image_size 0 = native
     split: Literal["train", "test", "all"] = "all"  # which images (data.num_train / num_test)
     limit: int = 0  # segment only the first N images (0 = all)

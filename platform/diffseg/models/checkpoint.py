@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 
 from diffseg.core import storage
-from diffseg.core.config import atomic_write, from_dict, to_dict
+from diffseg.core.config import ConfigError, PathField, atomic_write, from_dict, to_dict
 from diffseg.core.runtime import resolve_device, unverified_allowed
 from diffseg.models.builder import ModelConfig, build_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
@@ -265,6 +265,29 @@ class LoadedModel:
     @property
     def model_config(self) -> ModelConfig:
         return from_dict(ModelConfig, self.config["model"], prefix="model")
+
+
+def checkpoint_of(*kinds: str, needed_by: str = "this job") -> PathField:
+    """The location mark of a config field naming a checkpoint (a file, run folder, MLflow model or export) that
+    must load and verify, and hold a model of one of `kinds` (`model.kind`: factorized, ddpm; none: any). Checked
+    before the job starts and by --dry-run (`diffseg.core.config.check_inputs`), one line naming the key:
+
+        checkpoint: Annotated[str, checkpoint_of("factorized", needed_by="segmenting")] = ""
+    """
+
+    def check(value: str, key: str) -> None:
+        try:
+            ckpt = load_checkpoint(value)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+        kind = ckpt.model_config.kind
+        if kinds and kind not in kinds:
+            raise ConfigError(
+                f"{key}: {value} holds a {kind} model; {needed_by} needs a {' or '.join(kinds)} checkpoint "
+                f"(model.kind={kinds[0]})"
+            )
+
+    return PathField("input", check=check)
 
 
 def load_diffusion_model(
