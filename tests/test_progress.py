@@ -128,3 +128,42 @@ def test_ray_trains_per_report_info_lines_are_quiet_where_the_library_logs():
     for logger in (storage.logger, context.logger):  # the loggers those modules log with (context's: its file name)
         assert not logger.isEnabledFor(logging.INFO), logger.name
         assert logger.isEnabledFor(logging.WARNING), logger.name
+
+
+def test_a_long_phase_logs_by_the_clock_and_ends_with_a_summary(diffseg_log):
+    """Issue 37.5: the supervised U-Net trained 197 s and the ensemble 30 s without a line. A phase now logs at most
+    every 10 s (a shorter one only its summary), with the smoothed rate and ETA, and one summary line at the end;
+    an open-ended phase (early stopping) shows its count and rate, no ETA. `extra` is read only for a line."""
+    from diffseg.core.runtime import PhaseLog
+
+    now = [0.0]
+    reads = []
+
+    def extra():
+        reads.append(now[0])
+        return "loss 0.5"
+
+    phase = PhaseLog("supervised", 100, "steps", clock=lambda: now[0])
+    for step in range(1, 101):
+        now[0] = step * 0.5  # 2 steps/s: 50 s in all
+        phase.update(step, extra)
+    phase.finish("8 images a step")
+    lines = [r.getMessage() for r in diffseg_log.records if r.getMessage().startswith("[supervised]")]
+    assert len(lines) == 6 and len(reads) == 5, lines  # at 10, 20, 30, 40, 50 s, and the summary
+    assert lines[0] == "[supervised] 20/100 steps, 2.0 steps/s, left 00:00:40, loss 0.5", lines[0]
+    assert lines[-1] == "[supervised] done: 100 steps in 00:00:50 (2.0 steps/s), 8 images a step", lines[-1]
+    open_ended = PhaseLog("ensemble", 0, "it", clock=lambda: now[0])
+    now[0] += 12
+    open_ended.update(600, "3/10 members training")
+    assert diffseg_log.records[-1].getMessage() == "[ensemble] 600 it, 50.0 it/s, 3/10 members training"
+
+
+def test_the_supervised_trainer_and_the_ensemble_end_with_a_summary_line(diffseg_log):
+    import torch
+
+    from diffseg.evaluation.baselines import train_supervised
+
+    net = torch.nn.Conv2d(3, 2, 1)
+    train_supervised(net, torch.zeros(4, 3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long), steps=3, batch_size=2)
+    last = [r.getMessage() for r in diffseg_log.records if r.getMessage().startswith("[supervised]")][-1]
+    assert last.startswith("[supervised] done: 3 steps in ") and last.endswith("2 images a step"), last

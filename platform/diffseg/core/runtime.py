@@ -389,3 +389,53 @@ class Progress:
         frac = min(self.done / self.total, 1.0)
         filled = int(round(20 * frac))
         return f"|{'#' * filled}{'-' * (20 - filled)}| {100 * frac:.0f}%"
+
+
+class PhaseLog:
+    """A phase's progress in the log by the clock, not by steps: a line at most every `every_s` seconds (a phase
+    that ends sooner stays quiet but for its summary), `[name] done/total unit, rate, left ETA` (`Progress`'s
+    smoothed rate; `total=0`: an open-ended phase, no ETA), and one summary line at the end (`finish`):
+
+        phase = PhaseLog("supervised", steps, "steps")
+        for step in range(steps):
+            ...
+            phase.update(step + 1, lambda: f"loss {loss.item():.4f}")
+        phase.finish()                    # [supervised] done: 1500 steps in 00:03:17 (7.6 steps/s)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        total: int = 0,
+        unit: str = "steps",
+        *,
+        every_s: float = 10.0,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.name, self.unit, self.every_s, self.clock = name, unit, float(every_s), clock
+        self.log = logger or log
+        self.progress = Progress(max(int(total), 0), unit, bar=False, clock=clock)
+        self.started = self._last_log = clock()
+        self.done = 0
+
+    def update(self, done: int, extra: str | Callable[[], str] = "") -> None:
+        """`done` units so far; `extra` (a callable: only evaluated for a line, e.g. a loss that syncs a GPU)."""
+        now = self.clock()
+        self.done = done
+        if now - self._last_log < self.every_s:
+            return
+        self._last_log = now
+        extra = extra() if callable(extra) else extra
+        text = self.progress.update(done)
+        if not self.progress.total:  # open-ended: the count and the rate only
+            text = text.split(", left", 1)[0].replace(f"{done}/0 ", f"{done} ", 1)
+        self.log.info(f"[{self.name}] {text}{', ' + extra if extra else ''}")
+
+    def finish(self, extra: str = "") -> float:
+        """The summary line; returns the phase's seconds."""
+        seconds = self.clock() - self.started
+        rate = f" ({self.done / seconds:.1f} {self.unit}/s)" if seconds > 0 and self.done else ""
+        tail = f", {extra}" if extra else ""
+        self.log.info(f"[{self.name}] done: {self.done} {self.unit} in {format_duration(seconds)}{rate}{tail}")
+        return seconds

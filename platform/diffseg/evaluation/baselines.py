@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.core.runtime import PhaseLog
 from diffseg.core.viz import to_uint8
 from diffseg.data.datasets import resize_images, resize_probs
 from diffseg.models.unet import UNet, UNetConfig, build_out
@@ -313,6 +314,7 @@ def train_supervised(
     loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
     n, b = images.shape[0], min(batch_size, images.shape[0])
     perm = torch.zeros(0, dtype=torch.long)
+    phase = PhaseLog(name, steps, "steps")  # a line every ~10 s and a summary: it trained for minutes in silence
     for step in range(steps):
         if order == "epochs":
             per_epoch = n // b
@@ -336,9 +338,11 @@ def train_supervised(
         opt.step()
         if log_every and (step + 1) % log_every == 0:
             log.info(f"[{name}] step {step + 1}/{steps} loss {loss.item():.4f}")
+        phase.update(step + 1, lambda: f"loss {loss.item():.4f}")  # noqa: B023 (read at once, if at all)
         if callback is not None and callback_every and (step + 1) % callback_every == 0:
             callback(net.eval(), step + 1)
             net.train()
+    phase.finish(f"{b} images a step")
     return net.eval()
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffseg.core.runtime import PhaseLog
 from diffseg.methods.pixel import BatchedBatchNorm1d, MLPEnsemble
 
 
@@ -208,6 +209,7 @@ def train_ensemble(
     windows = shards.num_windows(max_rows, seed=cfg.seed * 100003)  # the first epoch's (1 = the whole set at once)
     it, epoch, peak = 0, 0, 0
     t0 = time.perf_counter()
+    phase = PhaseLog("ensemble", cfg.max_iterations, "it")  # open-ended (early stopping) unless max_iterations
     done = False
     for epoch in range(cfg.max_epochs):
         stream = pixel_batches(
@@ -234,6 +236,7 @@ def train_ensemble(
                     if breaks[e] > cfg.patience:
                         stopped_at[e] = it
                         frozen[e] = ens.member_state(e)
+            phase.update(it, lambda: f"epoch {epoch + 1}, {e_count - len(frozen)}/{e_count} members training")  # noqa: B023
             if log is not None and it % 100 == 0:
                 live = [last_loss[e] for e in range(e_count) if e not in frozen] or last_loss
                 log({"train/loss": float(np.mean(live)), "train/active_members": e_count - len(frozen)}, it)
@@ -248,4 +251,5 @@ def train_ensemble(
         recompute_batchnorm(ens, shards, max_rows, device)
     ens.eval()
     seconds = time.perf_counter() - t0
+    phase.finish(f"{epoch + 1} epochs, {e_count} members ({sum(s >= 0 for s in stopped_at)} stopped early)")
     return ens, TrainResult(it, epoch + 1, stopped_at, last_loss, seconds, peak, windows, bn_mode)
