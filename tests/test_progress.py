@@ -167,3 +167,17 @@ def test_the_supervised_trainer_and_the_ensemble_end_with_a_summary_line(diffseg
     train_supervised(net, torch.zeros(4, 3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long), steps=3, batch_size=2)
     last = [r.getMessage() for r in diffseg_log.records if r.getMessage().startswith("[supervised]")][-1]
     assert last.startswith("[supervised] done: 3 steps in ") and last.endswith("2 images a step"), last
+
+
+def test_the_start_up_interval_does_not_linger_in_the_eta():
+    """Issue 37.5: under load a training's ETA fell from 8:22 to 2:15 over its first 100 steps: the first interval
+    (loading, the first step) was slow and the smoothing kept it for minutes. It is now a first guess only."""
+    clock = Clock()
+    progress = Progress(1000, "steps", clock=clock, bar=False)
+    clock.now = 10.0
+    progress.update(10)  # start-up: 1 step/s
+    assert abs(progress.eta_s() - 990.0) < 1e-6
+    for i in range(2, 5):
+        clock.now = 10.0 * i
+        progress.update(10 + 100 * (i - 1))  # then 10 steps/s
+    assert abs(progress.rate - 10.0) < 1e-9  # the start-up rate is gone at once, not averaged away
