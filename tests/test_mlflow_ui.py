@@ -163,3 +163,27 @@ def test_a_resumed_run_drops_the_failure_tag_of_how_it_stopped(store):
     again.finish()
     run = c.get_run(first.run_id)
     assert run.info.status == "FINISHED" and FAILURE_TAG not in run.data.tags
+
+
+def test_a_resumed_run_logs_each_step_once(store):
+    """Issue 37.7: a run resumed from a checkpoint older than its last logged step trained those steps again and
+    logged them again (its chart showed step 125 twice). The steps it had logged are not logged again."""
+    import numpy as np
+
+    cfg = TrackingConfig(experiment="resume", system_metrics=False)
+    first = Tracker(cfg, "train")
+    for step in (25, 50, 75, 100, 125):
+        first.log_metrics({"train/loss": 1.0 / step}, step)
+    first.log_image(np.zeros((8, 8, 3), np.uint8), "samples", 100)
+    first.finish("KILLED")
+    again = Tracker(cfg, "train", run_id=first.run_id)  # resumed from its step-100 checkpoint
+    for step in (125, 150):
+        again.log_metrics({"train/loss": 2.0 / step}, step)
+    again.log_image(np.zeros((8, 8, 3), np.uint8), "samples", 100)
+    again.log_image(np.zeros((8, 8, 3), np.uint8), "samples", 150)
+    again.finish()
+    history = client(store).get_metric_history(first.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [25, 50, 75, 100, 125, 150]
+    assert {m.step: m.value for m in history}[150] == 2.0 / 150
+    images = [a.path for a in client(store).list_artifacts(first.run_id, "images")]
+    assert sum("+step+100+" in p for p in images) == sum("+step+150+" in p for p in images) == 2, images  # png + webp

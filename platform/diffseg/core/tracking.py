@@ -286,6 +286,7 @@ class Tracker:
         self.uri: str | None = None
         self._monitor = None
         self._ended = False
+        self._logged_until = -1  # a resumed run: the last step it had logged (not logged again)
         if not self.enabled:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
@@ -331,8 +332,14 @@ class Tracker:
         """A run continued by id: RUNNING again, living in this process now, and without the failure tag of how it
         stopped before (a resume that finishes leaves it FINISHED, not FINISHED with a stale reason to doubt it)."""
         self._client.update_run(run_id, status="RUNNING")
-        if FAILURE_TAG in self._client.get_run(run_id).data.tags:
+        run = self._client.get_run(run_id)
+        if FAILURE_TAG in run.data.tags:
             self._client.delete_tag(run_id, FAILURE_TAG)
+        # The steps the run logged before it stopped: a resume from an earlier checkpoint trains them again, and their
+        # points went in twice (a chart showed step 125 twice). Points at those steps are not logged again.
+        steps = [m.step for key in run.data.metrics if not key.startswith("system/")
+                 for m in self._client.get_metric_history(run_id, key)]  # fmt: skip
+        self._logged_until = max(steps, default=-1)
         for key, value in _process_tags().items():
             self._client.set_tag(run_id, key, value)
 
@@ -387,6 +394,8 @@ class Tracker:
             return
         from mlflow.entities import Metric
 
+        if step is not None and step <= self._logged_until:  # logged before the resume (see _resume_run)
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch)
@@ -436,7 +445,7 @@ class Tracker:
     def log_image(self, image: Any, key: str, step: int) -> None:
         """An image (uint8 (H, W, 3) array or PIL image) under `key` at `step`: the run's model-metrics charts show it
         with a step slider, so sample grids and mask figures can be followed over training."""
-        if not self.enabled:
+        if not self.enabled or step <= self._logged_until:  # a resumed run's steps before the resume: logged then
             return
         arr = np.asarray(image)
         if 0 < max(arr.shape[:2]) < DISPLAY_SIZE:  # a grid of 32 px tiles: enlarged (nearest) so the UI shows it
