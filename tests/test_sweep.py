@@ -328,6 +328,11 @@ def test_pixel_sweep_interrupted_then_resumed(tmp_path):
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best/val/miou"] == pytest.approx(summary["val"]["val/miou"])
     assert parent.data.metrics["test/miou"] == pytest.approx(summary["test"]["test/miou"])
+    # issue 37.7: the data sets each run read (the UI's Dataset column): trials their training images only
+    contexts = [{i.tags[0].value for i in r.inputs.dataset_inputs} for r in children]
+    assert contexts == [{"training"}] * 4, contexts
+    # the sweep's run: its data (the labelled and, as its test split, the test images; a test_data is logged apart)
+    assert {i.tags[0].value for i in parent.inputs.dataset_inputs} == {"training"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "results.png", "best_config.yaml", "best"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "best")} >= {"best/summary.json"}

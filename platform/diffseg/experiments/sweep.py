@@ -200,6 +200,7 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracker.log_params(to_dict(cfg))
         tracker.set_tags({"diffseg.sweep": sweep.name, "diffseg.trial_id": trial_id, "diffseg.task": task,
                           **{f"sweep.{k}": json.dumps(v) for k, v in overrides.items()}})  # fmt: skip
+        tracker.log_data_input(cfg.data, "training")  # a trial reads its training data only (pixel: folds of it)
         state.mlflow_run_id = tracker.run_id
     device = resolve_device("auto" if sweep.resources.gpu > 0 else "cpu")
     if task == "pixel":
@@ -349,6 +350,9 @@ def run_sweep(
         parent.log_params({"sweep": {k: v for k, v in to_dict(sweep).items() if k != "space"}, "base": to_dict(base)})
         parent.set_tags({"diffseg.sweep": sweep.name, "diffseg.task": task,
                          "diffseg.space": json.dumps(to_dict(sweep.space))[:5000]})  # fmt: skip
+        parent.log_data_input(base.data, "training")  # (its test split: the images the chosen recipe is scored on)
+        if getattr(base, "test_data", None) is not None:  # test images from elsewhere
+            parent.log_data_input(base.test_data, "test")
     storage.makedirs(exp_dir)
     storage.write_text(state_file, json.dumps({"parent_run_id": parent.run_id, "task": task, "sweep": to_dict(sweep),
                                                "base": to_dict(base)}, indent=1, default=str))  # fmt: skip
