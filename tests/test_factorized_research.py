@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,10 +303,17 @@ def test_ablation_job_is_equal_compute_and_resumable(tmp_path):
 
 
 def test_ablation_and_oracle_commands_dry_run():
+    """The shipped configs by name from another directory; their relative paths (the shipped models the dry run now
+    checks) mean $DIFFSEG_WORKDIR, here the checkout, as they mean the working directory without it."""
+    env = {**os.environ, "DIFFSEG_WORKDIR": str(REPO)}
     for job, config in (("ablate_factorized.py", "ablation_factorized.yaml"), ("oracle_masks.py", "oracle_horse.yaml")):
         out = subprocess.run(
             [sys.executable, str(REPO / "jobs" / job), "--config", config, "--dry-run"],
-            capture_output=True, text=True, timeout=120, cwd="/",
+            capture_output=True, text=True, timeout=120, cwd="/", env=env,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert "name:" in out.stdout
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "ablate_factorized.py"), "--config",
+                          "ablation_factorized.yaml", "--dry-run"], capture_output=True, text=True, timeout=120,
+                         cwd="/")  # fmt: skip
+    assert out.returncode == 2 and "eval.ddpm: /models/ddpm-horse32.pt does not exist" in out.stderr, out.stderr

@@ -29,6 +29,7 @@ def test_init_ray_keeps_the_jobs_sigterm_handler(monkeypatch):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # joining a cluster: no local Ray's environment to set up
     with pytest.raises(JobInterrupted, match="SIGTERM"), sigterm_interrupts():
         runtime.init_ray()
         os.kill(os.getpid(), signal.SIGTERM)

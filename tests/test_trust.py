@@ -116,8 +116,8 @@ def test_bundle_without_its_record_is_refused(tmp_path):
 
 def test_segment_job_refuses_an_unsealed_checkpoint(tmp_path, capsys):
     """The report's case: `jobs/segment.py` on the edited file exited 0 and wrote masks; now it stops with one line
-    naming the file (a user error: status 1, no traceback), and writes nothing, unless the user says
-    `--allow-unverified`."""
+    naming the file (before the job starts, with the config's checks: status 2, no traceback), and writes nothing,
+    unless the user says `--allow-unverified`."""
     path = _unseal(_factorized_checkpoint(tmp_path / "checkpoint.pt"), "renamed")
     root = write_synthetic_folder(tmp_path / "syn", 2, 16)
     sys.path.insert(0, str(REPO / "jobs"))
@@ -128,8 +128,8 @@ def test_segment_job_refuses_an_unsealed_checkpoint(tmp_path, capsys):
     args = [f"checkpoint={path}", f"data.root={root}", f"output_dir={tmp_path / 'out'}", "name=run"]
     with pytest.raises(SystemExit) as stopped:
         segment_job.main(args)
-    assert stopped.value.code == 1
-    assert f"error: {path}: has no integrity record" in capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert f"config error: checkpoint: {path}: has no integrity record" in capsys.readouterr().err
     assert not list((tmp_path / "out").rglob("*.png"))
     assert segment_job.main([*args, "--allow-unverified"])["images"] == 2
 
@@ -286,13 +286,15 @@ def test_a_trial_leaves_no_temp_folder(tmp_path, monkeypatch, where):
     trial = tmp_path / "trials" / "t1"
     trial_dir = str(trial) if where == "folder" else f"file://{trial}"
     common = {"device": torch.device("cpu"), "cache_root": str(tmp_path / "cache")}
-    reports = list(pixel_chunks(cfg, TrialState(), trial_dir, num_reports=2, **common))
-    assert len(reports) == 2 and (trial / "segmenter.pt").is_file()
+    # (a trial validates on folds of the labelled images; its fold ensembles are kept between reports, then removed)
+    reports = list(pixel_chunks(cfg, TrialState(), trial_dir, num_reports=2, folds=3, **common))
+    assert len(reports) == 2 and (trial / "folds.json").is_file() and not (trial / "folds").exists()
     assert not list(scratch.glob("diffseg-*"))  # (torch keeps its own caches here)
-    stopped = pixel_chunks(cfg, TrialState(), trial_dir + "-b", num_reports=3, **common)
+    stopped = pixel_chunks(cfg, TrialState(), trial_dir + "-b", num_reports=3, folds=3, **common)
     next(stopped)
     stopped.close()  # what Tune does to a trial ASHA stops
-    assert not list(scratch.glob("diffseg-*")) and (tmp_path / "trials" / "t1-b" / "segmenter.pt").is_file()
+    kept = tmp_path / "trials" / "t1-b" / "folds" / "fold-0.pt"
+    assert not list(scratch.glob("diffseg-*")) and kept.is_file()
 
 
 class _RunsCode:
