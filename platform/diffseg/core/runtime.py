@@ -13,6 +13,9 @@ cluster address means the same thing everywhere:
                                       GPUs when the cluster has them up OR its autoscaler can start a GPU node type
     setup_logging()                   what a job (or a Ray worker) shows: the library's `logging` records on stdout
     Progress(total, "img")            done/total, a smoothed rate and the ETA it gives (a bar when stdout is a terminal)
+    PhaseLog("supervised", steps)     a long phase's progress lines by the clock (every 10 s) and its summary line
+    local_ray_env(), serve_env()      the environment a local Ray starts in (loopback, its own temp folder) and the
+                                      Serve start-up settings for a loaded machine (`SERVE_ENV_DEFAULTS`)
 
 Ray is imported only inside `init_ray`; nothing here has a side effect at import time.
 """
