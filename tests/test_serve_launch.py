@@ -117,14 +117,17 @@ def _start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tup
 
 
 def _listeners(pids: set[int]) -> list[tuple[str, str]]:
-    """(local address, process name) of the TCP sockets the processes `pids` listen on (`ss -ltnp`)."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    """(local address, process name) of the TCP sockets the processes `pids` listen on (psutil, which Ray brings)."""
+    import psutil
+
     found = []
-    for line in out.splitlines():
-        fields = line.split()
-        for pid in pids:
-            if f"pid={pid}," in line:
-                found.append((fields[3], line.split('(("', 1)[1].split('"', 1)[0]))
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                continue
+            found.append((f"{conn.laddr.ip}:{conn.laddr.port}", name))
     return found
 
 
