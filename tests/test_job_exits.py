@@ -294,3 +294,31 @@ def test_dry_run_checks_the_checkpoints_a_job_reads(tmp_path, capsys):
                               "--allow-unverified"])  # fmt: skip
     assert end.value.code == 0
     os.environ.pop("DIFFSEG_ALLOW_UNVERIFIED", None)
+
+
+def test_dry_run_refuses_an_image_only_folder_where_labels_are_needed(tmp_path, capsys):
+    """Issue 37.2: `jobs/extract_features.py` on an image-only folder exited 0 with 20,480 rows labelled -1, and
+    evaluations on one ended in tracebacks. The jobs that need masks (extraction, the comparison, evaluation) say so
+    in --dry-run and before they start, naming the key and the folder; a labelled folder passes."""
+    import shutil
+
+    from diffseg.data.datasets import write_synthetic_folder
+
+    labelled = write_synthetic_folder(tmp_path / "labelled", 4, 16)
+    image_only = Path(shutil.copytree(labelled, tmp_path / "image_only"))
+    shutil.rmtree(image_only / "masks")
+    data = ["data.name=folder", "data.image_size=16"]
+    cases = [
+        ("extract_features", [f"data.root={image_only}", *data, "features.backbone=rgb"], "data.root: "),
+        ("evaluate", [f"datasets=[{{name: d, data: {{name: folder, root: {image_only}}}}}]", "methods=[centred_box]"],
+         "datasets[0].data.root: "),
+    ]  # fmt: skip
+    for job, args, key in cases:
+        with pytest.raises(SystemExit) as end:
+            _job_main(job)([*args, "--dry-run"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert end.value.code == 2 and len(err) == 1, (job, err)
+        assert f"{key}{image_only} has no masks (it has no masks/ folder), and this job needs labelled images" in err[0]
+    with pytest.raises(SystemExit) as end:
+        _job_main("extract_features")([f"data.root={labelled}", *data, "features.backbone=rgb", "--dry-run"])
+    assert end.value.code == 0, capsys.readouterr().err

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffseg.core.config import InputPath, UserError
+from diffseg.core.config import InputPath, UserError, is_uri
 from diffseg.data.augment import augment
 from diffseg.data.synthetic import (  # noqa: F401  (re-exported: the data sets' one entry point is this module)
     LAYERS_CLASSES,
@@ -181,6 +181,21 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
     if not isinstance(meta.get("classes"), list) or not meta["classes"]:
         raise DataError(f"{path}: 'classes' must be a non-empty list of class names")
     return meta
+
+
+def check_labelled(data: DataConfig, key: str = "data") -> None:
+    """A config's check that `data` has the masks the job needs (a `check()` calls it: before the job starts and in
+    --dry-run). A local paired folder must exist and hold masks (a masks/ folder, and dataset.json not saying
+    `masks: false`); the synthetic generators always have them. A URI is checked where the job reads it."""
+    if data.name != "folder" or not data.root or is_uri(data.root):
+        return
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ValueError(f"{key}.root: {root} is not a folder")
+    meta = read_dataset_json(root)
+    if meta.get("masks", True) is False or not (root / "masks").is_dir():
+        why = "its dataset.json says masks: false" if meta.get("masks", True) is False else "it has no masks/ folder"
+        raise ValueError(f"{key}.root: {root} has no masks ({why}), and this job needs labelled images")
 
 
 def list_ids(root: str | os.PathLike) -> list[str]:

@@ -50,7 +50,14 @@ from diffseg.core.config import Name, OutputPath, job_dir, save_config, to_dict
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
-from diffseg.data.datasets import SYNTHETIC_CLASSES, DataConfig, build_dataset, resize_images, resize_maps
+from diffseg.data.datasets import (
+    SYNTHETIC_CLASSES,
+    DataConfig,
+    build_dataset,
+    check_labelled,
+    resize_images,
+    resize_maps,
+)
 from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation import baselines, iem
 from diffseg.evaluation.tables import METHOD_TITLES, format_cell, render_csv, render_markdown  # noqa: F401
@@ -174,6 +181,7 @@ class EvalConfig:
             for method, key in needs.items():
                 if method in self.methods and not getattr(spec, key):
                     raise ValueError(f"datasets[{i}].{key}: method {method!r} needs a checkpoint for {spec.name!r}")
+            check_labelled(spec.data, f"datasets[{i}].data")  # every method is scored against the masks
 
 
 # ---------------------------------------------------------------------------------------------------- scoring

@@ -37,7 +37,7 @@ from diffseg.core.config import InputPath, Name, OutputPath, from_dict
 from diffseg.core.report import markdown_table
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, start_job
-from diffseg.data.datasets import DataConfig, build_dataset, stack
+from diffseg.data.datasets import DataConfig, build_dataset, check_labelled, stack
 from diffseg.data.shard_reader import ShardSet
 from diffseg.evaluation.baselines import NetworkSegmenter, train_supervised_unet
 from diffseg.evaluation.evaluate import EvalResult, evaluate_segmenter
@@ -228,6 +228,8 @@ class CompareConfig:
         unknown = sorted(set(self.variants) - set(LABELS))
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; known: {list(LABELS)}")
+        check_labelled(self.train_data, "train_data")
+        check_labelled(self.test_data, "test_data")
 
 
 def train_variant(

@@ -47,7 +47,7 @@ from diffseg.core.config import (
 )
 from diffseg.core.runtime import Progress, decide_gpu, init_ray, resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id
-from diffseg.data.datasets import DataConfig, DataError, build_dataset, item_ids, read_images_ray
+from diffseg.data.datasets import DataConfig, DataError, build_dataset, check_labelled, item_ids, read_images_ray
 from diffseg.data.shard_reader import ShardSet
 from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
 from diffseg.models.checkpoint import diffusers_unet_folder, load_diffusion_model
@@ -524,6 +524,7 @@ class ExtractJobConfig:
                 f"features.backbone: {backbone!r} names no network; give a checkpoint, random:<checkpoint>, "
                 "diffusers:<dir> or rgb"
             )
+        check_labelled(self.data)  # the shards keep labelled pixels only
 
 
 def gpus_per_actor(value: float) -> float:
