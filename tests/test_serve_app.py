@@ -452,7 +452,8 @@ def test_a_failed_deploy_names_the_file_and_healthz_answers_503(app_url, tmp_pat
         answer = requests.get(f"{app_url}/broken/healthz", timeout=30)
         elapsed = time.perf_counter() - t0
         message = answer.json()["error"]["message"]
-        assert answer.status_code == 503 and elapsed < 10, (answer.status_code, elapsed, message)
+        # within the probe's own 5 s deadline (HEALTH_TIMEOUT_S; measured 0.11 s beside two trainings)
+        assert answer.status_code == 503 and elapsed < 5.5, (answer.status_code, elapsed, message)
         assert "FactorizedSegmenter is" in message and str(ckpt) in message and "integrity record" in message
     finally:
         serve.delete("broken")
