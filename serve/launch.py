@@ -188,17 +188,17 @@ def run_serve(cfg: ServeLaunchConfig) -> dict[str, str]:
     from ray import serve
 
     deployed: list[str] = []
+    http = {"host": "127.0.0.1", **(config.get("http_options") or {})}  # loopback unless the config says otherwise
     try:
         try:
-            serve.start(http_options=config.get("http_options"), proxy_location=config.get("proxy_location"),
+            serve.start(http_options=http, proxy_location=config.get("proxy_location"),
                         grpc_options=config.get("grpc_options"))  # fmt: skip
         except Exception as e:
             first = f"{type(e).__name__}: {e}".strip().splitlines()[0]
             cause = (cause_from_controller_log() if local else None) or first
             raise ServeStartError(f"Serve did not start: {cause}") from e
         urls = {}
-        http = config.get("http_options") or {}
-        host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+        host, port = http["host"], http.get("port", 8000)
         for app, application in built:
             name, prefix = app.get("name", "default"), app.get("route_prefix", "/")
             t0 = time.perf_counter()
