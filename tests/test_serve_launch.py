@@ -99,12 +99,9 @@ def test_changed_args_drop_the_deployments_they_no_longer_create(tmp_path):
 
 
 def _job_main():
-    import importlib.util
+    from test_job_exits import _job_main as job_main  # loads jobs/<name>.py by its path
 
-    spec = importlib.util.spec_from_file_location("serve_app_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return job_main("serve_app")
 
 
 def _start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:

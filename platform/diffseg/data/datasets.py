@@ -192,10 +192,16 @@ def check_labelled(data: DataConfig, key: str = "data") -> None:
     root = Path(data.root)
     if not root.is_dir():
         raise ValueError(f"{key}.root: {root} is not a folder")
-    meta = read_dataset_json(root)
-    if meta.get("masks", True) is False or not (root / "masks").is_dir():
-        why = "its dataset.json says masks: false" if meta.get("masks", True) is False else "it has no masks/ folder"
+    why = _no_masks(root, read_dataset_json(root))
+    if why is not None:
         raise ValueError(f"{key}.root: {root} has no masks ({why}), and this job needs labelled images")
+
+
+def _no_masks(root: Path, meta: dict[str, Any]) -> str | None:
+    """Why a paired folder has no masks (its dataset.json says `masks: false`, or no masks/ folder), or None."""
+    if meta.get("masks", True) is False:
+        return "its dataset.json says masks: false"
+    return None if (root / "masks").is_dir() else "it has no masks/ folder"
 
 
 def list_ids(root: str | os.PathLike) -> list[str]:
@@ -245,9 +251,9 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         # dataset.json may say `"masks": false` (an image-only set, whatever folders lie beside it)
         if not isinstance(meta.get("masks", True), bool):
             raise DataError(f"{self.root / 'dataset.json'}: 'masks' must be true or false, got {meta['masks']!r}")
-        self.has_masks = meta.get("masks", True) and (self.root / "masks").is_dir()
+        why = _no_masks(self.root, meta)
+        self.has_masks = why is None
         if require_masks and not self.has_masks:
-            why = "its dataset.json says masks: false" if meta.get("masks", True) is False else "no masks folder"
             raise DataError(f"{self.root}: this job needs masks, and the folder has none ({why})")
         self.lut = None
         self.class_names = self.source_classes

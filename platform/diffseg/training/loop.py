@@ -530,12 +530,17 @@ def fit(
         raise
 
 
+def resume_hint() -> str:
+    """How an interrupted training goes on: this process's own command line, which resumes it."""
+    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
+    return f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
+
+
 def interrupted_message(
     cfg: TrainConfig, ctx: WorkerContext, state: TrainState, tracker: Tracker | None, start_step: int
 ) -> str:
     """An interrupted run (one worker): its steps since the last checkpoint saved, and what to type to go on."""
-    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
-    how = f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
+    how = resume_hint()
     if state.step <= start_step:
         return f"at step {state.step}, before a step of this run ended: nothing new to save{how}"
     try:

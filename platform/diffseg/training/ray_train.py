@@ -15,9 +15,7 @@ a finished run re-run with more steps continues from its step.
 from __future__ import annotations
 
 import logging
-import shlex
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from diffseg.training.config import (  # noqa: F401  (the configs are part of th
     run_uri,
     storage_path,
 )
-from diffseg.training.loop import fit
+from diffseg.training.loop import fit, resume_hint
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +176,7 @@ def worker_user_error(e: BaseException) -> UserError | None:
 def stopped_workers_message(cfg: TrainConfig) -> str:
     """An interrupted Ray Train run: the checkpoint its workers saved last (they stop where they are: the steps since
     it are lost; `loop.checkpoint_every` bounds them) and the command that resumes it."""
-    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
-    how = f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
+    how = resume_hint()
     try:
         step = load_run_checkpoint(cfg).step
     except Exception:  # none yet (or unreadable): the run starts again from its beginning
