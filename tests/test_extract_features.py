@@ -186,3 +186,58 @@ def test_extracting_an_image_only_set_stops_before_any_work(tmp_path, monkeypatc
     with pytest.raises(DataError, match=f"{root}: extracting pixel features needs masks"):
         features.run_extract_job(cfg)
     assert not started and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_extraction_keeps_its_shards_says_so_and_the_same_command_finishes_it(
+    tmp_path, label_ray, monkeypatch
+):
+    """Ctrl-C during extraction (issue 37.3): the finished shards stay (written whole or not at all), the interrupt
+    names how many images they hold and the command that goes on; the rerun skips them and completes the set. A rerun
+    of another recipe into the same folder is refused before any work, naming what changed."""
+    import dataclasses
+    import os
+    import sys
+
+    import diffseg.methods.features as features
+    from diffseg.data.datasets import DataConfig, DataError, write_synthetic_folder
+    from diffseg.data.shard_reader import ShardSet
+
+    root = write_synthetic_folder(tmp_path / "data", num_images=6, image_size=16)
+    cfg = ExtractJobConfig(
+        name="x",
+        output_dir=str(tmp_path / "feats"),
+        features=FeatureConfig(
+            backbone=str(tiny_checkpoint(tmp_path / "c.pt")), blocks=("dec.1",), timesteps=(5,), batch_size=2
+        ),  # fmt: skip
+        data=DataConfig(name="folder", root=str(root), image_size=16, num_train=6, num_test=0),
+        cpus_per_actor=0.5,
+        gpus_per_actor=0,
+    )
+    real = features.extract_to_shards
+
+    def stopped_after_one_shard(fcfg, ds, out, *args, **kwargs):
+        real(fcfg, ds.limit(2), out, *args, **kwargs)  # the first batch of 2 ends in a shard
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "extract_to_shards", stopped_after_one_shard)
+    monkeypatch.setattr(sys, "argv", ["jobs/extract_features.py", "name=x"])
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        features.run_extract_job(cfg)
+    message = str(stopped.value)
+    assert message.startswith("Ctrl-C during extraction: 2 of 6 images are in finished shards in "), message
+    assert message.endswith("the same command resumes it: python jobs/extract_features.py name=x"), message
+    out = tmp_path / "feats" / "x"
+    kept = {p.name: os.stat(p).st_mtime_ns for p in out.glob("*.parquet")}
+    assert list(kept) == ["shard-000000.parquet"]
+
+    monkeypatch.setattr(features, "extract_to_shards", real)
+    summary = features.run_extract_job(cfg)  # the same command: the kept shard is skipped, the set completed
+    assert summary["num_images"] == 6 and ShardSet(out).image_ids() == [f"{i:06d}" for i in range(6)]
+    assert os.stat(out / "shard-000000.parquet").st_mtime_ns == kept["shard-000000.parquet"]
+
+    other = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, timesteps=(50,)))
+    changed = r"holds the shards of another extraction \(features\.timesteps: \[5\] -> \[50\]"
+    with pytest.raises(DataError, match=changed):
+        features.run_extract_job(other)
+    assert ShardSet(out).image_ids() == [f"{i:06d}" for i in range(6)]  # nothing written was lost

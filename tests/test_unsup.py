@@ -312,6 +312,64 @@ tracking: {{uri: "sqlite:///{tiny_setup["tmp"]}/mlflow.db", experiment: test}}
     assert [d.dataset.name for d in by_name["syn-fg/factorized"].inputs.dataset_inputs] == [root.name]
 
 
+def test_an_interrupted_evaluation_keeps_its_scored_cells_and_the_same_config_finishes_it(tiny_setup, monkeypatch):
+    """Ctrl-C during an evaluation (issue 37.3): the (data set, method) cells scored so far stay under cells/, the
+    interrupt says how many and the command that goes on; the same config reuses them (scoring only the rest) and
+    ends with the table a run without interruption writes; the cells go once the table is written. Another config
+    does not reuse them."""
+    import diffseg.evaluation.evaluate as evaluation
+
+    out, root = tiny_setup["tmp"] / "eval-int", tiny_setup["root"]
+    data = {"name": "folder", "root": str(root), "image_size": SIZE, "num_train": 8, "num_test": 4}
+    spec = {"name": "syn-fg", "protocol": "foreground", "data": data}
+    raw = {"name": "t", "output_dir": str(out), "methods": ["all_foreground", "centred_box", "kmeans_rgb"],
+           "datasets": [spec], "tracking": {"enabled": False}, "num_figure_images": 4}  # fmt: skip
+    cfg = from_dict(EvalConfig, raw)
+    reference = evaluation.evaluate(from_dict(EvalConfig, {**raw, "name": "whole"}))["rows"]
+
+    real, built = evaluation.build_segmenter, []
+
+    def interrupted_at_the_third(method, *args):
+        built.append(method)
+        if len(built) == 3:
+            raise KeyboardInterrupt
+        return real(method, *args)
+
+    monkeypatch.setattr(evaluation, "build_segmenter", interrupted_at_the_third)
+    monkeypatch.setattr(sys, "argv", ["jobs/evaluate.py", "--config", "eval.yaml"])
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        evaluation.evaluate(cfg)
+    message = str(stopped.value)
+    assert message.startswith("Ctrl-C during evaluation: 2 of 3 (data set, method) cells scored and kept in "), message
+    assert message.endswith("the same command resumes it: python jobs/evaluate.py --config eval.yaml"), message
+    assert not (out / "t" / "table.md").exists()
+
+    def recorded(method, *args):
+        built.append(method)
+        return real(method, *args)
+
+    def stopped_at_once(method, *args):
+        built.append(method)
+        raise KeyboardInterrupt
+
+    built.clear()  # another config (another noise seed) under the same name reuses nothing
+    monkeypatch.setattr(evaluation, "build_segmenter", stopped_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(from_dict(EvalConfig, {**raw, "segment": {"seed": 1}}))
+    assert built == ["all_foreground"]
+
+    built.clear()  # the same config: only the third cell is scored; the table is a whole run's
+    monkeypatch.setattr(evaluation, "build_segmenter", recorded)
+    resumed = evaluation.evaluate(cfg)
+    assert built == ["kmeans_rgb"]
+    assert [r["metrics"] for r in resumed["rows"]] == [r["metrics"] for r in reference]
+    assert (out / "t" / "table.md").read_text() == (out / "whole" / "table.md").read_text()
+    assert (out / "t" / "figures" / "syn-fg.png").read_bytes() == (
+        out / "whole" / "figures" / "syn-fg.png"
+    ).read_bytes()
+    assert not (out / "t" / "cells").exists()  # the table holds them now
+
+
 def test_score_supervised_is_not_matched_and_regions_are():
     """A perfect but permuted region map scores 100 after Hungarian matching; as class labels it does not."""
     gt = np.array([[[0, 0, 1, 1], [0, 0, 2, 2]]])  # (1, 2, 4)

@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import os
+import shlex
 import sys
 import textwrap
 import tokenize
@@ -17,6 +18,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from diffseg.core.config import ConfigError, T, check_inputs, dumps, load_config, resolve_paths, to_dict
 from diffseg.core.runtime import ALLOW_UNVERIFIED_ENV
+
+
+def resume_hint() -> str:
+    """How an interrupted job goes on (training, extraction): this process's own command line, which resumes it."""
+    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
+    return f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
 
 
 def field_comments(cls: type) -> dict[str, str]:

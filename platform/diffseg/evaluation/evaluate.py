@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +48,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffseg.core.config import Name, OutputPath, job_dir, save_config, to_dict
+from diffseg.core.cli import resume_hint
+from diffseg.core.config import Name, OutputPath, atomic_write, atomic_write_text, dumps, job_dir, save_config, to_dict
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
@@ -500,6 +503,59 @@ def build_segmenter(method: str, cfg: EvalConfig, data: EvalData) -> tuple[Segme
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+class Cells:
+    """The (data set, method) results of an evaluation as they finish, under `<out>/cells/`: a scores file and the
+    predicted labels (for the figure) per cell, tagged with a hash of the whole config. An interrupted evaluation
+    keeps them; the same command (the same config) reuses them and scores only the rest; another config ignores
+    them. They are removed once the table is written."""
+
+    def __init__(self, folder: Path, cfg: Any):
+        self.folder = folder
+        self.config_hash = hashlib.sha256(dumps(cfg).encode()).hexdigest()[:16]
+
+    def _paths(self, dataset: str, method: str) -> tuple[Path, Path]:
+        stem = self.folder / dataset / method
+        return stem.with_suffix(".json"), stem.with_suffix(".npz")
+
+    def load(self, dataset: str, method: str) -> dict[str, Any] | None:
+        meta_path, labels_path = self._paths(dataset, method)
+        try:
+            cell = json.loads(meta_path.read_text())
+            if cell.get("config_hash") != self.config_hash:
+                return None
+            with np.load(labels_path) as npz:
+                labels = npz["labels"] if "labels" in npz.files else None
+        except (OSError, ValueError, KeyError):  # absent, from another config, or cut short: scored again
+            return None
+        return {**cell, "labels": labels, "kept": True}
+
+    def save(self, dataset: str, method: str, cell: dict[str, Any], labels: np.ndarray | None) -> dict[str, Any]:
+        meta_path, labels_path = self._paths(dataset, method)
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {} if labels is None else {"labels": labels}
+
+        def write_labels(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(labels_path, write_labels)  # the labels first: the scores file is what makes a cell count
+        text = json.dumps({**cell, "config_hash": self.config_hash}, indent=1, default=str)
+        atomic_write_text(meta_path, text)
+        return {**json.loads(text), "labels": labels, "kept": False}
+
+    def done(self) -> int:
+        return sum(1 for p in self.folder.glob("*/*.json") if self.load(p.parent.name, p.stem) is not None)
+
+    def interrupted_message(self, total: int) -> str:
+        return (
+            f"during evaluation: {self.done()} of {total} (data set, method) cells scored and kept in {self.folder}, "
+            f"which the same config reuses{resume_hint()}"
+        )
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every method on every data set; write table.md, table.csv, results.json and figures under out_dir."""
     unknown = sorted(set(cfg.methods) - set(METHODS))
@@ -510,6 +566,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
     out = Path(out_dir or job_dir(cfg.output_dir, cfg.name))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    cells = Cells(out / "cells", cfg)
     tracker = Tracker(cfg.tracking, cfg.name)
     tracker.log_params(to_dict(cfg))
     rows: list[dict[str, Any]] = []
@@ -522,27 +579,36 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
             labels: dict[str, np.ndarray] = {}
             ks: dict[str, int] = {}
             for method in cfg.methods:
-                t0 = time.perf_counter()
-                seg, info = build_segmenter(method, cfg, data)
-                res = evaluate_segmenter(
-                    seg, data.items, protocol=spec.protocol, class_names=data.class_names,
-                    ignore_index=data.ignore_index, seed=cfg.segment.seed, batch_size=cfg.segment.batch_size,
-                    reduction=cfg.foreground.reduction, strict=cfg.foreground.strict, keep_labels=True,
-                )  # fmt: skip
-                seconds = time.perf_counter() - t0
-                labels[method], ks[method] = res.labels, num_labels(seg)
-                metrics = {k.split("/", 1)[1]: v for k, v in res.metrics.items()}  # the row: names without split
+                cell = cells.load(spec.name, method)  # scored by an interrupted run of this very config
+                if cell is None:
+                    t0 = time.perf_counter()
+                    seg, info = build_segmenter(method, cfg, data)
+                    res = evaluate_segmenter(
+                        seg, data.items, protocol=spec.protocol, class_names=data.class_names,
+                        ignore_index=data.ignore_index, seed=cfg.segment.seed, batch_size=cfg.segment.batch_size,
+                        reduction=cfg.foreground.reduction, strict=cfg.foreground.strict, keep_labels=True,
+                    )  # fmt: skip
+                    seconds = time.perf_counter() - t0
+                    cell = cells.save(spec.name, method, {
+                        "scores": res.metrics, "num_images": res.num_images, "seconds": seconds, "info": info,
+                        "num_labels": num_labels(seg),
+                    }, res.labels)  # fmt: skip
+                labels[method], ks[method] = cell["labels"], cell["num_labels"]
+                seconds, info = cell["seconds"], cell["info"]
+                metrics = {k.split("/", 1)[1]: v for k, v in cell["scores"].items()}  # the row: names without split
                 rows.append({
                     "dataset": spec.name, "protocol": spec.protocol, "method": method, "metrics": metrics,
-                    "num_images": res.num_images, "seconds": seconds, "info": info,
+                    "num_images": cell["num_images"], "seconds": seconds, "info": info,
                     "class_names": data.class_names if spec.protocol == "multiclass" else [],
                 })  # fmt: skip
                 shown = ", ".join(f"{k} {format_cell(v, (k,))}" for k, v in metrics.items() if "/" not in k)
-                log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s)")
+                kept = " (kept from the interrupted run)" if cell["kept"] else ""
+                log.info(f"[evaluate]   {method:15s} {shown}  ({seconds:.1f}s){kept}")
                 child = Tracker(cfg.tracking, f"{spec.name}/{method}", parent_run_id=tracker.run_id)
                 child.log_params({"dataset": spec.name, "method": method, **info})
                 child.log_data_input(spec.data, context="evaluation")
-                child.log_metrics({k: v for k, v in res.metrics.items() if np.isfinite(v)} | {"time/seconds": seconds})
+                scores = cell["scores"]
+                child.log_metrics({k: v for k, v in scores.items() if np.isfinite(v)} | {"time/seconds": seconds})
                 child.finish()
             if cfg.num_figure_images:
                 n = min(cfg.num_figure_images, len(data.items))
@@ -566,8 +632,11 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
             tracker.log_artifact(path, "figures" if path.suffix == ".png" else None)
         tracker.finish()
     except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C / SIGTERM: the scored cells stay; the same command goes on
+            e.args = (f"{str(e) or 'Ctrl-C'} {cells.interrupted_message(len(cfg.datasets) * len(cfg.methods))}",)
         tracker.finish(status_for(e))  # FAILED, or KILLED for an interrupt
         raise
+    cells.clear()  # the table holds them now
     log.info(md)
     log.info(f"[evaluate] table -> {out / 'table.md'}, {out / 'table.csv'}; figures -> {out / 'figures'}")
     return {"rows": rows, "markdown": md, "csv": table_csv, "out_dir": str(out), "mlflow_run_id": tracker.run_id}

@@ -19,6 +19,7 @@ in one place.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffseg.core import storage
+from diffseg.core.cli import resume_hint
 from diffseg.core.config import (
     Name,
     OutputPath,
@@ -46,10 +48,17 @@ from diffseg.core.config import (
     to_dict,
 )
 from diffseg.core.runtime import Progress, decide_gpu, init_ray, resolve_device
-from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id
+from diffseg.core.tracking import Tracker, TrackingConfig, current_run_id, flatten
 from diffseg.data.datasets import DataConfig, DataError, build_dataset, check_labelled, item_ids, read_images_ray
 from diffseg.data.shard_reader import ShardSet
-from diffseg.data.shards import FeatureMeta, begin_shard_set, end_shard_set, write_shard
+from diffseg.data.shards import (
+    FeatureMeta,
+    begin_shard_set,
+    end_shard_set,
+    read_manifest,
+    shard_images,
+    write_shard,
+)
 from diffseg.models.checkpoint import diffusers_unet_folder, load_diffusion_model
 from diffseg.models.diffusion import DiffusionConfig, GaussianDiffusion
 
@@ -555,6 +564,33 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     return summary
 
 
+def check_rerun(out: str, info: dict[str, Any]) -> None:
+    """A rerun into a folder that holds shards (an interrupted extraction, or a finished one) skips them, so it must
+    be the same extraction: the same data, split and recipe. Otherwise stop before any work, naming what differs."""
+    before = read_manifest(out)
+    if before is None or not storage.list_files(out, ".parquet"):
+        return
+    old, new = flatten(before.get("info") or {}), flatten(json.loads(json.dumps(info, default=str)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise DataError(
+            f"{out}: holds the shards of another extraction ({diffs}{more}); a rerun would keep them. Give this one "
+            "another name=, or delete the folder"
+        )
+
+
+def interrupted_extraction(out: str, expected: Sequence[str]) -> str:
+    """What an interrupted extraction kept (its finished shards: written whole or not at all) and how it goes on."""
+    done = set()
+    for path in storage.list_files(out, ".parquet"):
+        done.update(shard_images(path))
+    kept = sum(1 for i in expected if str(i) in done)
+    what = f"{kept} of {len(expected)} images are in finished shards in {out}, which a rerun skips"
+    return f"during extraction: {what}; the set is incomplete until it ends{resume_hint()}"
+
+
 def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
     data = dataclasses.replace(cfg.data, flip=False)
     dataset = build_dataset(data, cfg.split)
@@ -574,12 +610,18 @@ def _extract(cfg: ExtractJobConfig) -> dict[str, Any]:
     gpus = gpus_per_actor(cfg.gpus_per_actor)
     meta_extra = {**dataset_meta(dataset), "data": data.root or data.name, "split": cfg.split, "num_images": n}
     expected = item_ids(dataset)[:n]
-    begin_shard_set(out, expected, {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)})
+    info = {"data": meta_extra["data"], "split": cfg.split, "features": to_dict(cfg.features)}
+    check_rerun(out, info)
+    begin_shard_set(out, expected, info)
     t0 = time.perf_counter()
     log.info(f"[extract] {n} images, {cfg.num_actors} actor(s) of {cfg.cpus_per_actor:g} CPU, {gpus:g} GPU -> {out}")
-    paths = extract_to_shards(
-        cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus, cfg.min_class_pixels, n
-    )
+    try:
+        paths = extract_to_shards(
+            cfg.features, ds, out, meta_extra, cfg.num_actors, cfg.cpus_per_actor, gpus, cfg.min_class_pixels, n
+        )
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the finished shards stay, and a rerun skips them
+        e.args = (f"{str(e) or 'Ctrl-C'} {interrupted_extraction(out, expected)}",)
+        raise
     seconds = time.perf_counter() - t0
     end_shard_set(out)  # every image is in a shard, or this raises naming the missing ones
     ss = ShardSet(out)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from diffseg.core.cli import resume_hint
 from diffseg.core.config import dumps, staging_dir, to_dict
 from diffseg.core.runtime import Progress, format_duration, image_generators, resolve_device
 from diffseg.core.storage import put_file
@@ -528,12 +527,6 @@ def fit(
         if tracker is not None:  # FAILED, or KILLED for an interrupt; a restarted worker (or a re-run) sets it
             tracker.finish(status_for(e))  # RUNNING again
         raise
-
-
-def resume_hint() -> str:
-    """How an interrupted training goes on: this process's own command line, which resumes it."""
-    resume = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0] else None
-    return f"; the same command resumes it: {resume}" if resume else "; the same config and name resume it"
 
 
 def interrupted_message(

@@ -26,6 +26,7 @@ import ray.train.torch
 import yaml
 from torch import nn
 
+from diffseg.core.cli import resume_hint
 from diffseg.core.config import UserError, from_dict, resolve_paths, save_config, staging_dir, to_dict
 from diffseg.core.provenance import git_dirty, git_sha, source_tags
 from diffseg.core.registry import end_runs_named
@@ -44,7 +45,7 @@ from diffseg.training.config import (  # noqa: F401  (the configs are part of th
     run_uri,
     storage_path,
 )
-from diffseg.training.loop import fit, resume_hint
+from diffseg.training.loop import fit
 
 log = logging.getLogger(__name__)
 
