@@ -15,6 +15,8 @@ for _k, _v in {
     "MLFLOW_DISABLE_TELEMETRY": "1",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_AUTH_MODE": "disabled",
+    # the jobs the tests start as subprocesses run tiny models too (one thread is fastest; see one_torch_thread)
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 

@@ -100,45 +100,19 @@ def segment(url: str) -> dict:
     return r.json()
 
 
-def test_serve_follows_the_alias_across_deploys(tmp_path, monkeypatch):
+def test_serve_follows_the_alias_and_promote_switches_the_live_app(tmp_path, monkeypatch):
+    """docs/mlflow.md's alias switch on a live app: a training run registers version 1, its resumed run version 2
+    (the same MLflow run); `serve run` of a config naming models:/<name>@champion (version 1) on a `ray start`
+    cluster, then `jobs/promote.py name=... alias=champion version=2 address=<dashboard>`: the same Serve (never
+    stopped) redeploys and answers with version 2 in /v1/info and in its answers. (One test for both the deploy that
+    resolves the alias and the switch: each Serve start costs ~35 s of the suite.)"""
+    from test_cluster import LocalCluster  # the `ray start` nodes of tests/test_cluster.py (own ports, temp dir)
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     first = train(tmp_path, 10)  # version 1
     second = train(tmp_path, 15)  # the same run, resumed: its new final model is version 2
     assert first["mlflow_run_id"] == second["mlflow_run_id"]
-    set_alias(NAME, "champion", 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url, config = f"http://127.0.0.1:{port}", serve_config(tmp_path, port)
-    seen = {}
-    for version in ("1", "2"):
-        set_alias(NAME, "champion", version)  # move the alias, then deploy again
-        log = tmp_path / f"serve-{version}.log"
-        proc = start_serve(config, log)
-        try:
-            wait_healthy(url, proc, log)
-            answer = segment(url)
-            info = requests.get(f"{url}/v1/info", timeout=30).json()["models"]["factorized"]
-        finally:
-            stop(proc)
-        assert info["registered_model"] == NAME and info["alias"] == "champion" and info["model_version"] == version
-        assert "source" not in info  # paths stay internal; the version is public
-        assert answer["model"]["model_version"] == version and answer["model"]["step"] == {"1": 10, "2": 15}[version]
-        seen[version] = answer["mask_png"]
-    assert set(seen) == {"1", "2"}
-
-
-def test_promote_switches_the_live_app_without_stopping_serve(tmp_path, monkeypatch):
-    """docs/mlflow.md's alias switch on a live app: `serve run` of a config naming models:/<name>@champion (version
-    1) on a `ray start` cluster, then `jobs/promote.py name=... alias=champion version=2 address=<dashboard>`: the
-    same Serve (never stopped) answers with version 2 in /v1/info and in its answers."""
-    from test_cluster import LocalCluster  # the `ray start` nodes of tests/test_cluster.py (own ports, temp dir)
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    train(tmp_path, 10)  # version 1
-    train(tmp_path, 15)  # version 2
     set_alias(NAME, "champion", 1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,7 +125,11 @@ def test_promote_switches_the_live_app_without_stopping_serve(tmp_path, monkeypa
     try:
         proc = start_serve(config, log, address=cluster.address)
         wait_healthy(url, proc, log)
-        assert segment(url)["model"]["model_version"] == "1"
+        info = requests.get(f"{url}/v1/info", timeout=30).json()["models"]["factorized"]
+        assert info["registered_model"] == NAME and info["alias"] == "champion" and info["model_version"] == "1"
+        assert "source" not in info  # paths stay internal; the version is public
+        first_answer = segment(url)
+        assert first_answer["model"]["model_version"] == "1" and first_answer["model"]["step"] == 10
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
         promote = [sys.executable, str(REPO / "jobs" / "promote.py"), f"name={NAME}", "alias=champion", "version=2",
                    f"address={cluster.dashboard}", "wait_s=300"]  # fmt: skip
@@ -164,6 +142,7 @@ def test_promote_switches_the_live_app_without_stopping_serve(tmp_path, monkeypa
         assert info["model_version"] == "2" and info["alias"] == "champion"
         answer = segment(url)
         assert answer["model"]["model_version"] == "2" and answer["model"]["step"] == 15
+        assert "source" not in info
     finally:
         if proc is not None:
             stop(proc)
