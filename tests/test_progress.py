@@ -181,3 +181,45 @@ def test_the_start_up_interval_does_not_linger_in_the_eta():
         clock.now = 10.0 * i
         progress.update(10 + 100 * (i - 1))  # then 10 steps/s
     assert abs(progress.rate - 10.0) < 1e-9  # the start-up rate is gone at once, not averaged away
+
+
+def test_ray_trains_transient_warnings_keep_their_line_and_lose_their_traceback():
+    """Ray workers start with `worker_setup` (code_runtime_env's hook): Ray Train's 'Failed to send resource request'
+    on a busy machine (a warning with a 20-line traceback, which Ray calls safe to ignore) becomes one line naming
+    the exception; an error keeps its traceback."""
+    from diffseg.core.runtime import TRANSIENT_WARNING_LOGGERS, code_runtime_env, worker_setup
+
+    assert code_runtime_env()["worker_process_setup_hook"] == "diffseg.core.runtime.worker_setup"
+    ray = pytest.importorskip("ray")
+    logger = logging.getLogger(TRANSIENT_WARNING_LOGGERS[0])
+    before = list(logger.filters)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"gcs_address": "127.0.0.1:1"})())
+            mp.setenv("RAY_ADDRESS", "recorded")  # so that the context's end restores what was there (or nothing)
+            mp.delenv("RAY_ADDRESS")
+            worker_setup()
+            worker_setup()  # idempotent: one filter
+            import os
+
+            assert os.environ["RAY_ADDRESS"] == "127.0.0.1:1"  # the worker's own cluster, not a guess among several
+        assert len(logger.filters) == len(before) + 1
+        seen: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = seen.append  # Ray's loggers do not propagate to pytest's capture
+        logger.addHandler(handler)
+        try:
+            for level in (logging.WARNING, logging.ERROR):
+                try:
+                    raise TimeoutError("Get timed out: some object(s) not ready.")
+                except TimeoutError:
+                    logger.log(level, "Failed to send resource request for %s.", "train-1", exc_info=True)
+        finally:
+            logger.removeHandler(handler)
+        warning, error = seen
+        assert warning.getMessage() == (
+            "Failed to send resource request for train-1. (TimeoutError: Get timed out: some object(s) not ready.)"
+        )
+        assert warning.exc_info is None and error.exc_info is not None
+    finally:
+        logger.filters[:] = before
