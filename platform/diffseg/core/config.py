@@ -123,6 +123,9 @@ class PathField:
     # what the file must be, checked before the job starts and by --dry-run (`check_inputs`): `check(value, key)`
     # raises ConfigError naming the key (a checkpoint of the kind the job needs: `models.checkpoint.checkpoint_of`)
     check: Callable[[str, str], None] | None = None
+    # an input's local file or folder, which must exist (`check_inputs`): `local(value)`, None where the value names
+    # none (a backbone keyword); default: the value itself
+    local: Callable[[str], str | None] | None = None
 
 
 InputPath = Annotated[str, PathField("input")]  # a file or folder read by the job: local path or URI
@@ -205,8 +208,18 @@ def resolve_paths(cfg: T, base: str | os.PathLike | None = None) -> T:
 
 
 def check_inputs(cfg: Any) -> None:
-    """Run the `PathField.check` of every location field that has one and a local value (after `resolve_paths`):
-    the file exists and is what the job needs, before any work starts. URIs are left to the job (fetched there)."""
+    """Every input location of `cfg` with a local value (after `resolve_paths`) exists, and passes its field's
+    `PathField.check` (what the file must be), before any work starts and in --dry-run: one ConfigError naming the
+    key. URIs are left to the job (fetched there)."""
+
+    def check(mark: PathField, value: Any, key: str) -> None:
+        if mark.kind != "input" or not isinstance(value, str) or not value or is_uri(value):
+            return
+        local = mark.local(value) if mark.local else value
+        if local and not is_uri(local) and not Path(local).exists():
+            raise ConfigError(f"{key}: {local} does not exist")
+        if mark.check is not None:
+            mark.check(value, key)
 
     def walk(obj: Any, prefix: str) -> None:
         if isinstance(obj, (list, tuple)):
@@ -218,13 +231,14 @@ def check_inputs(cfg: Any) -> None:
         hints = get_type_hints(type(obj), include_extras=True)
         for f in dataclasses.fields(obj):
             value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-            mark = _path_mark(hints[f.name])
-            if mark is None:
+            mark, item = _path_mark(hints[f.name]), _item_mark(hints[f.name])
+            if mark is not None:
+                check(mark, value, key)
+            elif item is not None and isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    check(item, v, f"{key}[{i}]")
+            else:
                 walk(value, key + ".")
-            elif mark.check is not None and isinstance(value, str) and value and not is_uri(value):
-                if not Path(value).exists():
-                    raise ConfigError(f"{key}: {value} does not exist")
-                mark.check(value, key)
 
     walk(cfg, "")
 
@@ -377,7 +391,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # `x=...`, `x=[1,2`: one line naming the override, not the parser's traceback
+        where = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({where}); quote it or fix it") from None
     # YAML reads `1e-4` as a string; a number is what a researcher means there.
     if isinstance(value, str):
         try:

@@ -78,7 +78,16 @@ def resolve_backbone(spec: str, section: Any = None, key: str = "backbone", base
     return prefix + resolve_location(spec[len(prefix) :], base, key, "input")
 
 
-BackboneSpec = Annotated[str, PathField("input", resolve_backbone)]  # a checkpoint, random:<ckpt>, diffusers:<dir>
+def backbone_file(spec: str) -> str | None:
+    """The local file or folder a backbone spec names (None for a keyword): what must exist before a job starts."""
+    if spec in BACKBONE_KEYWORDS:
+        return None
+    prefix = next((p for p in BACKBONE_PREFIXES if spec.startswith(p)), "")
+    return spec[len(prefix) :]
+
+
+BackboneSpec = Annotated[str, PathField("input", resolve_backbone, local=backbone_file)]  # a checkpoint,
+# random:<ckpt> or diffusers:<dir>
 
 
 @dataclass(frozen=True)
@@ -554,7 +563,7 @@ def run_extract_job(cfg: ExtractJobConfig) -> dict[str, Any]:
     MLflow run of its own, nested under the run of a job that calls it (a comparison's variant)."""
     cfg = resolve_paths(cfg)  # in the driver: the actors run elsewhere
     with Tracker(cfg.tracking, cfg.name, parent_run_id=current_run_id()) as tracker:
-        tracker.log_params(to_dict(cfg))
+        tracker.log_config(cfg)
         tracker.log_data_input(cfg.data, context="features")
         summary = _extract(cfg)
         tracker.log_metrics({f"extract/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 
 from diffseg.core import storage
-from diffseg.core.config import ConfigError, Name, UserError, atomic_write, to_dict
+from diffseg.core.config import ConfigError, Name, UserError, atomic_write, is_uri
 from diffseg.core.tracking import Tracker, TrackingConfig
 from diffseg.models.builder import build_model
 from diffseg.models.checkpoint import (
@@ -100,6 +100,8 @@ class ConvertConfig:
         """Cross-field checks (run by --dry-run and before the job)."""
         if not self.src or not self.dst:
             raise ValueError(f"src and dst are required (src={self.src!r}, dst={self.dst!r})")
+        if not is_uri(self.src) and not Path(self.src).expanduser().exists():
+            raise ValueError(f"src: {self.src} does not exist")
         if self.preset and self.preset not in GUIDED_PRESETS:
             raise ValueError(f"preset: unknown {self.preset!r}; known: {sorted(GUIDED_PRESETS)}")
         if self.preset and self.flags:
@@ -415,7 +417,7 @@ def run_convert(cfg: ConvertConfig) -> dict[str, Any]:
         log.info(f"[convert] re-sealed {cfg.src} -> {out}: {what}")
         return {"src": cfg.src, "from": bundle, "to": cfg.to, "dst": str(out), "kind": bundle}
     with Tracker(track, cfg.run_name) as tracker:
-        tracker.log_params(to_dict(cfg))
+        tracker.log_config(cfg)
         ckpt, kind = read_source(cfg)
         mcfg = ckpt.model_config
         if cfg.to == "diffseg":
