@@ -65,3 +65,18 @@ def test_shipped_horse_model_segments_held_out_horses(data_dir):
     assert len(data["id"]) == 50
     assert dependence == pytest.approx(0.81, abs=0.02)
     assert iou * 100 == pytest.approx(44.0, abs=0.5)
+
+
+def test_shipped_layers_model_scores_the_readme_row(tmp_path, monkeypatch):
+    """models/factorized-layers32-lowt-c16-260k.pt through eval_layers.yaml (the 200 dev scenes of the layers
+    testbed, t = 30, seed 0; no ../shared needed): the README's 46.8 IoU and image dependence 0.99, from the fp16
+    weights."""
+    from diffseg.core.config import replace, resolve_paths
+    from diffseg.evaluation.evaluate import evaluate
+
+    monkeypatch.chdir(REPO)  # the config's paths are the repository's
+    cfg = resolve_paths(load_config(EvalConfig, REPO / "jobs" / "configs" / "eval_layers.yaml"))
+    assert Path(cfg.datasets[0].factorized) == MODELS / "factorized-layers32-lowt-c16-260k.pt"
+    cfg = replace(cfg, **{"methods": ["factorized"], "tracking.enabled": False, "num_figure_images": 0})
+    (row,) = evaluate(cfg, tmp_path)["rows"]
+    assert round(100 * row["metrics"]["fg_iou"], 1) == 46.8 and round(row["metrics"]["dependence"], 2) == 0.99
