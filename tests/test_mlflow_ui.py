@@ -7,10 +7,12 @@ import getpass
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from diffseg.core.config import replace
 from diffseg.core.tracking import EXPERIMENT_KIND, Tracker, TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,3 +189,54 @@ def test_a_resumed_run_logs_each_step_once(store):
     assert {m.step: m.value for m in history}[150] == 2.0 / 150
     images = [a.path for a in client(store).list_artifacts(first.run_id, "images")]
     assert sum("+step+100+" in p for p in images) == sum("+step+150+" in p for p in images) == 2, images  # png + webp
+
+
+def test_params_are_the_keys_that_differ_from_the_defaults():
+    """Issue 37: MLflow's image chart prints every param of a run above its image, and a run's params were its whole
+    flattened config (about 120 keys): the image was pushed out of the card. Params are now the keys that differ from
+    the defaults, the identifying ones at any value, the swept ones (`keep`), never where the run writes or logs."""
+    from diffseg.core.tracking import config_params
+    from diffseg.training.config import TrainConfig
+
+    cfg = replace(TrainConfig(), **{"optim.lr": 3e-4, "output_dir": "/abs/runs", "tracking.uri": "sqlite:////x.db"})
+    assert config_params(cfg) == {"name": cfg.name, "model.kind": "ddpm", "data.name": "synthetic", "optim.lr": 3e-4}
+    assert config_params(cfg, keep=("optim.batch_size",))["optim.batch_size"] == cfg.optim.batch_size
+    assert "optim.lr" not in config_params(cfg, drop=("optim",))
+
+    @dataclass(frozen=True)
+    class Required:  # no defaults to compare with: every key
+        name: str
+        size: int = 4
+
+    assert config_params(Required("x")) == {"name": "x", "size": 4}
+
+
+def test_a_training_run_holds_its_config_and_images_where_the_ui_opens(tmp_path, store):
+    """Issue 37: a run's params are its non-default keys and config.yaml reproduces the whole config; every image key
+    has an image at step 0 (MLflow's image chart opens there: "No image logged at this step" otherwise) and at the
+    steps the run validated (val/masks) or sampled (samples) at."""
+    from diffseg.core.config import load_config, to_dict
+    from diffseg.core.tracking import config_params, flatten
+    from diffseg.training.loop import LocalContext, TrainConfig, fit
+
+    cfg = load_config(TrainConfig, REPO / "jobs" / "configs" / "factorized_tiny16.yaml",
+                      [f"output_dir={tmp_path / 'runs'}", "tracking.enabled=true", "tracking.system_metrics=false",
+                       "tracking.log_models=false", "tracking.experiment=images", "loop.sample_every=3",
+                       "loop.eval_every=3"])  # fmt: skip
+    out = fit(cfg, LocalContext("cpu"))
+    c = client(store)
+    run = c.get_run(out["mlflow_run_id"])
+    params = run.data.params
+    assert params == {k: str(v) for k, v in config_params(cfg).items()}
+    assert len(params) < len(flatten(to_dict(cfg))) / 3 and "loop.sample_every" in params
+    assert "optim.weight_decay" not in params and not [k for k in params if k.startswith(("tracking.", "output_dir"))]
+    logged = Path(c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "artifacts")))
+    assert load_config(TrainConfig, logged) == cfg  # the whole config, the defaults included
+    steps: dict[str, set[int]] = {}
+    for a in c.list_artifacts(run.info.run_id, "images"):
+        if a.path.endswith(".png"):  # images/<key, / as ~>+step+<step>+timestamp+...: what the UI parses
+            key, _, step = Path(a.path).name.split("+")[:3]
+            steps.setdefault(key.replace("~", "/"), set()).add(int(step))
+    validated = {m.step for m in c.get_metric_history(run.info.run_id, "val/eps_mse")}
+    assert validated == {3, 6}
+    assert steps == {"samples": {0, 3, 6}, "val/masks": {0} | validated}

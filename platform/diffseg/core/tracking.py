@@ -1,6 +1,6 @@
-"""MLflow tracking: every job is a run (params from the resolved config, `split/name` metrics, system metrics, images
-by step, artifacts, the git SHA and job file of `diffseg.core.provenance`), and its models are MLflow models,
-registered on request.
+"""MLflow tracking: every job is a run (params: the config keys that differ from their defaults, and the whole resolved
+config as `config.yaml`; `split/name` metrics, system metrics, images by step, artifacts, the git SHA and job file of
+`diffseg.core.provenance`), and its models are MLflow models, registered on request.
 
 MLflow is imported lazily (it costs seconds to import) and every call is a no-op when tracking is disabled. The
 store is `tracking.uri`, else `MLFLOW_TRACKING_URI`, else a SQLite file `mlflow.db` in the working directory (MLflow
@@ -34,7 +34,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +45,7 @@ from diffseg.core.config import (
     WORKDIR_ENV,
     ConfigError,
     PathField,
+    dumps,
     is_submitted_job,
     job_dir,
     save_config,
@@ -64,6 +65,12 @@ CODE_DIR = Path(__file__).resolve().parents[1]  # the diffseg package (this file
 # What a pyfunc model needs installed besides its copied code (no inference: it would call pip, which needs an index).
 DISPLAY_SIZE = 768  # images logged by step are enlarged to about this many pixels (the longer side) when smaller
 MODEL_REQUIREMENTS = ("torch", "numpy", "pillow", "pyyaml", "scipy", "safetensors", "mlflow")
+# A run's params are the config keys that differ from their defaults (`config_params`), and these even at their default:
+# what the run is, at a glance in the runs table. MLflow's image charts print every param of a run above its image;
+# the whole config (about 120 keys for a training) pushed the image out of the card (issue 37).
+IDENTIFYING_PARAMS = ("name", "model.kind", "data.name")
+# Where a run writes and which store records it: in its config.yaml, never params (resolved, they always differ).
+NOT_PARAMS = ("output_dir", "tracking")
 
 
 def resolve_tracking_uri(uri: str | None = None, base: Path | Callable[[], Path] | None = None) -> str:
@@ -127,6 +134,29 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _under(key: str, paths: Iterable[str]) -> bool:
+    """Whether config key `key` is one of `paths` or lies under one (`tracking.uri` under `tracking`)."""
+    return any(key == p or key.startswith(p + ".") for p in paths)
+
+
+def config_params(cfg: Any, keep: Iterable[str] = (), drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The params of a run started with config `cfg` (a config dataclass): the flattened keys whose value differs from
+    the default of `cfg`'s class, plus `IDENTIFYING_PARAMS` and the keys under `keep` (a sweep's swept keys) at any
+    value, less `NOT_PARAMS` and the keys under `drop`. The whole config goes to the run as `config.yaml`
+    (`Tracker.log_config`): a key missing from the params holds its default there."""
+    values = flatten(to_dict(cfg))
+    try:
+        defaults = flatten(to_dict(type(cfg)()))
+    except TypeError:  # a class with required fields has no defaults to compare with: every key
+        defaults = {}
+    keep = (*IDENTIFYING_PARAMS, *keep)
+    return {
+        k: v
+        for k, v in values.items()
+        if (_under(k, keep) or k not in defaults or defaults[k] != v) and not _under(k, (*NOT_PARAMS, *drop))
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- run status
@@ -389,6 +419,23 @@ class Tracker:
         for i in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def log_config(
+        self,
+        cfg: Any,
+        *,
+        keep: Iterable[str] = (),
+        drop: Iterable[str] = (),
+        prefix: str = "",
+        artifact_file: str = "config.yaml",
+    ) -> None:
+        """What the run was started with: the keys of `cfg` that differ from their defaults as params
+        (`config_params(cfg, keep, drop)`, each name after `prefix`), and the whole resolved config as the artifact
+        `artifact_file`, which `--config` reads back to the same config."""
+        if not self.enabled:
+            return
+        self.log_params({prefix + k: v for k, v in config_params(cfg, keep, drop).items()})
+        self.log_text(dumps(cfg), artifact_file)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.enabled:
             return
@@ -444,7 +491,9 @@ class Tracker:
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """An image (uint8 (H, W, 3) array or PIL image) under `key` at `step`: the run's model-metrics charts show it
-        with a step slider, so sample grids and mask figures can be followed over training."""
+        with a step slider, so sample grids and mask figures can be followed over training. MLflow's image chart opens
+        at step 0 (only a key with a single step opens at that step): a key logged at several steps has one at step
+        0, or the chart opens on "No image logged at this step" (the training loop logs its images at step 0)."""
         if not self.enabled or step <= self._logged_until:  # a resumed run's steps before the resume: logged then
             return
         arr = np.asarray(image)
@@ -624,7 +673,7 @@ def _client(uri: str | None):
 
 def start_job(cfg: Any) -> tuple[Path, Tracker]:
     """A job's output folder `<output_dir>/<name>` (created, holding the resolved config.yaml) and its MLflow run,
-    named after the job, with the flattened config as parameters. `cfg` has output_dir, name and tracking.
+    named after the job, with the config (`Tracker.log_config`). `cfg` has output_dir, name and tracking.
 
     The run is live until the job calls `finish`, uses the tracker as a context manager, or raises out of
     `run_job` (which ends it FAILED or KILLED)."""
@@ -632,7 +681,7 @@ def start_job(cfg: Any) -> tuple[Path, Tracker]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg.tracking, cfg.name)
-    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.log_config(cfg)
     data = getattr(cfg, "data", None)
     if data is not None and hasattr(data, "root") and hasattr(data, "image_size"):  # a DataConfig: what it reads
         tracker.log_data_input(data, context="input")

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from diffseg.core.config import InputPath, OutputPath, atomic_write, save_config, to_dict
+from diffseg.core.config import InputPath, OutputPath, atomic_write, save_config
 from diffseg.core.tracking import Tracker, TrackingConfig
 from diffseg.data.datasets import IMAGE_EXTS, DataError
 
@@ -416,7 +416,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     """The body of jobs/prepare_data.py: `convert`, then save the resolved config beside the output (an MLflow run,
     named prepare-<layout>)."""
     with Tracker(cfg.tracking, f"prepare-{cfg.layout}") as tracker:
-        tracker.log_params(to_dict(cfg))
+        tracker.log_config(cfg)
         dst = convert(cfg)
         save_config(cfg, dst / "prepare_config.yaml")
         meta = json.loads((dst / "dataset.json").read_text())

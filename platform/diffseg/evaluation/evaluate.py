@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from diffseg.core.cli import resume_hint
-from diffseg.core.config import Name, OutputPath, atomic_write, atomic_write_text, dumps, job_dir, save_config, to_dict
+from diffseg.core.config import Name, OutputPath, atomic_write, atomic_write_text, dumps, job_dir, save_config
 from diffseg.core.runtime import resolve_device
 from diffseg.core.tracking import Tracker, TrackingConfig, status_for
 from diffseg.core.viz import comparison_grid, grid, overlay, save_png, to_uint8
@@ -568,7 +568,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
     save_config(cfg, out / "config.yaml")
     cells = Cells(out / "cells", cfg)
     tracker = Tracker(cfg.tracking, cfg.name)
-    tracker.log_params(to_dict(cfg))
+    tracker.log_config(cfg)
     rows: list[dict[str, Any]] = []
     figures = []
     try:

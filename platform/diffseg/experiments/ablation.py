@@ -307,7 +307,7 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps({"config": to_dict(cfg), "rows": rows}, indent=1, default=str))
     plot_curves(rows, out / "curves.png")
     tracker = Tracker(cfg.tracking, cfg.name)
-    tracker.log_params(to_dict(cfg))
+    tracker.log_config(cfg)
     for path in [out / "table.md", out / "results.json", out / "curves.png", *out.glob("masks_*.png")]:
         tracker.log_artifact(path)
     tracker.finish()

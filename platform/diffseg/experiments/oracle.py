@@ -159,7 +159,7 @@ def run(cfg: OracleConfig) -> dict[str, Any]:
         raise ValueError(f"{base.data.root}: the held-out images have no masks; the oracle arms need them")
     num_classes = len(getattr(test, "class_names", [])) or int(held["mask"][held["mask"] != 255].max()) + 1
     tracker = Tracker(cfg.tracking, cfg.name)
-    tracker.log_params(to_dict(cfg))
+    tracker.log_config(cfg)
     results: dict[str, Any] = {}
     shared: dict[str, torch.Tensor] | None = None
     try:

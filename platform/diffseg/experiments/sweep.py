@@ -197,7 +197,7 @@ def sweep_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tracker = Tracker(sweep.tracking, run_name=trial_name, run_id=state.mlflow_run_id,
                       tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"])  # fmt: skip
     if not state.mlflow_run_id:
-        tracker.log_params(to_dict(cfg))
+        tracker.log_config(cfg, keep=overrides)  # the swept keys, also at their default
         tracker.set_tags({"diffseg.sweep": sweep.name, "diffseg.trial_id": trial_id, "diffseg.task": task,
                           **{f"sweep.{k}": json.dumps(v) for k, v in overrides.items()}})  # fmt: skip
         tracker.log_data_input(cfg.data, "training")  # a trial reads its training data only (pixel: folds of it)
@@ -347,7 +347,8 @@ def run_sweep(
     parent_run_id = json.loads(storage.read_text(state_file))["parent_run_id"] if storage.is_file(state_file) else None
     parent = Tracker(sweep.tracking, run_name=sweep.name, run_id=parent_run_id, tracking_uri=uri)
     if parent_run_id is None:
-        parent.log_params({"sweep": {k: v for k, v in to_dict(sweep).items() if k != "space"}, "base": to_dict(base)})
+        parent.log_config(sweep, drop=("space",), prefix="sweep.")  # (the space: a tag)
+        parent.log_config(base, prefix="base.", artifact_file="base_config.yaml")
         parent.set_tags({"diffseg.sweep": sweep.name, "diffseg.task": task,
                          "diffseg.space": json.dumps(to_dict(sweep.space))[:5000]})  # fmt: skip
         parent.log_data_input(base.data, "training")  # (its test split: the images the chosen recipe is scored on)

@@ -54,7 +54,7 @@ class LoopConfig:
     num_steps: int = 500  # total optimizer steps (a resumed run continues up to this)
     log_every: int = 10  # steps between progress lines and metric logging
     checkpoint_every: int = 100  # steps between checkpoints (reported to Ray Train and exported)
-    sample_every: int = 0  # steps between sample grids (0 = only at the end)
+    sample_every: int = 0  # steps between sample grids (0 = only at the end; a fresh run also samples at step 0)
     num_samples: int = 8  # images in each sample grid (0 = no sample grids)
     sample_steps: int = 50  # DDIM steps for the sample grids
     seed: int = 0  # global seed: the initial weights; rank r uses seed + r for its data order, timesteps and noise

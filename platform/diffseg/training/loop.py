@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffseg.core.cli import resume_hint
-from diffseg.core.config import dumps, staging_dir, to_dict
+from diffseg.core.config import staging_dir
 from diffseg.core.runtime import Progress, format_duration, image_generators, resolve_device
 from diffseg.core.storage import put_file
 from diffseg.core.tracking import Tracker, status_for
@@ -252,16 +252,15 @@ def start_run(
     git_dirty: bool | None,
     run_tags: dict[str, str] | None = None,
 ) -> Tracker:
-    """Rank 0: the MLflow run (continued when the state has one; a new one gets the params, tags (`run_tags`: the
-    driver's user and job file), the training data as its dataset input and the resolved config) and the log line
-    that says what is trained, where, and from what."""
+    """Rank 0: the MLflow run (continued when the state has one; a new one gets the config (the keys that differ from
+    the defaults as params, the resolved config as config.yaml, also where the run folder is remote), tags
+    (`run_tags`: the driver's user and job file) and the training data as its dataset input) and the log line that
+    says what is trained, where, and from what."""
     start_step = state.step
     tracker = Tracker(cfg.tracking, cfg.name, run_id=state.mlflow_run_id, tracking_uri=tracking_uri)
     if state.mlflow_run_id is None:
-        params = to_dict(cfg)
-        if cfg.model.kind != "factorized":  # only the parameters of the model kind that runs
-            params["model"].pop("factorized", None)
-        tracker.log_params(params)
+        # only the parameters of the model kind that runs
+        tracker.log_config(cfg, drop=() if cfg.model.kind == "factorized" else ("model.factorized",))
         tags = {"diffseg.model": cfg.model.kind, "diffseg.world_size": world}
         if git_commit:
             tags["mlflow.source.git.commit"] = git_commit
@@ -269,7 +268,6 @@ def start_run(
             tags["diffseg.git_dirty"] = str(git_dirty).lower()
         tracker.set_tags({**tags, **(run_tags or {})})
         tracker.log_data_input(cfg.data, context="training")
-        tracker.log_text(dumps(cfg), "config.yaml")  # the resolved config, also where the run folder is remote
     state.mlflow_run_id = tracker.run_id
     if changes and (changes["reapplied"] or changes["free"]):
         log.info(f"[train] resuming with a changed config: {'; '.join(changes['reapplied'] + changes['free'])}")
@@ -375,11 +373,7 @@ def run_diagnostics(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any
     m.update(raw)
     state.evals.append({"step": state.step, **m})
     tracker.log_metrics(m, state.step)
-    if n := min(cfg.eval.num_figure_images, len(eval_set["image"])):  # image | masks | overlay, by step
-        images = eval_set["image"][:n]
-        gens = image_generators(cfg.eval.seed, range(n))  # the diagnostics' noise for these images
-        masks = segment_images(state.ema.model, state.diffusion, images, t=cfg.eval.t, generator=gens)["masks"]
-        tracker.log_image(sample_grid(images, masks.cpu()), "val/masks", state.step)
+    log_mask_figure(cfg, state, eval_set, tracker)
     score = next(k for k in m if k.endswith(("fg_iou", "hungarian_miou")))
     log.info(
         f"[train] eval step {state.step}: {score.split('/')[1]} {m[score]:.3f} "
@@ -387,6 +381,26 @@ def run_diagnostics(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any
         f"eps_mse {m['val/eps_mse']:.4f} (EMA); raw "
         f"{raw[score.replace('val/', 'val_raw/')]:.3f} / {raw['val_raw/mask_dependence']:.3f}"
     )
+
+
+def log_mask_figure(cfg: TrainConfig, state: TrainState, eval_set: dict[str, Any], tracker: Tracker) -> None:
+    """Rank 0, factorized: the held-out images' masks (image | masks | overlay) under `val/masks`, by step."""
+    if n := min(cfg.eval.num_figure_images, len(eval_set["image"])):
+        images = eval_set["image"][:n]
+        gens = image_generators(cfg.eval.seed, range(n))  # the diagnostics' noise for these images
+        masks = segment_images(state.ema.model, state.diffusion, images, t=cfg.eval.t, generator=gens)["masks"]
+        tracker.log_image(sample_grid(images, masks.cpu()), "val/masks", state.step)
+
+
+def log_step0_images(
+    cfg: TrainConfig, state: TrainState, tracker: Tracker, eval_set: dict[str, Any] | None, device: torch.device
+) -> None:
+    """Rank 0, a fresh run: its image charts at step 0 (the model before training: a sample grid, the held-out masks).
+    MLflow's image chart opens at step 0 and stays there (only a key logged at a single step opens at that step, and
+    a resume adds steps): a key logged at later steps only opened on "No image logged at this step" (issue 37)."""
+    write_samples(cfg, state, tracker, device)
+    if eval_set is not None and cfg.model.kind == "factorized":
+        log_mask_figure(cfg, state, eval_set, tracker)
 
 
 def write_samples(
@@ -439,9 +453,9 @@ def fit(
     tagged on new runs, and the training data is the run's dataset input), writes sample grids
     (`samples/`) and exports every checkpoint there.
 
-    The steps: `resume_state`, `start_run` (rank 0), then one `train_step` per batch; at log steps `log_window` and
-    `time_box_reached`, at their intervals `write_samples`, `run_diagnostics` and `checkpoint_and_report`; rank 0
-    ends with a last sample grid and the summary.
+    The steps: `resume_state`, `start_run` (rank 0; a fresh run then logs `log_step0_images`), then one `train_step`
+    per batch; at log steps `log_window` and `time_box_reached`, at their intervals `write_samples`, `run_diagnostics`
+    and `checkpoint_and_report`; rank 0 ends with a last sample grid and the summary.
     """
     cfg.check()
     ctx = ctx or LocalContext()
@@ -461,6 +475,8 @@ def fit(
         )  # fmt: skip
 
     try:
+        if rank == 0 and start_step == 0:
+            log_step0_images(cfg, state, tracker, eval_set, device)
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
         started = clock = time.perf_counter()  # clock: the start of the time not yet in state.train_seconds
