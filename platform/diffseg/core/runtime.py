@@ -337,21 +337,28 @@ class _StdoutHandler(logging.StreamHandler):
 # Third-party INFO records that say nothing a user acts on, once per report or step: shown from WARNING up only.
 # A Ray Train worker's "Checkpoint successfully created at: ..." (storage.py, a logger named after the module) and
 # "Reporting training result N: TrainingReport(...)" (context.py, a logger named after its FILE), two lines of ~300
-# characters at every report.
-QUIET_LOGGERS = ("ray.train.v2._internal.execution",)
+# characters at every report; and the driver's runtime-env packaging ("Creating a file package ...", "Pushing ...", three lines per Ray start).
+# (Ray Train's controller and workers log their own per-run INFO lines, filtered by their RunConfig's LoggingConfig:
+# `training.ray_train`.)
+QUIET_LOGGERS = ("ray.train.v2._internal.execution", "ray._private.runtime_env.packaging")
 QUIET_FILE_LOGGERS = ("ray/train/v2/_internal/execution/context.py",)  # relative to the installed ray package
 
 
-def setup_logging(level: int = logging.INFO, prefix: str = "") -> None:
-    """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers);
-    `prefix` starts every line (the run's name, where several processes share one terminal). The `QUIET_LOGGERS`
-    show warnings and errors only."""
+def quiet_third_party() -> None:
+    """The `QUIET_LOGGERS` (and `QUIET_FILE_LOGGERS`) show warnings and errors only, in this process."""
     names = list(QUIET_LOGGERS)
     if "ray" in sys.modules:  # (never imported here for that: a job without Ray does not pay for it)
         ray_root = Path(sys.modules["ray"].__file__).parent.parent
         names += [str(ray_root / path) for path in QUIET_FILE_LOGGERS]
     for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def setup_logging(level: int = logging.INFO, prefix: str = "") -> None:
+    """Show the library's log records (`[train] step ...`) on stdout, once per process (jobs, Ray workers);
+    `prefix` starts every line (the run's name, where several processes share one terminal). The `QUIET_LOGGERS`
+    show warnings and errors only."""
+    quiet_third_party()
     logger = logging.getLogger("diffseg")
     handler = next((h for h in logger.handlers if isinstance(h, _StdoutHandler)), None)
     if handler is None:

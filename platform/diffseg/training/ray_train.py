@@ -140,6 +140,10 @@ def build_trainer(cfg: TrainConfig) -> ray.train.torch.TorchTrainer:
             storage_path=storage_path(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Ray Train's own INFO lines on the console ("Requesting resources", "Attempting to start training worker
+            # group", "Setting up process group", ...: per run, nothing to act on) from WARNING up; its system log
+            # files under the Ray session keep every level.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
