@@ -312,6 +312,9 @@ def test_dry_run_refuses_an_image_only_folder_where_labels_are_needed(tmp_path, 
         ("extract_features", [f"data.root={image_only}", *data, "features.backbone=rgb"], "data.root: "),
         ("evaluate", [f"datasets=[{{name: d, data: {{name: folder, root: {image_only}}}}}]", "methods=[centred_box]"],
          "datasets[0].data.root: "),
+        # a factorized training's mask diagnostics (loop.eval_every) score masks on its held-out images
+        ("train_factorized", [f"data.root={image_only}", *data, "model.unet.image_size=16", "data.num_test=2",
+                              "loop.eval_every=10"], "data.root: "),
     ]  # fmt: skip
     for job, args, key in cases:
         with pytest.raises(SystemExit) as end:
@@ -321,4 +324,7 @@ def test_dry_run_refuses_an_image_only_folder_where_labels_are_needed(tmp_path, 
         assert f"{key}{image_only} has no masks (it has no masks/ folder), and this job needs labelled images" in err[0]
     with pytest.raises(SystemExit) as end:
         _job_main("extract_features")([f"data.root={labelled}", *data, "features.backbone=rgb", "--dry-run"])
+    assert end.value.code == 0, capsys.readouterr().err
+    with pytest.raises(SystemExit) as end:  # without diagnostics an image-only set trains (masks unused)
+        _job_main("train_factorized")([f"data.root={image_only}", *data, "model.unet.image_size=16", "--dry-run"])
     assert end.value.code == 0, capsys.readouterr().err

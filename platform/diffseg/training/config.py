@@ -20,7 +20,7 @@ from diffseg.core.config import (
 )
 from diffseg.core.storage import fetch_file, is_remote
 from diffseg.core.tracking import TrackingConfig, flatten
-from diffseg.data.datasets import DataConfig
+from diffseg.data.datasets import DataConfig, check_labelled
 from diffseg.models.builder import ModelConfig
 from diffseg.models.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from diffseg.models.diffusion import DiffusionConfig
@@ -120,6 +120,14 @@ class TrainConfig:
                 f"{self.data.num_test}: set data.num_test (>= 2; the images after data.num_train), or eval.data / "
                 "eval.split"
             )
+        if self.loop.eval_every and self.model.kind == "factorized":  # mask diagnostics score masks
+            try:
+                check_labelled(*((self.eval.data, "eval.data") if self.eval.data is not None else (self.data, "data")))
+            except ValueError as e:
+                raise ValueError(
+                    f"{e}: loop.eval_every={self.loop.eval_every} scores the masks on them (set loop.eval_every=0, or "
+                    "eval.data to a labelled set)"
+                ) from None
         if self.loop.num_samples < 0:
             raise ValueError(f"loop.num_samples: {self.loop.num_samples} < 0 (0 = no sample grids)")
         workers = max(1, self.scaling.num_workers)
