@@ -235,3 +235,14 @@ def test_ray_trains_own_console_lines_are_warnings_only():
     cfg = load_config(TrainConfig, "factorized_tiny16.yaml", ["output_dir=/tmp/unused"])
     trainer = build_trainer(cfg)
     assert trainer.run_config.logging_config.log_level == "WARNING"
+
+
+def test_the_last_line_gives_the_whole_runs_rate():
+    """Two extraction shards that arrived together (4 images after 25 s, 4 more 0.2 ms later) printed '8/8 img,
+    19124.0 img/s': the line that ends a run gives its mean rate instead."""
+    t = [0.0]
+    p = Progress(8, "img", clock=lambda: t[0])
+    t[0] = 25.0
+    p.update(4)
+    t[0] = 25.0002
+    assert p.update(8).startswith("8/8 img, 0.32 img/s, left 00:00:00")
