@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,9 +191,14 @@ def test_ray_trains_transient_warnings_keep_their_line_and_lose_their_traceback(
     """Ray workers start with `worker_setup` (code_runtime_env's hook): Ray Train's 'Failed to send resource request'
     on a busy machine (a warning with a 20-line traceback, which Ray calls safe to ignore) becomes one line naming
     the exception; an error keeps its traceback."""
-    from diffseg.core.runtime import TRANSIENT_WARNING_LOGGERS, code_runtime_env, worker_setup
+    from diffseg.core.ray_worker import TRANSIENT_WARNING_LOGGERS, worker_setup
+    from diffseg.core.runtime import code_runtime_env
 
-    assert code_runtime_env()["worker_process_setup_hook"] == "diffseg.core.runtime.worker_setup"
+    assert code_runtime_env()["worker_process_setup_hook"] == "diffseg.core.ray_worker.worker_setup"
+    # every worker process runs it at start-up: it must not import torch (2.8 s each on this machine)
+    probe = "import sys; import diffseg.core.ray_worker; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout == "False\n"
     ray = pytest.importorskip("ray")
     logger = logging.getLogger(TRANSIENT_WARNING_LOGGERS[0])
     before = list(logger.filters)
@@ -200,8 +209,6 @@ def test_ray_trains_transient_warnings_keep_their_line_and_lose_their_traceback(
             mp.delenv("RAY_ADDRESS")
             worker_setup()
             worker_setup()  # idempotent: one filter
-            import os
-
             assert os.environ["RAY_ADDRESS"] == "127.0.0.1:1"  # the worker's own cluster, not a guess among several
         assert len(logger.filters) == len(before) + 1
         seen: list[logging.LogRecord] = []
