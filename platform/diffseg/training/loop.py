@@ -475,7 +475,7 @@ def fit(
         )  # fmt: skip
 
     try:
-        if rank == 0 and start_step == 0:
+        if rank == 0 and start_step == 0 and tracker is not None and tracker.enabled:  # for MLflow's image charts
             log_step0_images(cfg, state, tracker, eval_set, device)
         state.model.train()
         t0, images_seen, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
