@@ -264,10 +264,16 @@ def end_shard_set(folder: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def _missing_images(folder: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+def covered_images(folder: str | os.PathLike) -> set[str]:
+    """The ids of the images the finished shards in `folder` were made from (a shard is written whole or not at all)."""
     covered: set[str] = set()
     for p in _shard_paths(folder):
         covered.update(shard_images(p))
+    return covered
+
+
+def _missing_images(folder: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    covered = covered_images(folder)
     return [i for i in manifest["expected_images"] if i not in covered]
 
 

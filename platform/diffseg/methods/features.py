@@ -54,9 +54,9 @@ from diffseg.data.shard_reader import ShardSet
 from diffseg.data.shards import (
     FeatureMeta,
     begin_shard_set,
+    covered_images,
     end_shard_set,
     read_manifest,
-    shard_images,
     write_shard,
 )
 from diffseg.models.checkpoint import diffusers_unet_folder, load_diffusion_model
@@ -592,9 +592,7 @@ def check_rerun(out: str, info: dict[str, Any]) -> None:
 
 def interrupted_extraction(out: str, expected: Sequence[str]) -> str:
     """What an interrupted extraction kept (its finished shards: written whole or not at all) and how it goes on."""
-    done = set()
-    for path in storage.list_files(out, ".parquet"):
-        done.update(shard_images(path))
+    done = covered_images(out)
     kept = sum(1 for i in expected if str(i) in done)
     what = f"{kept} of {len(expected)} images are in finished shards in {out}, which a rerun skips"
     return f"during extraction: {what}; the set is incomplete until it ends{resume_hint()}"
