@@ -20,8 +20,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/demo.py $(ARGS)
 
+# Two xdist workers: the tests that start Ray run one at a time in one of them, the rest beside them (tests/conftest.py).
 test: lint-imports
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 test-fast: lint-imports
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -24,15 +24,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DIFFSEG_SHARED", REPO.parent / "shared"))
 
 
+RAY_GROUP = "ray"  # the xdist group of every test that starts Ray (`slow`): one worker runs them, one at a time
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    """GPU tests skip without CUDA. Under `make test`'s two xdist workers (`-n 2 --dist loadgroup`): the tests that
+    start Ray (`slow`) form one group, run one after another by one worker, first (they are the longer half), so that
+    two Ray instances never share the 2 cores nor a `ray start` cluster; every other test keeps to its module's group
+    (its module fixtures are built once), and the other worker runs those."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_gpu = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        if skip_gpu is not None and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        group = RAY_GROUP if "slow" in item.keywords else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: collection order within each half
 
 
 @pytest.fixture(autouse=True, scope="session")

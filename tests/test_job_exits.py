@@ -162,6 +162,48 @@ def test_a_submission_refused_by_token_auth_says_what_to_set(monkeypatch, capsys
     assert "export RAY_AUTH_MODE=token" in message and "it is unset" in message
 
 
+def test_a_submission_before_the_job_agent_is_up_is_retried_and_other_errors_are_not(monkeypatch, caplog):
+    """Right after `ray start` the Job API answers 500 "No available agent to submit job, please try again later"
+    (the dashboard is up before the node's job agent; seconds more on a loaded machine): the submission waits for the
+    agent instead of failing; any other error, or an agent still missing after the patience, is raised as it came."""
+    import logging
+
+    import ray.job_submission
+
+    from diffseg.core import submit
+
+    no_agent = RuntimeError("Request failed with status code 500: No available agent to submit job, please try again "
+                            "later..")  # fmt: skip
+    answers: list = []
+
+    class Starting:
+        def __init__(self, address, *args, **kwargs):
+            pass
+
+        def submit_job(self, **job):
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def get_job_status(self, job_id):
+            return ray.job_submission.JobStatus.PENDING
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Starting)
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    answers[:] = [no_agent, no_agent, "raysubmit_1"]
+    with caplog.at_level(logging.INFO, logger=submit.__name__):
+        assert submit.submit(["python", "jobs/demo.py"], "http://h:8265", {}, wait=False) == ("raysubmit_1", "PENDING")
+    assert not answers and sum("job agent is not up yet" in r.getMessage() for r in caplog.records) == 1
+    answers[:] = [RuntimeError("Request failed with status code 400: bad runtime_env")]
+    with pytest.raises(RuntimeError, match="400"):
+        submit.submit(["python", "jobs/demo.py"], "http://h:8265", {}, wait=False)
+    answers[:] = [no_agent] * 3
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit.submit_when_ready(Starting("h"), patience_s=-1, entrypoint="python jobs/demo.py")
+    assert len(answers) == 2  # out of patience at once: asked once
+
+
 def test_docs_local_route_exports_the_auth_mode():
     """docs/cluster.md's own-working-directory route starts a `ray start` cluster and submits to it: with Ray's
     token auth that works only with RAY_AUTH_MODE=token exported first, so the route says so before it submits."""

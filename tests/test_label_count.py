@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -32,6 +33,10 @@ def test_config_checks_and_seeds_per_cell():
     assert cell_seeds(cfg, 5, "ddpm") == (0, 1, 2, 3)
     assert cell_seeds(cfg, 20, "ddpm") == (0, 1)  # above the cheap counts
     assert cell_seeds(cfg, 1, "supervised") == (0, 1)  # not an extra-seed method
+    headline = dataclasses.replace(cfg, counts=(1, 5, 20, 50), extra_seeds_at=(20,))
+    assert cell_seeds(headline, 20, "supervised") == cell_seeds(headline, 20, "ddpm") == (0, 1, 2, 3)  # every method
+    assert cell_seeds(headline, 50, "ddpm") == (0, 1) and cell_seeds(headline, 5, "supervised") == (0, 1)
+    assert recipe_hash(headline) == recipe_hash(cfg)  # where the seeds go changes no cell
     with pytest.raises(ValueError, match="repeat a seed"):
         LabelCountConfig(checkpoint="c.pt", seeds=(0, 1), extra_seeds=(1,)).check()
     with pytest.raises(ValueError, match="counts"):

@@ -86,6 +86,28 @@ def build_runtime_env(
     return {"working_dir": str(REPO_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
+NO_AGENT = "No available agent to submit job"  # the Job API's 500 while a node's job agent is still starting
+AGENT_PATIENCE_S = 120.0
+
+
+def submit_when_ready(client: Any, patience_s: float = AGENT_PATIENCE_S, **job: Any) -> str:
+    """`client.submit_job(**job)`, retried while the Job API answers that no job agent is up yet ("please try again
+    later": the dashboard answers before the agents of a cluster that has just started, more so on a loaded
+    machine), for up to `patience_s`; any other error, or the agent still missing then, is raised as it came."""
+    deadline = time.monotonic() + patience_s
+    waited = False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if NO_AGENT not in str(e) or time.monotonic() > deadline:
+                raise
+            if not waited:
+                log.info(f"[submit] the cluster's job agent is not up yet; retrying for up to {patience_s:.0f} s")
+                waited = True
+            time.sleep(2.0)
+
+
 def submit(
     entrypoint: list[str],
     address: str | None = None,
@@ -98,7 +120,7 @@ def submit(
 
     client = JobSubmissionClient(job_address(address))
     runtime_env = runtime_env or build_runtime_env()
-    job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
+    job_id = submit_when_ready(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
     env_vars = runtime_env.get("env_vars", {})
     log.info(
         f"[submit] job {job_id} on {job_address(address)}: commit {env_vars.get('DIFFSEG_GIT_SHA', '?')[:12]} "

@@ -617,6 +617,9 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None) -> dict[str, An
                 scores = cell["scores"]
                 child.log_metrics({k: v for k, v in scores.items() if np.isfinite(v)} | {"time/seconds": seconds})
                 child.finish()
+                # the table's columns on the evaluation's own run too (its runs-table row and charts are not empty)
+                tracker.log_metrics({f"{spec.name}/{method}/{k}": v for k, v in metrics.items()
+                                     if "/" not in k and isinstance(v, (int, float)) and np.isfinite(v)})  # fmt: skip
             if cfg.num_figure_images:
                 n = min(cfg.num_figure_images, len(data.items))
                 masks = data.masks.numpy()

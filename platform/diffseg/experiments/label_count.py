@@ -15,7 +15,8 @@ cell records a hash of everything but counts, seeds, name and tracking). The fea
 once (n<count>/shards/, shared by its seeds); each cell's predictions, metrics and bundle go to its own folder.
 
 Seeds: `seeds` at every count, plus `extra_seeds` for the methods in `extra_seeds_variants` at counts up to
-`extra_seeds_max_count` (where they are cheap).
+`extra_seeds_max_count` (where they are cheap), and for every method at the counts in `extra_seeds_at` (the headline
+count, e.g. 20, where the table's comparison needs every row on the same seeds).
 
 With `compute: false` nothing is trained: the table and plot are made from the finished cells (the others listed).
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # fields that do not change what a cell computes (the rest are hashed into every cell)
 _NOT_RECIPE = ("name", "output_dir", "tracking", "compute", "variants", "counts", "seeds", "extra_seeds",
-               "extra_seeds_max_count", "extra_seeds_variants", "train_limit")  # fmt: skip
+               "extra_seeds_max_count", "extra_seeds_variants", "extra_seeds_at", "train_limit")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class LabelCountConfig(CompareConfig):
     extra_seeds: tuple[int, ...] = ()  # more seeds where they are cheap
     extra_seeds_max_count: int = 0  # ... at counts up to this
     extra_seeds_variants: tuple[str, ...] = ("ddpm", "random")  # ... for these methods
+    extra_seeds_at: tuple[int, ...] = ()  # and at these counts for every method (the headline count)
     metric: str = "miou"  # the score, a key under test/: miou, miou_official or iou/<class> (foreground: iou/horse)
     compute: bool = True  # false: no training, the table and plot from the cells already finished (the rest listed)
 
@@ -89,7 +91,7 @@ class LabelCountConfig(CompareConfig):
 
 def cell_seeds(cfg: LabelCountConfig, count: int, variant: str) -> tuple[int, ...]:
     """The ensemble seeds of one (count, method)."""
-    extra = count <= cfg.extra_seeds_max_count and variant in cfg.extra_seeds_variants
+    extra = count in cfg.extra_seeds_at or (count <= cfg.extra_seeds_max_count and variant in cfg.extra_seeds_variants)
     return tuple(cfg.seeds) + (tuple(cfg.extra_seeds) if extra else ())
 
 
